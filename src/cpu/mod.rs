@@ -1,0 +1,306 @@
+//! The candle engine — the reference every other engine is checked against. Runs on
+//! CPU, on CUDA (`--features cuda`) and on the wasm CPU.
+//!
+//! Models are grouped by the weights they read: the base and every LoRA ARM trained on
+//! it are rows of one batched `Llama`; an ARM with its own weights (a full checkpoint,
+//! or a LoRA on another base) is a group of its own.
+
+pub mod llama;
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+
+use crate::engine::{Engine, StepLogProbs};
+use crate::error::{Error, Result};
+use crate::model::lora::LoraAdapter;
+use crate::model::tokenizer::{same_vocabulary, TextTokenizer};
+use crate::model::Checkpoint;
+use llama::Llama;
+
+/// The default KV-cache length when the caller does not choose one.
+pub const DEFAULT_CONTEXT: usize = 2048;
+
+/// Where a model's log-probs come from: a group and a row in it.
+#[derive(Clone, Copy, Debug)]
+struct Slot {
+    group: usize,
+    row: usize,
+}
+
+pub struct CpuEngine {
+    groups: Vec<Llama>,
+    base: Slot,
+    arms: Vec<Slot>,
+    labels: Vec<String>,
+    vocab: usize,
+    tokenizer: Option<TextTokenizer>,
+    device: Device,
+}
+
+/// An ARM resolved to what must be loaded for it.
+enum ArmPlan {
+    /// A LoRA on the base's own weights: an extra row of group 0.
+    SharedLora(LoraAdapter),
+    /// A LoRA on another local base checkpoint.
+    LoraOn(LoraAdapter, Checkpoint),
+    /// A checkpoint of its own.
+    Full(Checkpoint),
+}
+
+impl CpuEngine {
+    /// Loads the base at `base` and the ARMs at `arms` (GGUF files, HF dirs or LoRA
+    /// adapter dirs). `context` caps the KV caches (default `DEFAULT_CONTEXT`).
+    pub fn load(
+        base: &Path,
+        arms: &[PathBuf],
+        context: Option<usize>,
+        device: &Device,
+    ) -> Result<Self> {
+        let base_ckpt = Checkpoint::open(base)?;
+        let plans = arms
+            .iter()
+            .map(|p| plan_arm(p, base, device))
+            .collect::<Result<Vec<_>>>()?;
+        Self::from_parts(base_ckpt, plans, context, device)
+    }
+
+    fn from_parts(
+        base: Checkpoint,
+        plans: Vec<(PathBuf, ArmPlan)>,
+        context: Option<usize>,
+        device: &Device,
+    ) -> Result<Self> {
+        let capacity = context.unwrap_or(DEFAULT_CONTEXT);
+        let vocab = base.config.vocab_size;
+        let mut shared: Vec<Option<&LoraAdapter>> = vec![None];
+        let mut arms = Vec::with_capacity(plans.len());
+        let mut labels = Vec::with_capacity(plans.len());
+        let mut other_groups = Vec::new();
+        for (path, plan) in &plans {
+            let arm_name = path.display().to_string();
+            match plan {
+                ArmPlan::SharedLora(adapter) => {
+                    arms.push(Slot {
+                        group: 0,
+                        row: shared.len(),
+                    });
+                    shared.push(Some(adapter));
+                    labels.push(adapter.label());
+                }
+                ArmPlan::LoraOn(adapter, ckpt) => {
+                    check_compatible(&base, ckpt, &arm_name)?;
+                    let model = Llama::load(
+                        ckpt.source.as_ref(),
+                        &ckpt.config,
+                        &[Some(adapter)],
+                        capacity,
+                        device,
+                    )?;
+                    other_groups.push(model);
+                    arms.push(Slot {
+                        group: other_groups.len(),
+                        row: 0,
+                    });
+                    labels.push(adapter.label());
+                }
+                ArmPlan::Full(ckpt) => {
+                    check_compatible(&base, ckpt, &arm_name)?;
+                    let model = Llama::load(
+                        ckpt.source.as_ref(),
+                        &ckpt.config,
+                        &[None],
+                        capacity,
+                        device,
+                    )?;
+                    other_groups.push(model);
+                    arms.push(Slot {
+                        group: other_groups.len(),
+                        row: 0,
+                    });
+                    labels.push(file_label(path));
+                }
+            }
+        }
+        let base_model = Llama::load(
+            base.source.as_ref(),
+            &base.config,
+            &shared,
+            capacity,
+            device,
+        )?;
+        let mut groups = vec![base_model];
+        groups.extend(other_groups);
+        Ok(Self {
+            groups,
+            base: Slot { group: 0, row: 0 },
+            arms,
+            labels,
+            vocab,
+            tokenizer: base.tokenizer,
+            device: device.clone(),
+        })
+    }
+
+    pub fn tokenizer(&self) -> Option<&TextTokenizer> {
+        self.tokenizer.as_ref()
+    }
+
+    pub fn base_config(&self) -> &crate::model::config::LlamaConfig {
+        self.groups[0].config()
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Log-softmax of each group's logits, as host rows.
+    fn log_probs(logits: &Tensor) -> Result<Vec<Vec<f32>>> {
+        Ok(llama::log_softmax(logits)?.to_vec2::<f32>()?)
+    }
+
+    fn slots(&self) -> impl Iterator<Item = Slot> + '_ {
+        std::iter::once(self.base).chain(self.arms.iter().copied())
+    }
+}
+
+fn file_label(path: &Path) -> String {
+    path.file_stem()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| path.display().to_string())
+}
+
+/// Decides how an ARM path is loaded. A LoRA adapter shares the base's weights unless
+/// its `base_model_name_or_path` is a local checkpoint other than the base.
+fn plan_arm(path: &Path, base: &Path, device: &Device) -> Result<(PathBuf, ArmPlan)> {
+    let plan = if LoraAdapter::is_adapter_dir(path) {
+        let adapter = LoraAdapter::open(path, device)?;
+        let own_base = adapter
+            .config
+            .base_model_name_or_path
+            .as_deref()
+            .map(|p| resolve_relative(path, p))
+            .filter(|p| p.exists() && !same_file(p, base));
+        match own_base {
+            Some(p) => {
+                let ckpt = Checkpoint::open(&p)?;
+                ArmPlan::LoraOn(adapter, ckpt)
+            }
+            None => ArmPlan::SharedLora(adapter),
+        }
+    } else {
+        ArmPlan::Full(Checkpoint::open(path)?)
+    };
+    Ok((path.into(), plan))
+}
+
+/// A relative base path in an adapter config is relative to the adapter's directory.
+fn resolve_relative(adapter_dir: &Path, p: &str) -> PathBuf {
+    let p = Path::new(p);
+    if p.is_absolute() {
+        p.into()
+    } else {
+        adapter_dir.join(p)
+    }
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
+}
+
+/// An ARM must score the base's tokens: its vocabulary must cover the base's, with the
+/// same token at every shared id when both carry a tokenizer.
+fn check_compatible(base: &Checkpoint, arm: &Checkpoint, arm_name: &str) -> Result<()> {
+    let incompatible = |message: String| Error::Incompatible {
+        arm: arm_name.into(),
+        message,
+    };
+    if arm.config.vocab_size < base.config.vocab_size {
+        return Err(incompatible(format!(
+            "its vocabulary has {} tokens, fewer than the base's {}",
+            arm.config.vocab_size, base.config.vocab_size
+        )));
+    }
+    match (&base.tokenizer, &arm.tokenizer) {
+        (Some(b), Some(a)) => same_vocabulary(b, a)
+            .map_err(|m| incompatible(format!("tokenizer differs from the base's: {m}"))),
+        (Some(_), None) | (None, Some(_)) => Err(incompatible(
+            "one of base and ARM has a tokenizer and the other has none; cannot check they agree"
+                .into(),
+        )),
+        (None, None) => Ok(()),
+    }
+}
+
+impl Engine for CpuEngine {
+    fn backend(&self) -> String {
+        match &self.device {
+            Device::Cpu => "cpu".into(),
+            Device::Cuda(_) => "cuda".into(),
+            Device::Metal(_) => "metal".into(),
+        }
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.vocab
+    }
+
+    fn arm_labels(&self) -> Vec<String> {
+        self.labels.clone()
+    }
+
+    fn context_len(&self) -> usize {
+        self.groups.iter().map(Llama::capacity).min().unwrap_or(0)
+    }
+
+    fn position(&self) -> usize {
+        self.groups[0].position()
+    }
+
+    fn reset(&mut self) {
+        self.groups.iter_mut().for_each(Llama::reset);
+    }
+
+    fn step(&mut self, tokens: &[u32]) -> Result<StepLogProbs> {
+        let per_group = self
+            .groups
+            .iter_mut()
+            .map(|g| g.forward(tokens, false).and_then(|l| Self::log_probs(&l)))
+            .collect::<Result<Vec<_>>>()?;
+        let vocab = self.vocab;
+        let mut rows = self
+            .slots()
+            .map(|s| per_group[s.group][s.row][..vocab].to_vec());
+        let base = rows.next().unwrap_or_default();
+        Ok(StepLogProbs {
+            base,
+            arms: rows.collect(),
+        })
+    }
+
+    fn teacher_forced(&mut self, tokens: &[u32]) -> Result<Vec<Vec<Vec<f32>>>> {
+        self.reset();
+        let per_group = self
+            .groups
+            .iter_mut()
+            .map(|g| {
+                let logits = g.forward(tokens, true)?;
+                Ok(llama::log_softmax(&logits)?.to_vec3::<f32>()?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.reset();
+        let vocab = self.vocab;
+        Ok(self
+            .slots()
+            .map(|s| {
+                per_group[s.group][s.row]
+                    .iter()
+                    .map(|pos| pos[..vocab].to_vec())
+                    .collect()
+            })
+            .collect())
+    }
+}

@@ -1,0 +1,86 @@
+//! What every engine (candle on CPU/CUDA, wgpu) offers the decoding loop: feed tokens,
+//! get the base's and each ARM's next-token log-probabilities over the base vocabulary.
+
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use crate::error::Result;
+
+/// An ARM on the command line: `PATH[:ALPHA]` (alpha defaults to 1).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ArmSpec {
+    pub path: PathBuf,
+    pub alpha: f32,
+}
+
+impl FromStr for ArmSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        // The alpha is whatever follows the last ':' if it parses as a number, so paths
+        // with colons still work when no alpha is given.
+        if let Some((path, alpha)) = s.rsplit_once(':') {
+            if let Ok(alpha) = alpha.parse::<f32>() {
+                if !alpha.is_finite() {
+                    return Err(format!("ARM weight must be finite, got {alpha}"));
+                }
+                return Ok(Self {
+                    path: path.into(),
+                    alpha,
+                });
+            }
+        }
+        if s.is_empty() {
+            return Err("empty ARM path".into());
+        }
+        Ok(Self {
+            path: s.into(),
+            alpha: 1.0,
+        })
+    }
+}
+
+/// Next-token log-probabilities at the last fed position.
+#[derive(Clone, Debug)]
+pub struct StepLogProbs {
+    pub base: Vec<f32>,
+    /// One per ARM, cut to the base vocabulary.
+    pub arms: Vec<Vec<f32>>,
+}
+
+pub trait Engine {
+    /// Which backend runs the models, for humans ("cpu", "cuda:0", "webgpu (…)").
+    fn backend(&self) -> String;
+    /// The base vocabulary, which is also the guided one.
+    fn vocab_size(&self) -> usize;
+    /// A label per ARM (its `genarm.json` name or its file name).
+    fn arm_labels(&self) -> Vec<String>;
+    /// The longest sequence the engine can hold (prompt + generated).
+    fn context_len(&self) -> usize;
+    /// Tokens fed since the last reset.
+    fn position(&self) -> usize;
+    /// Starts a new sequence.
+    fn reset(&mut self);
+    /// Feeds tokens after the ones already seen; returns log-probs at the last one.
+    fn step(&mut self, tokens: &[u32]) -> Result<StepLogProbs>;
+    /// Log-probs at every position of `tokens` from a fresh sequence, for the base
+    /// (index 0) and each ARM: `[model][position][vocab]`.
+    fn teacher_forced(&mut self, tokens: &[u32]) -> Result<Vec<Vec<Vec<f32>>>>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ArmSpec;
+
+    #[test]
+    fn parses_arm_specs() {
+        let a: ArmSpec = "arms/positive:0.5".parse().unwrap();
+        assert_eq!(a.path.to_str(), Some("arms/positive"));
+        assert_eq!(a.alpha, 0.5);
+        let b: ArmSpec = "c:/x/y".parse().unwrap();
+        assert_eq!(b.alpha, 1.0);
+        assert_eq!(b.path.to_str(), Some("c:/x/y"));
+        let c: ArmSpec = "m.gguf:-1".parse().unwrap();
+        assert_eq!(c.alpha, -1.0);
+    }
+}

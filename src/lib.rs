@@ -1,0 +1,18 @@
+//! genarm — GenARM reward-guided generation: a frozen base LLM steered at decoding
+//! time by autoregressive reward models (ARMs), on CPU and CUDA (candle) and on GPUs
+//! through WebGPU.
+//!
+//! Data flows one way: weights (`model`) → engine (`cpu`) → guide (`guide`) → tokens
+//! (`generate`).
+
+pub mod cpu;
+pub mod engine;
+pub mod error;
+pub mod generate;
+pub mod guide;
+pub mod model;
+
+pub use engine::{ArmSpec, Engine, StepLogProbs};
+pub use error::{Error, Result};
+pub use generate::{generate, GenerateOptions, Generation, StopReason, TokenEvent};
+pub use guide::{Sampler, SamplingParams};

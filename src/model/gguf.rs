@@ -1,0 +1,295 @@
+//! GGUF (v2/v3) checkpoints: metadata → `LlamaConfig`, tensors by HF name, quantized
+//! blocks kept quantized. The whole tensor table is checked against the file length at
+//! open, so a truncated download fails there with the tensor it cuts, not mid-forward.
+
+use std::collections::HashMap;
+use std::io::Cursor;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::GgmlDType;
+use candle_core::Device;
+
+use super::config::{Arch, Llama3RopeScaling, LlamaConfig, RopeLayout};
+use super::weights::{missing, Bytes, Weight, WeightSource};
+use crate::error::{Error, Result};
+
+pub const GGUF_MAGIC: &[u8; 4] = b"GGUF";
+
+pub struct GgufFile {
+    path: PathBuf,
+    bytes: Bytes,
+    content: Content,
+}
+
+impl GgufFile {
+    pub fn open(path: &Path) -> Result<Self> {
+        Self::from_bytes(Bytes::open(path)?, path)
+    }
+
+    /// Parses a GGUF held in memory; `path` only names it in errors.
+    pub fn from_bytes(bytes: Bytes, path: &Path) -> Result<Self> {
+        if bytes.len() < 4 || &bytes[..4] != GGUF_MAGIC {
+            let got = &bytes[..bytes.len().min(4)];
+            return Err(Error::format(
+                path,
+                format!("not a GGUF file: magic {got:02x?}, expected \"GGUF\""),
+            ));
+        }
+        let content = Content::read(&mut Cursor::new(&bytes[..]))
+            .map_err(|e| Error::format(path, format!("malformed or truncated GGUF header: {e}")))?;
+        check_tensor_table(&content, bytes.len() as u64, path)?;
+        Ok(Self {
+            path: path.into(),
+            bytes,
+            content,
+        })
+    }
+
+    pub fn metadata(&self) -> &HashMap<String, Value> {
+        &self.content.metadata
+    }
+
+    pub fn architecture(&self) -> Result<String> {
+        Ok(self.string("general.architecture")?.to_string())
+    }
+
+    fn get(&self, key: &str) -> Result<&Value> {
+        self.content
+            .metadata
+            .get(key)
+            .ok_or_else(|| Error::field(&self.path, key, "missing"))
+    }
+
+    fn string(&self, key: &str) -> Result<&str> {
+        match self.get(key)? {
+            Value::String(s) => Ok(s),
+            v => Err(Error::field(
+                &self.path,
+                key,
+                format!("expected a string, found {:?}", v.value_type()),
+            )),
+        }
+    }
+
+    fn usize(&self, key: &str) -> Result<usize> {
+        let v = self.get(key)?;
+        let n = match v {
+            Value::U8(x) => Some(*x as u64),
+            Value::U16(x) => Some(*x as u64),
+            Value::U32(x) => Some(*x as u64),
+            Value::U64(x) => Some(*x),
+            Value::I8(x) => u64::try_from(*x).ok(),
+            Value::I16(x) => u64::try_from(*x).ok(),
+            Value::I32(x) => u64::try_from(*x).ok(),
+            Value::I64(x) => u64::try_from(*x).ok(),
+            _ => None,
+        };
+        n.map(|n| n as usize).ok_or_else(|| {
+            Error::field(
+                &self.path,
+                key,
+                format!("expected a non-negative integer, found {v:?}"),
+            )
+        })
+    }
+
+    fn float(&self, key: &str) -> Result<f64> {
+        match self.get(key)? {
+            Value::F32(x) => Ok(*x as f64),
+            Value::F64(x) => Ok(*x),
+            v => Err(Error::field(
+                &self.path,
+                key,
+                format!("expected a float, found {:?}", v.value_type()),
+            )),
+        }
+    }
+
+    fn optional<T>(&self, key: &str, read: impl Fn(&Self, &str) -> Result<T>) -> Result<Option<T>> {
+        if self.content.metadata.contains_key(key) {
+            read(self, key).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// The runtime config from `{arch}.*` metadata keys.
+    pub fn config(&self) -> Result<LlamaConfig> {
+        let arch_name = self.architecture()?;
+        let arch = Arch::parse(&arch_name)
+            .ok_or_else(|| Error::unsupported(&self.path, format!("architecture `{arch_name}`")))?;
+        let key = |k: &str| format!("{arch_name}.{k}");
+        let hidden_size = self.usize(&key("embedding_length"))?;
+        let num_heads = self.usize(&key("attention.head_count"))?;
+        let num_kv_heads = self
+            .optional(&key("attention.head_count_kv"), Self::usize)?
+            .unwrap_or(num_heads);
+        let head_dim = match self.optional(&key("attention.key_length"), Self::usize)? {
+            Some(d) => d,
+            None => hidden_size / num_heads.max(1),
+        };
+        let embd = self
+            .content
+            .tensor_infos
+            .get("token_embd.weight")
+            .ok_or_else(|| missing(&self.path, "token_embd.weight"))?;
+        let vocab_size = match self.optional(&key("vocab_size"), Self::usize)? {
+            Some(v) => v,
+            None => embd.shape.dims()[0],
+        };
+        let scaling_key = key("rope.scaling.type");
+        let scaling = if self.content.metadata.contains_key(&scaling_key) {
+            Some(self.string(&scaling_key)?)
+        } else {
+            None
+        };
+        let rope_scaling = match scaling {
+            Some("llama3") => Some(Llama3RopeScaling {
+                factor: self.float(&key("rope.scaling.factor"))?,
+                low_freq_factor: 1.0,
+                high_freq_factor: 4.0,
+                original_max_position_embeddings: self
+                    .usize(&key("rope.scaling.original_context_length"))?,
+            }),
+            Some("none") | None => None,
+            Some(other) => {
+                return Err(Error::unsupported(
+                    &self.path,
+                    format!("rope scaling `{other}`"),
+                ))
+            }
+        };
+        let eos = self.optional("tokenizer.ggml.eos_token_id", Self::usize)?;
+        let cfg = LlamaConfig {
+            arch,
+            vocab_size,
+            hidden_size,
+            intermediate_size: self.usize(&key("feed_forward_length"))?,
+            num_layers: self.usize(&key("block_count"))?,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            rope_theta: self
+                .optional(&key("rope.freq_base"), Self::float)?
+                .unwrap_or(10_000.0),
+            rope_scaling,
+            // llama.cpp permutes Q/K rows of "llama"-arch checkpoints for its adjacent-pair
+            // RoPE; Qwen2 GGUFs keep HF's row order and use the half-split ("neox") form.
+            rope_layout: match arch {
+                Arch::Llama | Arch::Mistral => RopeLayout::Interleaved,
+                Arch::Qwen2 => RopeLayout::HalfSplit,
+            },
+            rms_norm_eps: self.float(&key("attention.layer_norm_rms_epsilon"))?,
+            max_position_embeddings: self.usize(&key("context_length"))?,
+            tie_word_embeddings: !self.content.tensor_infos.contains_key("output.weight"),
+            attention_bias: self.contains("model.layers.0.self_attn.q_proj.bias"),
+            bos_token_id: self
+                .optional("tokenizer.ggml.bos_token_id", Self::usize)?
+                .map(|x| x as u32),
+            eos_token_ids: eos.map(|x| vec![x as u32]).unwrap_or_default(),
+        };
+        cfg.validate(&self.path)?;
+        Ok(cfg)
+    }
+}
+
+/// Every tensor's bytes must lie inside the file.
+fn check_tensor_table(content: &Content, file_len: u64, path: &Path) -> Result<()> {
+    for (name, info) in &content.tensor_infos {
+        let elems = info.shape.elem_count();
+        let block = info.ggml_dtype.block_size();
+        if elems % block != 0 {
+            return Err(Error::format(
+                path,
+                format!(
+                    "tensor `{name}`: {elems} elements is not a whole number of {:?} blocks",
+                    info.ggml_dtype
+                ),
+            ));
+        }
+        let size = (elems / block * info.ggml_dtype.type_size()) as u64;
+        let start = content.tensor_data_offset.saturating_add(info.offset);
+        let end = start.saturating_add(size);
+        if end > file_len {
+            return Err(Error::format(
+                path,
+                format!(
+                    "truncated: tensor `{name}` needs bytes {start}..{end} but the file has {file_len}"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// HF tensor name → GGUF tensor name for the Llama family.
+pub fn gguf_name(hf: &str) -> Option<String> {
+    match hf {
+        "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
+        "model.norm.weight" => return Some("output_norm.weight".into()),
+        "lm_head.weight" => return Some("output.weight".into()),
+        _ => {}
+    }
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let (module, suffix) = rest.rsplit_once('.')?;
+    let short = match module {
+        "input_layernorm" => "attn_norm",
+        "self_attn.q_proj" => "attn_q",
+        "self_attn.k_proj" => "attn_k",
+        "self_attn.v_proj" => "attn_v",
+        "self_attn.o_proj" => "attn_output",
+        "post_attention_layernorm" => "ffn_norm",
+        "mlp.gate_proj" => "ffn_gate",
+        "mlp.up_proj" => "ffn_up",
+        "mlp.down_proj" => "ffn_down",
+        _ => return None,
+    };
+    Some(format!("blk.{layer}.{short}.{suffix}"))
+}
+
+impl WeightSource for GgufFile {
+    fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        gguf_name(name).is_some_and(|n| self.content.tensor_infos.contains_key(&n))
+    }
+
+    fn load(&self, name: &str, device: &Device) -> Result<Weight> {
+        let gname = gguf_name(name)
+            .filter(|n| self.content.tensor_infos.contains_key(n))
+            .ok_or_else(|| missing(&self.path, name))?;
+        let qt = self
+            .content
+            .tensor(&mut Cursor::new(&self.bytes[..]), &gname, device)
+            .map_err(|e| Error::format(&self.path, format!("tensor `{gname}`: {e}")))?;
+        Ok(match qt.dtype() {
+            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {
+                Weight::Dense(qt.dequantize(device)?)
+            }
+            _ => Weight::Quantized(Arc::new(qt)),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::gguf_name;
+
+    #[test]
+    fn maps_hf_names() {
+        assert_eq!(
+            gguf_name("model.layers.12.self_attn.q_proj.weight").as_deref(),
+            Some("blk.12.attn_q.weight")
+        );
+        assert_eq!(
+            gguf_name("model.layers.0.self_attn.k_proj.bias").as_deref(),
+            Some("blk.0.attn_k.bias")
+        );
+        assert_eq!(gguf_name("model.layers.0.mlp.experts.weight"), None);
+    }
+}

@@ -1,0 +1,72 @@
+//! Checkpoints in: GGUF files, HF model directories, PEFT LoRA adapters; their configs
+//! and tokenizers. Everything here is independent of the engine that runs the model.
+
+pub mod config;
+pub mod gguf;
+pub mod lora;
+pub mod safetensors;
+pub mod tokenizer;
+pub mod weights;
+
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+use config::{HfConfig, LlamaConfig};
+use gguf::GgufFile;
+use safetensors::SafetensorsFiles;
+use tokenizer::TextTokenizer;
+use weights::WeightSource;
+
+/// A full model checkpoint, opened: its weights, config and (if it has one) tokenizer.
+pub struct Checkpoint {
+    pub path: PathBuf,
+    pub source: Box<dyn WeightSource>,
+    pub config: LlamaConfig,
+    pub tokenizer: Option<TextTokenizer>,
+}
+
+impl Checkpoint {
+    /// Opens a `.gguf` file or an HF model directory (`config.json` + safetensors).
+    pub fn open(path: &Path) -> Result<Self> {
+        if path.is_dir() {
+            Self::open_hf_dir(path)
+        } else if path.is_file() {
+            Self::open_gguf(path)
+        } else {
+            Err(Error::io(
+                path,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory"),
+            ))
+        }
+    }
+
+    pub fn open_gguf(path: &Path) -> Result<Self> {
+        let file = GgufFile::open(path)?;
+        let config = file.config()?;
+        let tokenizer = TextTokenizer::from_gguf(file.metadata(), path)?;
+        Ok(Self {
+            path: path.into(),
+            source: Box::new(file),
+            config,
+            tokenizer,
+        })
+    }
+
+    pub fn open_hf_dir(dir: &Path) -> Result<Self> {
+        let cfg_path = dir.join("config.json");
+        let bytes = std::fs::read(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+        let mut config = HfConfig::from_json(&bytes, &cfg_path)?.into_runtime(&cfg_path)?;
+        let tokenizer = TextTokenizer::from_hf_dir(dir)?;
+        if config.eos_token_ids.is_empty() {
+            if let Some(t) = &tokenizer {
+                config.eos_token_ids = t.eos_ids().to_vec();
+            }
+        }
+        Ok(Self {
+            path: dir.into(),
+            source: Box::new(SafetensorsFiles::open(dir)?),
+            config,
+            tokenizer,
+        })
+    }
+}

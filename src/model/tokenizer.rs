@@ -1,0 +1,627 @@
+//! Text tokenizer: a `tokenizers::Tokenizer` plus what generation needs on top of it
+//! (BOS/EOS ids, the chat template, incremental detokenisation).
+//!
+//! Two sources are supported: the `tokenizer.*` metadata of a GGUF file (so a single
+//! `.gguf` is enough to run a model) and a Hugging Face directory or its bytes
+//! (`tokenizer.json` + `tokenizer_config.json`, which the browser fetches itself).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::quantized::gguf_file::Value;
+use serde_json::Value as Json;
+use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::models::bpe::{Merges, Vocab, BPE};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::pre_tokenizers::PreTokenizerWrapper;
+use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
+
+use crate::error::{Error, Result};
+
+/// GGUF token types (llama.cpp's `llama_token_type`) that matter here.
+const TOKEN_TYPE_CONTROL: i64 = 3;
+const TOKEN_TYPE_USER_DEFINED: i64 = 4;
+
+/// Llama-3's pre-tokenizer split (llama.cpp `llama-bpe`).
+const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// Qwen2's pre-tokenizer split: like Llama-3's but one digit per piece.
+const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// Tokens that end a turn in common chat formats. They are added to the EOS set
+/// when they exist in the vocabulary and the chat template emits them, because
+/// `eos_token_id` alone often names only the end-of-document token.
+const TURN_END_TOKENS: [&str; 2] = ["<|im_end|>", "<|eot_id|>"];
+/// Llama-3's end-of-document token, an EOS whenever it exists.
+const END_OF_TEXT: &str = "<|end_of_text|>";
+
+/// One chat turn, as chat templates expect it.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+/// A tokenizer with the special ids and chat template generation needs.
+///
+/// Cloning is cheap: the underlying tokenizer is shared.
+#[derive(Clone)]
+pub struct TextTokenizer {
+    inner: Arc<Tokenizer>,
+    bos_id: Option<u32>,
+    eos_ids: Vec<u32>,
+    pad_id: Option<u32>,
+    /// Whether `encode(.., add_special_tokens: true)` prepends BOS.
+    add_bos: bool,
+    chat_template: Option<String>,
+}
+
+impl std::fmt::Debug for TextTokenizer {
+    // The derived form would print the whole vocabulary.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TextTokenizer")
+            .field("vocab_size", &self.vocab_size())
+            .field("bos_id", &self.bos_id)
+            .field("eos_ids", &self.eos_ids)
+            .field("pad_id", &self.pad_id)
+            .field("add_bos", &self.add_bos)
+            .field("has_chat_template", &self.chat_template.is_some())
+            .finish()
+    }
+}
+
+impl TextTokenizer {
+    /// Builds the tokenizer described by GGUF metadata; `path` only names the file in
+    /// errors. `Ok(None)` when the file carries no tokenizer (`tokenizer.ggml.tokens`).
+    pub fn from_gguf(metadata: &HashMap<String, Value>, path: &Path) -> Result<Option<Self>> {
+        let meta = Meta { metadata, path };
+        let Some(tokens) = meta.get("tokenizer.ggml.tokens") else {
+            return Ok(None);
+        };
+        let tokens = string_array(&meta, "tokenizer.ggml.tokens", tokens)?;
+        let model = meta.string("tokenizer.ggml.model")?.unwrap_or("gpt2");
+        let inner = match model {
+            "gpt2" => gguf_byte_level_bpe(&meta, &tokens)?,
+            other => {
+                return Err(Error::unsupported(
+                    path,
+                    format!(
+                        "tokenizer model `{other}` (tokenizer.ggml.model); only byte-level BPE \
+                         (`gpt2`) GGUF tokenizers are implemented, use the model's tokenizer.json"
+                    ),
+                ))
+            }
+        };
+        let eos_ids = meta
+            .u32("tokenizer.ggml.eos_token_id")?
+            .into_iter()
+            .collect();
+        let tokenizer = Self {
+            inner: Arc::new(inner),
+            bos_id: meta.u32("tokenizer.ggml.bos_token_id")?,
+            eos_ids,
+            pad_id: meta.u32("tokenizer.ggml.padding_token_id")?,
+            add_bos: meta.bool("tokenizer.ggml.add_bos_token")?.unwrap_or(false),
+            chat_template: meta.string("tokenizer.chat_template")?.map(str::to_owned),
+        };
+        Ok(Some(tokenizer.with_turn_end_tokens()))
+    }
+
+    /// Loads `tokenizer.json` (and, when present, `tokenizer_config.json`,
+    /// `config.json` and `generation_config.json`) from a Hugging Face model directory.
+    /// `Ok(None)` when the directory has no `tokenizer.json`.
+    pub fn from_hf_dir(dir: &Path) -> Result<Option<Self>> {
+        let Some(tokenizer_json) = read_optional(&dir.join("tokenizer.json"))? else {
+            return Ok(None);
+        };
+        let config_path = dir.join("tokenizer_config.json");
+        let config = read_optional(&config_path)?;
+        let mut tokenizer = Self::parse(&tokenizer_json, config.as_deref(), dir, &config_path)?;
+
+        // The model config and generation config may name more EOS ids (Llama-3
+        // instruct lists `<|eot_id|>` only there) and the BOS id.
+        for name in ["config.json", "generation_config.json"] {
+            let file = dir.join(name);
+            let Some(bytes) = read_optional(&file)? else {
+                continue;
+            };
+            let json: Json = serde_json::from_slice(&bytes)
+                .map_err(|e| Error::format(&file, format!("invalid JSON: {e}")))?;
+            for id in json_ids(&file, "eos_token_id", json.get("eos_token_id"))? {
+                if !tokenizer.eos_ids.contains(&id) {
+                    tokenizer.eos_ids.push(id);
+                }
+            }
+            if tokenizer.bos_id.is_none() {
+                tokenizer.bos_id = json_ids(&file, "bos_token_id", json.get("bos_token_id"))?
+                    .first()
+                    .copied();
+            }
+        }
+        Ok(Some(tokenizer))
+    }
+
+    /// Builds the tokenizer from the bytes of `tokenizer.json` and, optionally,
+    /// `tokenizer_config.json` (chat template, BOS/EOS tokens, `add_bos_token`).
+    pub fn from_bytes(tokenizer_json: &[u8], tokenizer_config_json: Option<&[u8]>) -> Result<Self> {
+        Self::parse(
+            tokenizer_json,
+            tokenizer_config_json,
+            Path::new("."),
+            Path::new("tokenizer_config.json"),
+        )
+    }
+
+    /// `from_bytes` with the paths to name in errors.
+    fn parse(
+        tokenizer_json: &[u8],
+        config_json: Option<&[u8]>,
+        dir: &Path,
+        config_path: &Path,
+    ) -> Result<Self> {
+        let inner = Tokenizer::from_bytes(tokenizer_json)
+            .map_err(|e| Error::format(dir.join("tokenizer.json"), e.to_string()))?;
+        let mut tokenizer = Self {
+            inner: Arc::new(inner),
+            bos_id: None,
+            eos_ids: Vec::new(),
+            pad_id: None,
+            add_bos: false,
+            chat_template: None,
+        };
+        if let Some(bytes) = config_json {
+            let config: Json = serde_json::from_slice(bytes)
+                .map_err(|e| Error::format(config_path, format!("invalid JSON: {e}")))?;
+            tokenizer.apply_config(&config, config_path)?;
+        }
+        Ok(tokenizer.with_turn_end_tokens())
+    }
+
+    /// Takes the chat template, special tokens and `add_bos_token` from a parsed
+    /// `tokenizer_config.json`.
+    fn apply_config(&mut self, config: &Json, path: &Path) -> Result<()> {
+        self.chat_template = match config.get("chat_template") {
+            None | Some(Json::Null) => None,
+            Some(Json::String(t)) => Some(t.clone()),
+            // Several named templates: the "default" one is the chat template.
+            Some(Json::Array(list)) => list
+                .iter()
+                .find(|t| t.get("name").and_then(Json::as_str) == Some("default"))
+                .and_then(|t| t.get("template"))
+                .and_then(Json::as_str)
+                .map(str::to_owned),
+            Some(_) => {
+                return Err(Error::field(
+                    path,
+                    "chat_template",
+                    "expected a string or a list of {name, template}",
+                ))
+            }
+        };
+        if let Some(v) = config.get("add_bos_token") {
+            self.add_bos = v
+                .as_bool()
+                .ok_or_else(|| Error::field(path, "add_bos_token", "expected true or false"))?;
+        }
+        if let Some(bos) = self.special_token_id(config, "bos_token", path)? {
+            self.bos_id = Some(bos);
+        }
+        if let Some(eos) = self.special_token_id(config, "eos_token", path)? {
+            self.eos_ids.push(eos);
+        }
+        if let Some(pad) = self.special_token_id(config, "pad_token", path)? {
+            self.pad_id = Some(pad);
+        }
+        Ok(())
+    }
+
+    /// The id of a `tokenizer_config.json` special token, given either as a string or
+    /// as an object with `content`. Unknown tokens are ignored: configs sometimes
+    /// name tokens the vocabulary lacks, and that must not stop the model loading.
+    fn special_token_id(&self, config: &Json, field: &str, path: &Path) -> Result<Option<u32>> {
+        let content = match config.get(field) {
+            None | Some(Json::Null) => return Ok(None),
+            Some(Json::String(s)) => s.as_str(),
+            Some(v) => v.get("content").and_then(Json::as_str).ok_or_else(|| {
+                Error::field(path, field, "expected a string or an object with `content`")
+            })?,
+        };
+        Ok(self.inner.token_to_id(content))
+    }
+
+    /// Adds the turn-end tokens of the chat format to the EOS set (see `TURN_END_TOKENS`).
+    fn with_turn_end_tokens(mut self) -> Self {
+        let template = self.chat_template.as_deref().unwrap_or("");
+        let mut extra: Vec<u32> = TURN_END_TOKENS
+            .iter()
+            .filter(|t| template.contains(*t))
+            .filter_map(|t| self.inner.token_to_id(t))
+            .collect();
+        extra.extend(self.inner.token_to_id(END_OF_TEXT));
+        for id in extra {
+            if !self.eos_ids.contains(&id) {
+                self.eos_ids.push(id);
+            }
+        }
+        self
+    }
+
+    /// Tokenizes `text`. Special tokens written in the text (`<|im_start|>`) become
+    /// their single ids. With `add_special_tokens`, the tokenizer's own post-processor
+    /// runs and BOS is prepended when the configuration asks for it.
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
+        let encoding = self
+            .inner
+            .encode(text, add_special_tokens)
+            .map_err(|e| Error::Tokenizer(format!("encoding failed: {e}")))?;
+        let mut ids = encoding.get_ids().to_vec();
+        if add_special_tokens && self.add_bos {
+            if let Some(bos) = self.bos_id {
+                // A tokenizer.json post-processor may already have added it.
+                if ids.first() != Some(&bos) {
+                    ids.insert(0, bos);
+                }
+            }
+        }
+        Ok(ids)
+    }
+
+    /// Turns ids back into text; `skip_special_tokens` drops control tokens.
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
+        self.inner
+            .decode(ids, skip_special_tokens)
+            .map_err(|e| Error::Tokenizer(format!("decoding failed: {e}")))
+    }
+
+    /// Number of ids, added tokens included.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// The vocabulary string of `id` (byte-level form, e.g. `Ġthe`), used to check
+    /// that two models share a vocabulary.
+    pub fn token_str(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
+    /// The id of a vocabulary string.
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    pub fn bos_id(&self) -> Option<u32> {
+        self.bos_id
+    }
+
+    /// Every id that ends generation.
+    pub fn eos_ids(&self) -> &[u32] {
+        &self.eos_ids
+    }
+
+    pub fn pad_id(&self) -> Option<u32> {
+        self.pad_id
+    }
+
+    pub fn chat_template(&self) -> Option<&str> {
+        self.chat_template.as_deref()
+    }
+
+    /// Renders the model's chat template like `transformers`' `apply_chat_template`
+    /// (trim_blocks, lstrip_blocks, Python string methods, `raise_exception`).
+    pub fn apply_chat_template(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
+        let template = self.chat_template.as_deref().ok_or_else(|| {
+            Error::Template(
+                "model has no chat template (tokenizer.chat_template / chat_template in \
+                 tokenizer_config.json); pass a raw prompt instead"
+                    .into(),
+            )
+        })?;
+        let mut env = minijinja::Environment::new();
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("raise_exception", raise_exception);
+        let token = |id: Option<u32>| id.and_then(|id| self.token_str(id)).unwrap_or_default();
+        let context = minijinja::context! {
+            messages => messages,
+            add_generation_prompt => add_generation_prompt,
+            bos_token => token(self.bos_id),
+            eos_token => token(self.eos_ids.first().copied()),
+        };
+        env.render_str(template, context)
+            .map_err(|e| Error::Template(render_error(&e)))
+    }
+}
+
+/// The `raise_exception(msg)` chat templates call to reject a conversation.
+fn raise_exception(message: String) -> std::result::Result<String, minijinja::Error> {
+    Err(minijinja::Error::new(
+        minijinja::ErrorKind::InvalidOperation,
+        message,
+    ))
+}
+
+/// A minijinja error with its causes, on one line.
+fn render_error(e: &minijinja::Error) -> String {
+    let mut message = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        message.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    message
+}
+
+/// Checks that two tokenizers give every shared id the same string; the error names
+/// the first id that differs.
+pub fn same_vocabulary(a: &TextTokenizer, b: &TextTokenizer) -> std::result::Result<(), String> {
+    let shared = a.vocab_size().min(b.vocab_size());
+    for id in 0..shared as u32 {
+        let (ta, tb) = (a.token_str(id), b.token_str(id));
+        if ta != tb {
+            return Err(format!(
+                "token {id} differs: {:?} vs {:?}",
+                ta.as_deref().unwrap_or("<none>"),
+                tb.as_deref().unwrap_or("<none>")
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Incremental detokeniser for streaming. Decoding tokens one by one would split
+/// multi-byte characters and lose spaces that depend on neighbours, so it decodes the
+/// text since the last emission and hands out only what has grown and is complete
+/// (does not end in U+FFFD, the mark of a character whose bytes are still coming).
+#[derive(Clone, Debug)]
+pub struct TokenOutputStream {
+    tokenizer: TextTokenizer,
+    tokens: Vec<u32>,
+    /// Start of the tokens whose text has not been fully handed out.
+    prev_index: usize,
+    /// End of the tokens whose text has been handed out.
+    current_index: usize,
+}
+
+impl TokenOutputStream {
+    pub fn new(tokenizer: TextTokenizer) -> Self {
+        Self {
+            tokenizer,
+            tokens: Vec::new(),
+            prev_index: 0,
+            current_index: 0,
+        }
+    }
+
+    /// Adds a generated token; returns the new text, if any is complete yet.
+    pub fn next_token(&mut self, id: u32) -> Result<Option<String>> {
+        let emitted = self.decode(self.prev_index..self.current_index)?;
+        self.tokens.push(id);
+        let text = self.decode(self.prev_index..self.tokens.len())?;
+        if text.len() <= emitted.len() || text.ends_with('\u{FFFD}') {
+            return Ok(None);
+        }
+        let Some(new) = text.get(emitted.len()..) else {
+            return Ok(None);
+        };
+        let new = new.to_owned();
+        self.prev_index = self.current_index;
+        self.current_index = self.tokens.len();
+        Ok(Some(new))
+    }
+
+    /// The text not handed out yet (call once generation ends).
+    pub fn flush(&mut self) -> Result<Option<String>> {
+        let emitted = self.decode(self.prev_index..self.current_index)?;
+        let text = self.decode(self.prev_index..self.tokens.len())?;
+        self.prev_index = self.tokens.len();
+        self.current_index = self.tokens.len();
+        Ok(text
+            .get(emitted.len()..)
+            .filter(|rest| !rest.is_empty())
+            .map(str::to_owned))
+    }
+
+    /// All tokens seen so far.
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    pub fn tokenizer(&self) -> &TextTokenizer {
+        &self.tokenizer
+    }
+
+    fn decode(&self, range: std::ops::Range<usize>) -> Result<String> {
+        match self.tokens.get(range) {
+            Some(ids) if !ids.is_empty() => self.tokenizer.decode(ids, true),
+            _ => Ok(String::new()),
+        }
+    }
+}
+
+/// Reads a file that may legitimately be absent.
+fn read_optional(path: &Path) -> Result<Option<Vec<u8>>> {
+    match std::fs::read(path) {
+        Ok(bytes) => Ok(Some(bytes)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::io(path, e)),
+    }
+}
+
+/// Token ids given as one number or a list (`eos_token_id` in `config.json`).
+fn json_ids(path: &Path, field: &str, value: Option<&Json>) -> Result<Vec<u32>> {
+    let bad = || Error::field(path, field, "expected a token id or a list of token ids");
+    let as_id = |v: &Json| {
+        v.as_u64()
+            .and_then(|id| u32::try_from(id).ok())
+            .ok_or_else(bad)
+    };
+    match value {
+        None | Some(Json::Null) => Ok(Vec::new()),
+        Some(Json::Array(list)) => list.iter().map(as_id).collect(),
+        Some(v) => Ok(vec![as_id(v)?]),
+    }
+}
+
+/// GGUF metadata with the file path, for typed lookups whose errors name the key.
+struct Meta<'a> {
+    metadata: &'a HashMap<String, Value>,
+    path: &'a Path,
+}
+
+impl<'a> Meta<'a> {
+    fn get(&self, key: &str) -> Option<&'a Value> {
+        self.metadata.get(key)
+    }
+
+    fn error(&self, key: &str, message: impl Into<String>) -> Error {
+        Error::field(PathBuf::from(self.path), key, message)
+    }
+
+    fn string(&self, key: &str) -> Result<Option<&'a str>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.as_str())),
+            Some(v) => Err(self.error(key, format!("expected a string, got {:?}", v.value_type()))),
+        }
+    }
+
+    fn bool(&self, key: &str) -> Result<Option<bool>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(v) => Err(self.error(key, format!("expected a bool, got {:?}", v.value_type()))),
+        }
+    }
+
+    fn u32(&self, key: &str) -> Result<Option<u32>> {
+        let Some(value) = self.get(key) else {
+            return Ok(None);
+        };
+        integer(value)
+            .and_then(|i| u32::try_from(i).ok())
+            .map(Some)
+            .ok_or_else(|| self.error(key, format!("expected a token id, got {value:?}")))
+    }
+
+    fn required(&self, key: &str) -> Result<&'a Value> {
+        self.get(key).ok_or_else(|| self.error(key, "missing"))
+    }
+}
+
+/// Any GGUF integer type as i64 (writers differ in which width they use).
+fn integer(value: &Value) -> Option<i64> {
+    Some(match *value {
+        Value::U8(v) => v.into(),
+        Value::I8(v) => v.into(),
+        Value::U16(v) => v.into(),
+        Value::I16(v) => v.into(),
+        Value::U32(v) => v.into(),
+        Value::I32(v) => v.into(),
+        Value::U64(v) => i64::try_from(v).ok()?,
+        Value::I64(v) => v,
+        _ => return None,
+    })
+}
+
+fn string_array<'a>(meta: &Meta<'_>, key: &str, value: &'a Value) -> Result<Vec<&'a str>> {
+    let Value::Array(items) = value else {
+        return Err(meta.error(key, "expected an array of strings"));
+    };
+    items
+        .iter()
+        .map(|item| match item {
+            Value::String(s) => Ok(s.as_str()),
+            other => Err(meta.error(key, format!("expected strings, found {other:?}"))),
+        })
+        .collect()
+}
+
+/// The byte-level BPE tokenizer (`tokenizer.ggml.model == "gpt2"`) of a GGUF file.
+fn gguf_byte_level_bpe(meta: &Meta<'_>, tokens: &[&str]) -> Result<Tokenizer> {
+    const MERGES: &str = "tokenizer.ggml.merges";
+    let merges: Merges = string_array(meta, MERGES, meta.required(MERGES)?)?
+        .into_iter()
+        .map(|merge| {
+            merge
+                .split_once(' ')
+                .map(|(a, b)| (a.to_owned(), b.to_owned()))
+                .ok_or_else(|| meta.error(MERGES, format!("merge {merge:?} is not `a b`")))
+        })
+        .collect::<Result<_>>()?;
+    // Ids are positions; a duplicated string keeps its first id.
+    let mut vocab = Vocab::default();
+    for (id, token) in tokens.iter().enumerate() {
+        vocab.entry((*token).to_owned()).or_insert(id as u32);
+    }
+    let pre = meta.string("tokenizer.ggml.pre")?.unwrap_or("gpt2");
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        // Llama-3 tokenizes whole vocabulary words directly, as its tokenizer.json does.
+        .ignore_merges(matches!(pre, "llama-bpe" | "llama3"))
+        .build()
+        .map_err(|e| meta.error(MERGES, format!("cannot build BPE: {e}")))?;
+
+    let mut tokenizer = Tokenizer::new(bpe);
+    tokenizer.with_pre_tokenizer(Some(byte_level_pre_tokenizer(meta, pre)?));
+    tokenizer.with_decoder(Some(ByteLevelDecoder::default()));
+    tokenizer.add_special_tokens(&special_tokens(meta, tokens)?);
+    Ok(tokenizer)
+}
+
+/// The pre-tokenizer llama.cpp uses for `tokenizer.ggml.pre`. Unknown names fall back
+/// to GPT-2's, which is right for most byte-level BPE models.
+fn byte_level_pre_tokenizer(meta: &Meta<'_>, pre: &str) -> Result<PreTokenizerWrapper> {
+    let byte_level =
+        |use_regex| -> PreTokenizerWrapper { ByteLevel::new(false, true, use_regex).into() };
+    let split_then_bytes = |regex: &str| -> Result<PreTokenizerWrapper> {
+        let split = Split::new(
+            SplitPattern::Regex(regex.to_owned()),
+            SplitDelimiterBehavior::Isolated,
+            false,
+        )
+        .map_err(|e| meta.error("tokenizer.ggml.pre", format!("bad split regex: {e}")))?;
+        Ok(Sequence::new(vec![split.into(), byte_level(false)]).into())
+    };
+    Ok(match pre {
+        "smollm" => Sequence::new(vec![Digits::new(true).into(), byte_level(true)]).into(),
+        "llama-bpe" | "llama3" => split_then_bytes(LLAMA3_SPLIT)?,
+        "qwen2" => split_then_bytes(QWEN2_SPLIT)?,
+        _ => byte_level(true),
+    })
+}
+
+/// Control (3) and user-defined (4) tokens, matched whole before BPE. Only control
+/// tokens are special, i.e. dropped by `decode(.., skip_special_tokens: true)`.
+fn special_tokens(meta: &Meta<'_>, tokens: &[&str]) -> Result<Vec<AddedToken>> {
+    const TYPES: &str = "tokenizer.ggml.token_type";
+    let Some(types) = meta.get(TYPES) else {
+        return Ok(Vec::new());
+    };
+    let Value::Array(types) = types else {
+        return Err(meta.error(TYPES, "expected an array of integers"));
+    };
+    if types.len() != tokens.len() {
+        return Err(meta.error(
+            TYPES,
+            format!("{} entries for {} tokens", types.len(), tokens.len()),
+        ));
+    }
+    let mut added = Vec::new();
+    for (token, kind) in tokens.iter().zip(types) {
+        let kind = integer(kind)
+            .ok_or_else(|| meta.error(TYPES, format!("expected integers, found {kind:?}")))?;
+        if !token.is_empty() && (kind == TOKEN_TYPE_CONTROL || kind == TOKEN_TYPE_USER_DEFINED) {
+            let special = kind == TOKEN_TYPE_CONTROL;
+            added.push(AddedToken::from(*token, special).normalized(false));
+        }
+    }
+    Ok(added)
+}

@@ -1,0 +1,238 @@
+//! The candle engine against a direct f64 implementation of the transformer, on tiny
+//! random models written in every format the loaders read.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::GgmlDType;
+use candle_core::{DType, Device};
+use common::*;
+use genarm::cpu::CpuEngine;
+use genarm::Engine;
+
+/// f32 activations and weights against f64: a few ulps per op over two layers.
+const F32_ATOL: f64 = 1e-4;
+
+const TOKENS: [u32; 12] = [3, 17, 42, 0, 59, 8, 8, 23, 1, 60, 31, 5];
+
+fn load(base: &Path, arms: &[PathBuf]) -> CpuEngine {
+    CpuEngine::load(base, arms, None, &Device::Cpu).expect("engine loads")
+}
+
+/// Reference log-probs at every position.
+fn reference_logprobs(model: &TinyModel, tokens: &[u32]) -> Vec<Vec<f64>> {
+    reference_logits(model, tokens)
+        .iter()
+        .map(|l| log_softmax(l))
+        .collect()
+}
+
+fn assert_matches_reference(engine: &mut CpuEngine, model: &TinyModel, atol: f64, what: &str) {
+    let got = engine.teacher_forced(&TOKENS).unwrap();
+    let want = reference_logprobs(model, &TOKENS);
+    for (pos, (g, w)) in got[0].iter().zip(&want).enumerate() {
+        assert_close(g, w, atol, 0.0, &format!("{what}, position {pos}"));
+    }
+}
+
+#[test]
+fn gguf_f32_matches_f64_reference() {
+    let model = TinyModel::random(&TinyConfig::default(), 1);
+    let dir = temp_dir("gguf-f32");
+    let path = dir.join("tiny.gguf");
+    model.write_gguf(&path, GgmlDType::F32);
+    assert_matches_reference(&mut load(&path, &[]), &model, F32_ATOL, "gguf f32");
+}
+
+#[test]
+fn hf_dir_matches_f64_reference() {
+    let model = TinyModel::random(&TinyConfig::default(), 2);
+    let dir = temp_dir("hf-f32");
+    model.write_hf_dir(&dir, DType::F32, 1);
+    assert_matches_reference(&mut load(&dir, &[]), &model, F32_ATOL, "hf f32");
+}
+
+#[test]
+fn gguf_and_safetensors_of_the_same_weights_agree() {
+    let model = TinyModel::random(&TinyConfig::default(), 3);
+    let dir = temp_dir("same-weights");
+    let gguf = dir.join("tiny.gguf");
+    model.write_gguf(&gguf, GgmlDType::F32);
+    let hf = dir.join("hf");
+    model.write_hf_dir(&hf, DType::F32, 1);
+    let a = load(&gguf, &[]).teacher_forced(&TOKENS).unwrap();
+    let b = load(&hf, &[]).teacher_forced(&TOKENS).unwrap();
+    for (pos, (x, y)) in a[0].iter().zip(&b[0]).enumerate() {
+        let y: Vec<f64> = y.iter().map(|&v| v as f64).collect();
+        // Same weights, different RoPE pairing (interleaved on permuted rows vs
+        // half-split): equal up to f32 summation order.
+        assert_close(
+            x,
+            &y,
+            2e-5,
+            0.0,
+            &format!("gguf vs safetensors, position {pos}"),
+        );
+    }
+}
+
+#[test]
+fn sharded_bf16_qwen2_style_dir_matches_reference() {
+    let cfg = TinyConfig {
+        attention_bias: true,
+        tie_word_embeddings: true,
+        ..Default::default()
+    };
+    let model = TinyModel::random(&cfg, 4);
+    let dir = temp_dir("hf-bf16-sharded");
+    model.write_hf_dir(&dir, DType::BF16, 3);
+    let stored = model.hf_rounded(DType::BF16);
+    assert_matches_reference(
+        &mut load(&dir, &[]),
+        &stored,
+        F32_ATOL,
+        "bf16 sharded, bias, tied",
+    );
+}
+
+#[test]
+fn quantized_gguf_matches_reference_on_dequantised_weights() {
+    for dtype in [
+        GgmlDType::Q8_0,
+        GgmlDType::Q4_0,
+        GgmlDType::Q4_1,
+        GgmlDType::F16,
+    ] {
+        let model = TinyModel::random(&TinyConfig::default(), 5);
+        let dir = temp_dir("gguf-quant");
+        let path = dir.join("tiny.gguf");
+        model.write_gguf(&path, dtype);
+        let stored = model.gguf_rounded(dtype);
+        assert_matches_reference(
+            &mut load(&path, &[]),
+            &stored,
+            F32_ATOL,
+            &format!("{dtype:?}"),
+        );
+    }
+}
+
+#[test]
+fn kv_cached_decoding_equals_full_recomputation() {
+    let model = TinyModel::random(&TinyConfig::default(), 6);
+    let dir = temp_dir("kv-cache");
+    let path = dir.join("tiny.gguf");
+    model.write_gguf(&path, GgmlDType::F32);
+    let mut engine = load(&path, &[]);
+    let full = engine.teacher_forced(&TOKENS).unwrap();
+    // Prefill a prefix, then one token at a time, then a chunk of two.
+    engine.reset();
+    let mut stepped = vec![engine.step(&TOKENS[..4]).unwrap().base];
+    for i in 4..9 {
+        stepped.push(engine.step(&TOKENS[i..i + 1]).unwrap().base);
+    }
+    stepped.push(engine.step(&TOKENS[9..11]).unwrap().base);
+    let positions = [3, 4, 5, 6, 7, 8, 10];
+    for (s, &p) in stepped.iter().zip(&positions) {
+        let want: Vec<f64> = full[0][p].iter().map(|&v| v as f64).collect();
+        assert_close(s, &want, 1e-5, 0.0, &format!("cached step at position {p}"));
+    }
+    assert_eq!(engine.position(), 11);
+}
+
+#[test]
+fn lora_arm_rows_match_merged_reference_on_both_rope_layouts() {
+    let cfg = TinyConfig::default();
+    let model = TinyModel::random(&cfg, 7);
+    let targets = [
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    ];
+    let lora_a = TinyLora::random(&cfg, 4, 8.0, &targets, 70);
+    let lora_b = TinyLora::random(&cfg, 2, 4.0, &["q_proj", "v_proj", "down_proj"], 71);
+    let dir = temp_dir("lora");
+    let gguf = dir.join("tiny.gguf");
+    model.write_gguf(&gguf, GgmlDType::F32);
+    let hf = dir.join("hf");
+    model.write_hf_dir(&hf, DType::F32, 1);
+    let (arm_a, arm_b) = (dir.join("arm-a"), dir.join("arm-b"));
+    write_lora_dir(&arm_a, &lora_a, "some/hub-name");
+    write_lora_dir(&arm_b, &lora_b, "some/hub-name");
+
+    let want_base = reference_logprobs(&model, &TOKENS);
+    let want_a = reference_logprobs(&model.with_lora_merged(&lora_a), &TOKENS);
+    let want_b = reference_logprobs(&model.with_lora_merged(&lora_b), &TOKENS);
+    for base in [&gguf, &hf] {
+        let mut engine = load(base, &[arm_a.clone(), arm_b.clone()]);
+        let got = engine.teacher_forced(&TOKENS).unwrap();
+        assert_eq!(got.len(), 3);
+        for pos in 0..TOKENS.len() {
+            let what = |m: &str| format!("{} {m} position {pos}", base.display());
+            assert_close(&got[0][pos], &want_base[pos], F32_ATOL, 0.0, &what("base"));
+            assert_close(&got[1][pos], &want_a[pos], F32_ATOL, 0.0, &what("arm a"));
+            assert_close(&got[2][pos], &want_b[pos], F32_ATOL, 0.0, &what("arm b"));
+        }
+    }
+}
+
+#[test]
+fn full_weight_arm_is_its_own_model() {
+    let cfg = TinyConfig::default();
+    let base = TinyModel::random(&cfg, 8);
+    let arm = TinyModel::random(&cfg, 9);
+    let dir = temp_dir("full-arm");
+    let base_path = dir.join("base.gguf");
+    base.write_gguf(&base_path, GgmlDType::F32);
+    let arm_path = dir.join("arm");
+    arm.write_hf_dir(&arm_path, DType::F32, 1);
+    let got = load(&base_path, &[arm_path])
+        .teacher_forced(&TOKENS)
+        .unwrap();
+    let want = reference_logprobs(&arm, &TOKENS);
+    for pos in 0..TOKENS.len() {
+        assert_close(
+            &got[1][pos],
+            &want[pos],
+            F32_ATOL,
+            0.0,
+            &format!("full arm position {pos}"),
+        );
+    }
+}
+
+#[test]
+fn arm_with_larger_vocabulary_is_cut_to_the_base() {
+    let cfg = TinyConfig::default();
+    let base = TinyModel::random(&cfg, 10);
+    let big = TinyModel::random(
+        &TinyConfig {
+            vocab_size: cfg.vocab_size + 3,
+            ..cfg.clone()
+        },
+        11,
+    );
+    let dir = temp_dir("cut-vocab");
+    let base_path = dir.join("base.gguf");
+    base.write_gguf(&base_path, GgmlDType::F32);
+    let arm_path = dir.join("arm.gguf");
+    big.write_gguf(&arm_path, GgmlDType::F32);
+    let mut engine = load(&base_path, &[arm_path]);
+    let step = engine.step(&TOKENS[..3]).unwrap();
+    assert_eq!(step.base.len(), cfg.vocab_size);
+    assert_eq!(step.arms[0].len(), cfg.vocab_size);
+    // The cut row is the ARM's own log-softmax over its full vocabulary, not renormalised.
+    let full = log_softmax(&reference_logits(&big, &TOKENS[..3])[2]);
+    assert_close(
+        &step.arms[0],
+        &full[..cfg.vocab_size],
+        F32_ATOL,
+        0.0,
+        "cut arm row",
+    );
+}

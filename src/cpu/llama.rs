@@ -6,32 +6,95 @@
 //! The struct tree mirrors HF tensor names (`model.layers.{i}.self_attn.q_proj`), so
 //! loading is also the weight map.
 
+use std::sync::Arc;
+
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Module, Tensor, D};
 
+use super::quant::{BlockMatMul, BlockMatrix};
 use crate::error::{Error, Result};
 use crate::model::config::{LlamaConfig, RopeLayout};
 use crate::model::lora::{LoraAdapter, LoraPair};
 use crate::model::weights::{Weight, WeightSource};
 
+/// How a weight is multiplied: our block kernel for Q4_0/Q4_1/Q8_0 on the CPU (f32
+/// activations, weights dequantised in registers), candle's `QMatMul` otherwise (dense
+/// weights, K-quants, CUDA).
+#[derive(Clone)]
+enum Kernel {
+    Blocks(BlockMatMul),
+    Candle(QMatMul),
+}
+
 /// A projection `y = x·Wᵀ (+ b)` whose weight may stay quantized.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 struct Projection {
-    weight: QMatMul,
+    kernel: Kernel,
     bias: Option<Tensor>,
 }
 
 impl Projection {
-    fn new(weight: Weight, bias: Option<Tensor>) -> Result<Self> {
-        let weight = match weight {
-            Weight::Quantized(q) => QMatMul::from_arc(q)?,
-            Weight::Dense(t) => QMatMul::Tensor(t),
+    fn new(weight: Weight, bias: Option<Tensor>, device: &Device) -> Result<Self> {
+        let kernel = match weight {
+            Weight::Quantized(q) => match (device, BlockMatrix::from_qtensor(&q)) {
+                (Device::Cpu, Some(blocks)) => Kernel::Blocks(BlockMatMul(Arc::new(blocks))),
+                _ => Kernel::Candle(QMatMul::from_arc(q)?),
+            },
+            Weight::Dense(t) => Kernel::Candle(QMatMul::Tensor(t)),
         };
-        Ok(Self { weight, bias })
+        Ok(Self { kernel, bias })
+    }
+
+    /// One projection computing several stacked ones (q/k/v, gate/up) when their
+    /// weights can be stacked: same block format, or all dense. `None` otherwise.
+    fn fused(
+        weights: Vec<Weight>,
+        biases: Vec<Option<Tensor>>,
+        device: &Device,
+    ) -> Result<Option<Self>> {
+        let bias = if biases.iter().all(Option::is_some) {
+            Some(Tensor::cat(
+                &biases.into_iter().flatten().collect::<Vec<_>>(),
+                0,
+            )?)
+        } else if biases.iter().all(Option::is_none) {
+            None
+        } else {
+            return Ok(None);
+        };
+        let dense: Option<Vec<Tensor>> = weights
+            .iter()
+            .map(|w| match w {
+                Weight::Dense(t) => Some(t.clone()),
+                Weight::Quantized(_) => None,
+            })
+            .collect();
+        if let Some(dense) = dense {
+            let stacked = Tensor::cat(&dense, 0)?;
+            return Ok(Some(Self::new(Weight::Dense(stacked), bias, device)?));
+        }
+        if !device.is_cpu() {
+            return Ok(None);
+        }
+        let blocks: Option<Vec<BlockMatrix>> = weights
+            .iter()
+            .map(|w| match w {
+                Weight::Quantized(q) => BlockMatrix::from_qtensor(q),
+                Weight::Dense(_) => None,
+            })
+            .collect();
+        let stacked = blocks.and_then(|b| BlockMatrix::concat_rows(&b.iter().collect::<Vec<_>>()));
+        Ok(stacked.map(|m| Self {
+            kernel: Kernel::Blocks(BlockMatMul(Arc::new(m))),
+            bias,
+        }))
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = self.weight.forward(x)?;
+        let y = match &self.kernel {
+            Kernel::Blocks(op) => x.contiguous()?.apply_op1_no_bwd(op)?,
+            Kernel::Candle(m) => m.forward(x)?,
+        };
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -46,36 +109,81 @@ struct RowDelta {
     b_t: Tensor,
 }
 
-/// A projection shared by all rows, each row adding its own LoRA delta (or none).
-#[derive(Clone, Debug)]
+/// The weights of one or more projections of the same input.
+#[derive(Clone)]
+enum Stack {
+    /// Stacked into one matrix: one kernel call, outputs side by side.
+    Fused(Projection),
+    Separate(Vec<Projection>),
+}
+
+/// Projections of one input shared by all rows (q/k/v, gate/up, or a single one), each
+/// row adding its own LoRA delta per projection (or none).
+#[derive(Clone)]
 struct RowLinear {
-    base: Projection,
-    deltas: Vec<Option<RowDelta>>,
+    stack: Stack,
+    /// Output width of each projection.
+    widths: Vec<usize>,
+    /// `deltas[projection][row]`.
+    deltas: Vec<Vec<Option<RowDelta>>>,
 }
 
 impl RowLinear {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = self.base.forward(x)?;
-        if self.deltas.iter().all(Option::is_none) {
-            return Ok(y);
-        }
-        let rows = self
-            .deltas
-            .iter()
-            .enumerate()
-            .map(|(r, delta)| {
-                let yr = y.narrow(0, r, 1)?;
-                match delta {
-                    None => Ok(yr),
-                    Some(d) => {
-                        let low = x.narrow(0, r, 1)?.broadcast_matmul(&d.a_t)?;
-                        yr + low.broadcast_matmul(&d.b_t)?
-                    }
+    /// One output per projection, `[rows, seq, width]`.
+    fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+        let outs = match &self.stack {
+            Stack::Fused(p) => {
+                let y = p.forward(x)?;
+                let mut offset = 0;
+                let mut outs = Vec::with_capacity(self.widths.len());
+                for &w in &self.widths {
+                    outs.push(y.narrow(D::Minus1, offset, w)?);
+                    offset += w;
                 }
-            })
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        Ok(Tensor::cat(&rows, 0)?)
+                outs
+            }
+            Stack::Separate(ps) => ps.iter().map(|p| p.forward(x)).collect::<Result<_>>()?,
+        };
+        outs.into_iter()
+            .zip(&self.deltas)
+            .map(|(y, deltas)| add_row_deltas(y, x, deltas))
+            .collect()
     }
+
+    /// The single output of an unfused projection.
+    fn forward1(&self, x: &Tensor) -> Result<Tensor> {
+        let mut outs = self.forward(x)?;
+        Ok(outs.remove(0))
+    }
+}
+
+fn add_row_deltas(y: Tensor, x: &Tensor, deltas: &[Option<RowDelta>]) -> Result<Tensor> {
+    if deltas.iter().all(Option::is_none) {
+        return Ok(y);
+    }
+    let rows = deltas
+        .iter()
+        .enumerate()
+        .map(|(r, delta)| {
+            let yr = y.narrow(0, r, 1)?;
+            match delta {
+                None => Ok(yr),
+                Some(d) => {
+                    let low = x.narrow(0, r, 1)?.broadcast_matmul(&d.a_t)?;
+                    yr + low.broadcast_matmul(&d.b_t)?
+                }
+            }
+        })
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Ok(Tensor::cat(&rows, 0)?)
+}
+
+/// One projection to load: its module path, output width and RoPE heads (set for q/k,
+/// whose rows a GGUF with interleaved RoPE stores permuted — LoRA B rows must follow).
+struct ModuleSpec<'a> {
+    path: &'a str,
+    out: usize,
+    qk_heads: Option<usize>,
 }
 
 struct Loader<'a> {
@@ -86,42 +194,56 @@ struct Loader<'a> {
 }
 
 impl Loader<'_> {
-    /// Loads `{module}.weight` (and `.bias` if `bias`), shaped `[out, inp]`, with each
-    /// row's delta for that module. `qk_heads` is set for q/k projections: in a GGUF with
-    /// interleaved RoPE their rows are permuted, and so must the LoRA B rows be.
-    fn linear(
-        &self,
-        module: &str,
-        out: usize,
-        inp: usize,
-        bias: bool,
-        qk_heads: Option<usize>,
-    ) -> Result<RowLinear> {
-        let weight = self
-            .src
-            .load_shaped(&format!("{module}.weight"), &[out, inp], self.device)?;
-        let bias = if bias {
-            Some(
-                self.src
-                    .load_dense(&format!("{module}.bias"), &[out], self.device)?,
-            )
+    /// Loads projections of one `inp`-wide input, fused into one kernel when possible,
+    /// with each row's LoRA delta per projection.
+    fn linear(&self, modules: &[ModuleSpec], inp: usize, bias: bool) -> Result<RowLinear> {
+        let mut weights = Vec::with_capacity(modules.len());
+        let mut biases = Vec::with_capacity(modules.len());
+        let mut deltas = Vec::with_capacity(modules.len());
+        for m in modules {
+            weights.push(self.src.load_shaped(
+                &format!("{}.weight", m.path),
+                &[m.out, inp],
+                self.device,
+            )?);
+            biases.push(if bias {
+                Some(
+                    self.src
+                        .load_dense(&format!("{}.bias", m.path), &[m.out], self.device)?,
+                )
+            } else {
+                None
+            });
+            deltas.push(
+                self.rows
+                    .iter()
+                    .map(
+                        |row| match row.and_then(|a| a.modules.get(m.path).map(|p| (a, p))) {
+                            None => Ok(None),
+                            Some((adapter, pair)) => self.delta(adapter, m, pair, inp).map(Some),
+                        },
+                    )
+                    .collect::<Result<Vec<_>>>()?,
+            );
+        }
+        let stack = if modules.len() > 1 {
+            Projection::fused(weights.clone(), biases.clone(), self.device)?.map(Stack::Fused)
         } else {
             None
         };
-        let deltas = self
-            .rows
-            .iter()
-            .map(
-                |row| match row.and_then(|a| a.modules.get(module).map(|p| (a, p))) {
-                    None => Ok(None),
-                    Some((adapter, pair)) => self
-                        .delta(adapter, module, pair, out, inp, qk_heads)
-                        .map(Some),
-                },
-            )
-            .collect::<Result<Vec<_>>>()?;
+        let stack = match stack {
+            Some(s) => s,
+            None => Stack::Separate(
+                weights
+                    .into_iter()
+                    .zip(biases)
+                    .map(|(w, b)| Projection::new(w, b, self.device))
+                    .collect::<Result<_>>()?,
+            ),
+        };
         Ok(RowLinear {
-            base: Projection::new(weight, bias)?,
+            stack,
+            widths: modules.iter().map(|m| m.out).collect(),
             deltas,
         })
     }
@@ -129,27 +251,25 @@ impl Loader<'_> {
     fn delta(
         &self,
         adapter: &LoraAdapter,
-        module: &str,
+        m: &ModuleSpec,
         pair: &LoraPair,
-        out: usize,
         inp: usize,
-        qk_heads: Option<usize>,
     ) -> Result<RowDelta> {
         let r = adapter.config.r;
         let shape_err = |name: &str, got: &Tensor, want: Vec<usize>| Error::TensorShape {
             path: adapter.path.clone(),
-            name: format!("{module}.{name}"),
+            name: format!("{}.{name}", m.path),
             got: got.dims().to_vec(),
             want,
         };
         if pair.a.dims() != [r, inp] {
             return Err(shape_err("lora_A.weight", &pair.a, vec![r, inp]));
         }
-        if pair.b_scaled.dims() != [out, r] {
-            return Err(shape_err("lora_B.weight", &pair.b_scaled, vec![out, r]));
+        if pair.b_scaled.dims() != [m.out, r] {
+            return Err(shape_err("lora_B.weight", &pair.b_scaled, vec![m.out, r]));
         }
         let mut b = pair.b_scaled.to_device(self.device)?;
-        if let (Some(heads), RopeLayout::Interleaved) = (qk_heads, self.cfg.rope_layout) {
+        if let (Some(heads), RopeLayout::Interleaved) = (m.qk_heads, self.cfg.rope_layout) {
             b = permute_for_interleaved_rope(&b, heads, self.cfg.head_dim)?;
         }
         Ok(RowDelta {
@@ -170,15 +290,14 @@ pub fn permute_for_interleaved_rope(w: &Tensor, heads: usize, head_dim: usize) -
 }
 
 struct Attention {
-    q: RowLinear,
-    k: RowLinear,
-    v: RowLinear,
+    /// q, k and v of the normed input.
+    qkv: RowLinear,
     o: RowLinear,
 }
 
 struct Mlp {
-    gate: RowLinear,
-    up: RowLinear,
+    /// gate and up of the normed input.
+    gate_up: RowLinear,
     down: RowLinear,
 }
 
@@ -265,57 +384,76 @@ impl Llama {
         let mut blocks = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
             let p = format!("model.layers.{i}");
+            let (q, k, v, o) = (
+                format!("{p}.self_attn.q_proj"),
+                format!("{p}.self_attn.k_proj"),
+                format!("{p}.self_attn.v_proj"),
+                format!("{p}.self_attn.o_proj"),
+            );
+            let kv_out = cfg.num_kv_heads * hd;
             let attn = Attention {
-                q: ld.linear(
-                    &format!("{p}.self_attn.q_proj"),
-                    cfg.num_heads * hd,
+                qkv: ld.linear(
+                    &[
+                        ModuleSpec {
+                            path: &q,
+                            out: cfg.num_heads * hd,
+                            qk_heads: Some(cfg.num_heads),
+                        },
+                        ModuleSpec {
+                            path: &k,
+                            out: kv_out,
+                            qk_heads: Some(cfg.num_kv_heads),
+                        },
+                        ModuleSpec {
+                            path: &v,
+                            out: kv_out,
+                            qk_heads: None,
+                        },
+                    ],
                     h,
                     cfg.attention_bias,
-                    Some(cfg.num_heads),
-                )?,
-                k: ld.linear(
-                    &format!("{p}.self_attn.k_proj"),
-                    cfg.num_kv_heads * hd,
-                    h,
-                    cfg.attention_bias,
-                    Some(cfg.num_kv_heads),
-                )?,
-                v: ld.linear(
-                    &format!("{p}.self_attn.v_proj"),
-                    cfg.num_kv_heads * hd,
-                    h,
-                    cfg.attention_bias,
-                    None,
                 )?,
                 o: ld.linear(
-                    &format!("{p}.self_attn.o_proj"),
-                    h,
+                    &[ModuleSpec {
+                        path: &o,
+                        out: h,
+                        qk_heads: None,
+                    }],
                     cfg.num_heads * hd,
                     false,
-                    None,
                 )?,
             };
+            let (gate, up, down) = (
+                format!("{p}.mlp.gate_proj"),
+                format!("{p}.mlp.up_proj"),
+                format!("{p}.mlp.down_proj"),
+            );
+            let inter = cfg.intermediate_size;
             let mlp = Mlp {
-                gate: ld.linear(
-                    &format!("{p}.mlp.gate_proj"),
-                    cfg.intermediate_size,
+                gate_up: ld.linear(
+                    &[
+                        ModuleSpec {
+                            path: &gate,
+                            out: inter,
+                            qk_heads: None,
+                        },
+                        ModuleSpec {
+                            path: &up,
+                            out: inter,
+                            qk_heads: None,
+                        },
+                    ],
                     h,
                     false,
-                    None,
-                )?,
-                up: ld.linear(
-                    &format!("{p}.mlp.up_proj"),
-                    cfg.intermediate_size,
-                    h,
-                    false,
-                    None,
                 )?,
                 down: ld.linear(
-                    &format!("{p}.mlp.down_proj"),
-                    h,
-                    cfg.intermediate_size,
+                    &[ModuleSpec {
+                        path: &down,
+                        out: h,
+                        qk_heads: None,
+                    }],
+                    inter,
                     false,
-                    None,
                 )?,
             };
             blocks.push(Block {
@@ -338,6 +476,7 @@ impl Llama {
         let lm_head = Projection::new(
             src.load_shaped(head_name, &[cfg.vocab_size, h], device)?,
             None,
+            device,
         )?;
 
         let capacity = capacity.min(cfg.max_position_embeddings).max(1);
@@ -543,9 +682,13 @@ fn attention(
     let heads = |t: Tensor, n: usize| -> candle_core::Result<Tensor> {
         t.reshape((rows, seq, n, hd))?.transpose(1, 2)?.contiguous()
     };
-    let q = heads(attn.q.forward(x)?, nh)?;
-    let k = heads(attn.k.forward(x)?, nkv)?;
-    let v = heads(attn.v.forward(x)?, nkv)?;
+    let mut qkv = attn.qkv.forward(x)?.into_iter();
+    let (Some(q), Some(k), Some(v)) = (qkv.next(), qkv.next(), qkv.next()) else {
+        return Err(Error::Request("attention needs q, k and v".into()));
+    };
+    let q = heads(q, nh)?;
+    let k = heads(k, nkv)?;
+    let v = heads(v, nkv)?;
     let q = apply_rope(&q, cos, sin, cfg.rope_layout)?;
     let k = apply_rope(&k, cos, sin, cfg.rope_layout)?;
 
@@ -569,13 +712,15 @@ fn attention(
         .reshape((rows, nh, seq, hd))?
         .transpose(1, 2)?
         .reshape((rows, seq, nh * hd))?;
-    attn.o.forward(&out)
+    attn.o.forward1(&out)
 }
 
 fn mlp(mlp: &Mlp, x: &Tensor) -> Result<Tensor> {
-    let gate = candle_nn::ops::silu(&mlp.gate.forward(x)?)?;
-    let up = mlp.up.forward(x)?;
-    mlp.down.forward(&(gate * up)?)
+    let mut gate_up = mlp.gate_up.forward(x)?.into_iter();
+    let (Some(gate), Some(up)) = (gate_up.next(), gate_up.next()) else {
+        return Err(Error::Request("the MLP needs gate and up".into()));
+    };
+    mlp.down.forward1(&(candle_nn::ops::silu(&gate)? * up)?)
 }
 
 /// Log-softmax over the last dimension, in f32.

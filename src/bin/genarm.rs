@@ -176,6 +176,12 @@ struct InitLoraArgs {
 }
 
 fn main() -> ExitCode {
+    // candle asks for the thread count on every matmul and, without this variable, reads
+    // /proc/cpuinfo each time to find it.
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(a) => cmd_generate(a),

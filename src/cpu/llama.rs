@@ -11,6 +11,7 @@ use std::sync::Arc;
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Module, Tensor, D};
 
+use super::lowrank::{BlockLoraMatMul, LowRank, PartDeltas};
 use super::quant::{BlockMatMul, BlockMatrix};
 use crate::error::{Error, Result};
 use crate::model::config::{LlamaConfig, RopeLayout};
@@ -23,6 +24,8 @@ use crate::model::weights::{Weight, WeightSource};
 #[derive(Clone)]
 enum Kernel {
     Blocks(BlockMatMul),
+    /// The block kernel with the rows' LoRA deltas applied inside the same op.
+    BlocksLora(BlockLoraMatMul),
     Candle(QMatMul),
 }
 
@@ -93,6 +96,7 @@ impl Projection {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match &self.kernel {
             Kernel::Blocks(op) => x.contiguous()?.apply_op1_no_bwd(op)?,
+            Kernel::BlocksLora(op) => x.contiguous()?.apply_op1_no_bwd(op)?,
             Kernel::Candle(m) => m.forward(x)?,
         };
         Ok(match &self.bias {
@@ -107,6 +111,17 @@ impl Projection {
 struct RowDelta {
     a_t: Tensor,
     b_t: Tensor,
+}
+
+impl RowDelta {
+    fn to_host(&self) -> Result<LowRank> {
+        let (rank, _) = self.b_t.dims2()?;
+        Ok(LowRank {
+            rank,
+            a: self.a_t.t()?.contiguous()?.flatten_all()?.to_vec1()?,
+            b_t: self.b_t.flatten_all()?.to_vec1()?,
+        })
+    }
 }
 
 /// The weights of one or more projections of the same input.
@@ -178,6 +193,62 @@ fn add_row_deltas(y: Tensor, x: &Tensor, deltas: &[Option<RowDelta>]) -> Result<
     Ok(Tensor::cat(&rows, 0)?)
 }
 
+/// On the CPU block kernel, applies the rows' LoRA deltas inside the kernel op rather
+/// than as separate tensor ops (see `lowrank`).
+fn move_deltas_into_block_kernels(mut lin: RowLinear) -> Result<RowLinear> {
+    if lin.deltas.iter().flatten().all(Option::is_none) {
+        return Ok(lin);
+    }
+    let host = |deltas: &[Option<RowDelta>]| -> Result<Vec<Option<LowRank>>> {
+        deltas
+            .iter()
+            .map(|d| d.as_ref().map(RowDelta::to_host).transpose())
+            .collect()
+    };
+    match &mut lin.stack {
+        Stack::Fused(p) => {
+            let Kernel::Blocks(op) = &p.kernel else {
+                return Ok(lin);
+            };
+            let mut offset = 0;
+            let mut parts = Vec::with_capacity(lin.widths.len());
+            for (&width, deltas) in lin.widths.iter().zip(&lin.deltas) {
+                parts.push(PartDeltas {
+                    offset,
+                    width,
+                    rows: host(deltas)?,
+                });
+                offset += width;
+            }
+            p.kernel = Kernel::BlocksLora(BlockLoraMatMul {
+                weight: op.0.clone(),
+                parts: Arc::new(parts),
+            });
+            lin.deltas
+                .iter_mut()
+                .for_each(|d| d.iter_mut().for_each(|r| *r = None));
+        }
+        Stack::Separate(ps) => {
+            for ((p, &width), deltas) in ps.iter_mut().zip(&lin.widths).zip(lin.deltas.iter_mut()) {
+                let Kernel::Blocks(op) = &p.kernel else {
+                    continue;
+                };
+                let parts = vec![PartDeltas {
+                    offset: 0,
+                    width,
+                    rows: host(deltas)?,
+                }];
+                p.kernel = Kernel::BlocksLora(BlockLoraMatMul {
+                    weight: op.0.clone(),
+                    parts: Arc::new(parts),
+                });
+                deltas.iter_mut().for_each(|r| *r = None);
+            }
+        }
+    }
+    Ok(lin)
+}
+
 /// One projection to load: its module path, output width and RoPE heads (set for q/k,
 /// whose rows a GGUF with interleaved RoPE stores permuted — LoRA B rows must follow).
 struct ModuleSpec<'a> {
@@ -241,11 +312,12 @@ impl Loader<'_> {
                     .collect::<Result<_>>()?,
             ),
         };
-        Ok(RowLinear {
+        let widths: Vec<usize> = modules.iter().map(|m| m.out).collect();
+        Ok(move_deltas_into_block_kernels(RowLinear {
             stack,
-            widths: modules.iter().map(|m| m.out).collect(),
+            widths,
             deltas,
-        })
+        })?)
     }
 
     fn delta(

@@ -6,6 +6,7 @@
 //! or a LoRA on another base) is a group of its own.
 
 pub mod llama;
+pub mod lowrank;
 pub mod quant;
 
 use std::path::{Path, PathBuf};

@@ -15,7 +15,6 @@ use std::sync::{Arc, OnceLock};
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{CpuStorage, CudaStorage, CustomOp1, Layout, MetalStorage, Shape};
-use rayon::prelude::*;
 
 /// Weights per block, in every format here.
 const BLOCK: usize = 32;
@@ -191,22 +190,24 @@ impl BlockMatrix {
         };
         let chunk = rows_per_task(self.rows);
         let out = OutPtr(out.as_mut_ptr());
-        (0..self.rows.div_ceil(chunk))
-            .into_par_iter()
-            .for_each(|task| {
+        // candle's own spinning pool, not rayon: candle's ops already keep its workers hot,
+        // and a second pool spinning beside it would steal the same cores.
+        candle_core::utils::barrier_pool().execute_chunked(self.rows.div_ceil(chunk), |tasks| {
+            for task in tasks {
                 let start = task * chunk;
                 let end = (start + chunk).min(self.rows);
                 // SAFETY: tasks get disjoint row ranges, `out` is [m, rows] and exclusively
                 // borrowed for the whole parallel loop (see `Job::run`).
                 unsafe { job.run(start..end, &out) };
-            });
+            }
+        });
     }
 }
 
-/// Rows per rayon task: several tasks per thread so uneven threads even out, but at least 16
+/// Rows per task: several tasks per thread so uneven threads even out, but at least 16
 /// rows so the per-task overhead stays small.
 fn rows_per_task(rows: usize) -> usize {
-    let tasks = 4 * rayon::current_num_threads().max(1);
+    let tasks = 4 * (candle_core::utils::barrier_pool().n_workers() + 1);
     rows.div_ceil(tasks).max(16)
 }
 
@@ -417,6 +418,9 @@ mod avx2 {
     const Q4_1: u8 = 1;
     const Q8_0: u8 = 2;
 
+    /// Blocks whose offsets are collected before the offset dot product (a stack buffer).
+    const OFFSET_GROUP: usize = 64;
+
     /// Whether this CPU runs the kernels here.
     pub fn available() -> bool {
         is_x86_feature_detected!("avx2")
@@ -483,33 +487,65 @@ mod avx2 {
         let (nb, bb) = (cols / BLOCK, format.block_bytes());
         // Vector accumulators across blocks: one horizontal sum per row, not per block.
         let mut acc = [_mm256_setzero_ps(); N];
-        let mut offset = [0f32; N];
-        for b in 0..nb {
-            let block = row.as_ptr().add(b * bb);
-            let scales = load_scales(block);
-            let d = _mm256_broadcastss_ps(scales);
-            let codes = block.add(format.codes_offset());
-            let w = if FMT == Q8_0 {
-                i8_codes(codes)
-            } else {
-                nibble_codes(codes)
-            };
-            let o = match FMT {
-                Q4_0 => -8.0 * _mm_cvtss_f32(scales),
-                Q4_1 => _mm_cvtss_f32(_mm_movehdup_ps(scales)),
-                _ => 0.0,
-            };
-            for (i, (acc_i, offset_i)) in acc.iter_mut().zip(&mut offset).enumerate() {
-                let dot = block_dot(&w, xs.as_ptr().add(i * cols + b * BLOCK));
-                *acc_i = _mm256_fmadd_ps(d, dot, *acc_i);
-                if FMT != Q8_0 {
-                    *offset_i += o * *sums.get_unchecked(i * nb + b);
+        // The offset term Σ_b o_b·Σx_b is a dot product over blocks: collect o_b for a group
+        // of blocks and do it 8 blocks at a time, rather than a scalar FMA per block and row.
+        let mut offsets = [_mm256_setzero_ps(); N];
+        let mut o = [0f32; OFFSET_GROUP];
+        for g0 in (0..nb).step_by(OFFSET_GROUP) {
+            let g = OFFSET_GROUP.min(nb - g0);
+            for (b, o_b) in (g0..g0 + g).zip(&mut o) {
+                let block = row.as_ptr().add(b * bb);
+                let scales = load_scales(block);
+                let d = _mm256_broadcastss_ps(scales);
+                let codes = block.add(format.codes_offset());
+                let w = if FMT == Q8_0 {
+                    i8_codes(codes)
+                } else {
+                    nibble_codes(codes)
+                };
+                *o_b = match FMT {
+                    Q4_0 => -8.0 * _mm_cvtss_f32(scales),
+                    Q4_1 => _mm_cvtss_f32(_mm_movehdup_ps(scales)),
+                    _ => 0.0,
+                };
+                for (i, acc_i) in acc.iter_mut().enumerate() {
+                    let dot = block_dot(&w, xs.as_ptr().add(i * cols + b * BLOCK));
+                    *acc_i = _mm256_fmadd_ps(d, dot, *acc_i);
+                }
+            }
+            if FMT != Q8_0 {
+                for (i, off_i) in offsets.iter_mut().enumerate() {
+                    let s = sums.as_ptr().add(i * nb + g0);
+                    *off_i = dot_acc(o.as_ptr(), s, g, *off_i);
                 }
             }
         }
-        for ((r, a), o) in res.iter_mut().zip(acc).zip(offset) {
-            *r = hsum(a) + o;
+        for ((r, a), o) in res.iter_mut().zip(acc).zip(offsets) {
+            *r = hsum(_mm256_add_ps(a, o));
         }
+    }
+
+    /// `acc + Σ_k a[k]·b[k]` for `k < n`, lane-wise (masked loads for the tail).
+    ///
+    /// # Safety
+    /// `a` and `b` are valid for `n` reads.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn dot_acc(a: *const f32, b: *const f32, n: usize, mut acc: __m256) -> __m256 {
+        let mut k = 0;
+        while k + 8 <= n {
+            acc = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(k)), _mm256_loadu_ps(b.add(k)), acc);
+            k += 8;
+        }
+        if k < n {
+            // Lanes below n − k are on; masked-off lanes are neither read nor faulted on.
+            let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+            let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32((n - k) as i32), lanes);
+            let va = _mm256_maskload_ps(a.add(k), mask);
+            let vb = _mm256_maskload_ps(b.add(k), mask);
+            acc = _mm256_fmadd_ps(va, vb, acc);
+        }
+        acc
     }
 
     /// The block's leading f16s as f32: lane 0 is d, lane 1 is Q4_1's m (for other formats
@@ -566,15 +602,15 @@ mod avx2 {
         _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v))
     }
 
-    /// Σ w·x over one block, left in 8 lanes. Two independent chains halve the latency.
+    /// Σ w·x over one block, left in 8 lanes. One chain (4 ops): it is not loop-carried, so
+    /// its latency overlaps with the next blocks; only the caller's `acc` FMA is carried.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn block_dot(w: &[__m256; 4], x: *const f32) -> __m256 {
-        let a = _mm256_mul_ps(w[0], _mm256_loadu_ps(x));
-        let a = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(x.add(8)), a);
-        let b = _mm256_mul_ps(w[2], _mm256_loadu_ps(x.add(16)));
-        let b = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(x.add(24)), b);
-        _mm256_add_ps(a, b)
+        let p = _mm256_mul_ps(w[0], _mm256_loadu_ps(x));
+        let p = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(x.add(8)), p);
+        let p = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(x.add(16)), p);
+        _mm256_fmadd_ps(w[3], _mm256_loadu_ps(x.add(24)), p)
     }
 
     /// Sum of the 8 lanes.
@@ -770,6 +806,28 @@ mod tests {
                     "{format:?}: {a:?} vs {b:?}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn simd_kernel_is_used_where_available() {
+        #[cfg(target_arch = "x86_64")]
+        if avx2::available() {
+            assert_eq!(Kernel::detect(), Kernel::Avx2);
+        }
+    }
+
+    #[test]
+    fn large_matrix_crosses_row_blocks_and_offset_groups() {
+        // Enough rows that a task spans several ROW_BLOCKs, and 65 blocks per row so the
+        // offset dot product crosses an OFFSET_GROUP boundary with a 1-block tail.
+        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+            let (rows, cols, m) = (1100, 2080, 5);
+            let (w, deq) = quantized(dtype, rows, cols, 31);
+            let x = random(m * cols, 32);
+            let mut out = vec![f32::NAN; m * rows];
+            w.matmul(&x, m, &mut out);
+            check_against_reference(&out, &deq, &x, m, &format!("{dtype:?} large"));
         }
     }
 

@@ -1,0 +1,113 @@
+//! Shared-weight rows with per-row LoRA deltas in one CPU op: `y_r = W·x_r + B_r·(A_r·x_r)`.
+//!
+//! The base and its LoRA ARMs are rows of one batch. The block kernel reads `W` once
+//! for every row; each row's low-rank correction is a few thousand multiply-adds per
+//! token, done here in the same op so it costs no extra tensor operations (which, at
+//! one token per step, would cost more in dispatch than in arithmetic).
+
+use std::sync::Arc;
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
+
+use super::quant::BlockMatrix;
+
+/// One row's LoRA delta for one projection, in host memory.
+#[derive(Clone, Debug)]
+pub struct LowRank {
+    pub rank: usize,
+    /// `[rank, in]`, row-major.
+    pub a: Vec<f32>,
+    /// `Bᵀ`: `[rank, out]`, row-major, already multiplied by the adapter's scale
+    /// (transposed so the update is `rank` contiguous axpys over the output).
+    pub b_t: Vec<f32>,
+}
+
+/// The deltas of one projection inside a (possibly fused) output: columns
+/// `offset..offset + width`, one optional delta per row.
+#[derive(Clone, Debug)]
+pub struct PartDeltas {
+    pub offset: usize,
+    pub width: usize,
+    pub rows: Vec<Option<LowRank>>,
+}
+
+/// A block-quantized projection with per-row LoRA deltas: input `[rows, seq, in]`,
+/// output `[rows, seq, out]`.
+#[derive(Clone)]
+pub struct BlockLoraMatMul {
+    pub weight: Arc<BlockMatrix>,
+    pub parts: Arc<Vec<PartDeltas>>,
+}
+
+impl BlockLoraMatMul {
+    /// Adds every row's deltas to `y` (`[rows·seq, out]`) for input `x` (`[rows·seq, in]`).
+    fn add_deltas(&self, x: &[f32], y: &mut [f32], rows: usize, seq: usize) {
+        let (inp, out) = (self.weight.cols(), self.weight.rows());
+        let mut low = Vec::new();
+        for part in self.parts.iter() {
+            for (r, delta) in part.rows.iter().enumerate().take(rows) {
+                let Some(d) = delta else { continue };
+                low.resize(d.rank, 0.0);
+                for s in 0..seq {
+                    let i = r * seq + s;
+                    let xi = &x[i * inp..(i + 1) * inp];
+                    for (k, l) in low.iter_mut().enumerate() {
+                        *l = dot(&d.a[k * inp..(k + 1) * inp], xi);
+                    }
+                    let yi = &mut y[i * out + part.offset..i * out + part.offset + part.width];
+                    for (k, &l) in low.iter().enumerate() {
+                        let bk = &d.b_t[k * part.width..(k + 1) * part.width];
+                        for (yj, &b) in yi.iter_mut().zip(bk) {
+                            *yj += l * b;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    // Eight partial sums so the compiler can vectorise without reassociating floats.
+    let mut acc = [0f32; 8];
+    let chunks = a.len() / 8;
+    for c in 0..chunks {
+        for l in 0..8 {
+            acc[l] += a[c * 8 + l] * b[c * 8 + l];
+        }
+    }
+    let mut sum: f32 = acc.iter().sum();
+    for i in chunks * 8..a.len() {
+        sum += a[i] * b[i];
+    }
+    sum
+}
+
+impl CustomOp1 for BlockLoraMatMul {
+    fn name(&self) -> &'static str {
+        "block-lora-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (rows, seq, inp) = layout.shape().dims3()?;
+        if inp != self.weight.cols() {
+            candle_core::bail!(
+                "block-lora-matmul: input width {inp}, weight has {} columns",
+                self.weight.cols()
+            );
+        }
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("block-lora-matmul: input must be contiguous");
+        };
+        let x = &storage.as_slice::<f32>()?[start..end];
+        let out = self.weight.rows();
+        let mut y = vec![0f32; rows * seq * out];
+        self.weight.matmul(x, rows * seq, &mut y);
+        self.add_deltas(x, &mut y, rows, seq);
+        Ok((CpuStorage::F32(y), Shape::from((rows, seq, out))))
+    }
+}

@@ -36,7 +36,8 @@ impl Default for SamplingParams {
 
 impl SamplingParams {
     pub fn validate(&self) -> Result<(), String> {
-        if !self.greedy && !(self.temperature > 0.0 && self.temperature.is_finite()) {
+        let temperature_ok = self.temperature > 0.0 && self.temperature.is_finite();
+        if !self.greedy && !temperature_ok {
             return Err(format!("temperature must be > 0, got {}", self.temperature));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {

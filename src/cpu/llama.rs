@@ -313,11 +313,11 @@ impl Loader<'_> {
             ),
         };
         let widths: Vec<usize> = modules.iter().map(|m| m.out).collect();
-        Ok(move_deltas_into_block_kernels(RowLinear {
+        move_deltas_into_block_kernels(RowLinear {
             stack,
             widths,
             deltas,
-        })?)
+        })
     }
 
     fn delta(

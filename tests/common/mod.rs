@@ -6,6 +6,9 @@
 //! Only std, candle-core, safetensors, serde_json and half are used, since those
 //! are what the main crate already depends on. Errors panic: this is test code.
 #![allow(dead_code)]
+// The reference forward is written as plain index loops on purpose: it is the slow,
+// obvious version the engine is judged against.
+#![allow(clippy::needless_range_loop)]
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -887,8 +890,8 @@ pub fn assert_close(got: &[f32], want: &[f64], atol: f64, rtol: f64, what: &str)
     let mut n_bad = 0;
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
         let diff = (g as f64 - w).abs();
-        // `!(diff <= tol)` so that NaN counts as a mismatch.
-        if !(diff <= atol + rtol * w.abs()) {
+        // NaN counts as a mismatch.
+        if diff.is_nan() || diff > atol + rtol * w.abs() {
             n_bad += 1;
             if bad.len() < 5 {
                 bad.push(format!("  [{i}] got {g} want {w} |diff| {diff:e}"));

@@ -11,6 +11,8 @@ pub mod error;
 pub mod generate;
 pub mod guide;
 pub mod model;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod train;
 
 pub use engine::{ArmSpec, Engine, StepLogProbs};
 pub use error::{Error, Result};

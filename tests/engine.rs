@@ -242,7 +242,15 @@ fn lora_rows_on_quantized_weights_match_merged_reference() {
     // The CPU block kernel applies LoRA rows inside its op: check it on every format.
     let cfg = TinyConfig::default();
     let model = TinyModel::random(&cfg, 12);
-    let targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+    let targets = [
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    ];
     let lora = TinyLora::random(&cfg, 4, 8.0, &targets, 120);
     let partial = TinyLora::random(&cfg, 2, 2.0, &["k_proj", "up_proj"], 121);
     let dir = temp_dir("lora-quant");
@@ -273,6 +281,12 @@ fn lora_rows_on_quantized_weights_match_merged_reference() {
         let n = TOKENS.len() - 1;
         assert_close(&last.base, &want[0][n], F32_ATOL, 0.0, "cached base");
         assert_close(&last.arms[0], &want[1][n], F32_ATOL, 0.0, "cached arm");
-        assert_close(&last.arms[1], &want[2][n], F32_ATOL, 0.0, "cached partial arm");
+        assert_close(
+            &last.arms[1],
+            &want[2][n],
+            F32_ATOL,
+            0.0,
+            "cached partial arm",
+        );
     }
 }

@@ -604,9 +604,54 @@ impl Llama {
     /// Feeds `tokens` (the same for every row) after those already seen. Returns logits
     /// `[rows, vocab]` at the last position, or `[rows, len, vocab]` when `all_positions`.
     pub fn forward(&mut self, tokens: &[u32], all_positions: bool) -> Result<Tensor> {
-        let seq = tokens.len();
+        let rows = vec![tokens.to_vec(); self.rows];
+        self.forward_rows(&rows, all_positions)
+    }
+
+    /// Like `forward`, with each row's own tokens (all rows the same length, e.g. several
+    /// samples decoded in lockstep).
+    pub fn forward_rows(&mut self, tokens: &[Vec<u32>], all_positions: bool) -> Result<Tensor> {
+        let x = self.blocks_forward(tokens, self.cfg.num_layers)?;
+        let seq = tokens[0].len();
+        let x = if all_positions {
+            x
+        } else {
+            x.narrow(1, seq - 1, 1)?.contiguous()?
+        };
+        let x = candle_nn::ops::rms_norm(&x, &self.norm, self.cfg.rms_norm_eps as f32)?;
+        let logits = self.lm_head.forward(&x)?;
+        Ok(if all_positions {
+            logits
+        } else {
+            logits.squeeze(1)?
+        })
+    }
+
+    /// Hidden states `[rows, len, hidden]` after the first `layers` blocks for fresh
+    /// sequences (the caches restart at position 0). Training runs its frozen lower
+    /// layers through this, on the fast kernels.
+    pub fn hidden_states(&mut self, tokens: &[Vec<u32>], layers: usize) -> Result<Tensor> {
+        self.reset();
+        let x = self.blocks_forward(tokens, layers.min(self.cfg.num_layers));
+        self.reset();
+        x
+    }
+
+    /// Embeds per-row tokens and runs blocks `0..layers` over them, advancing the position.
+    fn blocks_forward(&mut self, tokens: &[Vec<u32>], layers: usize) -> Result<Tensor> {
+        if tokens.len() != self.rows {
+            return Err(Error::Request(format!(
+                "{} token rows for a model of {} rows",
+                tokens.len(),
+                self.rows
+            )));
+        }
+        let seq = tokens[0].len();
         if seq == 0 {
             return Err(Error::Request("no tokens to feed".into()));
+        }
+        if tokens.iter().any(|t| t.len() != seq) {
+            return Err(Error::Request("token rows differ in length".into()));
         }
         if self.pos + seq > self.capacity {
             return Err(Error::Request(format!(
@@ -615,15 +660,14 @@ impl Llama {
                 self.capacity
             )));
         }
-        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
+        let flat: Vec<u32> = tokens.concat();
+        if let Some(&bad) = flat.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
             return Err(Error::Request(format!(
                 "token id {bad} is outside the vocabulary of {} tokens",
                 self.cfg.vocab_size
             )));
         }
-        let ids = Tensor::new(tokens, &self.device)?
-            .unsqueeze(0)?
-            .repeat((self.rows, 1))?;
+        let ids = Tensor::from_vec(flat, (self.rows, seq), &self.device)?;
         let mut x = self.embed.forward(&ids)?;
         let cos = self.cos.narrow(0, self.pos, seq)?;
         let sin = self.sin.narrow(0, self.pos, seq)?;
@@ -633,7 +677,7 @@ impl Llama {
             self.cfg.num_heads / self.cfg.num_kv_heads,
             &self.device,
         )?;
-        for (block, cache) in self.blocks.iter().zip(self.caches.iter_mut()) {
+        for (block, cache) in self.blocks.iter().zip(self.caches.iter_mut()).take(layers) {
             let residual = &x;
             let h = candle_nn::ops::rms_norm(&x, &block.input_norm, self.cfg.rms_norm_eps as f32)?;
             let h = attention(
@@ -653,18 +697,7 @@ impl Llama {
             x = (residual + h)?;
         }
         self.pos += seq;
-        let x = if all_positions {
-            x
-        } else {
-            x.narrow(1, seq - 1, 1)?.contiguous()?
-        };
-        let x = candle_nn::ops::rms_norm(&x, &self.norm, self.cfg.rms_norm_eps as f32)?;
-        let logits = self.lm_head.forward(&x)?;
-        Ok(if all_positions {
-            logits
-        } else {
-            logits.squeeze(1)?
-        })
+        Ok(x)
     }
 }
 

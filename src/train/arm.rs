@@ -1,0 +1,418 @@
+//! An ARM being trained: the frozen base with LoRA on its top layers.
+//!
+//! The layers below the first LoRA get no gradient, so they run on the inference engine
+//! (quantized kernels, no autograd) and only the top `lora_layers` blocks, the final
+//! norm and the head go through candle's autograd, in f32 (or f64 for gradient checks).
+//! Those top blocks are built in HF's row order (GGUF Q/K rows un-permuted, half-split
+//! RoPE), so the trained LoRA is saved in PEFT's layout as is.
+
+use candle_core::{DType, Device, Tensor, Var, D};
+
+use crate::cpu::llama::Llama;
+use crate::error::{Error, Result};
+use crate::guide::uniform;
+use crate::model::config::{LlamaConfig, RopeLayout};
+use crate::model::lora::TARGETS;
+use crate::model::Checkpoint;
+
+/// Which parts of the model get LoRA, and how.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoraSpec {
+    pub rank: usize,
+    pub alpha: f64,
+    /// Dropout on the LoRA input during training (PEFT's `lora_dropout`).
+    pub dropout: f64,
+    /// PEFT short names: `q_proj`, …, `down_proj`.
+    pub targets: Vec<String>,
+    /// How many of the top layers carry LoRA (all layers when ≥ the model's depth).
+    pub layers: usize,
+}
+
+impl LoraSpec {
+    pub fn scale(&self) -> f64 {
+        self.alpha / self.rank as f64
+    }
+}
+
+/// A frozen projection with an optional trainable low-rank delta.
+struct TrainLinear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    lora: Option<LoraVars>,
+}
+
+/// The trainable pair of one module: `A` `[r, in]`, `B` `[out, r]`.
+#[derive(Clone)]
+pub struct LoraVars {
+    /// HF module path, e.g. `model.layers.27.self_attn.q_proj`.
+    pub module: String,
+    pub a: Var,
+    pub b: Var,
+}
+
+struct TopBlock {
+    input_norm: Tensor,
+    post_norm: Tensor,
+    q: TrainLinear,
+    k: TrainLinear,
+    v: TrainLinear,
+    o: TrainLinear,
+    gate: TrainLinear,
+    up: TrainLinear,
+    down: TrainLinear,
+}
+
+/// Randomness for one forward pass: dropout masks are a function of (seed, step, micro
+/// batch, module), so a resumed run draws exactly what an uninterrupted one would.
+#[derive(Clone, Copy, Debug)]
+pub struct DropoutKey {
+    pub seed: u64,
+    pub step: u64,
+    pub micro: u64,
+}
+
+pub struct TrainableArm {
+    cfg: LlamaConfig,
+    prefix: Llama,
+    first_trainable: usize,
+    top: Vec<TopBlock>,
+    norm: Tensor,
+    head: Tensor,
+    lora: Vec<LoraVars>,
+    spec: LoraSpec,
+    cos: Tensor,
+    sin: Tensor,
+    dtype: DType,
+    device: Device,
+}
+
+impl TrainableArm {
+    /// Builds the ARM on `base` with fresh LoRA weights (A Kaiming-uniform, B zero, as in
+    /// PEFT). `max_len` bounds the sequences it will see.
+    pub fn new(
+        base: &Checkpoint,
+        spec: &LoraSpec,
+        max_len: usize,
+        seed: u64,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let cfg = base.config.clone();
+        if spec.rank == 0 {
+            return Err(Error::Request("LoRA rank must be ≥ 1".into()));
+        }
+        for t in &spec.targets {
+            if !TARGETS.contains(&t.as_str()) {
+                return Err(Error::Request(format!(
+                    "unknown LoRA target `{t}` (valid: {})",
+                    TARGETS.join(", ")
+                )));
+            }
+        }
+        let n_top = spec.layers.clamp(1, cfg.num_layers);
+        let first = cfg.num_layers - n_top;
+        let prefix = Llama::load(base.source.as_ref(), &cfg, &[None], max_len, device)?;
+        let src = base.source.as_ref();
+        let dense = |name: &str| -> Result<Tensor> {
+            Ok(src.load(name, device)?.dense(device)?.to_dtype(dtype)?)
+        };
+        let mut counter = 0u64;
+        let mut lora = Vec::new();
+        let mut top = Vec::with_capacity(n_top);
+        let (h, hd) = (cfg.hidden_size, cfg.head_dim);
+        for layer in first..cfg.num_layers {
+            let p = format!("model.layers.{layer}");
+            let mut linear =
+                |kind: &str, name: &str, qk_heads: Option<usize>| -> Result<TrainLinear> {
+                    let module = format!("{p}.{kind}.{name}");
+                    let mut weight = dense(&format!("{module}.weight"))?;
+                    let mut bias = if src.contains(&format!("{module}.bias")) {
+                        Some(dense(&format!("{module}.bias"))?)
+                    } else {
+                        None
+                    };
+                    if let (Some(heads), RopeLayout::Interleaved) = (qk_heads, cfg.rope_layout) {
+                        weight = unpermute_interleaved_rows(&weight, heads, hd)?;
+                        bias = bias
+                            .map(|b| -> Result<Tensor> {
+                                unpermute_interleaved_rows(&b.unsqueeze(1)?, heads, hd)?
+                                    .squeeze(1)
+                                    .map_err(Error::from)
+                            })
+                            .transpose()?;
+                    }
+                    let lora_here = spec.targets.iter().any(|t| t == name);
+                    let vars = if lora_here {
+                        let (out, inp) = weight.dims2()?;
+                        let bound = 1.0 / (inp as f64).sqrt();
+                        let a: Vec<f64> = (0..spec.rank * inp)
+                            .map(|_| {
+                                counter += 1;
+                                (uniform(seed, counter) * 2.0 - 1.0) * bound
+                            })
+                            .collect();
+                        let a = Tensor::from_vec(a, (spec.rank, inp), device)?.to_dtype(dtype)?;
+                        let b = Tensor::zeros((out, spec.rank), dtype, device)?;
+                        let vars = LoraVars {
+                            module: module.clone(),
+                            a: Var::from_tensor(&a)?,
+                            b: Var::from_tensor(&b)?,
+                        };
+                        lora.push(vars.clone());
+                        Some(vars)
+                    } else {
+                        None
+                    };
+                    Ok(TrainLinear {
+                        weight,
+                        bias,
+                        lora: vars,
+                    })
+                };
+            let block = TopBlock {
+                q: linear("self_attn", "q_proj", Some(cfg.num_heads))?,
+                k: linear("self_attn", "k_proj", Some(cfg.num_kv_heads))?,
+                v: linear("self_attn", "v_proj", None)?,
+                o: linear("self_attn", "o_proj", None)?,
+                gate: linear("mlp", "gate_proj", None)?,
+                up: linear("mlp", "up_proj", None)?,
+                down: linear("mlp", "down_proj", None)?,
+                input_norm: dense(&format!("{p}.input_layernorm.weight"))?,
+                post_norm: dense(&format!("{p}.post_attention_layernorm.weight"))?,
+            };
+            top.push(block);
+        }
+        let head_name = if src.contains("lm_head.weight") {
+            "lm_head.weight"
+        } else {
+            "model.embed_tokens.weight"
+        };
+        let head = dense(head_name)?;
+        let norm = dense("model.norm.weight")?;
+        let inv_freq = cfg.rope_inv_freq();
+        let (mut cos, mut sin) = (Vec::new(), Vec::new());
+        for pos in 0..max_len {
+            for f in &inv_freq {
+                let angle = pos as f64 * f;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        let half = inv_freq.len();
+        let cos = Tensor::from_vec(cos, (max_len, half), device)?.to_dtype(dtype)?;
+        let sin = Tensor::from_vec(sin, (max_len, half), device)?.to_dtype(dtype)?;
+        let _ = h;
+        Ok(Self {
+            cfg,
+            prefix,
+            first_trainable: first,
+            top,
+            norm,
+            head,
+            lora,
+            spec: spec.clone(),
+            cos,
+            sin,
+            dtype,
+            device: device.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &LlamaConfig {
+        &self.cfg
+    }
+
+    pub fn spec(&self) -> &LoraSpec {
+        &self.spec
+    }
+
+    /// The layer indices that carry LoRA.
+    pub fn lora_layers(&self) -> std::ops::Range<usize> {
+        self.first_trainable..self.cfg.num_layers
+    }
+
+    pub fn lora_vars(&self) -> &[LoraVars] {
+        &self.lora
+    }
+
+    pub fn vars(&self) -> Vec<Var> {
+        self.lora
+            .iter()
+            .flat_map(|l| [l.a.clone(), l.b.clone()])
+            .collect()
+    }
+
+    /// Per-sequence sums of `log π(token_{t+1} | ≤ t)` over response tokens: sequence
+    /// `i` is `seqs[i]` and its response starts at index `starts[i]` (the first token
+    /// scored is `seqs[i][starts[i]]`). Differentiable in the LoRA weights.
+    pub fn response_logprobs(
+        &mut self,
+        seqs: &[Vec<u32>],
+        starts: &[usize],
+        dropout: Option<DropoutKey>,
+    ) -> Result<Tensor> {
+        let n = seqs.len();
+        let t_max = seqs.iter().map(Vec::len).max().unwrap_or(0);
+        if n == 0 || t_max == 0 {
+            return Err(Error::Request("no sequences to score".into()));
+        }
+        // Frozen layers, one sequence at a time, right-padded with zeros to t_max:
+        // causal attention keeps padding from reaching the real positions.
+        let mut hidden = Vec::with_capacity(n);
+        for s in seqs {
+            let hs = self
+                .prefix
+                .hidden_states(&[s.clone()], self.first_trainable)?
+                .to_dtype(self.dtype)?;
+            let pad = t_max - s.len();
+            hidden.push(if pad > 0 {
+                hs.pad_with_zeros(1, 0, pad)?
+            } else {
+                hs
+            });
+        }
+        let mut x = Tensor::cat(&hidden, 0)?;
+        let mask = causal_mask(t_max, self.dtype, &self.device)?;
+        for (i, block) in self.top.iter().enumerate() {
+            let key = dropout.map(|k| (k, i));
+            x = self.block_forward(block, &x, &mask, key)?;
+        }
+        let x = candle_nn::ops::rms_norm_slow(&x, &self.norm, self.cfg.rms_norm_eps as f32)?;
+        // Only response positions go through the head: position t predicts token t+1.
+        let mut rows = Vec::new();
+        let mut targets = Vec::new();
+        let mut owner = Vec::new();
+        for (i, (s, &start)) in seqs.iter().zip(starts).enumerate() {
+            if start == 0 || start > s.len() {
+                return Err(Error::Request(format!(
+                    "response start {start} outside a sequence of {} tokens (the prompt needs ≥ 1 token)",
+                    s.len()
+                )));
+            }
+            for t in start..s.len() {
+                rows.push((i * t_max + t - 1) as u32);
+                targets.push(s[t]);
+                owner.push(i as u32);
+            }
+        }
+        let flat = x.reshape((n * t_max, self.cfg.hidden_size))?;
+        let picked = flat.index_select(&Tensor::new(rows.as_slice(), &self.device)?, 0)?;
+        let logits = picked.matmul(&self.head.t()?)?;
+        let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+        let m = targets.len();
+        let target = Tensor::from_vec(targets, (m, 1), &self.device)?;
+        let token_lp = logp.gather(&target, 1)?.squeeze(1)?;
+        // Sum per sequence: a [n, m] 0/1 matrix times the token log-probs.
+        let mut sel = vec![0f64; n * m];
+        for (j, &i) in owner.iter().enumerate() {
+            sel[i as usize * m + j] = 1.0;
+        }
+        let sel = Tensor::from_vec(sel, (n, m), &self.device)?.to_dtype(self.dtype)?;
+        Ok(sel.matmul(&token_lp.unsqueeze(1)?)?.squeeze(1)?)
+    }
+
+    fn block_forward(
+        &self,
+        b: &TopBlock,
+        x: &Tensor,
+        mask: &Tensor,
+        key: Option<(DropoutKey, usize)>,
+    ) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let (bsz, t, _) = x.dims3()?;
+        let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let eps = cfg.rms_norm_eps as f32;
+        let lin = |l: &TrainLinear, x: &Tensor, slot: usize| {
+            self.linear(l, x, key.map(|(k, i)| (k, i * 7 + slot)))
+        };
+        let h = candle_nn::ops::rms_norm_slow(x, &b.input_norm, eps)?;
+        let heads = |y: Tensor, n: usize| -> Result<Tensor> {
+            Ok(y.reshape((bsz, t, n, hd))?.transpose(1, 2)?.contiguous()?)
+        };
+        let cos = self.cos.narrow(0, 0, t)?;
+        let sin = self.sin.narrow(0, 0, t)?;
+        let q = candle_nn::rotary_emb::rope_slow(&heads(lin(&b.q, &h, 0)?, nh)?, &cos, &sin)?;
+        let k = candle_nn::rotary_emb::rope_slow(&heads(lin(&b.k, &h, 1)?, nkv)?, &cos, &sin)?;
+        let v = heads(lin(&b.v, &h, 2)?, nkv)?;
+        let (k, v) = (repeat_kv(&k, nh / nkv)?, repeat_kv(&v, nh / nkv)?);
+        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?.broadcast_add(mask)?;
+        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        let att = probs
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .reshape((bsz, t, nh * hd))?;
+        let x = (x + lin(&b.o, &att, 3)?)?;
+        let h = candle_nn::ops::rms_norm_slow(&x, &b.post_norm, eps)?;
+        let gate = candle_nn::ops::silu(&lin(&b.gate, &h, 4)?)?;
+        let up = lin(&b.up, &h, 5)?;
+        Ok((&x + lin(&b.down, &(gate * up)?, 6)?)?)
+    }
+
+    fn linear(
+        &self,
+        l: &TrainLinear,
+        x: &Tensor,
+        key: Option<(DropoutKey, usize)>,
+    ) -> Result<Tensor> {
+        let mut y = x.broadcast_matmul(&l.weight.t()?)?;
+        if let Some(b) = &l.bias {
+            y = y.broadcast_add(b)?;
+        }
+        if let Some(vars) = &l.lora {
+            let input = match key {
+                Some((k, slot)) if self.spec.dropout > 0.0 => self.dropout(x, k, slot)?,
+                _ => x.clone(),
+            };
+            let low = input.broadcast_matmul(&vars.a.as_tensor().t()?)?;
+            let delta = low.broadcast_matmul(&vars.b.as_tensor().t()?)?;
+            y = (y + (delta * self.spec.scale())?)?;
+        }
+        Ok(y)
+    }
+
+    /// Inverted dropout with a mask drawn from the counter-based generator.
+    fn dropout(&self, x: &Tensor, key: DropoutKey, slot: usize) -> Result<Tensor> {
+        let p = self.spec.dropout;
+        let stream = key
+            .seed
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            .wrapping_add(key.step << 24)
+            .wrapping_add(key.micro << 12)
+            .wrapping_add(slot as u64);
+        let keep = 1.0 / (1.0 - p);
+        let mask: Vec<f64> = (0..x.elem_count() as u64)
+            .map(|i| if uniform(stream, i) < p { 0.0 } else { keep })
+            .collect();
+        let mask = Tensor::from_vec(mask, x.shape(), &self.device)?.to_dtype(self.dtype)?;
+        Ok((x * mask)?)
+    }
+}
+
+/// `[t, t]` additive causal mask.
+fn causal_mask(t: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+    let m: Vec<f32> = (0..t)
+        .flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Ok(Tensor::from_vec(m, (t, t), device)?.to_dtype(dtype)?)
+}
+
+/// `[b, n_kv, t, d]` → `[b, n_kv·n_rep, t, d]`, each KV head repeated for its query group.
+fn repeat_kv(x: &Tensor, n_rep: usize) -> Result<Tensor> {
+    if n_rep == 1 {
+        return Ok(x.clone());
+    }
+    let (b, n_kv, t, d) = x.dims4()?;
+    Ok(x.unsqueeze(2)?
+        .broadcast_as((b, n_kv, n_rep, t, d))?
+        .reshape((b, n_kv * n_rep, t, d))?)
+}
+
+/// Undoes llama.cpp's Q/K row permutation: GGUF row `h·hd + 2i + s` is HF row
+/// `h·hd + s·hd/2 + i`.
+pub fn unpermute_interleaved_rows(w: &Tensor, heads: usize, head_dim: usize) -> Result<Tensor> {
+    let (rows, cols) = w.dims2()?;
+    Ok(w.reshape((heads, head_dim / 2, 2, cols))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((rows, cols))?)
+}

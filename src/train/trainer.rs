@@ -1,0 +1,532 @@
+//! The ARM training loop: shuffled mini-batches of preference pairs, gradient
+//! accumulation over micro-batches, clipping, AdamW with warmup and decay, a JSONL log,
+//! held-out pairwise accuracy each epoch, and atomic checkpoints that a killed run
+//! resumes from with the same result as an uninterrupted one.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+use web_time::Instant;
+
+use super::arm::{DropoutKey, LoraSpec, TrainableArm};
+use super::data::TokenizedPair;
+use super::loss::genarm_loss;
+use super::optim::{accumulate, clip_grad_norm, collect_grads, learning_rate, AdamW, Schedule};
+use crate::error::{Error, Result};
+use crate::guide::uniform;
+use crate::model::lora::{write_atomic, ArmInfo, ADAPTER_CONFIG, ADAPTER_WEIGHTS, ARM_INFO};
+use crate::model::Checkpoint;
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct TrainConfig {
+    pub beta_r: f64,
+    pub gamma: f64,
+    pub lora_rank: usize,
+    pub lora_alpha: f64,
+    pub lora_dropout: f64,
+    pub lora_targets: Vec<String>,
+    /// Top layers with LoRA; the ones below stay frozen and run without autograd.
+    pub lora_layers: usize,
+    pub lr: f64,
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub micro_batch: usize,
+    pub warmup: usize,
+    pub schedule: String,
+    pub weight_decay: f64,
+    pub max_grad_norm: f64,
+    pub eval_frac: f64,
+    pub seed: u64,
+    /// Optimizer steps between checkpoints.
+    pub checkpoint_every: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            beta_r: 0.05,
+            gamma: 0.0,
+            lora_rank: 8,
+            lora_alpha: 16.0,
+            lora_dropout: 0.05,
+            lora_targets: crate::model::lora::TARGETS
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            lora_layers: usize::MAX,
+            lr: 5e-4,
+            epochs: 1,
+            batch_size: 32,
+            micro_batch: 4,
+            warmup: 100,
+            schedule: "cosine".into(),
+            weight_decay: 0.05,
+            max_grad_norm: 1.0,
+            eval_frac: 0.05,
+            seed: 0,
+            checkpoint_every: 10,
+        }
+    }
+}
+
+/// What the ARM is for, written to `genarm.json`.
+#[derive(Clone, Debug, Default)]
+pub struct ArmLabel {
+    pub name: Option<String>,
+    pub objective: Option<String>,
+}
+
+/// One optimizer step, as logged.
+#[derive(Clone, Debug, Serialize)]
+pub struct StepLog {
+    pub step: usize,
+    pub total_steps: usize,
+    pub epoch: usize,
+    pub loss: f64,
+    /// Fraction of the batch's pairs where the chosen response scored higher.
+    pub accuracy: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    pub pairs_per_second: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct EvalLog {
+    pub step: usize,
+    pub epoch: usize,
+    pub eval_pairs: usize,
+    pub eval_accuracy: f64,
+    pub eval_loss: f64,
+}
+
+pub enum Event<'a> {
+    Step(&'a StepLog),
+    Eval(&'a EvalLog),
+    Checkpoint(usize),
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct TrainSummary {
+    pub steps: usize,
+    pub train_pairs: usize,
+    pub eval_pairs: usize,
+    pub final_eval: Option<f64>,
+    pub resumed_from: Option<usize>,
+}
+
+#[derive(Serialize, Deserialize, PartialEq)]
+struct CheckpointMeta {
+    step: usize,
+    adam_t: usize,
+    config: TrainConfig,
+    train_pairs: usize,
+}
+
+const CHECKPOINT: &str = "checkpoint";
+const LOG: &str = "train_log.jsonl";
+
+/// Splits pairs into (train, eval) by a seeded shuffle; eval takes `eval_frac` of them.
+pub fn split_pairs(
+    pairs: Vec<TokenizedPair>,
+    eval_frac: f64,
+    seed: u64,
+) -> (Vec<TokenizedPair>, Vec<TokenizedPair>) {
+    let order = shuffled(pairs.len(), seed ^ 0x5EED_E7A1);
+    let n_eval = ((pairs.len() as f64) * eval_frac).round() as usize;
+    let n_eval = n_eval.min(pairs.len().saturating_sub(1));
+    let mut slots: Vec<Option<TokenizedPair>> = pairs.into_iter().map(Some).collect();
+    let mut eval = Vec::with_capacity(n_eval);
+    let mut train = Vec::with_capacity(slots.len() - n_eval);
+    for (k, &i) in order.iter().enumerate() {
+        let pair = slots[i].take().expect("each index once");
+        if k < n_eval {
+            eval.push(pair);
+        } else {
+            train.push(pair);
+        }
+    }
+    (train, eval)
+}
+
+/// A seeded Fisher–Yates permutation of `0..n`.
+fn shuffled(n: usize, seed: u64) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        let j = (uniform(seed, i as u64) * (i + 1) as f64) as usize;
+        idx.swap(i, j.min(i));
+    }
+    idx
+}
+
+pub struct Trainer {
+    pub config: TrainConfig,
+    pub out: PathBuf,
+    arm: TrainableArm,
+    base_path: PathBuf,
+}
+
+impl Trainer {
+    pub fn new(
+        base: &Checkpoint,
+        config: TrainConfig,
+        out: &Path,
+        max_len: usize,
+        device: &Device,
+    ) -> Result<Self> {
+        Self::with_dtype(base, config, out, max_len, DType::F32, device)
+    }
+
+    pub fn with_dtype(
+        base: &Checkpoint,
+        config: TrainConfig,
+        out: &Path,
+        max_len: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        if config.batch_size == 0 || config.micro_batch == 0 || config.epochs == 0 {
+            return Err(Error::Request(
+                "batch size, micro batch and epochs must be ≥ 1".into(),
+            ));
+        }
+        config
+            .schedule
+            .parse::<Schedule>()
+            .map_err(Error::Request)?;
+        let spec = LoraSpec {
+            rank: config.lora_rank,
+            alpha: config.lora_alpha,
+            dropout: config.lora_dropout,
+            targets: config.lora_targets.clone(),
+            layers: config.lora_layers,
+        };
+        let arm = TrainableArm::new(base, &spec, max_len, config.seed, dtype, device)?;
+        std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+        Ok(Self {
+            config,
+            out: out.into(),
+            arm,
+            base_path: base.path.clone(),
+        })
+    }
+
+    pub fn arm(&mut self) -> &mut TrainableArm {
+        &mut self.arm
+    }
+
+    /// Summed response log-probs of chosen and rejected for a slice of pairs.
+    pub fn pair_logprobs(
+        &mut self,
+        pairs: &[&TokenizedPair],
+        dropout: Option<DropoutKey>,
+    ) -> Result<(Tensor, Tensor)> {
+        let mut seqs = Vec::with_capacity(2 * pairs.len());
+        let mut starts = Vec::with_capacity(2 * pairs.len());
+        for p in pairs {
+            for resp in [&p.chosen, &p.rejected] {
+                let mut s = p.prompt.clone();
+                s.extend_from_slice(resp);
+                seqs.push(s);
+                starts.push(p.prompt.len());
+            }
+        }
+        let lp = self.arm.response_logprobs(&seqs, &starts, dropout)?;
+        let n = pairs.len();
+        let lp = lp.reshape((n, 2))?;
+        Ok((
+            lp.narrow(1, 0, 1)?.squeeze(1)?,
+            lp.narrow(1, 1, 1)?.squeeze(1)?,
+        ))
+    }
+
+    /// Pairwise accuracy and mean loss on `pairs`, without dropout or gradients.
+    pub fn evaluate(&mut self, pairs: &[TokenizedPair]) -> Result<(f64, f64)> {
+        if pairs.is_empty() {
+            return Ok((f64::NAN, f64::NAN));
+        }
+        let (mut correct, mut loss) = (0usize, 0f64);
+        for chunk in pairs.chunks(self.config.micro_batch) {
+            let refs: Vec<&TokenizedPair> = chunk.iter().collect();
+            let (c, r) = self.pair_logprobs(&refs, None)?;
+            let (c, r) = (to_f64(&c.detach())?, to_f64(&r.detach())?);
+            for (cw, rl) in c.iter().zip(&r) {
+                correct += usize::from(cw > rl);
+                loss +=
+                    super::loss::genarm_loss_f64(*cw, *rl, self.config.beta_r, self.config.gamma);
+            }
+        }
+        Ok((
+            correct as f64 / pairs.len() as f64,
+            loss / pairs.len() as f64,
+        ))
+    }
+
+    /// Trains on `train`, evaluating on `eval` after each epoch. With `resume`, continues
+    /// from `out/checkpoint` when present. `max_steps` stops early (after checkpointing),
+    /// as a kill would, for tests and for time-boxed runs.
+    pub fn train(
+        &mut self,
+        train: &[TokenizedPair],
+        eval: &[TokenizedPair],
+        label: &ArmLabel,
+        resume: bool,
+        max_steps: Option<usize>,
+        on_event: &mut dyn FnMut(Event),
+    ) -> Result<TrainSummary> {
+        if train.is_empty() {
+            return Err(Error::Request("no training pairs".into()));
+        }
+        let cfg = self.config.clone();
+        let schedule: Schedule = cfg.schedule.parse().map_err(Error::Request)?;
+        let steps_per_epoch = train.len().div_ceil(cfg.batch_size);
+        let total_steps = steps_per_epoch * cfg.epochs;
+        let mut opt = AdamW::new(self.arm.vars(), cfg.weight_decay)?;
+        let mut start_step = 0;
+        let mut resumed_from = None;
+        if resume {
+            if let Some(step) = self.load_checkpoint(&mut opt, train.len())? {
+                start_step = step;
+                resumed_from = Some(step);
+            }
+        } else {
+            let _ = std::fs::remove_file(self.out.join(LOG));
+        }
+        let mut final_eval = None;
+        let stop_at = max_steps.map_or(total_steps, |m| m.min(total_steps));
+        for step in start_step..stop_at {
+            let started = Instant::now();
+            let epoch = step / steps_per_epoch;
+            let order = shuffled(train.len(), cfg.seed.wrapping_add(epoch as u64));
+            let in_epoch = step % steps_per_epoch;
+            let batch: Vec<&TokenizedPair> = order
+                [in_epoch * cfg.batch_size..((in_epoch + 1) * cfg.batch_size).min(train.len())]
+                .iter()
+                .map(|&i| &train[i])
+                .collect();
+            let mut grads = Vec::new();
+            let (mut loss_sum, mut correct) = (0f64, 0usize);
+            for (micro, chunk) in batch.chunks(cfg.micro_batch).enumerate() {
+                let key = DropoutKey {
+                    seed: cfg.seed,
+                    step: step as u64,
+                    micro: micro as u64,
+                };
+                let (c, r) = self.pair_logprobs(chunk, Some(key))?;
+                let loss = genarm_loss(&c, &r, cfg.beta_r, cfg.gamma)?;
+                // Each micro-batch's mean weighted by its share of the batch.
+                let weight = chunk.len() as f64 / batch.len() as f64;
+                let store = (&loss * weight)?.backward()?;
+                accumulate(&mut grads, collect_grads(&store, &opt.vars, 1.0)?)?;
+                loss_sum += to_f64(&loss)?[0] * chunk.len() as f64;
+                let (c, r) = (to_f64(&c.detach())?, to_f64(&r.detach())?);
+                correct += c.iter().zip(&r).filter(|(a, b)| a > b).count();
+            }
+            let grad_norm = clip_grad_norm(&mut grads, cfg.max_grad_norm)?;
+            let lr = learning_rate(cfg.lr, step, cfg.warmup, total_steps, schedule);
+            opt.step(&grads, lr)?;
+            let log = StepLog {
+                step: step + 1,
+                total_steps,
+                epoch,
+                loss: loss_sum / batch.len() as f64,
+                accuracy: correct as f64 / batch.len() as f64,
+                lr,
+                grad_norm,
+                pairs_per_second: batch.len() as f64 / started.elapsed().as_secs_f64(),
+            };
+            self.append_log(&log)?;
+            on_event(Event::Step(&log));
+            let done = step + 1;
+            let epoch_end = done % steps_per_epoch == 0;
+            if epoch_end {
+                let (acc, loss) = self.evaluate(eval)?;
+                let e = EvalLog {
+                    step: done,
+                    epoch,
+                    eval_pairs: eval.len(),
+                    eval_accuracy: acc,
+                    eval_loss: loss,
+                };
+                self.append_log(&e)?;
+                on_event(Event::Eval(&e));
+                final_eval = Some(acc);
+            }
+            if done % cfg.checkpoint_every.max(1) == 0 || done == stop_at || epoch_end {
+                self.save_checkpoint(&opt, done, train.len())?;
+                on_event(Event::Checkpoint(done));
+            }
+        }
+        self.write_adapter(label)?;
+        Ok(TrainSummary {
+            steps: stop_at,
+            train_pairs: train.len(),
+            eval_pairs: eval.len(),
+            final_eval,
+            resumed_from,
+        })
+    }
+
+    fn append_log<T: Serialize>(&self, entry: &T) -> Result<()> {
+        let path = self.out.join(LOG);
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| Error::io(&path, e))?;
+        writeln!(f, "{}", serde_json::to_string(entry)?).map_err(|e| Error::io(&path, e))
+    }
+
+    /// The LoRA weights under PEFT's names.
+    fn lora_tensors(&self) -> Result<HashMap<String, Tensor>> {
+        let mut map = HashMap::new();
+        for l in self.arm.lora_vars() {
+            let prefix = format!("base_model.model.{}", l.module);
+            map.insert(
+                format!("{prefix}.lora_A.weight"),
+                l.a.as_tensor().to_dtype(DType::F32)?,
+            );
+            map.insert(
+                format!("{prefix}.lora_B.weight"),
+                l.b.as_tensor().to_dtype(DType::F32)?,
+            );
+        }
+        Ok(map)
+    }
+
+    /// Writes the adapter (PEFT format) and `genarm.json` into `out`, each atomically.
+    pub fn write_adapter(&self, label: &ArmLabel) -> Result<()> {
+        let cfg = &self.config;
+        let layers: Vec<usize> = self.arm.lora_layers().collect();
+        let base = self
+            .base_path
+            .canonicalize()
+            .unwrap_or_else(|_| self.base_path.clone());
+        let config = serde_json::json!({
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": base.display().to_string(),
+            "r": cfg.lora_rank,
+            "lora_alpha": cfg.lora_alpha,
+            "lora_dropout": cfg.lora_dropout,
+            "target_modules": cfg.lora_targets,
+            "layers_to_transform": layers,
+            "bias": "none",
+            "fan_in_fan_out": false,
+            "use_rslora": false,
+            "inference_mode": true,
+        });
+        let weights = self.out.join(ADAPTER_WEIGHTS);
+        let tmp = self.out.join(format!("{ADAPTER_WEIGHTS}.tmp"));
+        candle_core::safetensors::save(&self.lora_tensors()?, &tmp)?;
+        std::fs::rename(&tmp, &weights).map_err(|e| Error::io(&weights, e))?;
+        write_atomic(
+            &self.out.join(ADAPTER_CONFIG),
+            serde_json::to_string_pretty(&config)?.as_bytes(),
+        )?;
+        let info = ArmInfo {
+            name: label.name.clone(),
+            objective: label.objective.clone(),
+            beta_r: Some(cfg.beta_r),
+        };
+        write_atomic(
+            &self.out.join(ARM_INFO),
+            serde_json::to_string_pretty(&info)?.as_bytes(),
+        )
+    }
+
+    /// Writes `checkpoint.tmp/` then swaps it in for `checkpoint/`, so a kill at any
+    /// moment leaves either the old or the new checkpoint whole.
+    fn save_checkpoint(&self, opt: &AdamW, step: usize, train_pairs: usize) -> Result<()> {
+        let dir = self.out.join(CHECKPOINT);
+        let tmp = self.out.join(format!("{CHECKPOINT}.tmp"));
+        let old = self.out.join(format!("{CHECKPOINT}.old"));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        let mut tensors = self.lora_tensors()?;
+        for (i, (m, v)) in opt.m.iter().zip(&opt.v).enumerate() {
+            tensors.insert(format!("adam.m.{i}"), m.clone());
+            tensors.insert(format!("adam.v.{i}"), v.clone());
+        }
+        candle_core::safetensors::save(&tensors, tmp.join("state.safetensors"))?;
+        let meta = CheckpointMeta {
+            step,
+            adam_t: opt.t,
+            config: self.config.clone(),
+            train_pairs,
+        };
+        std::fs::write(tmp.join("state.json"), serde_json::to_vec_pretty(&meta)?)
+            .map_err(|e| Error::io(&tmp, e))?;
+        let _ = std::fs::remove_dir_all(&old);
+        if dir.exists() {
+            std::fs::rename(&dir, &old).map_err(|e| Error::io(&dir, e))?;
+        }
+        std::fs::rename(&tmp, &dir).map_err(|e| Error::io(&dir, e))?;
+        let _ = std::fs::remove_dir_all(&old);
+        Ok(())
+    }
+
+    /// Restores LoRA weights and optimizer state; `None` when there is no checkpoint.
+    fn load_checkpoint(&mut self, opt: &mut AdamW, train_pairs: usize) -> Result<Option<usize>> {
+        let mut dir = self.out.join(CHECKPOINT);
+        if !dir.join("state.json").is_file() {
+            // A kill between the two renames leaves only the previous checkpoint.
+            dir = self.out.join(format!("{CHECKPOINT}.old"));
+            if !dir.join("state.json").is_file() {
+                return Ok(None);
+            }
+        }
+        let meta_path = dir.join("state.json");
+        let bytes = std::fs::read(&meta_path).map_err(|e| Error::io(&meta_path, e))?;
+        let meta: CheckpointMeta = serde_json::from_slice(&bytes)
+            .map_err(|e| Error::format(&meta_path, format!("invalid checkpoint: {e}")))?;
+        if meta.config != self.config || meta.train_pairs != train_pairs {
+            return Err(Error::format(
+                &meta_path,
+                "the checkpoint was made with other settings or data; remove it or drop --resume",
+            ));
+        }
+        let state_path = dir.join("state.safetensors");
+        let tensors = candle_core::safetensors::load(&state_path, &Device::Cpu)?;
+        let get = |name: &str| -> Result<Tensor> {
+            tensors
+                .get(name)
+                .cloned()
+                .ok_or_else(|| Error::MissingTensor {
+                    path: state_path.clone(),
+                    name: name.into(),
+                })
+        };
+        let device = opt
+            .vars
+            .first()
+            .map(|v| v.device().clone())
+            .unwrap_or(Device::Cpu);
+        for l in self.arm.lora_vars() {
+            let prefix = format!("base_model.model.{}", l.module);
+            let dtype = l.a.dtype();
+            l.a.set(
+                &get(&format!("{prefix}.lora_A.weight"))?
+                    .to_dtype(dtype)?
+                    .to_device(&device)?,
+            )?;
+            l.b.set(
+                &get(&format!("{prefix}.lora_B.weight"))?
+                    .to_dtype(dtype)?
+                    .to_device(&device)?,
+            )?;
+        }
+        for i in 0..opt.m.len() {
+            opt.m[i] = get(&format!("adam.m.{i}"))?.to_device(&device)?;
+            opt.v[i] = get(&format!("adam.v.{i}"))?.to_device(&device)?;
+        }
+        opt.t = meta.adam_t;
+        Ok(Some(meta.step))
+    }
+}
+
+fn to_f64(t: &Tensor) -> Result<Vec<f64>> {
+    Ok(t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?)
+}

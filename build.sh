@@ -5,6 +5,7 @@
 #   ./build.sh test            everything the project checks (what .ci/run runs)
 #   ./build.sh bench           decode speed on the demo model (base, +1, +2 LoRA ARMs)
 #   ./build.sh fetch-model     download the demo model into models/ if absent
+#   ./build.sh fetch-data      download the scorers' lexicons and the prompt corpus into models/data/
 #   ./build.sh setup           install the toolchain pieces (wasm32 target)
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -50,6 +51,76 @@ PY
   [ "$size" = "$DEMO_MODEL_BYTES" ] || { echo "demo model has $size bytes, expected $DEMO_MODEL_BYTES" >&2; exit 1; }
 }
 
+# Data for the evaluation scorers and the prompt set (src/eval): two sentiment lexicons and
+# an English sentence corpus, all fetched from package registries into models/data/.
+#   ./build.sh fetch-data
+DATA_DIR="$MODEL_DIR/data"
+VADER_WHEEL="vadersentiment==3.3.2"   # vaderSentiment/vader_lexicon.txt (MIT)
+AFINN_SDIST="afinn==0.1"              # afinn-0.1/afinn/data/AFINN-en-165.txt (Apache-2.0)
+CORPUS_NPM="nlp-corpus@4.4.0"         # package/builds/doc-*.json: JSON arrays of sentences (MIT)
+
+fetch_data() {
+  if [ -s "$DATA_DIR/vader_lexicon.txt" ] && [ -s "$DATA_DIR/AFINN-en-165.txt" ] &&
+    [ -s "$DATA_DIR/sentences.txt" ]; then
+    return 0
+  fi
+  log "fetching evaluation data ($VADER_WHEEL, $AFINN_SDIST from PyPI; $CORPUS_NPM from npm)"
+  mkdir -p "$DATA_DIR"
+  local tmp
+  tmp=$(mktemp -d)
+  # shellcheck disable=SC2064
+  trap "rm -rf '$tmp'" RETURN
+  if [ ! -s "$DATA_DIR/vader_lexicon.txt" ] || [ ! -s "$DATA_DIR/AFINN-en-165.txt" ]; then
+    python3 -m pip download --quiet --no-deps --no-binary afinn -d "$tmp" "$VADER_WHEEL" "$AFINN_SDIST"
+    python3 - "$tmp" "$DATA_DIR" <<'PY'
+import glob, os, sys, tarfile, zipfile
+tmp, dest = sys.argv[1], sys.argv[2]
+
+def write(name, data):
+    path = os.path.join(dest, name)
+    with open(path + ".part", "wb") as out:
+        out.write(data)
+    os.replace(path + ".part", path)
+
+wheel = glob.glob(os.path.join(tmp, "vader*.whl"))[0]
+with zipfile.ZipFile(wheel) as z:
+    write("vader_lexicon.txt", z.read("vaderSentiment/vader_lexicon.txt"))
+sdist = glob.glob(os.path.join(tmp, "afinn-*.tar.gz"))[0]
+with tarfile.open(sdist) as t:
+    member = next(m for m in t.getmembers() if m.name.endswith("/AFINN-en-165.txt"))
+    write("AFINN-en-165.txt", t.extractfile(member).read())
+PY
+  fi
+  if [ ! -s "$DATA_DIR/sentences.txt" ]; then
+    (cd "$tmp" && npm pack --silent "$CORPUS_NPM" >/dev/null && tar xzf nlp-corpus-*.tgz)
+    python3 - "$tmp/package/builds" "$DATA_DIR/sentences.txt" <<'PY'
+import glob, json, os, re, sys
+builds, dest = sys.argv[1], sys.argv[2]
+files = sorted(glob.glob(os.path.join(builds, "doc-*.json")),
+               key=lambda p: int(re.search(r"doc-(\d+)\.json$", p).group(1)))
+if not files:
+    sys.exit(f"no doc-*.json in {builds}: has the nlp-corpus layout changed?")
+n = 0
+with open(dest + ".part", "w", encoding="utf-8") as out:
+    for path in files:
+        with open(path, encoding="utf-8") as f:
+            for s in json.load(f):
+                if not isinstance(s, str):
+                    continue
+                s = " ".join(s.split())  # one sentence per line: fold inner newlines/tabs
+                if s:
+                    out.write(s + "\n")
+                    n += 1
+os.replace(dest + ".part", dest)
+print(f"{n} sentences from {len(files)} files", file=sys.stderr)
+PY
+  fi
+  local f
+  for f in vader_lexicon.txt AFINN-en-165.txt sentences.txt; do
+    [ -s "$DATA_DIR/$f" ] || { echo "fetch-data: $DATA_DIR/$f is missing or empty" >&2; exit 1; }
+  done
+}
+
 build_native() {
   cargo build --release --bin genarm
 }
@@ -66,6 +137,7 @@ run() {
 test_all() {
   setup
   fetch_model
+  fetch_data
   log "cargo fmt --check"
   cargo fmt --all -- --check
   log "cargo clippy"
@@ -95,6 +167,7 @@ case "$cmd" in
   test) test_all ;;
   bench) bench "$@" ;;
   fetch-model) fetch_model ;;
+  fetch-data) fetch_data ;;
   setup) setup ;;
-  *) echo "usage: $0 [run|test|bench|fetch-model|setup]" >&2; exit 2 ;;
+  *) echo "usage: $0 [run|test|bench|fetch-model|fetch-data|setup]" >&2; exit 2 ;;
 esac

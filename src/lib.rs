@@ -8,6 +8,7 @@
 pub mod cpu;
 pub mod engine;
 pub mod error;
+pub mod eval;
 pub mod generate;
 pub mod guide;
 pub mod model;

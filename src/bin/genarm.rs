@@ -31,6 +31,12 @@ enum Command {
     Bench(BenchArgs),
     /// Write a PEFT LoRA adapter with random weights for a model (for timing and tests).
     InitLora(InitLoraArgs),
+    /// Train an ARM (LoRA) on preference pairs with the GenARM loss.
+    Train(TrainArgs),
+    /// Make synthetic preference pairs: sample K continuations per prompt, keep best/worst by a scorer.
+    Prefs(PrefsArgs),
+    /// Build a prompt set from a corpus of sentences, split into train and held-out files.
+    Prompts(PromptsArgs),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -175,6 +181,146 @@ struct InitLoraArgs {
     seed: u64,
 }
 
+#[derive(Args)]
+struct TrainArgs {
+    /// The base model the ARM is trained from (GGUF or HF dir).
+    #[arg(long, value_name = "PATH")]
+    model: PathBuf,
+    /// Preference pairs (JSONL).
+    #[arg(long, value_name = "FILE")]
+    data: PathBuf,
+    /// trl, hh-rlhf, pku-better, pku-safer or ultrafeedback [default: detected from the first record].
+    #[arg(long)]
+    format: Option<String>,
+    /// Output directory: the PEFT adapter, genarm.json, train_log.jsonl and checkpoint/.
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// Apply the model's chat template to prompts (needed for conversational data).
+    #[arg(long)]
+    chat: bool,
+    /// β_r of the loss −log σ(β_r·(Σ log π(y_w) − Σ log π(y_l)) − γ).
+    #[arg(long, default_value_t = 0.05)]
+    beta_r: f64,
+    /// Margin γ of the loss.
+    #[arg(long, default_value_t = 0.0)]
+    gamma: f64,
+    #[arg(long, default_value_t = 8)]
+    lora_rank: usize,
+    #[arg(long, default_value_t = 16.0)]
+    lora_alpha: f64,
+    #[arg(long, default_value_t = 0.05)]
+    lora_dropout: f64,
+    /// Projections with LoRA (short names).
+    #[arg(long, value_delimiter = ',', default_value = "q,k,v,o,gate,up,down")]
+    lora_targets: Vec<String>,
+    /// LoRA on the top N layers only; the layers below stay frozen and run without
+    /// autograd on the fast kernels [default: all layers].
+    #[arg(long, value_name = "N")]
+    lora_layers: Option<usize>,
+    /// Full fine-tuning (not implemented yet: use LoRA).
+    #[arg(long)]
+    full: bool,
+    #[arg(long, default_value_t = 5e-4)]
+    lr: f64,
+    #[arg(long, default_value_t = 1)]
+    epochs: usize,
+    /// Pairs per optimizer step.
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    /// Pairs per forward/backward pass (gradients accumulate over a batch).
+    #[arg(long, default_value_t = 4)]
+    micro_batch: usize,
+    /// Warmup steps.
+    #[arg(long, default_value_t = 100)]
+    warmup: usize,
+    /// Learning-rate decay after warmup: cosine or linear.
+    #[arg(long, default_value = "cosine")]
+    schedule: String,
+    #[arg(long, default_value_t = 0.05)]
+    weight_decay: f64,
+    /// Prompt tokens kept (the prompt's end is kept).
+    #[arg(long, default_value_t = 512)]
+    max_prompt_len: usize,
+    /// Prompt + response tokens kept (responses are cut on the right).
+    #[arg(long, default_value_t = 1024)]
+    max_len: usize,
+    /// Fraction of pairs held out for the per-epoch pairwise accuracy.
+    #[arg(long, default_value_t = 0.05)]
+    eval_frac: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Continue from OUT/checkpoint if present.
+    #[arg(long)]
+    resume: bool,
+    /// Stop after this many optimizer steps (the run stays resumable).
+    #[arg(long)]
+    max_steps: Option<usize>,
+    /// Optimizer steps between checkpoints.
+    #[arg(long, default_value_t = 10)]
+    checkpoint_every: usize,
+    /// The ARM's short name (the playground's slider label).
+    #[arg(long)]
+    name: Option<String>,
+    /// What the ARM prefers, in words.
+    #[arg(long)]
+    objective: Option<String>,
+}
+
+#[derive(Args)]
+struct PrefsArgs {
+    /// The base model that samples.
+    #[arg(long, value_name = "PATH")]
+    model: PathBuf,
+    /// Prompts, one per line.
+    #[arg(long, value_name = "FILE")]
+    prompts: PathBuf,
+    /// Continuations sampled per prompt (the best and worst make the pair).
+    #[arg(long, value_name = "K", default_value_t = 4)]
+    samples: usize,
+    /// sentiment, sentiment-afinn, concise or wordlist:FILE.
+    #[arg(long)]
+    scorer: String,
+    /// Output JSONL (TRL style: prompt, chosen, rejected, plus the scores).
+    #[arg(long, value_name = "FILE")]
+    out: PathBuf,
+    /// Wrap prompts in the chat template.
+    #[arg(long)]
+    chat: bool,
+    #[arg(long, default_value_t = 48)]
+    max_new_tokens: usize,
+    #[arg(long, default_value_t = 1.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Use only the first N prompts.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Where the scorers' lexicons are (`./build.sh fetch-data`).
+    #[arg(long, default_value = "models/data")]
+    data_dir: PathBuf,
+}
+
+#[derive(Args)]
+struct PromptsArgs {
+    /// Sentences, one per line.
+    #[arg(long, value_name = "FILE")]
+    corpus: PathBuf,
+    /// Number of prompts.
+    #[arg(long, default_value_t = 800)]
+    n: usize,
+    /// Fraction held out for evaluation.
+    #[arg(long, default_value_t = 0.25)]
+    eval_frac: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, value_name = "FILE")]
+    out_train: PathBuf,
+    #[arg(long, value_name = "FILE")]
+    out_eval: PathBuf,
+}
+
 fn main() -> ExitCode {
     // candle asks for the thread count on every matmul and, without this variable, reads
     // /proc/cpuinfo each time to find it.
@@ -188,6 +334,9 @@ fn main() -> ExitCode {
         Command::Logits(a) => cmd_logits(a),
         Command::Bench(a) => cmd_bench(a),
         Command::InitLora(a) => cmd_init_lora(a),
+        Command::Train(a) => cmd_train(a),
+        Command::Prefs(a) => cmd_prefs(a),
+        Command::Prompts(a) => cmd_prompts(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -493,4 +642,244 @@ fn path_string(p: &Path) -> String {
         .unwrap_or_else(|_| p.to_path_buf())
         .display()
         .to_string()
+}
+
+fn cmd_train(args: TrainArgs) -> Result<()> {
+    use genarm::train::data::{read_pairs, tokenize_pair, LengthLimits, PrefFormat};
+    use genarm::train::trainer::{split_pairs, ArmLabel, Event, TrainConfig, Trainer};
+    if args.full {
+        bail!("--full fine-tuning is not implemented yet; train a LoRA ARM (--lora-layers N)");
+    }
+    let base = genarm::model::Checkpoint::open(&args.model)?;
+    let tok = base
+        .tokenizer
+        .clone()
+        .with_context(|| format!("{} has no tokenizer", args.model.display()))?;
+    let format = args
+        .format
+        .as_deref()
+        .map(|f| f.parse::<PrefFormat>().map_err(anyhow::Error::msg))
+        .transpose()?;
+    let pairs = read_pairs(&args.data, format)?;
+    let limits = LengthLimits {
+        max_prompt_len: args.max_prompt_len,
+        max_len: args.max_len,
+    };
+    let mut tokenized = Vec::with_capacity(pairs.len());
+    for p in &pairs {
+        if let Some(t) = tokenize_pair(p, &tok, args.chat, limits)? {
+            tokenized.push(t);
+        }
+    }
+    let skipped = pairs.len() - tokenized.len();
+    let max_len = tokenized
+        .iter()
+        .map(|p| p.prompt.len() + p.chosen.len().max(p.rejected.len()))
+        .max()
+        .unwrap_or(1);
+    let targets = args
+        .lora_targets
+        .iter()
+        .map(|t| match t.as_str() {
+            "q" | "k" | "v" | "o" => Ok(format!("{t}_proj")),
+            "gate" | "up" | "down" => Ok(format!("{t}_proj")),
+            other if other.ends_with("_proj") => Ok(other.to_string()),
+            other => bail!("unknown LoRA target `{other}` (q,k,v,o,gate,up,down)"),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let config = TrainConfig {
+        beta_r: args.beta_r,
+        gamma: args.gamma,
+        lora_rank: args.lora_rank,
+        lora_alpha: args.lora_alpha,
+        lora_dropout: args.lora_dropout,
+        lora_targets: targets,
+        lora_layers: args.lora_layers.unwrap_or(usize::MAX),
+        lr: args.lr,
+        epochs: args.epochs,
+        batch_size: args.batch_size,
+        micro_batch: args.micro_batch,
+        warmup: args.warmup,
+        schedule: args.schedule.clone(),
+        weight_decay: args.weight_decay,
+        max_grad_norm: 1.0,
+        eval_frac: args.eval_frac,
+        seed: args.seed,
+        checkpoint_every: args.checkpoint_every,
+    };
+    let (train, eval) = split_pairs(tokenized, args.eval_frac, args.seed);
+    eprintln!(
+        "{} pairs ({} skipped by the length limits): {} train, {} held out; longest sequence {max_len} tokens",
+        pairs.len(),
+        skipped,
+        train.len(),
+        eval.len()
+    );
+    let mut trainer = Trainer::new(&base, config, &args.out, max_len, &Device::Cpu)?;
+    let total = (train.len().div_ceil(args.batch_size) * args.epochs) as u64;
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let pb = indicatif::ProgressBar::new(total);
+        if let Ok(style) = indicatif::ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} steps {msg} [{elapsed_precise} < {eta_precise}]",
+        ) {
+            pb.set_style(style);
+        }
+        pb
+    });
+    let label = ArmLabel {
+        name: args.name.clone(),
+        objective: args.objective.clone(),
+    };
+    let summary = trainer.train(
+        &train,
+        &eval,
+        &label,
+        args.resume,
+        args.max_steps,
+        &mut |ev| match ev {
+            Event::Step(s) => {
+                let msg = format!(
+                    "loss {:.4} acc {:.2} lr {:.2e} {:.2} pairs/s",
+                    s.loss, s.accuracy, s.lr, s.pairs_per_second
+                );
+                match &bar {
+                    Some(pb) => {
+                        pb.set_position(s.step as u64);
+                        pb.set_message(msg);
+                    }
+                    None => eprintln!("step {}/{} {msg}", s.step, s.total_steps),
+                }
+            }
+            Event::Eval(e) => eprintln!(
+                "epoch {}: held-out pairwise accuracy {:.3} over {} pairs, loss {:.4}",
+                e.epoch, e.eval_accuracy, e.eval_pairs, e.eval_loss
+            ),
+            Event::Checkpoint(_) => {}
+        },
+    )?;
+    if let Some(pb) = bar {
+        pb.finish_and_clear();
+    }
+    eprintln!(
+        "wrote {} ({} steps{})",
+        args.out.display(),
+        summary.steps,
+        summary
+            .resumed_from
+            .map(|s| format!(", resumed from step {s}"))
+            .unwrap_or_default()
+    );
+    Ok(())
+}
+
+fn cmd_prefs(args: PrefsArgs) -> Result<()> {
+    use genarm::cpu::llama::Llama;
+    use genarm::eval::prompts::read_lines;
+    use genarm::eval::scorers::scorer_from_spec;
+    use genarm::train::prefs::{best_and_worst, sample_rows};
+    if args.samples < 2 {
+        bail!("--samples must be ≥ 2 (the best and the worst make a pair)");
+    }
+    let scorer = scorer_from_spec(&args.scorer, &args.data_dir)?;
+    let base = genarm::model::Checkpoint::open(&args.model)?;
+    let tok = base
+        .tokenizer
+        .clone()
+        .with_context(|| format!("{} has no tokenizer", args.model.display()))?;
+    let mut prompts = read_lines(&args.prompts)?;
+    if let Some(n) = args.limit {
+        prompts.truncate(n);
+    }
+    let rows = vec![None; args.samples];
+    let mut model = Llama::load(
+        base.source.as_ref(),
+        &base.config,
+        &rows,
+        1024,
+        &Device::Cpu,
+    )?;
+    let mut eos = base.config.eos_token_ids.clone();
+    eos.extend_from_slice(tok.eos_ids());
+    let part = args.out.with_extension("jsonl.part");
+    let mut out = std::io::BufWriter::new(
+        std::fs::File::create(&part).with_context(|| format!("creating {}", part.display()))?,
+    );
+    let (mut written, mut ties) = (0usize, 0usize);
+    let started = std::time::Instant::now();
+    for (i, prompt) in prompts.iter().enumerate() {
+        let ids = if args.chat {
+            let msgs = [ChatMessage {
+                role: "user".into(),
+                content: prompt.clone(),
+            }];
+            tok.encode(&tok.apply_chat_template(&msgs, true)?, false)?
+        } else {
+            tok.encode(prompt, true)?
+        };
+        let params = SamplingParams {
+            temperature: args.temperature,
+            top_p: args.top_p,
+            seed: args.seed.wrapping_add(i as u64),
+            ..Default::default()
+        };
+        let samples = sample_rows(&mut model, &tok, &ids, args.max_new_tokens, &params, &eos)?;
+        let scores: Vec<f64> = samples
+            .iter()
+            .map(|s| scorer.score(&s.text, s.tokens.len(), s.complete))
+            .collect();
+        match best_and_worst(&scores) {
+            Some((b, w)) => {
+                let line = serde_json::json!({
+                    "prompt": prompt,
+                    "chosen": samples[b].text,
+                    "rejected": samples[w].text,
+                    "chosen_score": scores[b],
+                    "rejected_score": scores[w],
+                });
+                writeln!(out, "{line}")?;
+                written += 1;
+            }
+            None => ties += 1,
+        }
+        if (i + 1) % 25 == 0 || i + 1 == prompts.len() {
+            eprintln!(
+                "{}/{} prompts, {written} pairs, {ties} ties skipped, {:.1} s",
+                i + 1,
+                prompts.len(),
+                started.elapsed().as_secs_f64()
+            );
+        }
+    }
+    out.flush()?;
+    drop(out);
+    std::fs::rename(&part, &args.out).with_context(|| format!("writing {}", args.out.display()))?;
+    eprintln!(
+        "wrote {written} pairs to {} ({ties} ties skipped)",
+        args.out.display()
+    );
+    Ok(())
+}
+
+fn cmd_prompts(args: PromptsArgs) -> Result<()> {
+    use genarm::eval::prompts::{build_prompt_set, read_lines, split_train_eval, write_lines};
+    let sentences = read_lines(&args.corpus)?;
+    let prompts = build_prompt_set(&sentences, args.n, args.seed);
+    if prompts.len() < args.n {
+        bail!(
+            "the corpus gave only {} distinct prompts, {} asked",
+            prompts.len(),
+            args.n
+        );
+    }
+    let (train, eval) = split_train_eval(prompts, args.eval_frac, args.seed);
+    write_lines(&args.out_train, &train)?;
+    write_lines(&args.out_eval, &eval)?;
+    eprintln!(
+        "wrote {} train prompts to {} and {} held-out prompts to {}",
+        train.len(),
+        args.out_train.display(),
+        eval.len(),
+        args.out_eval.display()
+    );
+    Ok(())
 }

@@ -5,4 +5,5 @@ pub mod arm;
 pub mod data;
 pub mod loss;
 pub mod optim;
+pub mod prefs;
 pub mod trainer;

@@ -1,0 +1,4 @@
+//! Judging generations: scorers for objectives, and the prompt sets they run on.
+
+pub mod prompts;
+pub mod scorers;

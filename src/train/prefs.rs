@@ -1,0 +1,106 @@
+//! Synthetic preference pairs: the base samples K continuations of a prompt — as K rows
+//! of one batch, decoded in lockstep so the weights are read once per step for all of
+//! them — a scorer ranks them, and the best and worst become a (chosen, rejected) pair.
+
+use crate::cpu::llama::{log_softmax, Llama};
+use crate::error::Result;
+use crate::guide::{Sampler, SamplingParams};
+use crate::model::tokenizer::TextTokenizer;
+
+/// One sampled continuation.
+#[derive(Clone, Debug)]
+pub struct Sample {
+    pub tokens: Vec<u32>,
+    pub text: String,
+    /// Ended with an EOS token (rather than at the length limit).
+    pub complete: bool,
+}
+
+/// Samples `model.rows()` continuations of `prompt`, each row with its own seeded draws.
+pub fn sample_rows(
+    model: &mut Llama,
+    tokenizer: &TextTokenizer,
+    prompt: &[u32],
+    max_new_tokens: usize,
+    params: &SamplingParams,
+    eos_ids: &[u32],
+) -> Result<Vec<Sample>> {
+    let k = model.rows();
+    let mut samplers: Vec<Sampler> = (0..k)
+        .map(|row| {
+            Sampler::new(SamplingParams {
+                seed: params
+                    .seed
+                    .wrapping_mul(0x100_0000_01B3)
+                    .wrapping_add(row as u64),
+                ..params.clone()
+            })
+        })
+        .collect();
+    let mut tokens: Vec<Vec<u32>> = vec![Vec::new(); k];
+    let mut done = vec![false; k];
+    model.reset();
+    let mut feed: Vec<Vec<u32>> = vec![prompt.to_vec(); k];
+    let room = model.capacity().saturating_sub(prompt.len());
+    for _ in 0..max_new_tokens.min(room) {
+        let logits = model.forward_rows(&feed, false)?;
+        let logp = log_softmax(&logits)?.to_vec2::<f32>()?;
+        for row in 0..k {
+            let next = if done[row] {
+                // Finished rows keep feeding a token so the batch stays rectangular.
+                *feed[row].last().unwrap_or(&0)
+            } else {
+                let id = samplers[row].sample(&logp[row]);
+                if eos_ids.contains(&id) {
+                    done[row] = true;
+                } else {
+                    tokens[row].push(id);
+                }
+                id
+            };
+            feed[row] = vec![next];
+        }
+        if done.iter().all(|&d| d) {
+            break;
+        }
+    }
+    tokens
+        .into_iter()
+        .zip(done)
+        .map(|(tokens, complete)| {
+            let text = tokenizer.decode(&tokens, true)?;
+            Ok(Sample {
+                tokens,
+                text,
+                complete,
+            })
+        })
+        .collect()
+}
+
+/// The (best, worst) of scored samples, or `None` when the extremes tie.
+pub fn best_and_worst(scores: &[f64]) -> Option<(usize, usize)> {
+    let mut best = 0;
+    let mut worst = 0;
+    for (i, &s) in scores.iter().enumerate() {
+        if s > scores[best] {
+            best = i;
+        }
+        if s < scores[worst] {
+            worst = i;
+        }
+    }
+    (scores.len() >= 2 && scores[best] > scores[worst]).then_some((best, worst))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::best_and_worst;
+
+    #[test]
+    fn picks_extremes_and_skips_ties() {
+        assert_eq!(best_and_worst(&[0.1, 0.5, -0.2, 0.3]), Some((1, 2)));
+        assert_eq!(best_and_worst(&[1.0, 1.0, 1.0]), None);
+        assert_eq!(best_and_worst(&[2.0]), None);
+    }
+}

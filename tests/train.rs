@@ -106,11 +106,10 @@ fn lora_gradients_match_finite_differences() {
     let out = temp_dir("train-grad-out");
     let mut t = Trainer::with_dtype(&base, config(2), &out, 32, DType::F64, &Device::Cpu).unwrap();
     // B starts at zero (as in PEFT), which would make A's gradient vanish: randomise it.
-    for (i, l) in t.arm().lora_vars().to_vec().iter().enumerate() {
+    for l in t.arm().lora_vars().to_vec().iter() {
         let shape = l.b.shape().clone();
         let noise = Tensor::rand(-0.3f64, 0.3, shape, &Device::Cpu).unwrap();
         l.b.set(&noise).unwrap();
-        let _ = i;
     }
     let pairs = [
         pair(&[1, 2, 3], &[4, 5, 6], &[7, 8]),
@@ -327,7 +326,8 @@ fn saved_adapter_reloads_with_the_trained_logprobs() {
         let probe = pair(&[3, 4, 5], &[6, 9, 8, 7], &[1, 2]);
         let (c, _) = t.pair_logprobs(&[&probe], None).unwrap();
         let trained = c.to_vec1::<f32>().unwrap()[0] as f64;
-        let mut engine = CpuEngine::load(&path, &[out.clone()], None, &Device::Cpu).unwrap();
+        let mut engine =
+            CpuEngine::load(&path, std::slice::from_ref(&out), None, &Device::Cpu).unwrap();
         let seq = [3, 4, 5, 6, 9, 8, 7];
         let lp = engine.teacher_forced(&seq).unwrap();
         let loaded: f64 = (3..seq.len())

@@ -119,7 +119,7 @@ impl TrainableArm {
         let mut counter = 0u64;
         let mut lora = Vec::new();
         let mut top = Vec::with_capacity(n_top);
-        let (h, hd) = (cfg.hidden_size, cfg.head_dim);
+        let hd = cfg.head_dim;
         for layer in first..cfg.num_layers {
             let p = format!("model.layers.{layer}");
             let mut linear =
@@ -201,7 +201,6 @@ impl TrainableArm {
         let half = inv_freq.len();
         let cos = Tensor::from_vec(cos, (max_len, half), device)?.to_dtype(dtype)?;
         let sin = Tensor::from_vec(sin, (max_len, half), device)?.to_dtype(dtype)?;
-        let _ = h;
         Ok(Self {
             cfg,
             prefix,
@@ -262,7 +261,7 @@ impl TrainableArm {
         for s in seqs {
             let hs = self
                 .prefix
-                .hidden_states(&[s.clone()], self.first_trainable)?
+                .hidden_states(std::slice::from_ref(s), self.first_trainable)?
                 .to_dtype(self.dtype)?;
             let pad = t_max - s.len();
             hidden.push(if pad > 0 {
@@ -289,9 +288,9 @@ impl TrainableArm {
                     s.len()
                 )));
             }
-            for t in start..s.len() {
+            for (t, &token) in s.iter().enumerate().skip(start) {
                 rows.push((i * t_max + t - 1) as u32);
-                targets.push(s[t]);
+                targets.push(token);
                 owner.push(i as u32);
             }
         }

@@ -290,3 +290,30 @@ fn lora_rows_on_quantized_weights_match_merged_reference() {
         );
     }
 }
+
+#[test]
+fn k_quant_gguf_runs_through_candle_kernels() {
+    // K-quants have 256-weight super-blocks: a model whose rows are multiples of 256.
+    let cfg = TinyConfig {
+        hidden_size: 256,
+        intermediate_size: 512,
+        num_heads: 4,
+        num_kv_heads: 2,
+        num_layers: 1,
+        ..Default::default()
+    };
+    let model = TinyModel::random(&cfg, 13);
+    for dtype in [GgmlDType::Q4K, GgmlDType::Q5K, GgmlDType::Q6K] {
+        let dir = temp_dir("gguf-kquant");
+        let path = dir.join("tiny.gguf");
+        model.write_gguf(&path, dtype);
+        let stored = model.gguf_rounded(dtype);
+        // candle's K-quant matmul quantizes activations to 8 bits (Q8K), unlike our block
+        // kernel: about 1% of a log-probability is its expected error.
+        let got = load(&path, &[]).teacher_forced(&TOKENS).unwrap();
+        let want = reference_logprobs(&stored, &TOKENS);
+        for (pos, (g, w)) in got[0].iter().zip(&want).enumerate() {
+            assert_close(g, w, 0.03, 0.01, &format!("{dtype:?}, position {pos}"));
+        }
+    }
+}

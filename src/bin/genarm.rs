@@ -37,6 +37,8 @@ enum Command {
     Prefs(PrefsArgs),
     /// Build a prompt set from a corpus of sentences, split into train and held-out files.
     Prompts(PromptsArgs),
+    /// Sweep ARM weights over held-out prompts and score every response.
+    Eval(EvalArgs),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -264,6 +266,9 @@ struct TrainArgs {
     /// What the ARM prefers, in words.
     #[arg(long)]
     objective: Option<String>,
+    /// `base_model_name_or_path` written to adapter_config.json [default: the --model path].
+    #[arg(long)]
+    base_name: Option<String>,
 }
 
 #[derive(Args)]
@@ -297,6 +302,9 @@ struct PrefsArgs {
     /// Use only the first N prompts.
     #[arg(long)]
     limit: Option<usize>,
+    /// Wrap each prompt line, `{}` standing for the line (e.g. "Complete this sentence: {}").
+    #[arg(long, default_value = "{}")]
+    template: String,
     /// Where the scorers' lexicons are (`./build.sh fetch-data`).
     #[arg(long, default_value = "models/data")]
     data_dir: PathBuf,
@@ -321,6 +329,47 @@ struct PromptsArgs {
     out_eval: PathBuf,
 }
 
+#[derive(Args)]
+struct EvalArgs {
+    #[command(flatten)]
+    models: ModelArgs,
+    /// Prompts, one per line (held out from training).
+    #[arg(long, value_name = "FILE")]
+    prompts: PathBuf,
+    /// Scorers (repeatable): sentiment, sentiment-afinn, concise, wordlist:FILE.
+    #[arg(long = "scorer", required = true)]
+    scorers: Vec<String>,
+    /// α values; every ARM takes each (the full grid), base-only first.
+    #[arg(long, value_delimiter = ',', default_value = "0,0.5,1,2")]
+    alphas: Vec<f32>,
+    /// Samples per prompt and setting.
+    #[arg(long, default_value_t = 1)]
+    samples: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Use only the first N prompts.
+    #[arg(long)]
+    limit: Option<usize>,
+    #[arg(long, default_value_t = 32)]
+    max_new_tokens: usize,
+    #[arg(long, default_value_t = 1.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Wrap prompts in the chat template.
+    #[arg(long)]
+    chat: bool,
+    /// Wrap each prompt line, `{}` standing for the line.
+    #[arg(long, default_value = "{}")]
+    template: String,
+    /// Where the scorers' lexicons are.
+    #[arg(long, default_value = "models/data")]
+    data_dir: PathBuf,
+    /// Output directory: samples.jsonl, summary.json, summary.csv.
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+}
+
 fn main() -> ExitCode {
     // candle asks for the thread count on every matmul and, without this variable, reads
     // /proc/cpuinfo each time to find it.
@@ -337,6 +386,7 @@ fn main() -> ExitCode {
         Command::Train(a) => cmd_train(a),
         Command::Prefs(a) => cmd_prefs(a),
         Command::Prompts(a) => cmd_prompts(a),
+        Command::Eval(a) => cmd_eval(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -552,42 +602,56 @@ fn cmd_bench(args: BenchArgs) -> Result<()> {
     if args.runs == 0 || args.tokens < 2 {
         bail!("--runs must be ≥ 1 and --tokens ≥ 2");
     }
-    let mut rows = Vec::new();
-    for n_arms in 0..=args.models.arms.len() {
-        let arms = &args.models.arms[..n_arms];
-        let mut engine = load_engine(&args.models, arms)?;
-        let vocab = engine.vocab_size() as u32;
-        // A fixed prompt of ordinary ids; greedy with EOS ignored so every run decodes
-        // exactly `tokens` tokens.
-        let prompt: Vec<u32> = (0..args.prompt_len as u32)
-            .map(|i| (i * 7 + 100) % vocab)
-            .collect();
-        let opts = GenerateOptions {
-            max_new_tokens: args.tokens,
-            alphas: arms.iter().map(|a| a.alpha).collect(),
-            sampling: SamplingParams {
-                greedy: true,
+    // One engine per configuration (base, +1 ARM, +2 ARMs, …), timed round-robin so a
+    // slow spell on a shared machine hits every configuration alike.
+    let configs = (0..=args.models.arms.len())
+        .map(|n_arms| {
+            let arms = &args.models.arms[..n_arms];
+            let engine = load_engine(&args.models, arms)?;
+            let opts = GenerateOptions {
+                max_new_tokens: args.tokens,
+                alphas: arms.iter().map(|a| a.alpha).collect(),
+                sampling: SamplingParams {
+                    greedy: true,
+                    ..Default::default()
+                },
+                ignore_eos: true,
                 ..Default::default()
-            },
-            ignore_eos: true,
-            ..Default::default()
-        };
-        // One untimed run warms caches and lazily built kernels.
-        genarm::generate(&mut engine, None, &prompt, &opts, &mut |_| true)?;
-        let mut speeds = Vec::with_capacity(args.runs);
-        for _ in 0..args.runs {
-            let gen = genarm::generate(&mut engine, None, &prompt, &opts, &mut |_| true)?;
-            speeds.push(gen.tokens_per_second());
+            };
+            Ok((engine, opts))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let vocab = configs[0].0.vocab_size() as u32;
+    // A fixed prompt of ordinary ids; greedy with EOS ignored so every run decodes
+    // exactly `tokens` tokens.
+    let prompt: Vec<u32> = (0..args.prompt_len as u32)
+        .map(|i| (i * 7 + 100) % vocab)
+        .collect();
+    let mut configs = configs;
+    let mut speeds = vec![Vec::with_capacity(args.runs); configs.len()];
+    // The first round is an untimed warm-up.
+    for round in 0..=args.runs {
+        for (i, (engine, opts)) in configs.iter_mut().enumerate() {
+            let gen = genarm::generate(engine, None, &prompt, opts, &mut |_| true)?;
+            if round > 0 {
+                speeds[i].push(gen.tokens_per_second());
+            }
         }
-        speeds.sort_by(f64::total_cmp);
-        let median = speeds[speeds.len() / 2];
-        let label = if n_arms == 0 {
-            "base only".to_string()
-        } else {
-            format!("base + {n_arms} ARM{}", if n_arms > 1 { "s" } else { "" })
-        };
-        rows.push((label, median, speeds));
     }
+    let rows: Vec<(String, f64, Vec<f64>)> = speeds
+        .into_iter()
+        .enumerate()
+        .map(|(n_arms, mut runs)| {
+            runs.sort_by(f64::total_cmp);
+            let median = runs[runs.len() / 2];
+            let label = if n_arms == 0 {
+                "base only".to_string()
+            } else {
+                format!("base + {n_arms} ARM{}", if n_arms > 1 { "s" } else { "" })
+            };
+            (label, median, runs)
+        })
+        .collect();
     let base_speed = rows[0].1;
     if args.json {
         let out: Vec<_> = rows
@@ -729,6 +793,7 @@ fn cmd_train(args: TrainArgs) -> Result<()> {
     let label = ArmLabel {
         name: args.name.clone(),
         objective: args.objective.clone(),
+        base_name: args.base_name.clone(),
     };
     let summary = trainer.train(
         &train,
@@ -806,7 +871,8 @@ fn cmd_prefs(args: PrefsArgs) -> Result<()> {
     );
     let (mut written, mut ties) = (0usize, 0usize);
     let started = std::time::Instant::now();
-    for (i, prompt) in prompts.iter().enumerate() {
+    for (i, line) in prompts.iter().enumerate() {
+        let prompt = &args.template.replace("{}", line);
         let ids = if args.chat {
             let msgs = [ChatMessage {
                 role: "user".into(),
@@ -881,5 +947,101 @@ fn cmd_prompts(args: PromptsArgs) -> Result<()> {
         eval.len(),
         args.out_eval.display()
     );
+    Ok(())
+}
+
+fn cmd_eval(args: EvalArgs) -> Result<()> {
+    use genarm::eval::prompts::read_lines;
+    use genarm::eval::run::{alpha_grid, run_sweep, summarise, write_summary, SweepSpec};
+    use genarm::eval::scorers::scorer_from_spec;
+    let scorers = args
+        .scorers
+        .iter()
+        .map(|s| scorer_from_spec(s, &args.data_dir))
+        .collect::<genarm::Result<Vec<_>>>()?;
+    let mut engine = load_engine(&args.models, &args.models.arms)?;
+    let tok = engine
+        .tokenizer()
+        .cloned()
+        .with_context(|| format!("{} has no tokenizer", args.models.model.display()))?;
+    let mut prompts = read_lines(&args.prompts)?;
+    if let Some(n) = args.limit {
+        prompts.truncate(n);
+    }
+    let settings = alpha_grid(&args.alphas, args.models.arms.len());
+    let spec = SweepSpec {
+        settings: settings.clone(),
+        samples: args.samples,
+        seed: args.seed,
+        max_new_tokens: args.max_new_tokens,
+        temperature: args.temperature,
+        top_p: args.top_p,
+        chat: args.chat,
+        template: args.template.clone(),
+    };
+    let mut eos = engine.base_config().eos_token_ids.clone();
+    eos.extend_from_slice(tok.eos_ids());
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let samples_path = args.out.join("samples.jsonl");
+    let mut samples_file = std::io::BufWriter::new(std::fs::File::create(&samples_path)?);
+    let total = (prompts.len() * settings.len() * args.samples) as u64;
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let pb = indicatif::ProgressBar::new(total);
+        if let Ok(style) = indicatif::ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} responses [{elapsed_precise} < {eta_precise}]",
+        ) {
+            pb.set_style(style);
+        }
+        pb
+    });
+    let mut done = 0u64;
+    let records = run_sweep(
+        &mut engine,
+        &tok,
+        &eos,
+        &prompts,
+        &scorers,
+        &spec,
+        &mut |r| {
+            let _ = writeln!(
+                samples_file,
+                "{}",
+                serde_json::to_string(r).unwrap_or_default()
+            );
+            done += 1;
+            match &bar {
+                Some(pb) => pb.set_position(done),
+                None if done % 50 == 0 || done == total => eprintln!("{done}/{total} responses"),
+                None => {}
+            }
+        },
+    )?;
+    samples_file.flush()?;
+    if let Some(pb) = bar {
+        pb.finish_and_clear();
+    }
+    let summary = summarise(&records, &settings);
+    write_summary(&args.out, &summary)?;
+    for s in &summary {
+        let scores: Vec<String> = s
+            .scores
+            .iter()
+            .map(|(n, sc)| {
+                format!(
+                    "{n} {:+.3} ± {:.3} (win {:.2})",
+                    sc.mean, sc.ci95, sc.win_rate_vs_base
+                )
+            })
+            .collect();
+        println!(
+            "α = {:?}: {}  | {:.1} tokens, {:.2} s/response",
+            s.alphas,
+            scores.join(", "),
+            s.mean_tokens,
+            s.seconds_per_response
+        );
+    }
+    eprintln!("wrote {}", args.out.display());
     Ok(())
 }

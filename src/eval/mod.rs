@@ -1,4 +1,5 @@
 //! Judging generations: scorers for objectives, and the prompt sets they run on.
 
 pub mod prompts;
+pub mod run;
 pub mod scorers;

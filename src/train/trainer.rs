@@ -77,6 +77,9 @@ impl Default for TrainConfig {
 pub struct ArmLabel {
     pub name: Option<String>,
     pub objective: Option<String>,
+    /// Written as `base_model_name_or_path` (default: the base checkpoint's path). A name
+    /// that is not a local path makes loaders use the base they are given.
+    pub base_name: Option<String>,
 }
 
 /// One optimizer step, as logged.
@@ -400,14 +403,19 @@ impl Trainer {
     pub fn write_adapter(&self, label: &ArmLabel) -> Result<()> {
         let cfg = &self.config;
         let layers: Vec<usize> = self.arm.lora_layers().collect();
-        let base = self
-            .base_path
-            .canonicalize()
-            .unwrap_or_else(|_| self.base_path.clone());
+        let base = match &label.base_name {
+            Some(name) => name.clone(),
+            None => self
+                .base_path
+                .canonicalize()
+                .unwrap_or_else(|_| self.base_path.clone())
+                .display()
+                .to_string(),
+        };
         let config = serde_json::json!({
             "peft_type": "LORA",
             "task_type": "CAUSAL_LM",
-            "base_model_name_or_path": base.display().to_string(),
+            "base_model_name_or_path": base,
             "r": cfg.lora_rank,
             "lora_alpha": cfg.lora_alpha,
             "lora_dropout": cfg.lora_dropout,

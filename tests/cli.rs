@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
 use candle_core::quantized::GgmlDType;
@@ -40,16 +40,6 @@ fn assert_clean_error(o: &Output, needle: &str) {
     );
     assert!(!err.contains("panicked"), "panicked: {err}");
     assert!(err.contains(needle), "stderr lacks {needle:?}: {err}");
-}
-
-fn demo_model() -> PathBuf {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        p.is_file(),
-        "{} is missing: run ./build.sh fetch-model",
-        p.display()
-    );
-    p
 }
 
 fn s(p: &Path) -> &str {

@@ -145,15 +145,7 @@ fn kv_cached_decoding_equals_full_recomputation() {
 fn lora_arm_rows_match_merged_reference_on_both_rope_layouts() {
     let cfg = TinyConfig::default();
     let model = TinyModel::random(&cfg, 7);
-    let targets = [
-        "q_proj",
-        "k_proj",
-        "v_proj",
-        "o_proj",
-        "gate_proj",
-        "up_proj",
-        "down_proj",
-    ];
+    let targets = genarm::model::lora::TARGETS;
     let lora_a = TinyLora::random(&cfg, 4, 8.0, &targets, 70);
     let lora_b = TinyLora::random(&cfg, 2, 4.0, &["q_proj", "v_proj", "down_proj"], 71);
     let dir = temp_dir("lora");
@@ -242,15 +234,7 @@ fn lora_rows_on_quantized_weights_match_merged_reference() {
     // The CPU block kernel applies LoRA rows inside its op: check it on every format.
     let cfg = TinyConfig::default();
     let model = TinyModel::random(&cfg, 12);
-    let targets = [
-        "q_proj",
-        "k_proj",
-        "v_proj",
-        "o_proj",
-        "gate_proj",
-        "up_proj",
-        "down_proj",
-    ];
+    let targets = genarm::model::lora::TARGETS;
     let lora = TinyLora::random(&cfg, 4, 8.0, &targets, 120);
     let partial = TinyLora::random(&cfg, 2, 2.0, &["k_proj", "up_proj"], 121);
     let dir = temp_dir("lora-quant");

@@ -2,17 +2,17 @@
 //! detection, line-numbered errors for bad records, and tokenization with the real
 //! SmolLM2-135M-Instruct tokenizer (chat template, end-of-turn token, length limits).
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
-use candle_core::quantized::gguf_file::Content;
+use common::demo_tokenizer;
 use genarm::error::Error;
 use genarm::model::tokenizer::{ChatMessage, TextTokenizer};
 use genarm::train::data::{
     detect, parse_pairs, read_pairs, tokenize_pair, LengthLimits, PkuLabel, PrefFormat,
     PreferencePair, Prompt, TokenizedPair,
 };
-
-const MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
 
 /// A fresh directory under the system temp dir, unique per test.
 fn temp_dir(name: &str) -> PathBuf {
@@ -269,21 +269,6 @@ fn wrong_types_are_errors() {
     assert!(matches!(missing, Error::Io { .. }), "{missing:?}");
 }
 
-/// The SmolLM2 tokenizer from the GGUF file; fails (never skips) without the model.
-fn smollm2() -> TextTokenizer {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(MODEL);
-    let mut file = std::fs::File::open(&path).unwrap_or_else(|e| {
-        panic!(
-            "{}: {e}; run `./build.sh fetch-model` to download the test model",
-            path.display()
-        )
-    });
-    let content = Content::read(&mut file).expect("GGUF header");
-    TextTokenizer::from_gguf(&content.metadata, &path)
-        .expect("tokenizer builds")
-        .expect("GGUF has a tokenizer")
-}
-
 const WIDE: LengthLimits = LengthLimits {
     max_prompt_len: 512,
     max_len: 1024,
@@ -302,7 +287,7 @@ fn tokenized(
 
 #[test]
 fn chat_mode_uses_the_template_and_ends_answers_with_im_end() {
-    let tok = smollm2();
+    let tok = demo_tokenizer();
     let im_end = tok
         .token_id("<|im_end|>")
         .expect("<|im_end|> in vocabulary");
@@ -341,7 +326,7 @@ fn chat_mode_uses_the_template_and_ends_answers_with_im_end() {
 
 #[test]
 fn raw_mode_encodes_text_and_rejects_chat_prompts() {
-    let tok = smollm2();
+    let tok = demo_tokenizer();
     let text = pair(Prompt::Text("Say hi.".into()), "Hi!", "No.");
     let t = tokenized(&text, &tok, false, WIDE);
     assert_eq!(t.prompt, tok.encode("Say hi.", true).expect("encode"));
@@ -362,7 +347,7 @@ fn raw_mode_encodes_text_and_rejects_chat_prompts() {
 
 #[test]
 fn limits_are_exact_and_keep_the_prompt_end() {
-    let tok = smollm2();
+    let tok = demo_tokenizer();
     let question = "Tell me about the sea. ".repeat(20) + "Finally, what colour is it?";
     let long_answer = "The sea is blue because water absorbs red light. ".repeat(10);
     let p = pair(Prompt::Text(question.clone()), &long_answer, "Blue.");
@@ -400,7 +385,7 @@ fn limits_are_exact_and_keep_the_prompt_end() {
 
 #[test]
 fn pairs_identical_after_truncation_are_skipped() {
-    let tok = smollm2();
+    let tok = demo_tokenizer();
     let shared = "The answer depends on many things, and we should consider them all. ";
     let p = pair(
         Prompt::Text("Question?".into()),

@@ -2,14 +2,15 @@
 //! SmolLM2-135M-Instruct file, the Hugging Face JSON path on a hand-written tokenizer,
 //! streaming detokenisation, chat templates and error reporting.
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::gguf_file::Value;
+use common::demo_tokenizer;
 use genarm::error::Error;
 use genarm::model::tokenizer::{same_vocabulary, ChatMessage, TextTokenizer, TokenOutputStream};
-
-const MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
 
 /// The France prompt and its ids, from `fixtures/smollm2-france-reference.json`
 /// (produced by Hugging Face transformers' tokenizer).
@@ -20,21 +21,6 @@ const FRANCE_IDS: [u32; 16] = [
 ];
 
 const NON_ASCII: &str = "café — naïve 日本";
-
-/// The SmolLM2 tokenizer from the GGUF file; fails (never skips) without the model.
-fn smollm2() -> TextTokenizer {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(MODEL);
-    let mut file = std::fs::File::open(&path).unwrap_or_else(|e| {
-        panic!(
-            "{}: {e}; run `./build.sh fetch-model` to download the test model",
-            path.display()
-        )
-    });
-    let content = Content::read(&mut file).expect("GGUF header");
-    TextTokenizer::from_gguf(&content.metadata, &path)
-        .expect("tokenizer builds")
-        .expect("GGUF has a tokenizer")
-}
 
 fn strings(items: &[&str]) -> Value {
     Value::Array(items.iter().map(|s| Value::String(s.to_string())).collect())
@@ -67,7 +53,7 @@ fn tiny_gguf_metadata() -> HashMap<String, Value> {
 
 #[test]
 fn smollm2_encodes_the_reference_prompt() {
-    let tok = smollm2();
+    let tok = demo_tokenizer();
     assert_eq!(tok.encode(FRANCE_PROMPT, true).unwrap(), FRANCE_IDS);
     assert_eq!(tok.encode(FRANCE_PROMPT, false).unwrap(), FRANCE_IDS);
     assert_eq!(tok.decode(&FRANCE_IDS, false).unwrap(), FRANCE_PROMPT);
@@ -79,7 +65,7 @@ fn smollm2_encodes_the_reference_prompt() {
 
 #[test]
 fn smollm2_special_ids() {
-    let tok = smollm2();
+    let tok = demo_tokenizer();
     assert_eq!(tok.vocab_size(), 49152);
     assert!(tok.eos_ids().contains(&2), "eos ids {:?}", tok.eos_ids());
     assert_eq!(tok.token_str(2).as_deref(), Some("<|im_end|>"));
@@ -90,7 +76,7 @@ fn smollm2_special_ids() {
 
 #[test]
 fn smollm2_splits_digits() {
-    let tok = smollm2();
+    let tok = demo_tokenizer();
     let ids = tok.encode("12345", false).unwrap();
     assert_eq!(ids.len(), 5, "{ids:?}");
     assert_eq!(tok.decode(&ids, true).unwrap(), "12345");
@@ -98,14 +84,14 @@ fn smollm2_splits_digits() {
 
 #[test]
 fn smollm2_round_trips_non_ascii() {
-    let tok = smollm2();
+    let tok = demo_tokenizer();
     let ids = tok.encode(NON_ASCII, false).unwrap();
     assert_eq!(tok.decode(&ids, true).unwrap(), NON_ASCII);
 }
 
 #[test]
 fn stream_reproduces_the_full_decode() {
-    let tok = smollm2();
+    let tok = demo_tokenizer();
     for text in [
         NON_ASCII,
         "What is the capital of France? Paris.\n\n12 + 30 = 42",
@@ -144,7 +130,7 @@ fn stream_reproduces_the_full_decode() {
 
 #[test]
 fn smollm2_chat_template() {
-    let tok = smollm2();
+    let tok = demo_tokenizer();
     assert!(tok.chat_template().is_some());
     let messages = [ChatMessage {
         role: "user".into(),
@@ -163,7 +149,7 @@ fn smollm2_chat_template() {
 
 #[test]
 fn same_vocabulary_compares_token_strings() {
-    let a = smollm2();
+    let a = demo_tokenizer();
     assert_eq!(same_vocabulary(&a, &a.clone()), Ok(()));
     let tiny = TextTokenizer::from_gguf(&tiny_gguf_metadata(), Path::new("tiny.gguf"))
         .unwrap()

@@ -229,6 +229,7 @@ fn learns_a_synthetic_preference_and_guidance_follows_it() {
     let label = ArmLabel {
         name: Some("marker".into()),
         objective: Some("contains token 13".into()),
+        base_name: None,
     };
     let summary = t
         .train(&train, &eval, &label, false, None, &mut |_| {})

@@ -921,3 +921,28 @@ pub fn temp_dir(name: &str) -> PathBuf {
     std::fs::create_dir_all(&dir).expect("create temp dir");
     dir
 }
+
+// ---------------------------------------------------------------------------
+// The demo model
+// ---------------------------------------------------------------------------
+
+/// SmolLM2-135M-Instruct (Q4_1 GGUF) in `models/`; fails (never skips) when absent.
+pub fn demo_model() -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        p.is_file(),
+        "{} is missing: run `./build.sh fetch-model` to download the test model",
+        p.display()
+    );
+    p
+}
+
+/// The demo model's tokenizer, built from its GGUF metadata.
+pub fn demo_tokenizer() -> genarm::model::tokenizer::TextTokenizer {
+    let path = demo_model();
+    let mut file = std::fs::File::open(&path).expect("demo model opens");
+    let content = gguf_file::Content::read(&mut file).expect("GGUF header");
+    genarm::model::tokenizer::TextTokenizer::from_gguf(&content.metadata, &path)
+        .expect("tokenizer builds")
+        .expect("GGUF has a tokenizer")
+}

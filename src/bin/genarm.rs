@@ -1012,7 +1012,9 @@ fn cmd_eval(args: EvalArgs) -> Result<()> {
             done += 1;
             match &bar {
                 Some(pb) => pb.set_position(done),
-                None if done % 50 == 0 || done == total => eprintln!("{done}/{total} responses"),
+                None if done.is_multiple_of(50) || done == total => {
+                    eprintln!("{done}/{total} responses")
+                }
                 None => {}
             }
         },

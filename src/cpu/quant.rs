@@ -86,7 +86,7 @@ impl BlockMatrix {
         cols: usize,
         data: Vec<u8>,
     ) -> Result<Self, String> {
-        if cols % BLOCK != 0 {
+        if !cols.is_multiple_of(BLOCK) {
             return Err(format!(
                 "{format:?} matrix: cols {cols} is not a multiple of {BLOCK}"
             ));
@@ -409,7 +409,7 @@ fn check_row_args(
     n: usize,
 ) {
     let nb = cols / BLOCK;
-    assert!(n <= TILE && cols % BLOCK == 0);
+    assert!(n <= TILE && cols.is_multiple_of(BLOCK));
     assert_eq!(row.len(), nb * format.block_bytes());
     assert!(xs.len() >= n * cols);
     assert!(!format.has_offset() || sums.len() >= n * nb);
@@ -707,10 +707,9 @@ mod avx2 {
 /// row costs two FMAs per block and no `Σx` is needed. Two weight rows go through together so
 /// every x vector loaded feeds two FMAs.
 ///
-/// The AVX-512 intrinsics and `target_feature`s are stable since Rust 1.89, hence the lint
-/// allowance: building this file needs 1.89 even where `rust-version` says less.
+/// The AVX-512 intrinsics and `target_feature`s are stable since Rust 1.89 (the crate's
+/// `rust-version`).
 #[cfg(target_arch = "x86_64")]
-#[allow(clippy::incompatible_msrv)]
 mod avx512 {
     use std::arch::x86_64::*;
 
@@ -791,7 +790,7 @@ mod avx512 {
         let format = format_of(FMT);
         let (nb, bb) = (cols / BLOCK, format.block_bytes());
         // These checks make every pointer below in bounds.
-        assert!(N <= TILE && R <= 2 && cols % BLOCK == 0);
+        assert!(N <= TILE && R <= 2 && cols.is_multiple_of(BLOCK));
         assert!(xs.len() >= N * cols);
         for row in w {
             assert_eq!(row.len(), nb * bb);

@@ -100,7 +100,9 @@ impl LlamaConfig {
             "must be > 0".into(),
         )?;
         check(
-            self.num_heads > 0 && self.num_kv_heads > 0 && self.num_heads % self.num_kv_heads == 0,
+            self.num_heads > 0
+                && self.num_kv_heads > 0
+                && self.num_heads.is_multiple_of(self.num_kv_heads),
             "num_key_value_heads",
             format!(
                 "{} attention heads cannot be grouped over {} key/value heads",
@@ -108,7 +110,7 @@ impl LlamaConfig {
             ),
         )?;
         check(
-            self.head_dim > 0 && self.head_dim % 2 == 0,
+            self.head_dim > 0 && self.head_dim.is_multiple_of(2),
             "head_dim",
             format!("{} must be even and > 0", self.head_dim),
         )?;

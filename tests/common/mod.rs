@@ -540,7 +540,7 @@ fn f64_tensor(shape: &[usize], data: &[f64]) -> Tensor {
 /// llama.cpp's converter does.
 fn quantize(shape: &[usize], data: &[f64], dtype: GgmlDType) -> QTensor {
     let row_len = *shape.last().unwrap();
-    let dtype = if shape.len() < 2 || row_len % dtype.block_size() != 0 {
+    let dtype = if shape.len() < 2 || !row_len.is_multiple_of(dtype.block_size()) {
         GgmlDType::F32
     } else {
         dtype

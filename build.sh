@@ -125,13 +125,20 @@ build_native() {
   cargo build --release --bin genarm
 }
 
+# The demo ARMs committed under www/arms/ (trained by `genarm train`, see README).
+DEMO_ARMS=(www/arms/positive)
+
 run() {
   fetch_model
   build_native
-  local prompt="${GENARM_PROMPT:-Write one sentence about the sea.}"
-  log "genarm generate --model $DEMO_MODEL --chat $*"
-  ./target/release/genarm generate --model "$DEMO_MODEL" --chat \
-    --prompt "$prompt" --temperature 0.7 --top-p 0.9 --seed 1 --max-new-tokens 96 "$@"
+  local prompt="${GENARM_PROMPT:-The movie I watched last night was}"
+  local arms=()
+  for arm in "${DEMO_ARMS[@]}"; do
+    [ -f "$arm/adapter_config.json" ] && arms+=(--arm "$arm:${GENARM_ALPHA:-1}")
+  done
+  log "genarm generate --model $DEMO_MODEL ${arms[*]} --prompt \"$prompt\" $*"
+  ./target/release/genarm generate --model "$DEMO_MODEL" "${arms[@]}" \
+    --prompt "$prompt" --temperature 0.8 --top-p 0.95 --seed 1 --max-new-tokens 48 "$@"
 }
 
 test_all() {

@@ -347,3 +347,86 @@ fn out_of_vocabulary_ids_and_missing_files_are_clear_errors() {
     let o = genarm(&["generate", "--model", s(&path), "--prompt", "hi"]);
     assert_clean_error(&o, "no tokenizer");
 }
+
+#[test]
+fn eval_writes_every_documented_file() {
+    let model = demo_model();
+    let dir = temp_dir("cli-eval");
+    let arm = dir.join("arm");
+    init_lora(&model, &arm);
+    let prompts = dir.join("prompts.txt");
+    std::fs::write(&prompts, "The weather today is\nMy favourite food is\n").unwrap();
+    let out = dir.join("out");
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/data");
+    let o = genarm(&[
+        "eval",
+        "--model",
+        s(&model),
+        "--arm",
+        s(&arm),
+        "--prompts",
+        s(&prompts),
+        "--scorer",
+        "sentiment",
+        "--scorer",
+        "concise",
+        "--alphas",
+        "0,1",
+        "--samples",
+        "2",
+        "--max-new-tokens",
+        "6",
+        "--data-dir",
+        s(&data),
+        "--out",
+        s(&out),
+    ]);
+    assert!(o.status.success(), "eval failed: {}", stderr(&o));
+    let samples = std::fs::read_to_string(out.join("samples.jsonl")).unwrap();
+    // 2 prompts × 2 settings × 2 samples.
+    assert_eq!(samples.lines().count(), 8);
+    let first: serde_json::Value = serde_json::from_str(samples.lines().next().unwrap()).unwrap();
+    for field in [
+        "setting",
+        "alphas",
+        "prompt_index",
+        "seed",
+        "text",
+        "tokens",
+        "complete",
+        "scores",
+        "seconds",
+    ] {
+        assert!(first.get(field).is_some(), "samples.jsonl lacks {field}");
+    }
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    let settings = summary.as_array().unwrap();
+    assert_eq!(settings.len(), 2);
+    assert_eq!(settings[0]["alphas"][0], 0.0);
+    let score = &settings[1]["scores"]["sentiment"];
+    for field in ["mean", "ci95", "win_rate_vs_base"] {
+        assert!(score[field].is_number(), "summary lacks {field}: {score}");
+    }
+    // Base against itself: every comparison is a tie.
+    assert_eq!(settings[0]["scores"]["concise"]["win_rate_vs_base"], 0.5);
+    for field in [
+        "mean_tokens",
+        "complete_rate",
+        "distinct_1",
+        "distinct_2",
+        "seconds_per_response",
+    ] {
+        assert!(settings[1][field].is_number(), "summary lacks {field}");
+    }
+    let csv = std::fs::read_to_string(out.join("summary.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 3);
+    assert!(csv.starts_with("alphas,n,concise_mean"));
+    for svg in ["reward_vs_alpha.svg", "pareto.svg"] {
+        let text = std::fs::read_to_string(out.join(svg)).unwrap();
+        assert!(text.starts_with("<svg"), "{svg}");
+    }
+    let pareto: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("pareto.json")).unwrap()).unwrap();
+    assert!(pareto["hypervolume"].as_f64().unwrap() >= 0.0);
+}

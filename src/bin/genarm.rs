@@ -365,9 +365,13 @@ struct EvalArgs {
     /// Where the scorers' lexicons are.
     #[arg(long, default_value = "models/data")]
     data_dir: PathBuf,
-    /// Output directory: samples.jsonl, summary.json, summary.csv.
+    /// Output directory: samples.jsonl, summary.json, summary.csv, reward_vs_alpha.svg, and
+    /// with two scorers pareto.json + pareto.svg.
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
+    /// Hypervolume reference point X,Y for two scorers [default: base-only's mean scores].
+    #[arg(long, value_delimiter = ',', num_args = 2)]
+    hv_ref: Option<Vec<f64>>,
 }
 
 fn main() -> ExitCode {
@@ -1025,6 +1029,7 @@ fn cmd_eval(args: EvalArgs) -> Result<()> {
     }
     let summary = summarise(&records, &settings);
     write_summary(&args.out, &summary)?;
+    write_eval_plots(&args, &summary)?;
     for s in &summary {
         let scores: Vec<String> = s
             .scores
@@ -1045,5 +1050,85 @@ fn cmd_eval(args: EvalArgs) -> Result<()> {
         );
     }
     eprintln!("wrote {}", args.out.display());
+    Ok(())
+}
+
+/// reward_vs_alpha.svg (each ARM's α with the others at 0), and for two scorers the
+/// Pareto front of the settings' mean scores with its hypervolume.
+fn write_eval_plots(args: &EvalArgs, summary: &[genarm::eval::run::SettingSummary]) -> Result<()> {
+    use genarm::eval::pareto::{hypervolume, pareto_front};
+    use genarm::eval::plot::{line_chart, pareto_chart, Series};
+    let names: Vec<String> = summary[0].scores.keys().cloned().collect();
+    let mut series = Vec::new();
+    for arm in 0..args.models.arms.len() {
+        for name in &names {
+            let points = summary
+                .iter()
+                .filter(|s| {
+                    s.alphas
+                        .iter()
+                        .enumerate()
+                        .all(|(i, &a)| i == arm || a == 0.0)
+                })
+                .map(|s| {
+                    (
+                        s.alphas[arm] as f64,
+                        s.scores[name].mean,
+                        s.scores[name].ci95,
+                    )
+                })
+                .collect();
+            series.push(Series {
+                label: format!("{name} vs α of {}", args.models.arms[arm].path.display()),
+                points,
+            });
+        }
+    }
+    if !series.is_empty() {
+        let svg = line_chart("mean score vs ARM weight (95% CI)", "α", "score", &series);
+        std::fs::write(args.out.join("reward_vs_alpha.svg"), svg)?;
+    }
+    if names.len() == 2 {
+        let points: Vec<(f64, f64)> = summary
+            .iter()
+            .map(|s| (s.scores[&names[0]].mean, s.scores[&names[1]].mean))
+            .collect();
+        let reference = match &args.hv_ref {
+            Some(r) => (r[0], r[1]),
+            None => points[0],
+        };
+        let front = pareto_front(&points);
+        let hv = hypervolume(&points, reference);
+        let labelled: Vec<((f64, f64), String)> = points
+            .iter()
+            .zip(summary)
+            .map(|(&p, s)| (p, format!("{:?}", s.alphas)))
+            .collect();
+        std::fs::write(
+            args.out.join("pareto.svg"),
+            pareto_chart(
+                "two objectives over the α grid",
+                &names[0],
+                &names[1],
+                &labelled,
+                &front,
+            ),
+        )?;
+        let out = serde_json::json!({
+            "objectives": names,
+            "points": points,
+            "front": front,
+            "reference": [reference.0, reference.1],
+            "hypervolume": hv,
+        });
+        std::fs::write(
+            args.out.join("pareto.json"),
+            serde_json::to_string_pretty(&out)?,
+        )?;
+        println!(
+            "Pareto front of {} settings, hypervolume {hv:.4} over {reference:?}",
+            front.len()
+        );
+    }
     Ok(())
 }

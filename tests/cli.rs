@@ -430,3 +430,67 @@ fn eval_writes_every_documented_file() {
         serde_json::from_str(&std::fs::read_to_string(out.join("pareto.json")).unwrap()).unwrap();
     assert!(pareto["hypervolume"].as_f64().unwrap() >= 0.0);
 }
+
+#[test]
+fn prefs_pairs_resume_after_a_kill() {
+    let model = demo_model();
+    let dir = temp_dir("cli-prefs");
+    let prompts = dir.join("prompts.txt");
+    std::fs::write(
+        &prompts,
+        "What colour is the sky? One word.\nName a fruit.\nWhat is 2 + 2?\nName an animal.\n",
+    )
+    .unwrap();
+    let run = |out: &Path, resume: bool| {
+        let mut a = vec![
+            "prefs",
+            "--model",
+            s(&model),
+            "--prompts",
+            s(&prompts),
+            "--samples",
+            "3",
+            "--scorer",
+            "concise",
+            "--chat",
+            "--max-new-tokens",
+            "32",
+            "--seed",
+            "5",
+            "--out",
+            s(out),
+        ];
+        if resume {
+            a.push("--resume");
+        }
+        let o = genarm(&a);
+        assert!(o.status.success(), "prefs failed: {}", stderr(&o));
+    };
+    let full = dir.join("full.jsonl");
+    run(&full, false);
+    let text = std::fs::read_to_string(&full).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(!lines.is_empty(), "expected pairs, got none");
+    for line in &lines {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert!(v["chosen_score"].as_f64().unwrap() > v["rejected_score"].as_f64().unwrap());
+        assert!(v["prompt"].is_string() && v["chosen"].is_string() && v["rejected"].is_string());
+    }
+    // A run killed mid-way through writing a line (after its first pair, if it had two).
+    let resumed = dir.join("resumed.jsonl");
+    let half = |line: &str| -> String {
+        let cut = (0..=line.len() / 2)
+            .rev()
+            .find(|&i| line.is_char_boundary(i))
+            .unwrap_or(0);
+        line[..cut].to_string()
+    };
+    let part = match lines.as_slice() {
+        [one] => half(one),
+        [first, second, ..] => format!("{first}\n{}", half(second)),
+        [] => unreachable!(),
+    };
+    std::fs::write(resumed.with_extension("jsonl.part"), part).unwrap();
+    run(&resumed, true);
+    assert_eq!(std::fs::read_to_string(&resumed).unwrap(), text);
+}

@@ -308,6 +308,9 @@ struct PrefsArgs {
     /// Where the scorers' lexicons are (`./build.sh fetch-data`).
     #[arg(long, default_value = "models/data")]
     data_dir: PathBuf,
+    /// Continue an interrupted run from OUT.part.
+    #[arg(long)]
+    resume: bool,
 }
 
 #[derive(Args)]
@@ -869,13 +872,38 @@ fn cmd_prefs(args: PrefsArgs) -> Result<()> {
     )?;
     let mut eos = base.config.eos_token_ids.clone();
     eos.extend_from_slice(tok.eos_ids());
+    // Pairs go to OUT.part as they are made (each line tagged with its prompt index), so
+    // `--resume` after a kill continues after the last prompt written.
     let part = args.out.with_extension("jsonl.part");
+    let (mut written, mut ties, mut first) = (0usize, 0usize, 0usize);
+    if args.resume && part.is_file() {
+        let done = std::fs::read_to_string(&part)?;
+        let mut kept = String::new();
+        for line in done.lines() {
+            // A line cut by the kill is dropped; every complete one is kept.
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+                break;
+            };
+            if let Some(i) = v["prompt_index"].as_u64() {
+                first = first.max(i as usize + 1);
+            }
+            kept.push_str(line);
+            kept.push('\n');
+            written += 1;
+        }
+        std::fs::write(&part, kept)?;
+        eprintln!("resuming after prompt {first} with {written} pairs");
+    } else {
+        std::fs::File::create(&part).with_context(|| format!("creating {}", part.display()))?;
+    }
     let mut out = std::io::BufWriter::new(
-        std::fs::File::create(&part).with_context(|| format!("creating {}", part.display()))?,
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&part)
+            .with_context(|| format!("opening {}", part.display()))?,
     );
-    let (mut written, mut ties) = (0usize, 0usize);
     let started = std::time::Instant::now();
-    for (i, line) in prompts.iter().enumerate() {
+    for (i, line) in prompts.iter().enumerate().skip(first) {
         let prompt = &args.template.replace("{}", line);
         let ids = if args.chat {
             let msgs = [ChatMessage {
@@ -900,6 +928,7 @@ fn cmd_prefs(args: PrefsArgs) -> Result<()> {
         match best_and_worst(&scores) {
             Some((b, w)) => {
                 let line = serde_json::json!({
+                    "prompt_index": i,
                     "prompt": prompt,
                     "chosen": samples[b].text,
                     "rejected": samples[w].text,
@@ -907,6 +936,7 @@ fn cmd_prefs(args: PrefsArgs) -> Result<()> {
                     "rejected_score": scores[w],
                 });
                 writeln!(out, "{line}")?;
+                out.flush()?;
                 written += 1;
             }
             None => ties += 1,

@@ -2,14 +2,15 @@
 //! time by autoregressive reward models (ARMs), on CPU and CUDA (candle) and on GPUs
 //! through WebGPU.
 //!
-//! Data flows one way: weights (`model`) → engine (`cpu`) → guide (`guide`) → tokens
-//! (`generate`).
+//! Data flows one way: weights (`model`) → engine (`cpu`; `gpu` holds the WebGPU kernels
+//! of the engine in progress) → guide (`guide`) → tokens (`generate`).
 
 pub mod cpu;
 pub mod engine;
 pub mod error;
 pub mod eval;
 pub mod generate;
+pub mod gpu;
 pub mod guide;
 pub mod model;
 #[cfg(not(target_arch = "wasm32"))]

@@ -1,0 +1,19 @@
+//! The WebGPU engine (wgpu): device acquisition, WGSL kernels and the ops that encode them.
+//!
+//! Ops are built once at load (pipeline, bind group, uniform buffer) and then only
+//! encoded into a caller-provided `CommandEncoder`, so one token is one submit.
+
+pub mod buffers;
+pub mod device;
+pub mod ops;
+pub mod uniforms;
+
+pub use buffers::{QuantWeight, WeightFormat};
+pub use device::GpuContext;
+pub use ops::Kernels;
+
+/// GPU failures become `Error::Request` for now (no dedicated variant yet), always
+/// prefixed with `gpu:` so the message says which engine failed.
+pub(crate) fn gpu_error(message: impl std::fmt::Display) -> crate::error::Error {
+    crate::error::Error::Request(format!("gpu: {message}"))
+}

@@ -1,0 +1,475 @@
+//! Op constructors: each documents and checks its shapes, takes its pipeline from a
+//! cache keyed by everything that changes the compiled text (shader, defines), builds
+//! its bind groups and uniforms once, and returns an [`Op`] that only encodes.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use wgpu::util::DeviceExt;
+
+use crate::error::Result;
+use crate::gpu::buffers::{storage_zeros, QuantWeight, WeightFormat};
+use crate::gpu::uniforms::{
+    AttentionParams, ElementwiseParams, EmbeddingParams, MatVecParams, RmsNormParams, RopeParams,
+    Uniform,
+};
+use crate::gpu::{gpu_error, GpuContext};
+
+/// Threads per workgroup for row reductions and elementwise ops. 64 is the widest
+/// size every WebGPU adapter accepts with room to spare and a power of two for the
+/// tree reductions.
+const WG: u32 = 64;
+
+/// The largest activation batch one matvec takes: the base row plus up to three
+/// LoRA ARM rows sharing its weight reads.
+pub const MAX_BATCH_ROWS: usize = 4;
+
+/// How RoPE pairs the dimensions of a head.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RopeStyle {
+    /// HF checkpoints: (i, i + d/2).
+    HalfSplit,
+    /// GGUF / Meta checkpoints: (2i, 2i + 1).
+    Interleaved,
+}
+
+/// What one RoPE op rotates.
+#[derive(Clone, Copy, Debug)]
+pub struct RopeShape {
+    /// Head vectors, e.g. `m · heads`.
+    pub vectors: usize,
+    pub head_dim: usize,
+    pub style: RopeStyle,
+}
+
+/// One compute dispatch.
+struct Dispatch {
+    pipeline: wgpu::ComputePipeline,
+    bind_group: wgpu::BindGroup,
+    grid: (u32, u32),
+}
+
+/// A built op: one or more dispatches, in order (WebGPU makes each dispatch's
+/// storage writes visible to the next one).
+pub struct Op {
+    label: &'static str,
+    dispatches: Vec<Dispatch>,
+}
+
+impl Op {
+    /// Encodes the op in its own compute pass.
+    pub fn encode(&self, encoder: &mut wgpu::CommandEncoder) {
+        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some(self.label),
+            timestamp_writes: None,
+        });
+        self.encode_in(&mut pass);
+    }
+
+    /// Encodes the op into an open pass (to chain many ops in one pass).
+    pub fn encode_in(&self, pass: &mut wgpu::ComputePass<'_>) {
+        for d in &self.dispatches {
+            pass.set_pipeline(&d.pipeline);
+            pass.set_bind_group(0, &d.bind_group, &[]);
+            pass.dispatch_workgroups(d.grid.0, d.grid.1, 1);
+        }
+    }
+}
+
+/// The shape of one attention layer's single-query step.
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionShape {
+    /// Batch rows (base + ARMs), each with its own cache.
+    pub rows: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    /// Positions the cache holds.
+    pub capacity: usize,
+}
+
+/// Buffers of one attention step.
+pub struct AttentionBuffers<'a> {
+    /// `[rows, heads, head_dim]`, already rotated.
+    pub q: &'a wgpu::Buffer,
+    /// `[rows, kv_heads, head_dim]` each, k already rotated.
+    pub k_new: &'a wgpu::Buffer,
+    pub v_new: &'a wgpu::Buffer,
+    /// `[rows, kv_heads, capacity, head_dim]` each.
+    pub k_cache: &'a wgpu::Buffer,
+    pub v_cache: &'a wgpu::Buffer,
+    /// `array<u32>`; the position is `pos[pos_index]`.
+    pub pos: &'a wgpu::Buffer,
+    /// `[rows, heads, head_dim]`.
+    pub out: &'a wgpu::Buffer,
+}
+
+type PipelineKey = (&'static str, String);
+
+/// Pipeline cache and op factory for one device.
+pub struct Kernels {
+    ctx: Arc<GpuContext>,
+    pipelines: Mutex<HashMap<PipelineKey, wgpu::ComputePipeline>>,
+}
+
+fn shader_source(name: &str) -> &'static str {
+    match name {
+        "matvec" => include_str!("shaders/matvec.wgsl"),
+        "rms_norm" => include_str!("shaders/rms_norm.wgsl"),
+        "rope" => include_str!("shaders/rope.wgsl"),
+        "silu_mul" => include_str!("shaders/silu_mul.wgsl"),
+        "add" => include_str!("shaders/add.wgsl"),
+        "embedding" => include_str!("shaders/embedding.wgsl"),
+        "kv_write" => include_str!("shaders/kv_write.wgsl"),
+        "attention" => include_str!("shaders/attention.wgsl"),
+        _ => unreachable!("unknown shader {name}"),
+    }
+}
+
+/// Shaders that decode weights get the shared decoder prepended.
+fn uses_quant(name: &str) -> bool {
+    matches!(name, "matvec" | "embedding")
+}
+
+/// Checks that `buffer` holds at least `n` f32/u32 values.
+fn need(buffer: &wgpu::Buffer, n: usize, what: &str, op: &str) -> Result<()> {
+    let want = (n * 4) as u64;
+    if buffer.size() < want {
+        return Err(gpu_error(format!(
+            "{op}: `{what}` is {} bytes, shape needs {want}",
+            buffer.size()
+        )));
+    }
+    Ok(())
+}
+
+fn to_u32(n: usize, what: &str) -> Result<u32> {
+    u32::try_from(n).map_err(|_| gpu_error(format!("{what} = {n} does not fit in u32")))
+}
+
+impl Kernels {
+    pub fn new(ctx: Arc<GpuContext>) -> Self {
+        Self {
+            ctx,
+            pipelines: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn context(&self) -> &GpuContext {
+        &self.ctx
+    }
+
+    /// The pipeline for `name` compiled with `defines` (WGSL `const` lines).
+    fn pipeline<P: Uniform>(&self, name: &'static str, defines: String) -> wgpu::ComputePipeline {
+        let key = (name, defines);
+        let mut cache = self.pipelines.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = cache.get(&key) {
+            return p.clone();
+        }
+        let quant = if uses_quant(name) {
+            include_str!("shaders/quant.wgsl")
+        } else {
+            ""
+        };
+        let text = format!("{}\n{}\n{quant}\n{}", key.1, P::WGSL, shader_source(name));
+        let module = self
+            .ctx
+            .device
+            .create_shader_module(wgpu::ShaderModuleDescriptor {
+                label: Some(name),
+                source: wgpu::ShaderSource::Wgsl(text.into()),
+            });
+        let pipeline = self
+            .ctx
+            .device
+            .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some(name),
+                layout: None,
+                module: &module,
+                entry_point: Some("main"),
+                compilation_options: Default::default(),
+                cache: None,
+            });
+        cache.insert(key, pipeline.clone());
+        pipeline
+    }
+
+    /// A dispatch of `workgroups` workgroups binding `params` at 0 and `buffers` at 1...
+    fn dispatch<P: Uniform>(
+        &self,
+        pipeline: wgpu::ComputePipeline,
+        params: &P,
+        buffers: &[&wgpu::Buffer],
+        workgroups: u32,
+    ) -> Dispatch {
+        let device = &self.ctx.device;
+        let uniform = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some("params"),
+            contents: bytemuck::bytes_of(params),
+            usage: wgpu::BufferUsages::UNIFORM,
+        });
+        let mut entries = vec![wgpu::BindGroupEntry {
+            binding: 0,
+            resource: uniform.as_entire_binding(),
+        }];
+        entries.extend(buffers.iter().zip(1..).map(|(b, i)| wgpu::BindGroupEntry {
+            binding: i,
+            resource: b.as_entire_binding(),
+        }));
+        let bind_group = device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: None,
+            layout: &pipeline.get_bind_group_layout(0),
+            entries: &entries,
+        });
+        Dispatch {
+            pipeline,
+            bind_group,
+            grid: self.ctx.grid(workgroups),
+        }
+    }
+
+    fn defines(fmt: Option<WeightFormat>, extra: &str) -> String {
+        let fmt = fmt.map_or(String::new(), |f| {
+            format!("const FMT: u32 = {}u;\n", f.shader_id())
+        });
+        format!("const WG: u32 = {WG}u;\n{fmt}{extra}")
+    }
+
+    /// `y[r, :] = W · x[r, :]` for `r < m`: `W` is `[rows, cols]`, `x` is `[m, cols]`,
+    /// `y` is `[m, rows]`; 1 ≤ m ≤ [`MAX_BATCH_ROWS`]. One dispatch per weight chunk.
+    pub fn matvec(
+        &self,
+        w: &QuantWeight,
+        x: &wgpu::Buffer,
+        y: &wgpu::Buffer,
+        m: usize,
+    ) -> Result<Op> {
+        if !(1..=MAX_BATCH_ROWS).contains(&m) {
+            return Err(gpu_error(format!(
+                "matvec: batch of {m} rows, want 1..={MAX_BATCH_ROWS}"
+            )));
+        }
+        need(x, m * w.cols, "x", "matvec")?;
+        need(y, m * w.rows, "y", "matvec")?;
+        let pipeline = self.pipeline::<MatVecParams>(
+            "matvec",
+            Self::defines(Some(w.format), &format!("const M: u32 = {m}u;\n")),
+        );
+        let mut dispatches = Vec::with_capacity(w.chunks.len());
+        for chunk in &w.chunks {
+            let params = MatVecParams {
+                rows: to_u32(chunk.rows, "rows")?,
+                cols: to_u32(w.cols, "cols")?,
+                row_offset: to_u32(chunk.row_start, "row offset")?,
+                y_stride: to_u32(w.rows, "rows")?,
+            };
+            dispatches.push(self.dispatch(
+                pipeline.clone(),
+                &params,
+                &[&chunk.buffer, x, y],
+                params.rows,
+            ));
+        }
+        Ok(Op {
+            label: "matvec",
+            dispatches,
+        })
+    }
+
+    /// `y = rms_norm(x) · weight` per row: `x`, `y` are `[rows, n]`, `weight` is `[n]`.
+    pub fn rms_norm(
+        &self,
+        x: &wgpu::Buffer,
+        weight: &wgpu::Buffer,
+        y: &wgpu::Buffer,
+        rows: usize,
+        n: usize,
+        eps: f32,
+    ) -> Result<Op> {
+        need(x, rows * n, "x", "rms_norm")?;
+        need(weight, n, "weight", "rms_norm")?;
+        need(y, rows * n, "y", "rms_norm")?;
+        let params = RmsNormParams {
+            rows: to_u32(rows, "rows")?,
+            n: to_u32(n, "n")?,
+            eps,
+            _pad: 0,
+        };
+        let pipeline = self.pipeline::<RmsNormParams>("rms_norm", Self::defines(None, ""));
+        let d = self.dispatch(pipeline, &params, &[x, weight, y], params.rows);
+        Ok(Op {
+            label: "rms_norm",
+            dispatches: vec![d],
+        })
+    }
+
+    /// In-place RoPE of `x` (`[vectors, head_dim]`, e.g. `[m·heads, head_dim]`) at
+    /// position `pos[pos_index]`; `inv_freq` is `[head_dim / 2]`.
+    pub fn rope(
+        &self,
+        shape: RopeShape,
+        x: &wgpu::Buffer,
+        inv_freq: &wgpu::Buffer,
+        pos: &wgpu::Buffer,
+        pos_index: usize,
+    ) -> Result<Op> {
+        let RopeShape {
+            vectors,
+            head_dim,
+            style,
+        } = shape;
+        if !head_dim.is_multiple_of(2) {
+            return Err(gpu_error(format!("rope: odd head_dim {head_dim}")));
+        }
+        need(x, vectors * head_dim, "x", "rope")?;
+        need(inv_freq, head_dim / 2, "inv_freq", "rope")?;
+        need(pos, pos_index + 1, "pos", "rope")?;
+        let params = RopeParams {
+            vectors: to_u32(vectors, "vectors")?,
+            head_dim: to_u32(head_dim, "head_dim")?,
+            pos_index: to_u32(pos_index, "pos_index")?,
+            _pad: 0,
+        };
+        let interleaved = style == RopeStyle::Interleaved;
+        let pipeline = self.pipeline::<RopeParams>(
+            "rope",
+            Self::defines(None, &format!("const INTERLEAVED: bool = {interleaved};\n")),
+        );
+        let pairs = to_u32(vectors * head_dim / 2, "pairs")?;
+        let d = self.dispatch(pipeline, &params, &[x, inv_freq, pos], pairs.div_ceil(WG));
+        Ok(Op {
+            label: "rope",
+            dispatches: vec![d],
+        })
+    }
+
+    /// `out = silu(gate) · up`, all `[n]`.
+    pub fn silu_mul(
+        &self,
+        gate: &wgpu::Buffer,
+        up: &wgpu::Buffer,
+        out: &wgpu::Buffer,
+        n: usize,
+    ) -> Result<Op> {
+        for (b, what) in [(gate, "gate"), (up, "up"), (out, "out")] {
+            need(b, n, what, "silu_mul")?;
+        }
+        self.elementwise("silu_mul", &[gate, up, out], n)
+    }
+
+    /// `dst += src`, both `[n]` (the residual add).
+    pub fn add_assign(&self, dst: &wgpu::Buffer, src: &wgpu::Buffer, n: usize) -> Result<Op> {
+        need(dst, n, "dst", "add")?;
+        need(src, n, "src", "add")?;
+        self.elementwise("add", &[dst, src], n)
+    }
+
+    fn elementwise(&self, name: &'static str, buffers: &[&wgpu::Buffer], n: usize) -> Result<Op> {
+        let params = ElementwiseParams {
+            n: to_u32(n, "n")?,
+            ..Default::default()
+        };
+        let pipeline = self.pipeline::<ElementwiseParams>(name, Self::defines(None, ""));
+        let d = self.dispatch(pipeline, &params, buffers, params.n.div_ceil(WG));
+        Ok(Op {
+            label: name,
+            dispatches: vec![d],
+        })
+    }
+
+    /// `out[r, :] = table[ids[id_index], :]` for `r < rows`: `table` is `[vocab, dim]`
+    /// (F32 or any block format, dim divisible by 32 when quantized), `out` is
+    /// `[rows, dim]`. An id outside the vocabulary yields zeros.
+    pub fn embedding(
+        &self,
+        table: &QuantWeight,
+        ids: &wgpu::Buffer,
+        id_index: usize,
+        out: &wgpu::Buffer,
+        rows: usize,
+    ) -> Result<Op> {
+        need(ids, id_index + 1, "ids", "embedding")?;
+        need(out, rows * table.cols, "out", "embedding")?;
+        let pipeline =
+            self.pipeline::<EmbeddingParams>("embedding", Self::defines(Some(table.format), ""));
+        let groups = to_u32(table.cols.div_ceil(32), "groups")?;
+        let mut dispatches = Vec::with_capacity(table.chunks.len());
+        for chunk in &table.chunks {
+            let params = EmbeddingParams {
+                vocab: to_u32(table.rows, "vocab")?,
+                dim: to_u32(table.cols, "dim")?,
+                rows: to_u32(rows, "rows")?,
+                id_index: to_u32(id_index, "id_index")?,
+                row_start: to_u32(chunk.row_start, "row_start")?,
+                chunk_rows: to_u32(chunk.rows, "chunk rows")?,
+                ..Default::default()
+            };
+            dispatches.push(self.dispatch(
+                pipeline.clone(),
+                &params,
+                &[&chunk.buffer, ids, out],
+                groups.div_ceil(WG),
+            ));
+        }
+        Ok(Op {
+            label: "embedding",
+            dispatches,
+        })
+    }
+
+    /// Writes k/v at `pos[pos_index]` into the caches, then attends one query per
+    /// (row, head) over positions `0..=pos`. Owns a `[rows, heads, capacity]` scratch
+    /// buffer for the scores. The caller keeps `pos < capacity`.
+    pub fn attention(
+        &self,
+        shape: AttentionShape,
+        b: &AttentionBuffers<'_>,
+        pos_index: usize,
+    ) -> Result<Op> {
+        let AttentionShape {
+            rows,
+            heads,
+            kv_heads,
+            head_dim,
+            capacity,
+        } = shape;
+        if kv_heads == 0 || !heads.is_multiple_of(kv_heads) || capacity == 0 {
+            return Err(gpu_error(format!("attention: bad shape {shape:?}")));
+        }
+        need(b.q, rows * heads * head_dim, "q", "attention")?;
+        need(b.out, rows * heads * head_dim, "out", "attention")?;
+        need(b.k_new, rows * kv_heads * head_dim, "k_new", "attention")?;
+        need(b.v_new, rows * kv_heads * head_dim, "v_new", "attention")?;
+        let cache = rows * kv_heads * capacity * head_dim;
+        need(b.k_cache, cache, "k_cache", "attention")?;
+        need(b.v_cache, cache, "v_cache", "attention")?;
+        need(b.pos, pos_index + 1, "pos", "attention")?;
+        let params = AttentionParams {
+            rows: to_u32(rows, "rows")?,
+            heads: to_u32(heads, "heads")?,
+            kv_heads: to_u32(kv_heads, "kv_heads")?,
+            head_dim: to_u32(head_dim, "head_dim")?,
+            capacity: to_u32(capacity, "capacity")?,
+            pos_index: to_u32(pos_index, "pos_index")?,
+            scale: 1.0 / (head_dim as f32).sqrt(),
+            _pad: 0,
+        };
+        let scores = storage_zeros(&self.ctx, "attention scores", rows * heads * capacity);
+        let write = self.dispatch(
+            self.pipeline::<AttentionParams>("kv_write", Self::defines(None, "")),
+            &params,
+            &[b.k_new, b.v_new, b.k_cache, b.v_cache, b.pos],
+            to_u32(rows * kv_heads * head_dim, "kv values")?.div_ceil(WG),
+        );
+        let attend = self.dispatch(
+            self.pipeline::<AttentionParams>("attention", Self::defines(None, "")),
+            &params,
+            &[b.q, b.k_cache, b.v_cache, b.pos, &scores, b.out],
+            params.rows * params.heads,
+        );
+        Ok(Op {
+            label: "attention",
+            dispatches: vec![write, attend],
+        })
+    }
+}

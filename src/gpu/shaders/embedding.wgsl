@@ -1,0 +1,46 @@
+// out[r, :] = table[ids[id_index], :] for r < rows (base and ARM rows share the token).
+// The id is read on the GPU (the previous step's sample), so nothing is read back.
+// One thread per 32-column group; the table may be split in row chunks, one dispatch
+// each: a dispatch writes only if the id falls in its chunk, and chunk 0 writes zeros
+// for an id outside the vocabulary (never reading out of bounds).
+// Defines: WG, FMT.
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> w: array<u32>;
+@group(0) @binding(2) var<storage, read> ids: array<u32>;
+@group(0) @binding(3) var<storage, read_write> out: array<f32>;
+
+@compute @workgroup_size(WG)
+fn main(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) tid: u32,
+) {
+    let g = (wid.y * nwg.x + wid.x) * WG + tid;
+    let id = ids[p.id_index];
+    let in_chunk = id >= p.row_start && id - p.row_start < p.chunk_rows;
+    let invalid = id >= p.vocab && p.row_start == 0u;
+    if (g * 32u >= p.dim || !(in_chunk || invalid)) {
+        return;
+    }
+    let local = id - p.row_start;
+    var q: array<f32, 32>;
+    if (in_chunk) {
+        if (FMT == 0u) {
+            for (var i = 0u; i < 32u; i++) {
+                let c = min(g * 32u + i, p.dim - 1u);
+                q[i] = bitcast<f32>(w[local * p.dim + c]);
+            }
+        } else {
+            decode_block((local * (p.dim / 32u) + g) * block_bytes(), &q);
+        }
+    }
+    for (var r = 0u; r < p.rows; r++) {
+        for (var i = 0u; i < 32u; i++) {
+            let c = g * 32u + i;
+            if (c < p.dim) {
+                out[r * p.dim + c] = q[i];
+            }
+        }
+    }
+}

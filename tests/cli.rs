@@ -494,3 +494,31 @@ fn prefs_pairs_resume_after_a_kill() {
     run(&resumed, true);
     assert_eq!(std::fs::read_to_string(&resumed).unwrap(), text);
 }
+
+#[test]
+fn unsupported_embedded_tokenizer_still_runs_on_token_ids() {
+    let dir = temp_dir("cli-spm");
+    let cfg = TinyConfig::default();
+    let tokens: Vec<String> = (0..cfg.vocab_size).map(|i| format!("▁t{i}")).collect();
+    let path = dir.join("spm.gguf");
+    TinyModel::random(&cfg, 30).write_gguf_with_tokenizer(
+        &path,
+        GgmlDType::F32,
+        Some(&tokens),
+        "llama",
+    );
+    let out = json(&genarm(&[
+        "generate",
+        "--model",
+        s(&path),
+        "--prompt-tokens",
+        "1,2,3",
+        "--max-new-tokens",
+        "3",
+        "--json",
+    ]));
+    assert_eq!(out["tokens"].as_array().unwrap().len(), 3);
+    let o = genarm(&["generate", "--model", s(&path), "--prompt", "hello"]);
+    assert_clean_error(&o, "tokenizer.ggml.model");
+    assert!(stderr(&o).contains("--prompt-tokens"), "{}", stderr(&o));
+}

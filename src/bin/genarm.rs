@@ -443,12 +443,15 @@ fn prompt_ids(engine: &CpuEngine, args: &GenerateArgs) -> Result<Vec<u32>> {
         }
         (None, None) => bail!("give --prompt, --prompt-file or --prompt-tokens"),
     };
-    let tok = engine.tokenizer().with_context(|| {
-        format!(
-            "{} has no tokenizer: give the prompt as --prompt-tokens",
-            args.models.model.display()
-        )
-    })?;
+    let tok = engine
+        .tokenizer()
+        .with_context(|| match engine.tokenizer_note() {
+            Some(note) => format!("{note}; give the prompt as --prompt-tokens"),
+            None => format!(
+                "{} has no tokenizer: give the prompt as --prompt-tokens",
+                args.models.model.display()
+            ),
+        })?;
     if args.chat {
         let mut messages = Vec::new();
         if let Some(system) = &args.system {

@@ -37,6 +37,7 @@ pub struct CpuEngine {
     labels: Vec<String>,
     vocab: usize,
     tokenizer: Option<TextTokenizer>,
+    tokenizer_note: Option<String>,
     device: Device,
 }
 
@@ -140,12 +141,18 @@ impl CpuEngine {
             labels,
             vocab,
             tokenizer: base.tokenizer,
+            tokenizer_note: base.tokenizer_note,
             device: device.clone(),
         })
     }
 
     pub fn tokenizer(&self) -> Option<&TextTokenizer> {
         self.tokenizer.as_ref()
+    }
+
+    /// Why the base has no usable tokenizer, when its file carries one we cannot build.
+    pub fn tokenizer_note(&self) -> Option<&str> {
+        self.tokenizer_note.as_deref()
     }
 
     pub fn base_config(&self) -> &crate::model::config::LlamaConfig {

@@ -23,6 +23,9 @@ pub struct Checkpoint {
     pub source: Box<dyn WeightSource>,
     pub config: LlamaConfig,
     pub tokenizer: Option<TextTokenizer>,
+    /// Why `tokenizer` is `None` when the file has one this crate cannot build (e.g. a
+    /// SentencePiece GGUF vocabulary): the model still runs on token ids.
+    pub tokenizer_note: Option<String>,
 }
 
 impl Checkpoint {
@@ -43,12 +46,17 @@ impl Checkpoint {
     pub fn open_gguf(path: &Path) -> Result<Self> {
         let file = GgufFile::open(path)?;
         let config = file.config()?;
-        let tokenizer = TextTokenizer::from_gguf(file.metadata(), path)?;
+        let (tokenizer, tokenizer_note) = match TextTokenizer::from_gguf(file.metadata(), path) {
+            Ok(t) => (t, None),
+            Err(e @ Error::Unsupported { .. }) => (None, Some(e.to_string())),
+            Err(e) => return Err(e),
+        };
         Ok(Self {
             path: path.into(),
             source: Box::new(file),
             config,
             tokenizer,
+            tokenizer_note,
         })
     }
 
@@ -67,6 +75,7 @@ impl Checkpoint {
             source: Box::new(SafetensorsFiles::open(dir)?),
             config,
             tokenizer,
+            tokenizer_note: None,
         })
     }
 }

@@ -413,6 +413,18 @@ impl TinyModel {
     /// as F32 (as llama.cpp does). Q/K weights and biases get llama.cpp's row
     /// permutation. With `tokens`, a minimal "gpt2" tokenizer is embedded.
     pub fn write_gguf_with_tokens(&self, path: &Path, dtype: GgmlDType, tokens: Option<&[String]>) {
+        self.write_gguf_with_tokenizer(path, dtype, tokens, "gpt2")
+    }
+
+    /// `write_gguf_with_tokens` with another `tokenizer.ggml.model` (e.g. "llama", the
+    /// SentencePiece vocabularies of Llama 2 and Mistral).
+    pub fn write_gguf_with_tokenizer(
+        &self,
+        path: &Path,
+        dtype: GgmlDType,
+        tokens: Option<&[String]>,
+        tokenizer_model: &str,
+    ) {
         let cfg = &self.config;
         let mut metadata: Vec<(&str, gguf_file::Value)> = vec![
             (
@@ -455,7 +467,7 @@ impl TinyModel {
             metadata.extend([
                 (
                     "tokenizer.ggml.model",
-                    gguf_file::Value::String("gpt2".into()),
+                    gguf_file::Value::String(tokenizer_model.into()),
                 ),
                 ("tokenizer.ggml.tokens", gguf_file::Value::Array(strings)),
                 ("tokenizer.ggml.merges", gguf_file::Value::Array(vec![])),

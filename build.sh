@@ -176,8 +176,9 @@ bench() {
     --arm "$dir/random-1:1" --arm "$dir/random-2:1" --tokens 128 --runs 5 "$@"
 }
 
-# Rebuilds the demo ARM from scratch (~20 min of data synthesis and ~15 min of training
-# on 2 cores; never run by CI). Interrupted steps resume where they stopped.
+# Rebuilds the demo ARMs from scratch (positive: ~20 min of data synthesis and ~15 min of
+# training on 2 cores; concise: ~50 + 20 min; never run by CI). Interrupted steps resume
+# where they stopped.
 train_demo_arms() {
   fetch_model
   fetch_data
@@ -196,6 +197,14 @@ train_demo_arms() {
   $bin eval --model "$DEMO_MODEL" --arm www/arms/positive --prompts "$dir/sent-eval.txt" --limit 120 \
     --scorer sentiment --scorer sentiment-afinn --alphas 0,0.5,1,2 --max-new-tokens 24 --seed 7 \
     --data-dir "$DATA_DIR" --out "$dir/eval-positive"
+  # The second objective: shorter complete answers (about 50 min of sampling on 2 cores).
+  [ -s "$dir/concise-pairs.jsonl" ] || $bin prefs --model "$DEMO_MODEL" --prompts "$dir/sent-train.txt" \
+    --chat --template "Complete this sentence: {}" --samples 4 --scorer concise --max-new-tokens 40 \
+    --seed 2 --resume --out "$dir/concise-pairs.jsonl"
+  $bin train --model "$DEMO_MODEL" --data "$dir/concise-pairs.jsonl" --chat --out www/arms/concise \
+    --lora-layers 6 --beta-r 0.1 --lr 1e-3 --batch-size 16 --micro-batch 8 --warmup 10 \
+    --eval-frac 0.05 --max-prompt-len 64 --max-len 112 --seed 2 --resume --name concise \
+    --objective "fewer tokens for a complete answer" --base-name HuggingFaceTB/SmolLM2-135M-Instruct
 }
 
 cmd="${1:-run}"

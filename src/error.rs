@@ -56,6 +56,10 @@ pub enum Error {
     #[error("tokenizer: {0}")]
     Tokenizer(String),
 
+    /// The GPU engine failed: no adapter, device lost, out of memory, a bad op shape.
+    #[error("gpu: {0}")]
+    Gpu(String),
+
     /// Rendering a chat template failed.
     #[error("chat template: {0}")]
     Template(String),

@@ -12,8 +12,7 @@ pub use buffers::{QuantWeight, WeightFormat};
 pub use device::GpuContext;
 pub use ops::Kernels;
 
-/// GPU failures become `Error::Request` for now (no dedicated variant yet), always
-/// prefixed with `gpu:` so the message says which engine failed.
+/// A failure of the GPU engine (no adapter, device lost, out of memory, a bad shape).
 pub(crate) fn gpu_error(message: impl std::fmt::Display) -> crate::error::Error {
-    crate::error::Error::Request(format!("gpu: {message}"))
+    crate::error::Error::Gpu(message.to_string())
 }

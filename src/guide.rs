@@ -93,14 +93,19 @@ pub fn argmax(scores: &[f32]) -> u32 {
 /// A uniform number in [0, 1) from (seed, counter): SplitMix64 finalisers over both,
 /// 53 random bits. Counter based so that the GPU sampler can reproduce it.
 pub fn uniform(seed: u64, counter: u64) -> f64 {
-    fn mix(mut z: u64) -> u64 {
-        z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
+    let mix = |z: u64| mix64(z.wrapping_add(SPLITMIX_GAMMA));
     let bits = mix(mix(seed) ^ counter);
     (bits >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// SplitMix64's increment (the golden ratio in 64 bits).
+pub(crate) const SPLITMIX_GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
+
+/// SplitMix64's output finaliser: a bijective, well-mixed hash of a 64-bit word.
+pub(crate) fn mix64(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
 }
 
 /// Draws tokens from guided scores; counts its draws so each is reproducible.

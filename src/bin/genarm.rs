@@ -8,7 +8,6 @@ use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use genarm::cpu::{CpuEngine, DEFAULT_CONTEXT};
-use genarm::model::tokenizer::ChatMessage;
 use genarm::{ArmSpec, Engine, GenerateOptions, SamplingParams};
 
 /// GenARM: reward-guided generation with autoregressive reward models.
@@ -429,6 +428,20 @@ fn load_engine(models: &ModelArgs, arms: &[ArmSpec]) -> Result<CpuEngine> {
     Ok(engine?)
 }
 
+/// A progress bar on stderr with an ETA, or `None` when stderr is not a terminal (logs
+/// and pipes get plain lines instead). `unit` follows the counts, e.g. "steps {msg}".
+fn progress_bar(total: u64, unit: &str) -> Option<indicatif::ProgressBar> {
+    std::io::stderr().is_terminal().then(|| {
+        let pb = indicatif::ProgressBar::new(total);
+        let template =
+            format!("{{bar:30}} {{pos}}/{{len}} {unit} [{{elapsed_precise}} < {{eta_precise}}]");
+        if let Ok(style) = indicatif::ProgressStyle::with_template(&template) {
+            pb.set_style(style);
+        }
+        pb
+    })
+}
+
 fn prompt_ids(engine: &CpuEngine, args: &GenerateArgs) -> Result<Vec<u32>> {
     if let Some(ids) = &args.prompt.prompt_tokens {
         if args.chat {
@@ -452,32 +465,10 @@ fn prompt_ids(engine: &CpuEngine, args: &GenerateArgs) -> Result<Vec<u32>> {
                 args.models.model.display()
             ),
         })?;
-    if args.chat {
-        let mut messages = Vec::new();
-        if let Some(system) = &args.system {
-            messages.push(ChatMessage {
-                role: "system".into(),
-                content: system.clone(),
-            });
-        }
-        messages.push(ChatMessage {
-            role: "user".into(),
-            content: text,
-        });
-        let rendered = tok.apply_chat_template(&messages, true)?;
-        Ok(tok.encode(&rendered, false)?)
-    } else {
-        Ok(tok.encode(&text, true)?)
-    }
+    Ok(tok.encode_prompt(&text, args.chat, args.system.as_deref())?)
 }
 
 fn sampling_options(s: &SamplingArgs, engine: &CpuEngine, arms: &[ArmSpec]) -> GenerateOptions {
-    let mut eos_ids = engine.base_config().eos_token_ids.clone();
-    if let Some(t) = engine.tokenizer() {
-        eos_ids.extend_from_slice(t.eos_ids());
-    }
-    eos_ids.sort_unstable();
-    eos_ids.dedup();
     GenerateOptions {
         max_new_tokens: s.max_new_tokens,
         alphas: arms.iter().map(|a| a.alpha).collect(),
@@ -488,7 +479,7 @@ fn sampling_options(s: &SamplingArgs, engine: &CpuEngine, arms: &[ArmSpec]) -> G
             top_p: s.top_p,
             seed: s.seed,
         },
-        eos_ids,
+        eos_ids: engine.stop_token_ids(),
         ignore_eos: s.ignore_eos,
         stop_strings: s.stop.clone(),
     }
@@ -791,15 +782,7 @@ fn cmd_train(args: TrainArgs) -> Result<()> {
     );
     let mut trainer = Trainer::new(&base, config, &args.out, max_len, &Device::Cpu)?;
     let total = (train.len().div_ceil(args.batch_size) * args.epochs) as u64;
-    let bar = std::io::stderr().is_terminal().then(|| {
-        let pb = indicatif::ProgressBar::new(total);
-        if let Ok(style) = indicatif::ProgressStyle::with_template(
-            "{bar:30} {pos}/{len} steps {msg} [{elapsed_precise} < {eta_precise}]",
-        ) {
-            pb.set_style(style);
-        }
-        pb
-    });
+    let bar = progress_bar(total, "steps {msg}");
     let label = ArmLabel {
         name: args.name.clone(),
         objective: args.objective.clone(),
@@ -873,8 +856,7 @@ fn cmd_prefs(args: PrefsArgs) -> Result<()> {
         1024,
         &Device::Cpu,
     )?;
-    let mut eos = base.config.eos_token_ids.clone();
-    eos.extend_from_slice(tok.eos_ids());
+    let eos = genarm::model::stop_token_ids(&base.config, Some(&tok));
     // Pairs go to OUT.part as they are made (each line tagged with its prompt index), so
     // `--resume` after a kill continues after the last prompt written.
     let part = args.out.with_extension("jsonl.part");
@@ -908,15 +890,7 @@ fn cmd_prefs(args: PrefsArgs) -> Result<()> {
     let started = std::time::Instant::now();
     for (i, line) in prompts.iter().enumerate().skip(first) {
         let prompt = &args.template.replace("{}", line);
-        let ids = if args.chat {
-            let msgs = [ChatMessage {
-                role: "user".into(),
-                content: prompt.clone(),
-            }];
-            tok.encode(&tok.apply_chat_template(&msgs, true)?, false)?
-        } else {
-            tok.encode(prompt, true)?
-        };
+        let ids = tok.encode_prompt(prompt, args.chat, None)?;
         let params = SamplingParams {
             temperature: args.temperature,
             top_p: args.top_p,
@@ -1016,22 +990,13 @@ fn cmd_eval(args: EvalArgs) -> Result<()> {
         chat: args.chat,
         template: args.template.clone(),
     };
-    let mut eos = engine.base_config().eos_token_ids.clone();
-    eos.extend_from_slice(tok.eos_ids());
+    let eos = engine.stop_token_ids();
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
     let samples_path = args.out.join("samples.jsonl");
     let mut samples_file = std::io::BufWriter::new(std::fs::File::create(&samples_path)?);
     let total = (prompts.len() * settings.len() * args.samples) as u64;
-    let bar = std::io::stderr().is_terminal().then(|| {
-        let pb = indicatif::ProgressBar::new(total);
-        if let Ok(style) = indicatif::ProgressStyle::with_template(
-            "{bar:30} {pos}/{len} responses [{elapsed_precise} < {eta_precise}]",
-        ) {
-            pb.set_style(style);
-        }
-        pb
-    });
+    let bar = progress_bar(total, "responses");
     let mut done = 0u64;
     let records = run_sweep(
         &mut engine,

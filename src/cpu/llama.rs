@@ -361,6 +361,16 @@ pub fn permute_for_interleaved_rope(w: &Tensor, heads: usize, head_dim: usize) -
         .reshape((rows, cols))?)
 }
 
+/// The inverse of `permute_for_interleaved_rope`: GGUF row `h·hd + 2i + s` back to HF
+/// row `h·hd + s·hd/2 + i`.
+pub fn unpermute_interleaved_rows(w: &Tensor, heads: usize, head_dim: usize) -> Result<Tensor> {
+    let (rows, cols) = w.dims2()?;
+    Ok(w.reshape((heads, head_dim / 2, 2, cols))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((rows, cols))?)
+}
+
 struct Attention {
     /// q, k and v of the normed input.
     qkv: RowLinear,
@@ -552,7 +562,7 @@ impl Llama {
         )?;
 
         let capacity = capacity.min(cfg.max_position_embeddings).max(1);
-        let (cos, sin) = rope_tables(cfg, capacity, device)?;
+        let (cos, sin) = rope_tables(cfg, capacity, DType::F32, device)?;
         let caches = (0..cfg.num_layers)
             .map(|_| -> Result<LayerCache> {
                 let shape = (rows.len(), cfg.num_kv_heads, capacity, hd);
@@ -722,7 +732,13 @@ fn check_adapter_modules(adapter: &LoraAdapter, cfg: &LlamaConfig) -> Result<()>
     Ok(())
 }
 
-fn rope_tables(cfg: &LlamaConfig, capacity: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+/// `[capacity, head_dim/2]` cos and sin tables (row `p` is position `p`) in `dtype`.
+pub(crate) fn rope_tables(
+    cfg: &LlamaConfig,
+    capacity: usize,
+    dtype: DType,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
     let inv_freq = cfg.rope_inv_freq();
     let half = inv_freq.len();
     let mut cos = Vec::with_capacity(capacity * half);
@@ -731,20 +747,25 @@ fn rope_tables(cfg: &LlamaConfig, capacity: usize, device: &Device) -> Result<(T
         for f in &inv_freq {
             // Angles in f64: at positions in the thousands f32 loses the low bits.
             let angle = p as f64 * f;
-            cos.push(angle.cos() as f32);
-            sin.push(angle.sin() as f32);
+            cos.push(angle.cos());
+            sin.push(angle.sin());
         }
     }
     Ok((
-        Tensor::from_vec(cos, (capacity, half), device)?,
-        Tensor::from_vec(sin, (capacity, half), device)?,
+        Tensor::from_vec(cos, (capacity, half), device)?.to_dtype(dtype)?,
+        Tensor::from_vec(sin, (capacity, half), device)?.to_dtype(dtype)?,
     ))
 }
 
 /// Additive mask for `seq` new queries after `past` cached tokens, laid out for the
 /// grouped query rows (`n_rep` query heads per KV head, head-major): `[n_rep·seq, past+seq]`.
 /// `None` for a single query, which may attend to everything.
-fn causal_mask(seq: usize, past: usize, n_rep: usize, device: &Device) -> Result<Option<Tensor>> {
+pub(crate) fn causal_mask(
+    seq: usize,
+    past: usize,
+    n_rep: usize,
+    device: &Device,
+) -> Result<Option<Tensor>> {
     if seq == 1 {
         return Ok(None);
     }

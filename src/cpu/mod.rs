@@ -150,6 +150,11 @@ impl CpuEngine {
         self.tokenizer.as_ref()
     }
 
+    /// The token ids that end generation (see `model::stop_token_ids`).
+    pub fn stop_token_ids(&self) -> Vec<u32> {
+        crate::model::stop_token_ids(self.base_config(), self.tokenizer.as_ref())
+    }
+
     /// Why the base has no usable tokenizer, when its file carries one we cannot build.
     pub fn tokenizer_note(&self) -> Option<&str> {
         self.tokenizer_note.as_deref()
@@ -170,6 +175,19 @@ impl CpuEngine {
 
     fn slots(&self) -> impl Iterator<Item = Slot> + '_ {
         std::iter::once(self.base).chain(self.arms.iter().copied())
+    }
+
+    /// Moves each model's result out of the per-group results (base first, then the
+    /// ARMs) and lets `cut` trim it to the base vocabulary. Each slot is a distinct
+    /// (group, row), so nothing is copied.
+    fn take_slots<T: Default>(&self, mut per_group: Vec<Vec<T>>, cut: impl Fn(&mut T)) -> Vec<T> {
+        self.slots()
+            .map(|s| {
+                let mut rows = std::mem::take(&mut per_group[s.group][s.row]);
+                cut(&mut rows);
+                rows
+            })
+            .collect()
     }
 }
 
@@ -281,8 +299,8 @@ impl Engine for CpuEngine {
             .collect::<Result<Vec<_>>>()?;
         let vocab = self.vocab;
         let mut rows = self
-            .slots()
-            .map(|s| per_group[s.group][s.row][..vocab].to_vec());
+            .take_slots(per_group, |row: &mut Vec<f32>| row.truncate(vocab))
+            .into_iter();
         let base = rows.next().unwrap_or_default();
         Ok(StepLogProbs {
             base,
@@ -302,14 +320,8 @@ impl Engine for CpuEngine {
             .collect::<Result<Vec<_>>>()?;
         self.reset();
         let vocab = self.vocab;
-        Ok(self
-            .slots()
-            .map(|s| {
-                per_group[s.group][s.row]
-                    .iter()
-                    .map(|pos| pos[..vocab].to_vec())
-                    .collect()
-            })
-            .collect())
+        Ok(self.take_slots(per_group, |positions: &mut Vec<Vec<f32>>| {
+            positions.iter_mut().for_each(|row| row.truncate(vocab))
+        }))
     }
 }

@@ -10,6 +10,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
+use crate::guide::{mix64, SPLITMIX_GAMMA};
 
 /// Sentences shorter than this many words are skipped.
 pub const MIN_SENTENCE_WORDS: usize = 8;
@@ -27,7 +28,7 @@ struct SplitMix64(u64);
 
 impl SplitMix64 {
     fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        self.0 = self.0.wrapping_add(SPLITMIX_GAMMA);
         mix64(self.0)
     }
 
@@ -48,12 +49,6 @@ impl SplitMix64 {
             items.swap(i, j);
         }
     }
-}
-
-fn mix64(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
 }
 
 /// Case-insensitive identity of a prompt: lower-cased, whitespace collapsed.

@@ -13,7 +13,7 @@ use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::generate::{generate, GenerateOptions};
 use crate::guide::SamplingParams;
-use crate::model::tokenizer::{ChatMessage, TextTokenizer};
+use crate::model::tokenizer::TextTokenizer;
 
 #[derive(Clone, Debug)]
 pub struct SweepSpec {
@@ -130,15 +130,7 @@ pub fn run_sweep(
     let mut records = Vec::new();
     for (pi, line) in prompts.iter().enumerate() {
         let text = spec.template.replace("{}", line);
-        let ids = if spec.chat {
-            let msgs = [ChatMessage {
-                role: "user".into(),
-                content: text,
-            }];
-            tokenizer.encode(&tokenizer.apply_chat_template(&msgs, true)?, false)?
-        } else {
-            tokenizer.encode(&text, true)?
-        };
+        let ids = tokenizer.encode_prompt(&text, spec.chat, None)?;
         for (si, alphas) in spec.settings.iter().enumerate() {
             for k in 0..spec.samples {
                 let seed = spec

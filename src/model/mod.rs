@@ -17,6 +17,18 @@ use safetensors::SafetensorsFiles;
 use tokenizer::TextTokenizer;
 use weights::WeightSource;
 
+/// The token ids that end generation: the config's EOS ids and the tokenizer's (which
+/// adds end-of-turn tokens such as `<|im_end|>`), sorted and deduplicated.
+pub fn stop_token_ids(config: &LlamaConfig, tokenizer: Option<&TextTokenizer>) -> Vec<u32> {
+    let mut ids = config.eos_token_ids.clone();
+    if let Some(t) = tokenizer {
+        ids.extend_from_slice(t.eos_ids());
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
 /// A full model checkpoint, opened: its weights, config and (if it has one) tokenizer.
 pub struct Checkpoint {
     pub path: PathBuf,

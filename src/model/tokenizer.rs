@@ -309,6 +309,28 @@ impl TextTokenizer {
         self.chat_template.as_deref()
     }
 
+    /// Token ids of a prompt: in `chat` mode one user turn (after an optional system
+    /// turn) rendered by the chat template with the generation prompt, else the plain text
+    /// with the tokenizer's own special tokens (BOS where the model wants one).
+    pub fn encode_prompt(&self, text: &str, chat: bool, system: Option<&str>) -> Result<Vec<u32>> {
+        if !chat {
+            return self.encode(text, true);
+        }
+        let mut messages = Vec::with_capacity(2);
+        if let Some(system) = system {
+            messages.push(ChatMessage {
+                role: "system".into(),
+                content: system.into(),
+            });
+        }
+        messages.push(ChatMessage {
+            role: "user".into(),
+            content: text.into(),
+        });
+        let rendered = self.apply_chat_template(&messages, true)?;
+        self.encode(&rendered, false)
+    }
+
     /// Renders the model's chat template like `transformers`' `apply_chat_template`
     /// (trim_blocks, lstrip_blocks, Python string methods, `raise_exception`).
     pub fn apply_chat_template(

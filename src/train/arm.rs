@@ -8,7 +8,7 @@
 
 use candle_core::{DType, Device, Tensor, Var, D};
 
-use crate::cpu::llama::Llama;
+use crate::cpu::llama::{causal_mask, rope_tables, unpermute_interleaved_rows, Llama};
 use crate::error::{Error, Result};
 use crate::guide::uniform;
 use crate::model::config::{LlamaConfig, RopeLayout};
@@ -189,18 +189,7 @@ impl TrainableArm {
         };
         let head = dense(head_name)?;
         let norm = dense("model.norm.weight")?;
-        let inv_freq = cfg.rope_inv_freq();
-        let (mut cos, mut sin) = (Vec::new(), Vec::new());
-        for pos in 0..max_len {
-            for f in &inv_freq {
-                let angle = pos as f64 * f;
-                cos.push(angle.cos());
-                sin.push(angle.sin());
-            }
-        }
-        let half = inv_freq.len();
-        let cos = Tensor::from_vec(cos, (max_len, half), device)?.to_dtype(dtype)?;
-        let sin = Tensor::from_vec(sin, (max_len, half), device)?.to_dtype(dtype)?;
+        let (cos, sin) = rope_tables(&cfg, max_len, dtype, device)?;
         Ok(Self {
             cfg,
             prefix,
@@ -271,10 +260,13 @@ impl TrainableArm {
             });
         }
         let mut x = Tensor::cat(&hidden, 0)?;
-        let mask = causal_mask(t_max, self.dtype, &self.device)?;
+        // One query row per position, no KV groups, nothing cached before: `[t, t]`.
+        let mask = causal_mask(t_max, 0, 1, &self.device)?
+            .map(|m| m.to_dtype(self.dtype))
+            .transpose()?;
         for (i, block) in self.top.iter().enumerate() {
             let key = dropout.map(|k| (k, i));
-            x = self.block_forward(block, &x, &mask, key)?;
+            x = self.block_forward(block, &x, mask.as_ref(), key)?;
         }
         let x = candle_nn::ops::rms_norm_slow(&x, &self.norm, self.cfg.rms_norm_eps as f32)?;
         // Only response positions go through the head: position t predicts token t+1.
@@ -314,7 +306,7 @@ impl TrainableArm {
         &self,
         b: &TopBlock,
         x: &Tensor,
-        mask: &Tensor,
+        mask: Option<&Tensor>,
         key: Option<(DropoutKey, usize)>,
     ) -> Result<Tensor> {
         let cfg = &self.cfg;
@@ -334,7 +326,11 @@ impl TrainableArm {
         let k = candle_nn::rotary_emb::rope_slow(&heads(lin(&b.k, &h, 1)?, nkv)?, &cos, &sin)?;
         let v = heads(lin(&b.v, &h, 2)?, nkv)?;
         let (k, v) = (repeat_kv(&k, nh / nkv)?, repeat_kv(&v, nh / nkv)?);
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?.broadcast_add(mask)?;
+        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
+        let scores = match mask {
+            Some(m) => scores.broadcast_add(m)?,
+            None => scores,
+        };
         let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
         let att = probs
             .matmul(&v)?
@@ -387,14 +383,6 @@ impl TrainableArm {
     }
 }
 
-/// `[t, t]` additive causal mask.
-fn causal_mask(t: usize, dtype: DType, device: &Device) -> Result<Tensor> {
-    let m: Vec<f32> = (0..t)
-        .flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
-        .collect();
-    Ok(Tensor::from_vec(m, (t, t), device)?.to_dtype(dtype)?)
-}
-
 /// `[b, n_kv, t, d]` → `[b, n_kv·n_rep, t, d]`, each KV head repeated for its query group.
 fn repeat_kv(x: &Tensor, n_rep: usize) -> Result<Tensor> {
     if n_rep == 1 {
@@ -404,14 +392,4 @@ fn repeat_kv(x: &Tensor, n_rep: usize) -> Result<Tensor> {
     Ok(x.unsqueeze(2)?
         .broadcast_as((b, n_kv, n_rep, t, d))?
         .reshape((b, n_kv * n_rep, t, d))?)
-}
-
-/// Undoes llama.cpp's Q/K row permutation: GGUF row `h·hd + 2i + s` is HF row
-/// `h·hd + s·hd/2 + i`.
-pub fn unpermute_interleaved_rows(w: &Tensor, heads: usize, head_dim: usize) -> Result<Tensor> {
-    let (rows, cols) = w.dims2()?;
-    Ok(w.reshape((heads, head_dim / 2, 2, cols))?
-        .transpose(1, 2)?
-        .contiguous()?
-        .reshape((rows, cols))?)
 }

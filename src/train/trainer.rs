@@ -17,7 +17,9 @@ use super::loss::genarm_loss;
 use super::optim::{accumulate, clip_grad_norm, collect_grads, learning_rate, AdamW, Schedule};
 use crate::error::{Error, Result};
 use crate::guide::uniform;
-use crate::model::lora::{write_atomic, ArmInfo, ADAPTER_CONFIG, ADAPTER_WEIGHTS, ARM_INFO};
+use crate::model::lora::{
+    save_safetensors_atomic, write_atomic, ArmInfo, ADAPTER_CONFIG, ADAPTER_WEIGHTS, ARM_INFO,
+};
 use crate::model::Checkpoint;
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -426,10 +428,7 @@ impl Trainer {
             "use_rslora": false,
             "inference_mode": true,
         });
-        let weights = self.out.join(ADAPTER_WEIGHTS);
-        let tmp = self.out.join(format!("{ADAPTER_WEIGHTS}.tmp"));
-        candle_core::safetensors::save(&self.lora_tensors()?, &tmp)?;
-        std::fs::rename(&tmp, &weights).map_err(|e| Error::io(&weights, e))?;
+        save_safetensors_atomic(&self.lora_tensors()?, &self.out.join(ADAPTER_WEIGHTS))?;
         write_atomic(
             &self.out.join(ADAPTER_CONFIG),
             serde_json::to_string_pretty(&config)?.as_bytes(),

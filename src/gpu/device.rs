@@ -126,7 +126,8 @@ impl GpuContext {
     }
 
     /// Splits `n` workgroups into a 2-D grid within the per-dimension limit; shaders
-    /// recover the linear id as `wid.y * nwg.x + wid.x` and skip ids past `n`.
+    /// recover the linear id with `workgroup_index` (shaders/common.wgsl) and skip ids
+    /// past `n`.
     pub fn grid(&self, n: u32) -> (u32, u32) {
         let max = self.limits.max_compute_workgroups_per_dimension.max(1);
         if n <= max {

@@ -171,7 +171,13 @@ impl Kernels {
         } else {
             ""
         };
-        let text = format!("{}\n{}\n{quant}\n{}", key.1, P::WGSL, shader_source(name));
+        let common = include_str!("shaders/common.wgsl");
+        let text = format!(
+            "{}\n{}\n{common}\n{quant}\n{}",
+            key.1,
+            P::WGSL,
+            shader_source(name)
+        );
         let module = self
             .ctx
             .device

@@ -11,7 +11,7 @@ fn main(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) tid: u32,
 ) {
-    let i = (wid.y * nwg.x + wid.x) * WG + tid;
+    let i = workgroup_index(wid, nwg) * WG + tid;
     if (i < p.n) {
         dst[i] += src[i];
     }

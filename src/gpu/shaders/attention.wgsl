@@ -19,7 +19,7 @@ fn main(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) tid: u32,
 ) {
-    let idx = wid.y * nwg.x + wid.x;
+    let idx = workgroup_index(wid, nwg);
     let live = idx < p.rows * p.heads;
     let r = idx / p.heads;
     let h = idx % p.heads;

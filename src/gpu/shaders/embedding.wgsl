@@ -16,7 +16,7 @@ fn main(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) tid: u32,
 ) {
-    let g = (wid.y * nwg.x + wid.x) * WG + tid;
+    let g = workgroup_index(wid, nwg) * WG + tid;
     let id = ids[p.id_index];
     let in_chunk = id >= p.row_start && id - p.row_start < p.chunk_rows;
     let invalid = id >= p.vocab && p.row_start == 0u;

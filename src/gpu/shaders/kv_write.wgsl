@@ -15,7 +15,7 @@ fn main(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) tid: u32,
 ) {
-    let i = (wid.y * nwg.x + wid.x) * WG + tid;
+    let i = workgroup_index(wid, nwg) * WG + tid;
     let t = pos[p.pos_index];
     if (i >= p.rows * p.kv_heads * p.head_dim || t >= p.capacity) {
         return;

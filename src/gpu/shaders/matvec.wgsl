@@ -18,7 +18,7 @@ fn main(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) tid: u32,
 ) {
-    let row = wid.y * nwg.x + wid.x;
+    let row = workgroup_index(wid, nwg);
     // No early return: every thread must reach the barriers below.
     let live = row < p.rows;
     var acc: array<f32, M>;

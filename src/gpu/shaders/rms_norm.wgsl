@@ -14,7 +14,7 @@ fn main(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) tid: u32,
 ) {
-    let row = wid.y * nwg.x + wid.x;
+    let row = workgroup_index(wid, nwg);
     let n = select(0u, p.n, row < p.rows);
     let base = row * p.n;
     var ss = 0.0;

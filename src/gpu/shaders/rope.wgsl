@@ -15,7 +15,7 @@ fn main(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) tid: u32,
 ) {
-    let gid = (wid.y * nwg.x + wid.x) * WG + tid;
+    let gid = workgroup_index(wid, nwg) * WG + tid;
     let half = p.head_dim / 2u;
     if (gid >= p.vectors * half) {
         return;

@@ -4,7 +4,8 @@
 use std::path::PathBuf;
 use std::str::FromStr;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
+use crate::guide::{combine, Sampler};
 
 /// An ARM on the command line: `PATH[:ALPHA]` (alpha defaults to 1).
 #[derive(Clone, Debug, PartialEq)]
@@ -48,6 +49,15 @@ pub struct StepLogProbs {
     pub arms: Vec<Vec<f32>>,
 }
 
+/// The token a guided step chose, with its log-probability under the base and under
+/// each ARM (times α_i, the ARM's token-level reward).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Chosen {
+    pub id: u32,
+    pub base_logprob: f32,
+    pub arm_logprobs: Vec<f32>,
+}
+
 pub trait Engine {
     /// Which backend runs the models, for humans ("cpu", "cuda:0", "webgpu (…)").
     fn backend(&self) -> String;
@@ -66,6 +76,32 @@ pub trait Engine {
     /// Log-probs at every position of `tokens` from a fresh sequence, for the base
     /// (index 0) and each ARM: `[model][position][vocab]`.
     fn teacher_forced(&mut self, tokens: &[u32]) -> Result<Vec<Vec<Vec<f32>>>>;
+
+    /// One GenARM step: feeds `tokens` and picks the next token from
+    /// `base + Σ α_i · arm_i` with `sampler`. This default reads every log-prob row to
+    /// the host; an engine that can pick on its device overrides it and reads back only
+    /// the choice.
+    fn guided_step(
+        &mut self,
+        tokens: &[u32],
+        alphas: &[f32],
+        sampler: &mut Sampler,
+    ) -> Result<Chosen> {
+        let lp = self.step(tokens)?;
+        let arm_rows: Vec<&[f32]> = lp.arms.iter().map(Vec::as_slice).collect();
+        let scores = combine(&lp.base, &arm_rows, alphas);
+        if scores.iter().all(|s| !s.is_finite()) {
+            return Err(Error::Request(
+                "the guided scores are not finite (NaN or infinite logits)".into(),
+            ));
+        }
+        let id = sampler.sample(&scores);
+        Ok(Chosen {
+            id,
+            base_logprob: lp.base[id as usize],
+            arm_logprobs: lp.arms.iter().map(|a| a[id as usize]).collect(),
+        })
+    }
 }
 
 #[cfg(test)]

@@ -3,9 +3,9 @@
 
 use web_time::Instant;
 
-use crate::engine::Engine;
+use crate::engine::{Chosen, Engine};
 use crate::error::{Error, Result};
-use crate::guide::{combine, Sampler, SamplingParams};
+use crate::guide::{Sampler, SamplingParams};
 use crate::model::tokenizer::{TextTokenizer, TokenOutputStream};
 
 #[derive(Clone, Debug)]
@@ -91,95 +91,208 @@ pub fn generate(
     opts: &GenerateOptions,
     on_token: &mut dyn FnMut(&TokenEvent) -> bool,
 ) -> Result<Generation> {
-    let n_arms = engine.arm_labels().len();
-    if opts.alphas.len() != n_arms {
-        return Err(Error::Request(format!(
-            "{} ARM weights given for {n_arms} ARMs",
-            opts.alphas.len()
-        )));
+    let mut decoder = Decoder::new(engine, tokenizer, prompt, opts.clone())?;
+    while let Some(event) = decoder.next(engine)? {
+        if !on_token(&event) {
+            decoder.cancel();
+        }
     }
-    opts.sampling.validate().map_err(Error::Request)?;
-    if prompt.is_empty() {
-        return Err(Error::Request("the prompt is empty".into()));
-    }
-    let context = engine.context_len();
-    if prompt.len() >= context {
-        return Err(Error::Request(format!(
-            "the prompt has {} tokens but the context holds {context} (prompt plus at least one new token)",
-            prompt.len()
-        )));
+    decoder.finish()
+}
+
+/// The decoding loop one token at a time, for callers that must return to their
+/// event loop between tokens (the browser worker): weights and sampling settings may
+/// change between calls to [`Decoder::next`] — the sliders move while text streams.
+pub struct Decoder {
+    opts: GenerateOptions,
+    sampler: Sampler,
+    stream: Option<TokenOutputStream>,
+    has_tokenizer: bool,
+    text: String,
+    tokens: Vec<u32>,
+    prompt_tokens: usize,
+    /// What the next step feeds: the prompt first, then the last chosen token.
+    feed: Vec<u32>,
+    stop: Option<StopReason>,
+    started: Instant,
+    first_token_at: Option<Instant>,
+    finished_at: Option<Instant>,
+}
+
+impl Decoder {
+    /// Checks the request and resets `engine` for a new sequence.
+    pub fn new(
+        engine: &mut dyn Engine,
+        tokenizer: Option<&TextTokenizer>,
+        prompt: &[u32],
+        opts: GenerateOptions,
+    ) -> Result<Self> {
+        check_alphas(engine, &opts.alphas)?;
+        opts.sampling.validate().map_err(Error::Request)?;
+        if prompt.is_empty() {
+            return Err(Error::Request("the prompt is empty".into()));
+        }
+        let context = engine.context_len();
+        if prompt.len() >= context {
+            return Err(Error::Request(format!(
+                "the prompt has {} tokens but the context holds {context} (prompt plus at least one new token)",
+                prompt.len()
+            )));
+        }
+        engine.reset();
+        Ok(Self {
+            sampler: Sampler::new(opts.sampling.clone()),
+            opts,
+            stream: tokenizer.map(|t| TokenOutputStream::new(t.clone())),
+            has_tokenizer: tokenizer.is_some(),
+            text: String::new(),
+            tokens: Vec::new(),
+            prompt_tokens: prompt.len(),
+            feed: prompt.to_vec(),
+            stop: None,
+            started: Instant::now(),
+            first_token_at: None,
+            finished_at: None,
+        })
     }
 
-    engine.reset();
-    let mut sampler = Sampler::new(opts.sampling.clone());
-    let mut stream = tokenizer.map(|t| TokenOutputStream::new(t.clone()));
-    let mut text = String::new();
-    let mut tokens = Vec::new();
-    let started = Instant::now();
-    let mut first_token_at = None;
-    let mut feed: Vec<u32> = prompt.to_vec();
-    let stop = loop {
-        if tokens.len() >= opts.max_new_tokens {
-            break StopReason::MaxTokens;
+    /// New ARM weights, from the next token on.
+    pub fn set_alphas(&mut self, engine: &dyn Engine, alphas: Vec<f32>) -> Result<()> {
+        check_alphas(engine, &alphas)?;
+        self.opts.alphas = alphas;
+        Ok(())
+    }
+
+    /// New temperature / top-k / top-p / greedy, from the next token on. The draw
+    /// counter carries on, so a run stays reproducible from its seed and its changes.
+    pub fn set_sampling(&mut self, sampling: crate::guide::SamplingParams) -> Result<()> {
+        sampling.validate().map_err(Error::Request)?;
+        self.sampler.set_params(sampling.clone());
+        self.opts.sampling = sampling;
+        Ok(())
+    }
+
+    pub fn alphas(&self) -> &[f32] {
+        &self.opts.alphas
+    }
+
+    /// Why decoding stopped, once it has.
+    pub fn stop_reason(&self) -> Option<StopReason> {
+        self.stop
+    }
+
+    /// The text so far (cut before a stop string once one is found).
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
+    /// Ends decoding after the token already returned.
+    pub fn cancel(&mut self) {
+        self.end(StopReason::Cancelled);
+    }
+
+    fn end(&mut self, reason: StopReason) {
+        if self.stop.is_none() {
+            self.stop = Some(reason);
+            self.finished_at = Some(Instant::now());
         }
-        if engine.position() + feed.len() > context {
-            break StopReason::ContextFull;
+    }
+
+    /// Chooses and returns the next token, or `None` once decoding has stopped.
+    pub fn next(&mut self, engine: &mut dyn Engine) -> Result<Option<TokenEvent>> {
+        if !self.ready(&*engine) {
+            return Ok(None);
         }
-        let lp = engine.step(&feed)?;
-        let arm_rows: Vec<&[f32]> = lp.arms.iter().map(Vec::as_slice).collect();
-        let scores = combine(&lp.base, &arm_rows, &opts.alphas);
-        if scores.iter().all(|s| !s.is_finite()) {
-            return Err(Error::Request(
-                "the guided scores are not finite (NaN or infinite logits)".into(),
-            ));
+        let chosen = engine.guided_step(&self.feed, &self.opts.alphas, &mut self.sampler)?;
+        self.accept(chosen).map(Some)
+    }
+
+    /// Whether another token is due; records the stop (max tokens, full context) when
+    /// not. With [`Decoder::step_inputs`] and [`Decoder::accept`] this is `next` taken
+    /// apart, for engines stepped asynchronously (WebGPU in the browser).
+    pub fn ready(&mut self, engine: &dyn Engine) -> bool {
+        if self.stop.is_some() {
+            return false;
         }
-        let id = sampler.sample(&scores);
-        if first_token_at.is_none() {
-            first_token_at = Some(Instant::now());
+        if self.tokens.len() >= self.opts.max_new_tokens {
+            self.end(StopReason::MaxTokens);
+            return false;
         }
-        tokens.push(id);
-        let is_eos = !opts.ignore_eos && opts.eos_ids.contains(&id);
-        let piece = match stream.as_mut() {
+        if engine.position() + self.feed.len() > engine.context_len() {
+            self.end(StopReason::ContextFull);
+            return false;
+        }
+        true
+    }
+
+    /// What the next step feeds, with the ARM weights and the sampler it uses.
+    pub fn step_inputs(&mut self) -> (&[u32], &[f32], &mut Sampler) {
+        (&self.feed, &self.opts.alphas, &mut self.sampler)
+    }
+
+    /// Takes the token a step chose: streams its text and checks the stops.
+    pub fn accept(&mut self, chosen: Chosen) -> Result<TokenEvent> {
+        let id = chosen.id;
+        self.first_token_at.get_or_insert_with(Instant::now);
+        self.tokens.push(id);
+        let is_eos = !self.opts.ignore_eos && self.opts.eos_ids.contains(&id);
+        let piece = match self.stream.as_mut() {
             Some(s) if !is_eos => s.next_token(id)?.unwrap_or_default(),
             _ => String::new(),
         };
-        text.push_str(&piece);
-        let event = TokenEvent {
+        self.text.push_str(&piece);
+        if is_eos {
+            self.end(StopReason::Eos);
+        } else if let Some(cut) = find_stop(&self.text, &self.opts.stop_strings) {
+            self.text.truncate(cut);
+            self.end(StopReason::StopString);
+        }
+        self.feed = vec![id];
+        Ok(TokenEvent {
             id,
             text: piece,
-            base_logprob: lp.base[id as usize],
-            arm_logprobs: lp.arms.iter().map(|a| a[id as usize]).collect(),
-        };
-        let keep_going = on_token(&event);
-        if is_eos {
-            break StopReason::Eos;
-        }
-        if let Some(cut) = find_stop(&text, &opts.stop_strings) {
-            text.truncate(cut);
-            break StopReason::StopString;
-        }
-        if !keep_going {
-            break StopReason::Cancelled;
-        }
-        feed = vec![id];
-    };
-    let finished = Instant::now();
-    if let Some(s) = stream.as_mut() {
-        if stop != StopReason::StopString {
-            if let Some(rest) = s.flush()? {
-                text.push_str(&rest);
+            base_logprob: chosen.base_logprob,
+            arm_logprobs: chosen.arm_logprobs,
+        })
+    }
+
+    /// The result; call after [`Decoder::next`] returned `None` (or to stop early).
+    pub fn finish(mut self) -> Result<Generation> {
+        self.end(StopReason::Cancelled);
+        if let Some(s) = self.stream.as_mut() {
+            if self.stop != Some(StopReason::StopString) {
+                if let Some(rest) = s.flush()? {
+                    self.text.push_str(&rest);
+                }
             }
         }
+        let finished = self.finished_at.unwrap_or_else(Instant::now);
+        let first = self.first_token_at.unwrap_or(finished);
+        Ok(Generation {
+            text: self.has_tokenizer.then_some(self.text),
+            prompt_tokens: self.prompt_tokens,
+            stop: self.stop.unwrap_or(StopReason::Cancelled),
+            prefill_seconds: (first - self.started).as_secs_f64(),
+            decode_seconds: (finished - first).as_secs_f64(),
+            tokens: self.tokens,
+        })
     }
-    let first = first_token_at.unwrap_or(finished);
-    Ok(Generation {
-        text: tokenizer.map(|_| text),
-        prompt_tokens: prompt.len(),
-        stop,
-        prefill_seconds: (first - started).as_secs_f64(),
-        decode_seconds: (finished - first).as_secs_f64(),
-        tokens,
-    })
+}
+
+fn check_alphas(engine: &dyn Engine, alphas: &[f32]) -> Result<()> {
+    let n_arms = engine.arm_labels().len();
+    if alphas.len() != n_arms {
+        return Err(Error::Request(format!(
+            "{} ARM weights given for {n_arms} ARMs",
+            alphas.len()
+        )));
+    }
+    if let Some(a) = alphas.iter().find(|a| !a.is_finite()) {
+        return Err(Error::Request(format!(
+            "ARM weight must be finite, got {a}"
+        )));
+    }
+    Ok(())
 }
 
 /// The byte offset of the earliest stop string in `text`.

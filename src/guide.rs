@@ -129,13 +129,20 @@ impl Sampler {
         self.params = params;
     }
 
+    /// The uniform number of the next draw, counted (a device sampler takes it from
+    /// here so that its draws follow the same seed sequence).
+    pub fn next_uniform(&mut self) -> f64 {
+        let u = uniform(self.params.seed, self.draws);
+        self.draws += 1;
+        u
+    }
+
     /// Picks the next token from guided scores (see `combine`).
     pub fn sample(&mut self, scores: &[f32]) -> u32 {
         if self.params.greedy {
             return argmax(scores);
         }
-        let u = uniform(self.params.seed, self.draws);
-        self.draws += 1;
+        let u = self.next_uniform();
         let probs = self.probabilities(scores);
         pick(&probs, u)
     }

@@ -8,6 +8,9 @@ use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use genarm::cpu::{CpuEngine, DEFAULT_CONTEXT};
+use genarm::engine::{Chosen, StepLogProbs};
+use genarm::gpu::GpuEngine;
+use genarm::model::tokenizer::TextTokenizer;
 use genarm::{ArmSpec, Engine, GenerateOptions, SamplingParams};
 
 /// GenARM: reward-guided generation with autoregressive reward models.
@@ -46,6 +49,8 @@ enum Backend {
     Cpu,
     /// candle on the first CUDA device (build with `--features cuda`).
     Cuda,
+    /// wgpu on the first native GPU adapter (Vulkan; lavapipe without a GPU).
+    Webgpu,
 }
 
 /// The models: a base and any number of ARMs.
@@ -405,14 +410,73 @@ fn main() -> ExitCode {
 
 fn device(backend: Backend) -> Result<Device> {
     match backend {
-        Backend::Cpu => Ok(Device::Cpu),
+        Backend::Cpu | Backend::Webgpu => Ok(Device::Cpu),
         Backend::Cuda => Device::new_cuda(0)
             .context("cannot open CUDA device 0 (is this binary built with `--features cuda`?)"),
     }
 }
 
+/// An engine of either kind, with what the commands need from its base checkpoint.
+struct Loaded {
+    engine: Box<dyn Engine>,
+    tokenizer: Option<TextTokenizer>,
+    tokenizer_note: Option<String>,
+    stop_ids: Vec<u32>,
+    /// Bytes of weights one token reads (the WebGPU engine reports it).
+    weight_bytes: Option<u64>,
+}
+
+impl Loaded {
+    fn tokenizer(&self) -> Option<&TextTokenizer> {
+        self.tokenizer.as_ref()
+    }
+
+    fn tokenizer_note(&self) -> Option<&str> {
+        self.tokenizer_note.as_deref()
+    }
+
+    fn stop_token_ids(&self) -> Vec<u32> {
+        self.stop_ids.clone()
+    }
+}
+
+impl Engine for Loaded {
+    fn backend(&self) -> String {
+        self.engine.backend()
+    }
+    fn vocab_size(&self) -> usize {
+        self.engine.vocab_size()
+    }
+    fn arm_labels(&self) -> Vec<String> {
+        self.engine.arm_labels()
+    }
+    fn context_len(&self) -> usize {
+        self.engine.context_len()
+    }
+    fn position(&self) -> usize {
+        self.engine.position()
+    }
+    fn reset(&mut self) {
+        self.engine.reset()
+    }
+    fn step(&mut self, tokens: &[u32]) -> genarm::Result<StepLogProbs> {
+        self.engine.step(tokens)
+    }
+    fn teacher_forced(&mut self, tokens: &[u32]) -> genarm::Result<Vec<Vec<Vec<f32>>>> {
+        self.engine.teacher_forced(tokens)
+    }
+    fn guided_step(
+        &mut self,
+        tokens: &[u32],
+        alphas: &[f32],
+        sampler: &mut genarm::guide::Sampler,
+    ) -> genarm::Result<Chosen> {
+        self.engine.guided_step(tokens, alphas, sampler)
+    }
+}
+
 /// Loads base and ARMs, with a spinner on stderr when it is a terminal.
-fn load_engine(models: &ModelArgs, arms: &[ArmSpec]) -> Result<CpuEngine> {
+fn load_engine(models: &ModelArgs, arms: &[ArmSpec]) -> Result<Loaded> {
     let dev = device(models.backend)?;
     let spinner = std::io::stderr().is_terminal().then(|| {
         let pb = indicatif::ProgressBar::new_spinner();
@@ -421,11 +485,28 @@ fn load_engine(models: &ModelArgs, arms: &[ArmSpec]) -> Result<CpuEngine> {
         pb
     });
     let paths: Vec<PathBuf> = arms.iter().map(|a| a.path.clone()).collect();
-    let engine = CpuEngine::load(&models.model, &paths, Some(models.context), &dev);
+    let context = Some(models.context);
+    let loaded = if models.backend == Backend::Webgpu {
+        GpuEngine::load(&models.model, &paths, context).map(|e| Loaded {
+            tokenizer: e.tokenizer().cloned(),
+            tokenizer_note: e.tokenizer_note().map(str::to_owned),
+            stop_ids: e.stop_token_ids(),
+            weight_bytes: Some(e.weight_bytes_per_token()),
+            engine: Box::new(e),
+        })
+    } else {
+        CpuEngine::load(&models.model, &paths, context, &dev).map(|e| Loaded {
+            tokenizer: e.tokenizer().cloned(),
+            tokenizer_note: e.tokenizer_note().map(str::to_owned),
+            stop_ids: e.stop_token_ids(),
+            weight_bytes: None,
+            engine: Box::new(e),
+        })
+    };
     if let Some(pb) = spinner {
         pb.finish_and_clear();
     }
-    Ok(engine?)
+    Ok(loaded?)
 }
 
 /// A progress bar on stderr with an ETA, or `None` when stderr is not a terminal (logs
@@ -442,7 +523,7 @@ fn progress_bar(total: u64, unit: &str) -> Option<indicatif::ProgressBar> {
     })
 }
 
-fn prompt_ids(engine: &CpuEngine, args: &GenerateArgs) -> Result<Vec<u32>> {
+fn prompt_ids(engine: &Loaded, args: &GenerateArgs) -> Result<Vec<u32>> {
     if let Some(ids) = &args.prompt.prompt_tokens {
         if args.chat {
             bail!("--chat needs a text prompt, not --prompt-tokens");
@@ -468,7 +549,7 @@ fn prompt_ids(engine: &CpuEngine, args: &GenerateArgs) -> Result<Vec<u32>> {
     Ok(tok.encode_prompt(&text, args.chat, args.system.as_deref())?)
 }
 
-fn sampling_options(s: &SamplingArgs, engine: &CpuEngine, arms: &[ArmSpec]) -> GenerateOptions {
+fn sampling_options(s: &SamplingArgs, engine: &Loaded, arms: &[ArmSpec]) -> GenerateOptions {
     GenerateOptions {
         max_new_tokens: s.max_new_tokens,
         alphas: arms.iter().map(|a| a.alpha).collect(),
@@ -668,7 +749,12 @@ fn cmd_bench(args: BenchArgs) -> Result<()> {
             .collect();
         println!(
             "{}",
-            serde_json::json!({ "backend": format!("{:?}", args.models.backend).to_lowercase(), "threads": candle_core::utils::get_num_threads(), "results": out })
+            serde_json::json!({
+                "backend": configs[0].0.backend(),
+                "threads": candle_core::utils::get_num_threads(),
+                "weight_bytes_per_token": configs[0].0.weight_bytes,
+                "results": out,
+            })
         );
     } else {
         println!(

@@ -712,7 +712,7 @@ impl Llama {
 }
 
 /// Every LoRA module must be one this architecture has.
-fn check_adapter_modules(adapter: &LoraAdapter, cfg: &LlamaConfig) -> Result<()> {
+pub(crate) fn check_adapter_modules(adapter: &LoraAdapter, cfg: &LlamaConfig) -> Result<()> {
     for module in adapter.modules.keys() {
         let layer_ok = module
             .strip_prefix("model.layers.")

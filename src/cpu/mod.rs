@@ -14,9 +14,10 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 
 use crate::engine::{Engine, StepLogProbs};
-use crate::error::{Error, Result};
+use crate::error::Result;
+use crate::model::arm_plan::{check_compatible, plan_arm, ArmPlan};
 use crate::model::lora::LoraAdapter;
-use crate::model::tokenizer::{same_vocabulary, TextTokenizer};
+use crate::model::tokenizer::TextTokenizer;
 use crate::model::Checkpoint;
 use llama::Llama;
 
@@ -41,16 +42,6 @@ pub struct CpuEngine {
     device: Device,
 }
 
-/// An ARM resolved to what must be loaded for it.
-enum ArmPlan {
-    /// A LoRA on the base's own weights: an extra row of group 0.
-    SharedLora(LoraAdapter),
-    /// A LoRA on another local base checkpoint.
-    LoraOn(LoraAdapter, Checkpoint),
-    /// A checkpoint of its own.
-    Full(Checkpoint),
-}
-
 impl CpuEngine {
     /// Loads the base at `base` and the ARMs at `arms` (GGUF files, HF dirs or LoRA
     /// adapter dirs). `context` caps the KV caches (default `DEFAULT_CONTEXT`).
@@ -68,7 +59,9 @@ impl CpuEngine {
         Self::from_parts(base_ckpt, plans, context, device)
     }
 
-    fn from_parts(
+    /// Builds the engine from opened checkpoints (the browser opens them from bytes).
+    /// Each plan carries the name its errors use.
+    pub fn from_parts(
         base: Checkpoint,
         plans: Vec<(PathBuf, ArmPlan)>,
         context: Option<usize>,
@@ -121,7 +114,7 @@ impl CpuEngine {
                         group: other_groups.len(),
                         row: 0,
                     });
-                    labels.push(file_label(path));
+                    labels.push(plan.label(path));
                 }
             }
         }
@@ -188,77 +181,6 @@ impl CpuEngine {
                 rows
             })
             .collect()
-    }
-}
-
-fn file_label(path: &Path) -> String {
-    path.file_stem()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| path.display().to_string())
-}
-
-/// Decides how an ARM path is loaded. A LoRA adapter shares the base's weights unless
-/// its `base_model_name_or_path` is a local checkpoint other than the base.
-fn plan_arm(path: &Path, base: &Path, device: &Device) -> Result<(PathBuf, ArmPlan)> {
-    let plan = if LoraAdapter::is_adapter_dir(path) {
-        let adapter = LoraAdapter::open(path, device)?;
-        let own_base = adapter
-            .config
-            .base_model_name_or_path
-            .as_deref()
-            .map(|p| resolve_relative(path, p))
-            .filter(|p| p.exists() && !same_file(p, base));
-        match own_base {
-            Some(p) => {
-                let ckpt = Checkpoint::open(&p)?;
-                ArmPlan::LoraOn(adapter, ckpt)
-            }
-            None => ArmPlan::SharedLora(adapter),
-        }
-    } else {
-        ArmPlan::Full(Checkpoint::open(path)?)
-    };
-    Ok((path.into(), plan))
-}
-
-/// A relative base path in an adapter config is relative to the adapter's directory.
-fn resolve_relative(adapter_dir: &Path, p: &str) -> PathBuf {
-    let p = Path::new(p);
-    if p.is_absolute() {
-        p.into()
-    } else {
-        adapter_dir.join(p)
-    }
-}
-
-fn same_file(a: &Path, b: &Path) -> bool {
-    match (a.canonicalize(), b.canonicalize()) {
-        (Ok(a), Ok(b)) => a == b,
-        _ => false,
-    }
-}
-
-/// An ARM must score the base's tokens: its vocabulary must cover the base's, with the
-/// same token at every shared id when both carry a tokenizer.
-fn check_compatible(base: &Checkpoint, arm: &Checkpoint, arm_name: &str) -> Result<()> {
-    let incompatible = |message: String| Error::Incompatible {
-        arm: arm_name.into(),
-        message,
-    };
-    if arm.config.vocab_size < base.config.vocab_size {
-        return Err(incompatible(format!(
-            "its vocabulary has {} tokens, fewer than the base's {}",
-            arm.config.vocab_size, base.config.vocab_size
-        )));
-    }
-    match (&base.tokenizer, &arm.tokenizer) {
-        (Some(b), Some(a)) => same_vocabulary(b, a)
-            .map_err(|m| incompatible(format!("tokenizer differs from the base's: {m}"))),
-        (Some(_), None) | (None, Some(_)) => Err(incompatible(
-            "one of base and ARM has a tokenizer and the other has none; cannot check they agree"
-                .into(),
-        )),
-        (None, None) => Ok(()),
     }
 }
 

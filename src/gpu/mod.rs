@@ -5,12 +5,16 @@
 
 pub mod buffers;
 pub mod device;
+pub mod engine;
+pub mod model;
 pub mod ops;
+pub mod ops_guide;
 pub mod uniforms;
 
 pub use buffers::{QuantWeight, WeightFormat};
 pub use device::GpuContext;
-pub use ops::Kernels;
+pub use engine::GpuEngine;
+pub use ops::{Kernels, MatVecKind};
 
 /// A failure of the GPU engine (no adapter, device lost, out of memory, a bad shape).
 pub(crate) fn gpu_error(message: impl std::fmt::Display) -> crate::error::Error {

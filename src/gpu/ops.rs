@@ -18,7 +18,7 @@ use crate::gpu::{gpu_error, GpuContext};
 /// Threads per workgroup for row reductions and elementwise ops. 64 is the widest
 /// size every WebGPU adapter accepts with room to spare and a power of two for the
 /// tree reductions.
-const WG: u32 = 64;
+pub(super) const WG: u32 = 64;
 
 /// The largest activation batch one matvec takes: the base row plus up to three
 /// LoRA ARM rows sharing its weight reads.
@@ -43,7 +43,7 @@ pub struct RopeShape {
 }
 
 /// One compute dispatch.
-struct Dispatch {
+pub(super) struct Dispatch {
     pipeline: wgpu::ComputePipeline,
     bind_group: wgpu::BindGroup,
     grid: (u32, u32),
@@ -52,8 +52,8 @@ struct Dispatch {
 /// A built op: one or more dispatches, in order (WebGPU makes each dispatch's
 /// storage writes visible to the next one).
 pub struct Op {
-    label: &'static str,
-    dispatches: Vec<Dispatch>,
+    pub(super) label: &'static str,
+    pub(super) dispatches: Vec<Dispatch>,
 }
 
 impl Op {
@@ -106,15 +106,39 @@ pub struct AttentionBuffers<'a> {
 
 type PipelineKey = (&'static str, String);
 
+/// How a matrix-vector product spreads over invocations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MatVecKind {
+    /// A workgroup per weight row, a tree reduction in workgroup memory: coalesced
+    /// reads, for GPUs.
+    RowPerWorkgroup,
+    /// An invocation per weight row, no barriers: for CPU adapters, where barriers
+    /// are expensive and SIMD lanes want independent rows.
+    RowPerInvocation,
+}
+
+impl MatVecKind {
+    /// The kind that suits the adapter.
+    pub fn for_adapter(info: &wgpu::AdapterInfo) -> Self {
+        if info.device_type == wgpu::DeviceType::Cpu {
+            Self::RowPerInvocation
+        } else {
+            Self::RowPerWorkgroup
+        }
+    }
+}
+
 /// Pipeline cache and op factory for one device.
 pub struct Kernels {
     ctx: Arc<GpuContext>,
+    matvec_kind: MatVecKind,
     pipelines: Mutex<HashMap<PipelineKey, wgpu::ComputePipeline>>,
 }
 
 fn shader_source(name: &str) -> &'static str {
     match name {
         "matvec" => include_str!("shaders/matvec.wgsl"),
+        "matvec_rows" => include_str!("shaders/matvec_rows.wgsl"),
         "rms_norm" => include_str!("shaders/rms_norm.wgsl"),
         "rope" => include_str!("shaders/rope.wgsl"),
         "silu_mul" => include_str!("shaders/silu_mul.wgsl"),
@@ -122,17 +146,21 @@ fn shader_source(name: &str) -> &'static str {
         "embedding" => include_str!("shaders/embedding.wgsl"),
         "kv_write" => include_str!("shaders/kv_write.wgsl"),
         "attention" => include_str!("shaders/attention.wgsl"),
+        "lora_down" => include_str!("shaders/lora_down.wgsl"),
+        "lora_up" => include_str!("shaders/lora_up.wgsl"),
+        "logit_stats" => include_str!("shaders/logit_stats.wgsl"),
+        "guide_sample" => include_str!("shaders/guide_sample.wgsl"),
         _ => unreachable!("unknown shader {name}"),
     }
 }
 
 /// Shaders that decode weights get the shared decoder prepended.
 fn uses_quant(name: &str) -> bool {
-    matches!(name, "matvec" | "embedding")
+    matches!(name, "matvec" | "matvec_rows" | "embedding")
 }
 
 /// Checks that `buffer` holds at least `n` f32/u32 values.
-fn need(buffer: &wgpu::Buffer, n: usize, what: &str, op: &str) -> Result<()> {
+pub(super) fn need(buffer: &wgpu::Buffer, n: usize, what: &str, op: &str) -> Result<()> {
     let want = (n * 4) as u64;
     if buffer.size() < want {
         return Err(gpu_error(format!(
@@ -143,14 +171,22 @@ fn need(buffer: &wgpu::Buffer, n: usize, what: &str, op: &str) -> Result<()> {
     Ok(())
 }
 
-fn to_u32(n: usize, what: &str) -> Result<u32> {
+pub(super) fn to_u32(n: usize, what: &str) -> Result<u32> {
     u32::try_from(n).map_err(|_| gpu_error(format!("{what} = {n} does not fit in u32")))
 }
 
 impl Kernels {
+    /// Kernels with the matvec kind that suits the adapter.
     pub fn new(ctx: Arc<GpuContext>) -> Self {
+        let kind = MatVecKind::for_adapter(&ctx.adapter_info);
+        Self::with_matvec(ctx, kind)
+    }
+
+    /// Kernels with a chosen matvec kind (tests check both on one adapter).
+    pub fn with_matvec(ctx: Arc<GpuContext>, matvec_kind: MatVecKind) -> Self {
         Self {
             ctx,
+            matvec_kind,
             pipelines: Mutex::new(HashMap::new()),
         }
     }
@@ -160,7 +196,11 @@ impl Kernels {
     }
 
     /// The pipeline for `name` compiled with `defines` (WGSL `const` lines).
-    fn pipeline<P: Uniform>(&self, name: &'static str, defines: String) -> wgpu::ComputePipeline {
+    pub(super) fn pipeline<P: Uniform>(
+        &self,
+        name: &'static str,
+        defines: String,
+    ) -> wgpu::ComputePipeline {
         let key = (name, defines);
         let mut cache = self.pipelines.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(p) = cache.get(&key) {
@@ -201,7 +241,7 @@ impl Kernels {
     }
 
     /// A dispatch of `workgroups` workgroups binding `params` at 0 and `buffers` at 1...
-    fn dispatch<P: Uniform>(
+    pub(super) fn dispatch<P: Uniform>(
         &self,
         pipeline: wgpu::ComputePipeline,
         params: &P,
@@ -234,7 +274,7 @@ impl Kernels {
         }
     }
 
-    fn defines(fmt: Option<WeightFormat>, extra: &str) -> String {
+    pub(super) fn defines(fmt: Option<WeightFormat>, extra: &str) -> String {
         let fmt = fmt.map_or(String::new(), |f| {
             format!("const FMT: u32 = {}u;\n", f.shader_id())
         });
@@ -257,8 +297,12 @@ impl Kernels {
         }
         need(x, m * w.cols, "x", "matvec")?;
         need(y, m * w.rows, "y", "matvec")?;
+        let (shader, per_group) = match self.matvec_kind {
+            MatVecKind::RowPerWorkgroup => ("matvec", 1),
+            MatVecKind::RowPerInvocation => ("matvec_rows", WG),
+        };
         let pipeline = self.pipeline::<MatVecParams>(
-            "matvec",
+            shader,
             Self::defines(Some(w.format), &format!("const M: u32 = {m}u;\n")),
         );
         let mut dispatches = Vec::with_capacity(w.chunks.len());
@@ -273,7 +317,7 @@ impl Kernels {
                 pipeline.clone(),
                 &params,
                 &[&chunk.buffer, x, y],
-                params.rows,
+                params.rows.div_ceil(per_group),
             ));
         }
         Ok(Op {

@@ -95,3 +95,34 @@ uniform!(
         _pad: u32,
     }
 );
+
+uniform!(
+    /// LoRA deltas of batch rows `first..first + arms` at one projection: inputs
+    /// `cols` wide (down) or outputs `cols` wide (up), padded rank `rank`.
+    LoraParams {
+        arms: u32,
+        rank: u32,
+        cols: u32,
+        first: u32,
+    }
+);
+
+uniform!(
+    /// Max and log-sum-exp of `rows` logits rows of `vocab`, stored from `row_base` on.
+    LogitStatsParams {
+        rows: u32,
+        vocab: u32,
+        row_base: u32,
+        _pad: u32,
+    }
+);
+
+uniform!(
+    /// The guided pick over `models` log-prob rows (base first) of the base `vocab`.
+    SampleParams {
+        models: u32,
+        vocab: u32,
+        _pad0: u32,
+        _pad1: u32,
+    }
+);

@@ -1,6 +1,7 @@
 //! Checkpoints in: GGUF files, HF model directories, PEFT LoRA adapters; their configs
 //! and tokenizers. Everything here is independent of the engine that runs the model.
 
+pub mod arm_plan;
 pub mod config;
 pub mod gguf;
 pub mod lora;
@@ -56,7 +57,17 @@ impl Checkpoint {
     }
 
     pub fn open_gguf(path: &Path) -> Result<Self> {
-        let file = GgufFile::open(path)?;
+        Self::from_gguf_file(GgufFile::open(path)?, path)
+    }
+
+    /// A GGUF checkpoint from its bytes (the browser has no files); `name` stands in
+    /// for the path in errors.
+    pub fn from_gguf_bytes(bytes: Vec<u8>, name: &Path) -> Result<Self> {
+        let file = GgufFile::from_bytes(weights::Bytes::Owned(bytes), name)?;
+        Self::from_gguf_file(file, name)
+    }
+
+    fn from_gguf_file(file: GgufFile, path: &Path) -> Result<Self> {
         let config = file.config()?;
         let (tokenizer, tokenizer_note) = match TextTokenizer::from_gguf(file.metadata(), path) {
             Ok(t) => (t, None),
@@ -69,6 +80,51 @@ impl Checkpoint {
             config,
             tokenizer,
             tokenizer_note,
+        })
+    }
+
+    /// An HF model directory from its files' bytes (the browser has no files), keyed by
+    /// file name: `config.json`, every `*.safetensors` shard (a sharded model's index
+    /// is not needed: each shard's header lists its tensors), and optionally
+    /// `tokenizer.json` with `tokenizer_config.json`. Other files are ignored; `dir`
+    /// stands in for the directory in errors.
+    pub fn from_hf_files(dir: &Path, files: Vec<(String, Vec<u8>)>) -> Result<Self> {
+        let mut config_json = None;
+        let mut tokenizer_json = None;
+        let mut tokenizer_config_json = None;
+        let mut shards = Vec::new();
+        for (name, bytes) in files {
+            match name.as_str() {
+                "config.json" => config_json = Some(bytes),
+                "tokenizer.json" => tokenizer_json = Some(bytes),
+                "tokenizer_config.json" => tokenizer_config_json = Some(bytes),
+                n if n.ends_with(".safetensors") => {
+                    shards.push((dir.join(n), weights::Bytes::Owned(bytes)))
+                }
+                _ => {}
+            }
+        }
+        let cfg_path = dir.join("config.json");
+        let config_json = config_json.ok_or_else(|| Error::format(dir, "no config.json"))?;
+        if shards.is_empty() {
+            return Err(Error::format(dir, "no *.safetensors weights"));
+        }
+        shards.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut config = HfConfig::from_json(&config_json, &cfg_path)?.into_runtime(&cfg_path)?;
+        let tokenizer = tokenizer_json
+            .map(|t| TextTokenizer::from_bytes(&t, tokenizer_config_json.as_deref()))
+            .transpose()?;
+        if config.eos_token_ids.is_empty() {
+            if let Some(t) = &tokenizer {
+                config.eos_token_ids = t.eos_ids().to_vec();
+            }
+        }
+        Ok(Self {
+            path: dir.into(),
+            source: Box::new(SafetensorsFiles::from_shards(dir, shards)?),
+            config,
+            tokenizer,
+            tokenizer_note: None,
         })
     }
 

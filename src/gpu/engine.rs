@@ -1,0 +1,536 @@
+//! The WebGPU engine: base and ARMs on one device, one command encoder and one submit
+//! per step, the GenARM pick made on the device.
+//!
+//! Models are grouped by weights as in the candle engine: the base and its LoRA ARMs
+//! are rows of group 0; an ARM with weights of its own is a group of its own. All
+//! groups read the token and position from one `cur` buffer. Group 0 writes its logits
+//! straight into the shared `[rows, vocab]` logits buffer; other groups' rows are
+//! normalised over their own vocabulary and then copied in, cut to the base's. Only the
+//! chosen id and its log-probs (a few words) come back per token.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::Device;
+
+use crate::engine::{Chosen, Engine, StepLogProbs};
+use crate::error::{Error, Result};
+use crate::gpu::buffers::{storage_u32, storage_zeros};
+use crate::gpu::model::GpuLlama;
+use crate::gpu::ops::Op;
+use crate::gpu::ops_guide::{SampleBuffers, KNOB_FIELDS};
+use crate::gpu::{gpu_error, GpuContext, Kernels};
+use crate::guide::{log_softmax, Sampler};
+use crate::model::arm_plan::{check_compatible, plan_arm, ArmPlan};
+use crate::model::lora::LoraAdapter;
+use crate::model::tokenizer::TextTokenizer;
+use crate::model::Checkpoint;
+
+/// The id the sampler writes when no guided score is finite.
+const NO_TOKEN: u32 = u32::MAX;
+
+pub struct GpuEngine {
+    kernels: Kernels,
+    groups: Vec<GpuLlama>,
+    /// The first row of each group in `logits`.
+    row_base: Vec<usize>,
+    /// The logits row of the base and of each ARM.
+    slots: Vec<usize>,
+    labels: Vec<String>,
+    vocab: usize,
+    tokenizer: Option<TextTokenizer>,
+    tokenizer_note: Option<String>,
+    /// `[id, pos]` of the token being fed.
+    cur: wgpu::Buffer,
+    /// `[id, pos]` pairs of a multi-token feed, copied into `cur` one by one.
+    feed: wgpu::Buffer,
+    /// `[rows, vocab]`: group 0's logits rows, then the other groups' cut rows.
+    logits: wgpu::Buffer,
+    knobs: wgpu::Buffer,
+    chosen: wgpu::Buffer,
+    chosen_staging: wgpu::Buffer,
+    stats_ops: Vec<Op>,
+    sample: Op,
+    capacity: usize,
+    pos: usize,
+}
+
+impl GpuEngine {
+    /// Loads the base and ARMs from paths (as [`crate::cpu::CpuEngine::load`]) onto the
+    /// default adapter.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn load(base: &Path, arms: &[PathBuf], context: Option<usize>) -> Result<Self> {
+        let ctx = Arc::new(GpuContext::new_blocking()?);
+        let base_ckpt = Checkpoint::open(base)?;
+        let plans = arms
+            .iter()
+            .map(|p| plan_arm(p, base, &Device::Cpu))
+            .collect::<Result<Vec<_>>>()?;
+        Self::new(ctx, base_ckpt, plans, context)
+    }
+
+    /// Builds the engine on `ctx` from opened checkpoints; `context` caps the KV caches
+    /// (default [`crate::cpu::DEFAULT_CONTEXT`]).
+    pub fn new(
+        ctx: Arc<GpuContext>,
+        base: Checkpoint,
+        plans: Vec<(PathBuf, ArmPlan)>,
+        context: Option<usize>,
+    ) -> Result<Self> {
+        let capacity = context.unwrap_or(crate::cpu::DEFAULT_CONTEXT);
+        let vocab = base.config.vocab_size;
+        let kernels = Kernels::new(Arc::clone(&ctx));
+        let cur = storage_u32(&ctx, "cur", &[0, 0]);
+
+        // Group 0: the base and the LoRA ARMs that share its weights.
+        let mut shared: Vec<Option<&LoraAdapter>> = vec![None];
+        let mut slots_of_arms = Vec::with_capacity(plans.len());
+        let mut labels = Vec::with_capacity(plans.len());
+        for (path, plan) in &plans {
+            labels.push(plan.label(path));
+            match plan {
+                ArmPlan::SharedLora(adapter) => {
+                    slots_of_arms.push((0, shared.len()));
+                    shared.push(Some(adapter));
+                }
+                ArmPlan::LoraOn(_, ckpt) | ArmPlan::Full(ckpt) => {
+                    check_compatible(&base, ckpt, &path.display().to_string())?;
+                    slots_of_arms.push((usize::MAX, 0));
+                }
+            }
+        }
+        let others: Vec<&(PathBuf, ArmPlan)> = plans
+            .iter()
+            .filter(|(_, p)| !matches!(p, ArmPlan::SharedLora(_)))
+            .collect();
+        let rows_total = shared.len() + others.len();
+        let logits = storage_zeros(&ctx, "logits", rows_total * vocab);
+        let mut groups = vec![GpuLlama::load(
+            &kernels,
+            base.source.as_ref(),
+            &base.config,
+            &shared,
+            capacity,
+            &cur,
+            Some(logits.clone()),
+        )?];
+        for (_, plan) in &others {
+            let (ckpt, adapter) = match plan {
+                ArmPlan::LoraOn(adapter, ckpt) => (ckpt, Some(adapter)),
+                ArmPlan::Full(ckpt) => (ckpt, None),
+                ArmPlan::SharedLora(_) => unreachable!("filtered above"),
+            };
+            groups.push(GpuLlama::load(
+                &kernels,
+                ckpt.source.as_ref(),
+                &ckpt.config,
+                &[adapter],
+                capacity,
+                &cur,
+                None,
+            )?);
+        }
+        // Own-weight ARMs get groups 1.. in ARM order, one row each.
+        let own = slots_of_arms.iter_mut().filter(|s| s.0 == usize::MAX);
+        for (group, slot) in (1..).zip(own) {
+            *slot = (group, 0);
+        }
+        let mut row_base = Vec::with_capacity(groups.len());
+        let mut next_row = 0;
+        for g in &groups {
+            row_base.push(next_row);
+            next_row += g.rows();
+        }
+        let slots: Vec<usize> = std::iter::once(0)
+            .chain(slots_of_arms.iter().map(|&(g, r)| row_base[g] + r))
+            .collect();
+
+        let models = slots.len();
+        let stats = storage_zeros(&ctx, "logit stats", 2 * rows_total);
+        let knobs = storage_zeros(&ctx, "knobs", KNOB_FIELDS + models - 1);
+        let scores = storage_zeros(&ctx, "scores", vocab);
+        let chosen = storage_zeros(&ctx, "chosen", 1 + models);
+        let slots_buf = storage_u32(
+            &ctx,
+            "slots",
+            &slots.iter().map(|&s| s as u32).collect::<Vec<_>>(),
+        );
+        let mut stats_ops = Vec::with_capacity(groups.len());
+        for (g, group) in groups.iter().enumerate() {
+            let cfg = group.config();
+            stats_ops.push(kernels.logit_stats(
+                group.logits(),
+                group.rows(),
+                cfg.vocab_size,
+                &stats,
+                row_base[g],
+            )?);
+        }
+        let sample = kernels.guide_sample(
+            &SampleBuffers {
+                logits: &logits,
+                stats: &stats,
+                slots: &slots_buf,
+                knobs: &knobs,
+                scores: &scores,
+                cur: &cur,
+                chosen: &chosen,
+            },
+            models,
+            vocab,
+        )?;
+        let capacity = groups.iter().map(GpuLlama::capacity).min().unwrap_or(1);
+        let feed = storage_zeros(&ctx, "feed", 2 * capacity);
+        let chosen_staging = readback_buffer(&ctx, "chosen readback", chosen.size());
+        Ok(Self {
+            kernels,
+            groups,
+            row_base,
+            slots,
+            labels,
+            vocab,
+            tokenizer: base.tokenizer,
+            tokenizer_note: base.tokenizer_note,
+            cur,
+            feed,
+            logits,
+            knobs,
+            chosen,
+            chosen_staging,
+            stats_ops,
+            sample,
+            capacity,
+            pos: 0,
+        })
+    }
+
+    fn ctx(&self) -> &GpuContext {
+        self.kernels.context()
+    }
+
+    pub fn tokenizer(&self) -> Option<&TextTokenizer> {
+        self.tokenizer.as_ref()
+    }
+
+    pub fn tokenizer_note(&self) -> Option<&str> {
+        self.tokenizer_note.as_deref()
+    }
+
+    pub fn base_config(&self) -> &crate::model::config::LlamaConfig {
+        self.groups[0].config()
+    }
+
+    /// The token ids that end generation (see `model::stop_token_ids`).
+    pub fn stop_token_ids(&self) -> Vec<u32> {
+        crate::model::stop_token_ids(self.base_config(), self.tokenizer.as_ref())
+    }
+
+    /// Bytes of weights one token's forward pass reads, over all groups.
+    pub fn weight_bytes_per_token(&self) -> u64 {
+        self.groups.iter().map(GpuLlama::weight_bytes).sum()
+    }
+
+    fn check_room(&self, tokens: &[u32]) -> Result<()> {
+        if tokens.is_empty() {
+            return Err(Error::Request("no tokens to feed".into()));
+        }
+        if self.pos + tokens.len() > self.capacity {
+            return Err(Error::Request(format!(
+                "{} tokens after {} do not fit the context of {}",
+                tokens.len(),
+                self.pos,
+                self.capacity
+            )));
+        }
+        Ok(())
+    }
+
+    /// Encodes the forward passes of `tokens` from the current position; after each
+    /// token `after_token(encoder, i)` may copy its results out.
+    fn encode_feed(
+        &mut self,
+        encoder: &mut wgpu::CommandEncoder,
+        tokens: &[u32],
+        mut after_token: impl FnMut(&Self, &mut wgpu::CommandEncoder, usize),
+    ) {
+        let pairs: Vec<u32> = tokens
+            .iter()
+            .enumerate()
+            .flat_map(|(i, &id)| [id, (self.pos + i) as u32])
+            .collect();
+        self.ctx()
+            .queue
+            .write_buffer(&self.feed, 0, bytemuck::cast_slice(&pairs));
+        for i in 0..tokens.len() {
+            encoder.copy_buffer_to_buffer(&self.feed, (8 * i) as u64, &self.cur, 0, 8);
+            {
+                let mut pass = encoder.begin_compute_pass(&Default::default());
+                for g in &self.groups {
+                    g.encode(&mut pass);
+                }
+            }
+            after_token(self, encoder, i);
+        }
+        self.pos += tokens.len();
+    }
+
+    /// Copies every group's logits (full vocabularies) to `dst` at `offset` bytes.
+    fn copy_all_logits(&self, encoder: &mut wgpu::CommandEncoder, dst: &wgpu::Buffer, offset: u64) {
+        let mut at = offset;
+        for g in &self.groups {
+            let bytes = (g.rows() * g.config().vocab_size * 4) as u64;
+            encoder.copy_buffer_to_buffer(g.logits(), 0, dst, at, bytes);
+            at += bytes;
+        }
+    }
+
+    /// Floats of one position's logits over all groups.
+    fn logits_floats(&self) -> usize {
+        self.groups
+            .iter()
+            .map(|g| g.rows() * g.config().vocab_size)
+            .sum()
+    }
+
+    /// Log-probs per model (base, then ARMs; cut to the base vocabulary) from one
+    /// position's host copy of every group's logits.
+    fn log_probs_of(&self, floats: &[f32]) -> Vec<Vec<f32>> {
+        let mut rows = Vec::new();
+        let mut at = 0;
+        for g in &self.groups {
+            let v = g.config().vocab_size;
+            for _ in 0..g.rows() {
+                rows.push(&floats[at..at + v]);
+                at += v;
+            }
+        }
+        self.slots
+            .iter()
+            .map(|&row| {
+                let mut lp = log_softmax(rows[row]);
+                lp.truncate(self.vocab);
+                lp
+            })
+            .collect()
+    }
+
+    /// [`Engine::guided_step`] without blocking: the browser must return to its event
+    /// loop while the device works.
+    pub async fn guided_step_async(
+        &mut self,
+        tokens: &[u32],
+        alphas: &[f32],
+        sampler: &mut Sampler,
+    ) -> Result<Chosen> {
+        self.ctx().check_lost()?;
+        self.check_room(tokens)?;
+        if alphas.len() != self.labels.len() {
+            return Err(Error::Request(format!(
+                "{} ARM weights given for {} ARMs",
+                alphas.len(),
+                self.labels.len()
+            )));
+        }
+        let params = sampler.params().clone();
+        let u = if params.greedy {
+            0.0
+        } else {
+            sampler.next_uniform()
+        };
+        let mut knobs = vec![
+            1.0 / params.temperature,
+            params.top_p,
+            u as f32,
+            params.top_k.map_or(0.0, |k| k.min(self.vocab) as f32),
+            if params.greedy { 1.0 } else { 0.0 },
+        ];
+        knobs.extend_from_slice(alphas);
+        self.ctx()
+            .queue
+            .write_buffer(&self.knobs, 0, bytemuck::cast_slice(&knobs));
+
+        let mut encoder = self
+            .ctx()
+            .device
+            .create_command_encoder(&Default::default());
+        self.encode_feed(&mut encoder, tokens, |_, _, _| {});
+        {
+            let mut pass = encoder.begin_compute_pass(&Default::default());
+            for op in &self.stats_ops {
+                op.encode_in(&mut pass);
+            }
+        }
+        for (g, group) in self.groups.iter().enumerate().skip(1) {
+            let v = group.config().vocab_size;
+            for r in 0..group.rows() {
+                encoder.copy_buffer_to_buffer(
+                    group.logits(),
+                    (r * v * 4) as u64,
+                    &self.logits,
+                    ((self.row_base[g] + r) * self.vocab * 4) as u64,
+                    (self.vocab * 4) as u64,
+                );
+            }
+        }
+        self.sample.encode(&mut encoder);
+        encoder.copy_buffer_to_buffer(&self.chosen, 0, &self.chosen_staging, 0, self.chosen.size());
+        self.ctx().queue.submit([encoder.finish()]);
+        let words: Vec<u32> =
+            bytemuck::pod_collect_to_vec(&map_read(self.ctx(), &self.chosen_staging).await?);
+        let id = words[0];
+        if id == NO_TOKEN || id as usize >= self.vocab {
+            return Err(Error::Request(
+                "the guided scores are not finite (NaN or infinite logits)".into(),
+            ));
+        }
+        let lp = |j: usize| f32::from_bits(words[1 + j]);
+        Ok(Chosen {
+            id,
+            base_logprob: lp(0),
+            arm_logprobs: (1..self.slots.len()).map(lp).collect(),
+        })
+    }
+
+    /// [`Engine::step`] without blocking.
+    pub async fn step_async(&mut self, tokens: &[u32]) -> Result<StepLogProbs> {
+        self.ctx().check_lost()?;
+        self.check_room(tokens)?;
+        let floats = self.logits_floats();
+        let staging = readback_buffer(self.ctx(), "logits readback", (floats * 4) as u64);
+        let mut encoder = self
+            .ctx()
+            .device
+            .create_command_encoder(&Default::default());
+        self.encode_feed(&mut encoder, tokens, |_, _, _| {});
+        self.copy_all_logits(&mut encoder, &staging, 0);
+        self.ctx().queue.submit([encoder.finish()]);
+        let host: Vec<f32> = bytemuck::pod_collect_to_vec(&map_read(self.ctx(), &staging).await?);
+        let mut models = self.log_probs_of(&host).into_iter();
+        Ok(StepLogProbs {
+            base: models.next().unwrap_or_default(),
+            arms: models.collect(),
+        })
+    }
+
+    /// [`Engine::teacher_forced`] without blocking.
+    pub async fn teacher_forced_async(&mut self, tokens: &[u32]) -> Result<Vec<Vec<Vec<f32>>>> {
+        self.reset();
+        self.ctx().check_lost()?;
+        self.check_room(tokens)?;
+        let floats = self.logits_floats();
+        let staging = readback_buffer(
+            self.ctx(),
+            "teacher-forced readback",
+            (tokens.len() * floats * 4) as u64,
+        );
+        let mut encoder = self
+            .ctx()
+            .device
+            .create_command_encoder(&Default::default());
+        self.encode_feed(&mut encoder, tokens, |engine, enc, i| {
+            engine.copy_all_logits(enc, &staging, (i * floats * 4) as u64)
+        });
+        self.ctx().queue.submit([encoder.finish()]);
+        let host: Vec<f32> = bytemuck::pod_collect_to_vec(&map_read(self.ctx(), &staging).await?);
+        self.reset();
+        let mut out = vec![Vec::with_capacity(tokens.len()); self.slots.len()];
+        for position in host.chunks_exact(floats) {
+            for (model, lp) in self.log_probs_of(position).into_iter().enumerate() {
+                out[model].push(lp);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// A buffer the host can map to read what a copy put there.
+fn readback_buffer(ctx: &GpuContext, label: &str, size: u64) -> wgpu::Buffer {
+    ctx.device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some(label),
+        size: size.max(4),
+        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    })
+}
+
+/// Maps a readback buffer after the submitted work and copies it out. Natively this
+/// waits on the device; in the browser the promise resolves when the GPU is done.
+async fn map_read(ctx: &GpuContext, buffer: &wgpu::Buffer) -> Result<Vec<u8>> {
+    let slice = buffer.slice(..);
+    let (tx, rx) = futures_channel::oneshot::channel();
+    slice.map_async(wgpu::MapMode::Read, move |r| {
+        let _ = tx.send(r);
+    });
+    #[cfg(not(target_arch = "wasm32"))]
+    ctx.device
+        .poll(wgpu::PollType::wait_indefinitely())
+        .map_err(|e| gpu_error(format!("waiting for the device: {e}")))?;
+    rx.await
+        .map_err(|_| gpu_error("the readback was dropped (device lost?)"))?
+        .map_err(|e| gpu_error(format!("mapping a readback buffer: {e}")))?;
+    let data = slice
+        .get_mapped_range()
+        .map_err(|e| gpu_error(format!("mapped range: {e}")))?
+        .to_vec();
+    buffer.unmap();
+    ctx.check_lost()?;
+    Ok(data)
+}
+
+/// The synchronous [`Engine`] calls block natively; the browser must use the `_async`
+/// methods.
+#[cfg(not(target_arch = "wasm32"))]
+fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
+    pollster::block_on(f)
+}
+
+#[cfg(target_arch = "wasm32")]
+fn block_on<T>(_: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    Err(gpu_error(
+        "the WebGPU engine cannot block in the browser; use the async methods",
+    ))
+}
+
+impl Engine for GpuEngine {
+    fn backend(&self) -> String {
+        format!("webgpu ({})", self.ctx().adapter_name())
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.vocab
+    }
+
+    fn arm_labels(&self) -> Vec<String> {
+        self.labels.clone()
+    }
+
+    fn context_len(&self) -> usize {
+        self.capacity
+    }
+
+    fn position(&self) -> usize {
+        self.pos
+    }
+
+    fn reset(&mut self) {
+        // The caches keep stale entries past `pos`; attention never reads them.
+        self.pos = 0;
+    }
+
+    fn step(&mut self, tokens: &[u32]) -> Result<StepLogProbs> {
+        block_on(self.step_async(tokens))
+    }
+
+    fn teacher_forced(&mut self, tokens: &[u32]) -> Result<Vec<Vec<Vec<f32>>>> {
+        block_on(self.teacher_forced_async(tokens))
+    }
+
+    fn guided_step(
+        &mut self,
+        tokens: &[u32],
+        alphas: &[f32],
+        sampler: &mut Sampler,
+    ) -> Result<Chosen> {
+        block_on(self.guided_step_async(tokens, alphas, sampler))
+    }
+}

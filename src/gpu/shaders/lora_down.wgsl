@@ -1,0 +1,39 @@
+// The first half of the LoRA delta of the adapted batch rows (first + a for a < arms;
+// rows before `first`, the base, have none): t[a, k] = Σ_c A[a, k, c] · x[first + a, c].
+// A stacks the rows' `[rank, cols]` matrices, zero-padded to the largest rank (zeros
+// for a row without an adapter here). One workgroup per (a, k).
+// Defines: WG (power of two).
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> a: array<f32>;
+@group(0) @binding(2) var<storage, read> x: array<f32>;
+@group(0) @binding(3) var<storage, read_write> t: array<f32>;
+
+var<workgroup> partial: array<f32, WG>;
+
+@compute @workgroup_size(WG)
+fn main(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) tid: u32,
+) {
+    let ak = workgroup_index(wid, nwg);
+    let live = ak < p.arms * p.rank;
+    let arm = ak / p.rank;
+    let n = select(0u, p.cols, live);
+    var s = 0.0;
+    for (var c = tid; c < n; c += WG) {
+        s += a[ak * p.cols + c] * x[(p.first + arm) * p.cols + c];
+    }
+    partial[tid] = s;
+    workgroupBarrier();
+    for (var h = WG / 2u; h > 0u; h >>= 1u) {
+        if (tid < h) {
+            partial[tid] += partial[tid + h];
+        }
+        workgroupBarrier();
+    }
+    if (tid == 0u && live) {
+        t[ak] = partial[0];
+    }
+}

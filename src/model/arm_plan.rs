@@ -1,0 +1,103 @@
+//! How each ARM is loaded next to its base, decided once for every engine: a LoRA on
+//! the base's own weights becomes an extra batch row, anything else a model of its own.
+//! Also the check that an ARM scores the base's tokens.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::Device;
+
+use super::lora::LoraAdapter;
+use super::tokenizer::same_vocabulary;
+use super::Checkpoint;
+use crate::error::{Error, Result};
+
+/// An ARM resolved to what must be loaded for it.
+pub enum ArmPlan {
+    /// A LoRA on the base's own weights: an extra row of the base's batch.
+    SharedLora(LoraAdapter),
+    /// A LoRA on another checkpoint.
+    LoraOn(LoraAdapter, Checkpoint),
+    /// A checkpoint of its own.
+    Full(Checkpoint),
+}
+
+impl ArmPlan {
+    /// The slider label: `genarm.json`'s name, the adapter directory or the file stem.
+    pub fn label(&self, path: &Path) -> String {
+        match self {
+            Self::SharedLora(adapter) | Self::LoraOn(adapter, _) => adapter.label(),
+            Self::Full(_) => file_label(path),
+        }
+    }
+}
+
+fn file_label(path: &Path) -> String {
+    path.file_stem()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| path.display().to_string())
+}
+
+/// Decides how an ARM path is loaded. A LoRA adapter shares the base's weights unless
+/// its `base_model_name_or_path` is a local checkpoint other than the base.
+pub fn plan_arm(path: &Path, base: &Path, device: &Device) -> Result<(PathBuf, ArmPlan)> {
+    let plan = if LoraAdapter::is_adapter_dir(path) {
+        let adapter = LoraAdapter::open(path, device)?;
+        let own_base = adapter
+            .config
+            .base_model_name_or_path
+            .as_deref()
+            .map(|p| resolve_relative(path, p))
+            .filter(|p| p.exists() && !same_file(p, base));
+        match own_base {
+            Some(p) => {
+                let ckpt = Checkpoint::open(&p)?;
+                ArmPlan::LoraOn(adapter, ckpt)
+            }
+            None => ArmPlan::SharedLora(adapter),
+        }
+    } else {
+        ArmPlan::Full(Checkpoint::open(path)?)
+    };
+    Ok((path.into(), plan))
+}
+
+/// A relative base path in an adapter config is relative to the adapter's directory.
+fn resolve_relative(adapter_dir: &Path, p: &str) -> PathBuf {
+    let p = Path::new(p);
+    if p.is_absolute() {
+        p.into()
+    } else {
+        adapter_dir.join(p)
+    }
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
+}
+
+/// An ARM must score the base's tokens: its vocabulary must cover the base's, with the
+/// same token at every shared id when both carry a tokenizer.
+pub fn check_compatible(base: &Checkpoint, arm: &Checkpoint, arm_name: &str) -> Result<()> {
+    let incompatible = |message: String| Error::Incompatible {
+        arm: arm_name.into(),
+        message,
+    };
+    if arm.config.vocab_size < base.config.vocab_size {
+        return Err(incompatible(format!(
+            "its vocabulary has {} tokens, fewer than the base's {}",
+            arm.config.vocab_size, base.config.vocab_size
+        )));
+    }
+    match (&base.tokenizer, &arm.tokenizer) {
+        (Some(b), Some(a)) => same_vocabulary(b, a)
+            .map_err(|m| incompatible(format!("tokenizer differs from the base's: {m}"))),
+        (Some(_), None) | (None, Some(_)) => Err(incompatible(
+            "one of base and ARM has a tokenizer and the other has none; cannot check they agree"
+                .into(),
+        )),
+        (None, None) => Ok(()),
+    }
+}

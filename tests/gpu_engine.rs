@@ -1,0 +1,499 @@
+//! The WebGPU engine against the f64 reference and the candle engine: tiny random
+//! models in every weight format with LoRA and full-weight ARMs, greedy decoding,
+//! sampling on the device, and the demo model. Natively this needs a Vulkan adapter
+//! (lavapipe without a GPU: `apt-get install mesa-vulkan-drivers libvulkan1`).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+
+use candle_core::quantized::GgmlDType;
+use candle_core::{DType, Device};
+use common::*;
+use genarm::cpu::CpuEngine;
+use genarm::gpu::{GpuContext, GpuEngine};
+use genarm::guide::{combine, Sampler, SamplingParams};
+use genarm::model::arm_plan::plan_arm;
+use genarm::model::Checkpoint;
+use genarm::{Engine, GenerateOptions};
+
+/// f32 activations against f64 over two layers: a few ulps per op, as for the CPU
+/// engine (tests/engine.rs); the GPU sums in another order, not with less precision.
+const F32_ATOL: f64 = 1e-4;
+
+const TOKENS: [u32; 12] = [3, 17, 42, 0, 59, 8, 8, 23, 1, 60, 31, 5];
+
+/// One device for the whole test binary: opening lavapipe costs a second or so.
+fn ctx() -> Arc<GpuContext> {
+    static CTX: OnceLock<Arc<GpuContext>> = OnceLock::new();
+    Arc::clone(CTX.get_or_init(|| {
+        let ctx = GpuContext::new_blocking().unwrap_or_else(|e| {
+            panic!("{e}\n(no GPU here? install lavapipe: apt-get install -y mesa-vulkan-drivers libvulkan1)")
+        });
+        eprintln!("adapter: {}", ctx.adapter_name());
+        Arc::new(ctx)
+    }))
+}
+
+fn gpu(base: &Path, arms: &[PathBuf], context: Option<usize>) -> GpuEngine {
+    let plans = arms
+        .iter()
+        .map(|p| plan_arm(p, base, &Device::Cpu))
+        .collect::<genarm::Result<Vec<_>>>()
+        .expect("ARMs open");
+    let ckpt = Checkpoint::open(base).expect("base opens");
+    GpuEngine::new(ctx(), ckpt, plans, context).expect("GPU engine loads")
+}
+
+fn cpu(base: &Path, arms: &[PathBuf], context: Option<usize>) -> CpuEngine {
+    CpuEngine::load(base, arms, context, &Device::Cpu).expect("CPU engine loads")
+}
+
+fn reference_logprobs(model: &TinyModel, tokens: &[u32]) -> Vec<Vec<f64>> {
+    reference_logits(model, tokens)
+        .iter()
+        .map(|l| log_softmax(l))
+        .collect()
+}
+
+#[test]
+fn tiny_models_with_lora_arms_match_the_f64_reference_in_every_format() {
+    let cfg = TinyConfig::default();
+    let model = TinyModel::random(&cfg, 30);
+    let full = TinyLora::random(&cfg, 4, 8.0, &genarm::model::lora::TARGETS, 300);
+    let partial = TinyLora::random(&cfg, 2, 2.0, &["q_proj", "k_proj", "down_proj"], 301);
+    let dir = temp_dir("gpu-formats");
+    let (arm_a, arm_b) = (dir.join("arm-a"), dir.join("arm-b"));
+    write_lora_dir(&arm_a, &full, "hub/name");
+    write_lora_dir(&arm_b, &partial, "hub/name");
+    let hf = dir.join("hf");
+    model.write_hf_dir(&hf, DType::F32, 1);
+    let mut cases = vec![(hf, model.clone(), "hf f32 (half-split RoPE)".to_string())];
+    for dtype in [
+        GgmlDType::F32,
+        GgmlDType::Q8_0,
+        GgmlDType::Q4_0,
+        GgmlDType::Q4_1,
+    ] {
+        let path = dir.join(format!("{dtype:?}.gguf"));
+        model.write_gguf(&path, dtype);
+        let stored = if dtype == GgmlDType::F32 {
+            model.clone()
+        } else {
+            model.gguf_rounded(dtype)
+        };
+        cases.push((path, stored, format!("gguf {dtype:?} (interleaved RoPE)")));
+    }
+    for (path, stored, what) in cases {
+        let want = [
+            reference_logprobs(&stored, &TOKENS),
+            reference_logprobs(&stored.with_lora_merged(&full), &TOKENS),
+            reference_logprobs(&stored.with_lora_merged(&partial), &TOKENS),
+        ];
+        let mut engine = gpu(&path, &[arm_a.clone(), arm_b.clone()], None);
+        let got = engine.teacher_forced(&TOKENS).unwrap();
+        assert_eq!(got.len(), 3);
+        for (m, want_m) in want.iter().enumerate() {
+            for pos in 0..TOKENS.len() {
+                let label = format!("{what} model {m} position {pos}");
+                assert_close(&got[m][pos], &want_m[pos], F32_ATOL, 0.0, &label);
+            }
+        }
+        // The cached path: a prefix, then one token.
+        engine.reset();
+        engine.step(&TOKENS[..TOKENS.len() - 1]).unwrap();
+        let last = engine.step(&TOKENS[TOKENS.len() - 1..]).unwrap();
+        let n = TOKENS.len() - 1;
+        assert_close(
+            &last.base,
+            &want[0][n],
+            F32_ATOL,
+            0.0,
+            &format!("{what} cached base"),
+        );
+        assert_close(
+            &last.arms[1],
+            &want[2][n],
+            F32_ATOL,
+            0.0,
+            &format!("{what} cached arm"),
+        );
+    }
+}
+
+#[test]
+fn qwen2_biases_and_tied_embeddings() {
+    let cfg = TinyConfig {
+        attention_bias: true,
+        tie_word_embeddings: true,
+        ..Default::default()
+    };
+    let model = TinyModel::random(&cfg, 31);
+    let dir = temp_dir("gpu-qwen2");
+    model.write_hf_dir(&dir, DType::F32, 2);
+    let got = gpu(&dir, &[], None).teacher_forced(&TOKENS).unwrap();
+    let want = reference_logprobs(&model, &TOKENS);
+    for pos in 0..TOKENS.len() {
+        assert_close(
+            &got[0][pos],
+            &want[pos],
+            F32_ATOL,
+            0.0,
+            &format!("position {pos}"),
+        );
+    }
+}
+
+#[test]
+fn full_weight_arm_with_a_larger_vocabulary_is_cut_to_the_base() {
+    let cfg = TinyConfig::default();
+    let base = TinyModel::random(&cfg, 32);
+    let big = TinyModel::random(
+        &TinyConfig {
+            vocab_size: cfg.vocab_size + 3,
+            ..cfg.clone()
+        },
+        33,
+    );
+    let lora = TinyLora::random(&cfg, 3, 6.0, &["v_proj", "up_proj"], 330);
+    let dir = temp_dir("gpu-full-arm");
+    let base_path = dir.join("base.gguf");
+    base.write_gguf(&base_path, GgmlDType::F32);
+    let big_path = dir.join("big.gguf");
+    big.write_gguf(&big_path, GgmlDType::F32);
+    let lora_dir = dir.join("lora");
+    write_lora_dir(&lora_dir, &lora, "hub/name");
+    // ARM order: full, LoRA — the LoRA row lives in group 0, the full ARM in group 1.
+    let mut engine = gpu(&base_path, &[big_path, lora_dir], None);
+    let got = engine.teacher_forced(&TOKENS).unwrap();
+    let want_big = reference_logprobs(&big, &TOKENS);
+    let want_lora = reference_logprobs(&base.with_lora_merged(&lora), &TOKENS);
+    for pos in 0..TOKENS.len() {
+        assert_eq!(got[1][pos].len(), cfg.vocab_size);
+        let cut = &want_big[pos][..cfg.vocab_size];
+        assert_close(&got[1][pos], cut, F32_ATOL, 0.0, &format!("full arm {pos}"));
+        assert_close(
+            &got[2][pos],
+            &want_lora[pos],
+            F32_ATOL,
+            0.0,
+            &format!("lora {pos}"),
+        );
+    }
+}
+
+fn greedy(engine: &mut dyn Engine, prompt: &[u32], alphas: &[f32], n: usize) -> Vec<u32> {
+    let opts = GenerateOptions {
+        max_new_tokens: n,
+        alphas: alphas.to_vec(),
+        sampling: SamplingParams {
+            greedy: true,
+            ..Default::default()
+        },
+        ignore_eos: true,
+        ..Default::default()
+    };
+    genarm::generate(engine, None, prompt, &opts, &mut |_| true)
+        .expect("generation runs")
+        .tokens
+}
+
+#[test]
+fn guided_greedy_tokens_and_logprobs_match_the_cpu_engine() {
+    let cfg = TinyConfig::default();
+    let model = TinyModel::random(&cfg, 34);
+    let a = TinyLora::random(&cfg, 4, 8.0, &genarm::model::lora::TARGETS, 340);
+    let b = TinyLora::random(&cfg, 2, 4.0, &["o_proj", "gate_proj"], 341);
+    let dir = temp_dir("gpu-greedy");
+    let path = dir.join("tiny.gguf");
+    model.write_gguf(&path, GgmlDType::Q8_0);
+    let (arm_a, arm_b) = (dir.join("a"), dir.join("b"));
+    write_lora_dir(&arm_a, &a, "hub/name");
+    write_lora_dir(&arm_b, &b, "hub/name");
+    let prompt = [5, 9, 2];
+    let mut n_arms_cases = vec![(vec![], vec![])];
+    n_arms_cases.push((vec![arm_a.clone()], vec![1.5]));
+    n_arms_cases.push((vec![arm_a, arm_b], vec![0.7, -1.2]));
+    for (arms, alphas) in n_arms_cases {
+        let want = greedy(&mut cpu(&path, &arms, None), &prompt, &alphas, 60);
+        let mut g = gpu(&path, &arms, None);
+        let got = greedy(&mut g, &prompt, &alphas, 60);
+        assert_eq!(got, want, "greedy tokens with {} ARMs", arms.len());
+        // The per-token log-probs the device reports are the models' own.
+        let mut c = cpu(&path, &arms, None);
+        let mut sampler = Sampler::new(SamplingParams {
+            greedy: true,
+            ..Default::default()
+        });
+        let chosen = g.guided_step_blocking(&prompt, &alphas, &mut sampler);
+        let lp = c.step(&prompt).unwrap();
+        assert_eq!(chosen.id, want[0]);
+        assert!((chosen.base_logprob - lp.base[chosen.id as usize]).abs() < 1e-4);
+        for (i, arm) in lp.arms.iter().enumerate() {
+            assert!((chosen.arm_logprobs[i] - arm[chosen.id as usize]).abs() < 1e-4);
+        }
+    }
+}
+
+/// Helpers over the engine's blocking API.
+trait Blocking {
+    fn guided_step_blocking(
+        &mut self,
+        tokens: &[u32],
+        alphas: &[f32],
+        sampler: &mut Sampler,
+    ) -> genarm::engine::Chosen;
+}
+
+impl Blocking for GpuEngine {
+    fn guided_step_blocking(
+        &mut self,
+        tokens: &[u32],
+        alphas: &[f32],
+        sampler: &mut Sampler,
+    ) -> genarm::engine::Chosen {
+        self.reset();
+        self.guided_step(tokens, alphas, sampler)
+            .expect("guided step")
+    }
+}
+
+/// Draws `n` first tokens after `prompt` on the device, one seeded draw each.
+fn gpu_draws(
+    engine: &mut GpuEngine,
+    prompt: &[u32],
+    alphas: &[f32],
+    params: &SamplingParams,
+    n: usize,
+) -> Vec<u32> {
+    let mut sampler = Sampler::new(params.clone());
+    (0..n)
+        .map(|_| engine.guided_step_blocking(prompt, alphas, &mut sampler).id)
+        .collect()
+}
+
+#[test]
+fn device_sampling_follows_the_guided_distribution_and_is_reproducible() {
+    let cfg = TinyConfig::default();
+    let model = TinyModel::random(&cfg, 35);
+    let lora = TinyLora::random(&cfg, 4, 8.0, &genarm::model::lora::TARGETS, 350);
+    let dir = temp_dir("gpu-sampling");
+    let path = dir.join("tiny.gguf");
+    model.write_gguf(&path, GgmlDType::F32);
+    let arm = dir.join("arm");
+    write_lora_dir(&arm, &lora, "hub/name");
+    let prompt = [7, 30, 12, 4];
+    let alphas = [0.8];
+    let lp = cpu(&path, std::slice::from_ref(&arm), None).step(&prompt).unwrap();
+    let scores = combine(&lp.base, &[&lp.arms[0]], &alphas);
+    let mut engine = gpu(&path, &[arm], None);
+
+    let cases = [
+        SamplingParams {
+            temperature: 1.3,
+            seed: 11,
+            ..Default::default()
+        },
+        SamplingParams {
+            temperature: 0.8,
+            top_k: Some(6),
+            seed: 12,
+            ..Default::default()
+        },
+        SamplingParams {
+            temperature: 1.0,
+            top_p: 0.7,
+            seed: 13,
+            ..Default::default()
+        },
+    ];
+    let draws = 1500;
+    for params in &cases {
+        // The target: the CPU sampler's own distribution (top-k / top-p applied).
+        let target = Sampler::new(params.clone()).probabilities(&scores);
+        let total: f64 = target.iter().map(|p| p.1).sum();
+        let mut expected = vec![0.0; cfg.vocab_size];
+        for &(i, w) in &target {
+            expected[i as usize] = w / total * draws as f64;
+        }
+        let got = gpu_draws(&mut engine, &prompt, &alphas, params, draws);
+        let mut counts = vec![0usize; cfg.vocab_size];
+        for &id in &got {
+            counts[id as usize] += 1;
+        }
+        for (i, &c) in counts.iter().enumerate() {
+            assert!(
+                c == 0 || expected[i] > 0.0,
+                "{params:?}: token {i} drawn {c} times outside the kept set"
+            );
+        }
+        // Pearson χ² over tokens expected ≥ 5 times, the rest pooled.
+        let (mut chi2, mut dof, mut pooled_e, mut pooled_c) = (0.0, 0usize, 0.0, 0.0);
+        for i in 0..cfg.vocab_size {
+            if expected[i] >= 5.0 {
+                chi2 += (counts[i] as f64 - expected[i]).powi(2) / expected[i];
+                dof += 1;
+            } else {
+                pooled_e += expected[i];
+                pooled_c += counts[i] as f64;
+            }
+        }
+        if pooled_e >= 5.0 {
+            chi2 += (pooled_c - pooled_e).powi(2) / pooled_e;
+            dof += 1;
+        }
+        let dof = dof.saturating_sub(1).max(1) as f64;
+        // Mean dof, sd √(2·dof): 5 sd is a one-in-millions false alarm, while a wrong
+        // temperature or threshold gives χ² in the hundreds at this sample size.
+        let bound = dof + 5.0 * (2.0 * dof).sqrt();
+        assert!(
+            chi2 < bound,
+            "{params:?}: χ² = {chi2:.1} over {dof} dof (bound {bound:.1})"
+        );
+
+        let again = gpu_draws(&mut engine, &prompt, &alphas, params, 50);
+        assert_eq!(&again[..], &got[..50], "{params:?}: same seed, same draws");
+    }
+
+    // Without top-k/top-p both samplers walk the vocabulary in index order with the
+    // same uniform numbers, so they pick the same tokens (but at f32 rounding edges).
+    let params = &cases[0];
+    let on_device = gpu_draws(&mut engine, &prompt, &alphas, params, 300);
+    let mut host = Sampler::new(params.clone());
+    let same = on_device
+        .iter()
+        .filter(|&&id| id == host.sample(&scores))
+        .count();
+    assert!(same >= 297, "only {same}/300 draws equal the CPU sampler's");
+}
+
+#[test]
+fn alphas_and_temperature_change_between_tokens_without_rebuilding() {
+    let cfg = TinyConfig::default();
+    let model = TinyModel::random(&cfg, 36);
+    let lora = TinyLora::random(&cfg, 4, 8.0, &genarm::model::lora::TARGETS, 360);
+    let dir = temp_dir("gpu-sliders");
+    let path = dir.join("tiny.gguf");
+    model.write_gguf(&path, GgmlDType::F32);
+    let arm = dir.join("arm");
+    write_lora_dir(&arm, &lora, "hub/name");
+    let mut g = gpu(&path, std::slice::from_ref(&arm), None);
+    let mut c = cpu(&path, &[arm], None);
+    let mut sampler = Sampler::new(SamplingParams {
+        greedy: true,
+        ..Default::default()
+    });
+    let mut feed = vec![1u32, 2, 3];
+    g.reset();
+    c.reset();
+    for step in 0..20 {
+        let alpha = [-2.0 + 0.25 * step as f32];
+        let chosen = g.guided_step(&feed, &alpha, &mut sampler).unwrap();
+        let lp = c.step(&feed).unwrap();
+        let want = genarm::guide::argmax(&combine(&lp.base, &[&lp.arms[0]], &alpha));
+        assert_eq!(chosen.id, want, "step {step}, alpha {}", alpha[0]);
+        feed = vec![chosen.id];
+    }
+}
+
+#[test]
+fn prompt_longer_than_the_context_is_an_error() {
+    let model = TinyModel::random(&TinyConfig::default(), 37);
+    let dir = temp_dir("gpu-context");
+    let path = dir.join("tiny.gguf");
+    model.write_gguf(&path, GgmlDType::F32);
+    let mut engine = gpu(&path, &[], Some(8));
+    assert_eq!(engine.context_len(), 8);
+    let err = engine.step(&[1; 9]).unwrap_err().to_string();
+    assert!(err.contains("context"), "{err}");
+    let opts = GenerateOptions::default();
+    let err = genarm::generate(&mut engine, None, &[1; 8], &opts, &mut |_| true)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("context"), "{err}");
+}
+
+// ---------------------------------------------------------------------------
+// The demo model (SmolLM2-135M-Instruct, Q4_1)
+// ---------------------------------------------------------------------------
+
+const PROMPTS: [&str; 12] = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain photosynthesis in one sentence.",
+    "List three primary colors.",
+    "How do I boil an egg?",
+    "Translate 'good morning' into Spanish.",
+    "What is 12 times 7?",
+    "Give me a synonym for happy.",
+    "Why is the sky blue?",
+    "Name a famous painter.",
+    "Describe a cat in five words.",
+    "What should I eat for breakfast?",
+];
+
+fn demo_arms(dir: &Path) -> Vec<PathBuf> {
+    let positive = Path::new(env!("CARGO_MANIFEST_DIR")).join("www/arms/positive");
+    let random = dir.join("random-lora");
+    let base = Checkpoint::open(&demo_model()).unwrap();
+    genarm::model::lora::write_random_adapter(&random, &base.config, "base", 8, 16.0, 0.02, 5)
+        .unwrap();
+    vec![positive, random]
+}
+
+#[test]
+fn demo_model_logits_and_greedy_text_match_the_cpu_engine() {
+    let model = demo_model();
+    let tok = demo_tokenizer();
+    let dir = temp_dir("gpu-demo");
+    let arms = demo_arms(&dir);
+    let context = Some(256);
+
+    // Base + both ARMs: last-position log-probs and teacher-forced top-1 per prompt.
+    let mut g = gpu(&model, &arms, context);
+    let mut c = cpu(&model, &arms, context);
+    let (mut agree, mut total) = (0usize, 0usize);
+    let mut worst = 0f32;
+    for text in PROMPTS {
+        let ids = tok.encode_prompt(text, true, None).unwrap();
+        let got = g.teacher_forced(&ids).unwrap();
+        let want = c.teacher_forced(&ids).unwrap();
+        for (gm, wm) in got.iter().zip(&want) {
+            for (gp, wp) in gm.iter().zip(wm) {
+                total += 1;
+                agree += usize::from(genarm::guide::argmax(gp) == genarm::guide::argmax(wp));
+            }
+            let (gl, wl) = (gm.last().unwrap(), wm.last().unwrap());
+            for (a, b) in gl.iter().zip(wl) {
+                // Tokens with log-prob above -20: the rest is irrelevant to any pick.
+                if *b > -20.0 {
+                    worst = worst.max((a - b).abs());
+                }
+            }
+        }
+    }
+    eprintln!(
+        "teacher-forced top-1 agreement {agree}/{total}, worst last-position |Δ log p| {worst:.2e}"
+    );
+    assert!(
+        agree as f64 >= 0.99 * total as f64,
+        "top-1 agreement {agree}/{total}"
+    );
+    // Both engines decode the same Q4_1 blocks with f32 activations; only the order of
+    // the f32 sums differs: ~1e-5 relative per dot product, amplified through 30 layers.
+    assert!(
+        worst < 5e-3,
+        "worst last-position log-prob difference {worst}"
+    );
+
+    // 64 greedy tokens: base only, one ARM, two ARMs.
+    let prompt = tok.encode_prompt(PROMPTS[1], true, None).unwrap();
+    for (n, alphas) in [(0, vec![]), (1, vec![1.0]), (2, vec![1.0, 0.5])] {
+        let mut g = gpu(&model, &arms[..n], context);
+        let mut c = cpu(&model, &arms[..n], context);
+        let got = greedy(&mut g, &prompt, &alphas, 64);
+        let want = greedy(&mut c, &prompt, &alphas, 64);
+        assert_eq!(got, want, "greedy tokens with {n} ARMs");
+    }
+}

@@ -8,17 +8,35 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use genarm::gpu::buffers::{storage_f32, storage_u32, storage_zeros};
 use genarm::gpu::ops::{AttentionBuffers, AttentionShape, Op, RopeShape, RopeStyle};
-use genarm::gpu::{GpuContext, Kernels, QuantWeight, WeightFormat};
+use genarm::gpu::{GpuContext, Kernels, MatVecKind, QuantWeight, WeightFormat};
 
-fn kernels() -> &'static Kernels {
-    static K: OnceLock<Kernels> = OnceLock::new();
-    K.get_or_init(|| {
+fn shared_ctx() -> Arc<GpuContext> {
+    static CTX: OnceLock<Arc<GpuContext>> = OnceLock::new();
+    Arc::clone(CTX.get_or_init(|| {
         let ctx = GpuContext::new_blocking().unwrap_or_else(|e| {
             panic!("{e}\n(no GPU here? install lavapipe: apt-get install -y mesa-vulkan-drivers libvulkan1)")
         });
         eprintln!("adapter: {}", ctx.adapter_name());
-        Kernels::new(Arc::new(ctx))
-    })
+        Arc::new(ctx)
+    }))
+}
+
+/// The kernels the engine would pick for this adapter.
+fn kernels() -> &'static Kernels {
+    static K: OnceLock<Kernels> = OnceLock::new();
+    K.get_or_init(|| Kernels::new(shared_ctx()))
+}
+
+/// Kernels with a given matvec kind: both kinds are checked whatever the adapter.
+fn kernels_with(kind: MatVecKind) -> &'static Kernels {
+    static K: OnceLock<[Kernels; 2]> = OnceLock::new();
+    let all = K.get_or_init(|| {
+        [
+            Kernels::with_matvec(shared_ctx(), MatVecKind::RowPerWorkgroup),
+            Kernels::with_matvec(shared_ctx(), MatVecKind::RowPerInvocation),
+        ]
+    });
+    &all[kind as usize]
 }
 
 fn ctx() -> &'static GpuContext {
@@ -123,9 +141,6 @@ fn matvec_case(format: WeightFormat, rows: usize, cols: usize, chunk_limit: u64,
         let x = rng.vec(m * cols);
         let xb = storage_f32(ctx(), "x", &x);
         let yb = storage_zeros(ctx(), "y", m * rows);
-        let op = kernels().matvec(&weight, &xb, &yb, m).unwrap();
-        run(&[&op]);
-        let got = read(&yb, m * rows);
         let mut want = vec![0f32; m * rows];
         let mut mag = vec![0f32; m * rows];
         for r in 0..m {
@@ -140,11 +155,16 @@ fn matvec_case(format: WeightFormat, rows: usize, cols: usize, chunk_limit: u64,
                 mag[r * rows + i] = a as f32;
             }
         }
-        let what = format!(
-            "matvec {format:?} {rows}x{cols} m={m} chunks={}",
-            weight.chunks.len()
-        );
-        check(&what, &got, &want, |i| 1e-5 * mag[i] + 1e-6);
+        for kind in [MatVecKind::RowPerWorkgroup, MatVecKind::RowPerInvocation] {
+            let op = kernels_with(kind).matvec(&weight, &xb, &yb, m).unwrap();
+            run(&[&op]);
+            let got = read(&yb, m * rows);
+            let what = format!(
+                "matvec {kind:?} {format:?} {rows}x{cols} m={m} chunks={}",
+                weight.chunks.len()
+            );
+            check(&what, &got, &want, |i| 1e-5 * mag[i] + 1e-6);
+        }
     }
 }
 

@@ -758,7 +758,8 @@ fn cmd_bench(args: BenchArgs) -> Result<()> {
         );
     } else {
         println!(
-            "decode tokens/s, median of {} runs of {} tokens ({} threads)",
+            "decode tokens/s on {}, median of {} runs of {} tokens ({} CPU threads)",
+            configs[0].0.backend(),
             args.runs,
             args.tokens,
             candle_core::utils::get_num_threads()
@@ -767,6 +768,14 @@ fn cmd_bench(args: BenchArgs) -> Result<()> {
             println!(
                 "  {label:<16} {median:>8.1} tok/s   {:.2}× base time/token",
                 base_speed / median
+            );
+        }
+        if let Some(bytes) = configs[0].0.weight_bytes {
+            // Divide by the card's memory bandwidth for the fraction achieved.
+            println!(
+                "  weights read per base token: {:.1} MB → {:.2} GB/s at the base-only speed",
+                bytes as f64 / 1e6,
+                bytes as f64 * base_speed / 1e9
             );
         }
     }

@@ -93,9 +93,21 @@ impl GpuContext {
         let slot = Arc::clone(&lost);
         device.set_device_lost_callback(move |reason, message| {
             if let Ok(mut slot) = slot.lock() {
-                *slot = Some(format!("{reason:?}: {message}"));
+                *slot = Some(format!("device lost ({reason:?}: {message})"));
             }
         });
+        // Errors nobody scoped (out of memory above all) would otherwise panic in wgpu's
+        // default handler; keep the first one for the next call to report.
+        let slot = Arc::clone(&lost);
+        device.on_uncaptured_error(Arc::new(move |error: wgpu::Error| {
+            if let Ok(mut slot) = slot.lock() {
+                let what = match &error {
+                    wgpu::Error::OutOfMemory { .. } => "out of GPU memory".to_string(),
+                    other => format!("GPU error: {other}"),
+                };
+                slot.get_or_insert(what);
+            }
+        }));
         Self {
             device,
             queue,
@@ -110,10 +122,11 @@ impl GpuContext {
         &self.adapter_info.name
     }
 
-    /// Errors if the device has been lost (driver reset, browser tab backgrounded...).
+    /// Errors if the device has been lost (driver reset, browser tab backgrounded...)
+    /// or raised an error no scope caught (out of memory, a failed validation).
     pub fn check_lost(&self) -> Result<()> {
         match self.lost.lock().ok().and_then(|slot| slot.clone()) {
-            Some(reason) => Err(gpu_error(format!("device lost ({reason})"))),
+            Some(reason) => Err(gpu_error(reason)),
             None => Ok(()),
         }
     }

@@ -182,6 +182,13 @@ impl GpuEngine {
         let capacity = groups.iter().map(GpuLlama::capacity).min().unwrap_or(1);
         let feed = storage_zeros(&ctx, "feed", 2 * capacity);
         let chosen_staging = readback_buffer(&ctx, "chosen readback", chosen.size());
+        ctx.check_lost().map_err(|e| {
+            gpu_error(format!(
+                "loading {} onto `{}`: {e}",
+                base.path.display(),
+                ctx.adapter_name()
+            ))
+        })?;
         Ok(Self {
             kernels,
             groups,

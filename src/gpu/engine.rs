@@ -8,10 +8,8 @@
 //! normalised over their own vocabulary and then copied in, cut to the base's. Only the
 //! chosen id and its log-probs (a few words) come back per token.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
-
-use candle_core::Device;
 
 use crate::engine::{Chosen, Engine, StepLogProbs};
 use crate::error::{Error, Result};
@@ -21,7 +19,7 @@ use crate::gpu::ops::Op;
 use crate::gpu::ops_guide::{SampleBuffers, KNOB_FIELDS};
 use crate::gpu::{gpu_error, GpuContext, Kernels};
 use crate::guide::{log_softmax, Sampler};
-use crate::model::arm_plan::{check_compatible, plan_arm, ArmPlan};
+use crate::model::arm_plan::{check_compatible, ArmPlan};
 use crate::model::lora::LoraAdapter;
 use crate::model::tokenizer::TextTokenizer;
 use crate::model::Checkpoint;
@@ -59,7 +57,9 @@ impl GpuEngine {
     /// Loads the base and ARMs from paths (as [`crate::cpu::CpuEngine::load`]) onto the
     /// default adapter.
     #[cfg(not(target_arch = "wasm32"))]
-    pub fn load(base: &Path, arms: &[PathBuf], context: Option<usize>) -> Result<Self> {
+    pub fn load(base: &std::path::Path, arms: &[PathBuf], context: Option<usize>) -> Result<Self> {
+        use crate::model::arm_plan::plan_arm;
+        use candle_core::Device;
         let ctx = Arc::new(GpuContext::new_blocking()?);
         let base_ckpt = Checkpoint::open(base)?;
         let plans = arms
@@ -462,7 +462,7 @@ fn readback_buffer(ctx: &GpuContext, label: &str, size: u64) -> wgpu::Buffer {
 
 /// Maps a readback buffer after the submitted work and copies it out. Natively this
 /// waits on the device; in the browser the promise resolves when the GPU is done.
-async fn map_read(ctx: &GpuContext, buffer: &wgpu::Buffer) -> Result<Vec<u8>> {
+pub(crate) async fn map_read(ctx: &GpuContext, buffer: &wgpu::Buffer) -> Result<Vec<u8>> {
     let slice = buffer.slice(..);
     let (tx, rx) = futures_channel::oneshot::channel();
     slice.map_async(wgpu::MapMode::Read, move |r| {

@@ -20,3 +20,7 @@ pub use ops::{Kernels, MatVecKind};
 pub(crate) fn gpu_error(message: impl std::fmt::Display) -> crate::error::Error {
     crate::error::Error::Gpu(message.to_string())
 }
+
+#[cfg(all(test, target_arch = "wasm32"))]
+#[path = "../../tests/web/gpu.rs"]
+mod browser_tests;

@@ -1,0 +1,231 @@
+//! The WebGPU engine in the browser's own WebGPU (headless Chromium; SwiftShader here):
+//! the matvec kernel of both kinds in every weight format against a host reference, and
+//! the whole engine — every kernel in turn — against the candle engine running in the
+//! same page, on the tiny model of `tests/fixtures/web`. A unit-test module of `gpu`,
+//! run with the browser tests of `web` (see `tests/web/browser.rs`).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use wasm_bindgen_test::*;
+
+use crate::cpu::CpuEngine;
+use crate::engine::Engine;
+use crate::generate::{Decoder, GenerateOptions};
+use crate::gpu::buffers::{storage_f32, storage_zeros};
+use crate::gpu::{GpuContext, GpuEngine, Kernels, MatVecKind, QuantWeight, WeightFormat};
+use crate::guide::{Sampler, SamplingParams};
+use crate::model::arm_plan::ArmPlan;
+use crate::model::lora::LoraAdapter;
+use crate::model::weights::Bytes;
+use crate::model::Checkpoint;
+
+const BASE: &[u8] = include_bytes!("../fixtures/web/base.gguf");
+const ARM_CONFIG: &[u8] = include_bytes!("../fixtures/web/arm/adapter_config.json");
+const ARM_WEIGHTS: &[u8] = include_bytes!("../fixtures/web/arm/adapter_model.safetensors");
+
+async fn context() -> Arc<GpuContext> {
+    Arc::new(
+        GpuContext::new()
+            .await
+            .expect("the browser offers a WebGPU adapter"),
+    )
+}
+
+/// Copies `buffer` to the host without blocking.
+async fn read_f32(ctx: &GpuContext, buffer: &wgpu::Buffer) -> Vec<f32> {
+    let staging = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("test readback"),
+        size: buffer.size(),
+        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    let mut encoder = ctx.device.create_command_encoder(&Default::default());
+    encoder.copy_buffer_to_buffer(buffer, 0, &staging, 0, buffer.size());
+    ctx.queue.submit([encoder.finish()]);
+    let bytes = super::engine::map_read(ctx, &staging)
+        .await
+        .expect("readback");
+    bytemuck::pod_collect_to_vec(&bytes)
+}
+
+/// splitmix64 values in [-1, 1).
+fn random(seed: u64, n: usize) -> Vec<f32> {
+    (0..n as u64)
+        .map(|i| {
+            let z = crate::guide::mix64(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ i);
+            (z >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect()
+}
+
+#[wasm_bindgen_test]
+async fn matvec_of_both_kinds_in_every_format() {
+    let ctx = context().await;
+    let (rows, cols) = (67, 96);
+    for (k, format) in [
+        WeightFormat::F32,
+        WeightFormat::Q4_0,
+        WeightFormat::Q4_1,
+        WeightFormat::Q8_0,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let w = random(k as u64, rows * cols);
+        let dtype = match format {
+            WeightFormat::F32 => GgmlDType::F32,
+            WeightFormat::Q4_0 => GgmlDType::Q4_0,
+            WeightFormat::Q4_1 => GgmlDType::Q4_1,
+            WeightFormat::Q8_0 => GgmlDType::Q8_0,
+        };
+        let t = Tensor::from_vec(w, (rows, cols), &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&t, dtype).unwrap();
+        let deq = q
+            .dequantize(&Device::Cpu)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        let bytes = q.data().unwrap();
+        // A small chunk limit splits the weight over several bindings.
+        let weight =
+            QuantWeight::upload(&ctx, "w", format, rows, cols, &bytes, 2048).expect("upload");
+        for m in [1, 3] {
+            let x = random(100 + m as u64, m * cols);
+            let xb = storage_f32(&ctx, "x", &x);
+            for kind in [MatVecKind::RowPerWorkgroup, MatVecKind::RowPerInvocation] {
+                let kernels = Kernels::with_matvec(Arc::clone(&ctx), kind);
+                let yb = storage_zeros(&ctx, "y", m * rows);
+                let op = kernels.matvec(&weight, &xb, &yb, m).unwrap();
+                let mut encoder = ctx.device.create_command_encoder(&Default::default());
+                op.encode(&mut encoder);
+                ctx.queue.submit([encoder.finish()]);
+                let got = read_f32(&ctx, &yb).await;
+                for r in 0..m {
+                    for i in 0..rows {
+                        let (mut want, mut mag) = (0f64, 0f64);
+                        for c in 0..cols {
+                            let p = f64::from(deq[i][c]) * f64::from(x[r * cols + c]);
+                            want += p;
+                            mag += p.abs();
+                        }
+                        let g = f64::from(got[r * rows + i]);
+                        // As natively (tests/gpu_kernels.rs): f32 sums of 96 products.
+                        assert!(
+                            (g - want).abs() <= 1e-5 * mag + 1e-6,
+                            "{kind:?} {format:?} m={m} row {r} out {i}: {g} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn checkpoint() -> Checkpoint {
+    Checkpoint::from_gguf_bytes(BASE.to_vec(), Path::new("base.gguf")).expect("fixture loads")
+}
+
+fn arm_plan() -> (std::path::PathBuf, ArmPlan) {
+    let adapter = LoraAdapter::from_bytes(
+        Path::new("arm"),
+        ARM_CONFIG,
+        None,
+        Bytes::Owned(ARM_WEIGHTS.to_vec()),
+        &Device::Cpu,
+    )
+    .expect("fixture ARM loads");
+    ("arm".into(), ArmPlan::SharedLora(adapter))
+}
+
+#[wasm_bindgen_test]
+async fn the_engine_matches_the_candle_engine_in_the_page() {
+    let ctx = context().await;
+    let mut gpu = GpuEngine::new(ctx, checkpoint(), vec![arm_plan()], Some(64)).unwrap();
+    let mut cpu =
+        CpuEngine::from_parts(checkpoint(), vec![arm_plan()], Some(64), &Device::Cpu).unwrap();
+    let tokens = [3u32, 17, 42, 0, 59, 8, 8, 23, 1, 60, 31, 5];
+
+    // Every position's log-probs, base and ARM. WGSL lets exp, log and sqrt be a few
+    // ulps off (SwiftShader uses such fast forms) where candle is correctly rounded;
+    // over two layers that is ~1e-4 of a log-prob, an order below any decode error.
+    let got = gpu.teacher_forced_async(&tokens).await.unwrap();
+    let want = cpu.teacher_forced(&tokens).unwrap();
+    let mut worst = 0f32;
+    for (gm, wm) in got.iter().zip(&want) {
+        for (g, w) in gm.iter().zip(wm) {
+            for (a, b) in g.iter().zip(w) {
+                worst = worst.max((a - b).abs());
+            }
+        }
+    }
+    web_sys_log(&format!("worst |Δ log p| against candle: {worst:.2e}"));
+    assert!(worst < 1e-3, "worst log-prob difference {worst}");
+
+    // Greedy guided decoding, token by token, as the worker drives it.
+    for alpha in [0.0f32, 1.5, -1.0] {
+        let opts = GenerateOptions {
+            max_new_tokens: 24,
+            alphas: vec![alpha],
+            sampling: SamplingParams {
+                greedy: true,
+                ..Default::default()
+            },
+            ignore_eos: true,
+            ..Default::default()
+        };
+        let want = crate::generate(&mut cpu, None, &tokens[..4], &opts, &mut |_| true)
+            .unwrap()
+            .tokens;
+        let mut decoder = Decoder::new(&mut gpu, None, &tokens[..4], opts).unwrap();
+        let mut got = Vec::new();
+        while decoder.ready(&gpu) {
+            let (feed, alphas, sampler) = decoder.step_inputs();
+            let chosen = gpu.guided_step_async(feed, alphas, sampler).await.unwrap();
+            got.push(decoder.accept(chosen).unwrap().id);
+        }
+        assert_eq!(got, want, "greedy tokens at alpha {alpha}");
+    }
+
+    // Seeded sampling on the device: reproducible, and only tokens the top-k keeps.
+    let params = SamplingParams {
+        temperature: 1.2,
+        top_k: Some(5),
+        seed: 9,
+        ..Default::default()
+    };
+    cpu.reset();
+    let lp = cpu.step(&tokens[..4]).unwrap();
+    let scores = crate::guide::combine(&lp.base, &[&lp.arms[0]], &[0.5]);
+    let kept: Vec<u32> = Sampler::new(params.clone())
+        .probabilities(&scores)
+        .iter()
+        .map(|p| p.0)
+        .collect();
+    let mut draws = Vec::new();
+    for _ in 0..2 {
+        let mut sampler = Sampler::new(params.clone());
+        let mut run = Vec::new();
+        for _ in 0..40 {
+            gpu.reset();
+            let chosen = gpu
+                .guided_step_async(&tokens[..4], &[0.5], &mut sampler)
+                .await
+                .unwrap();
+            assert!(
+                kept.contains(&chosen.id),
+                "{} is outside the top 5",
+                chosen.id
+            );
+            run.push(chosen.id);
+        }
+        draws.push(run);
+    }
+    assert_eq!(draws[0], draws[1], "same seed, same draws");
+}
+
+fn web_sys_log(message: &str) {
+    wasm_bindgen_test::console_log!("{message}");
+}

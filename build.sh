@@ -2,12 +2,16 @@
 # genarm's one entry point for people and CI.
 #
 #   ./build.sh run [ARGS...]   fetch the demo model, build, and generate a guided answer
+#   ./build.sh web             build the browser playground into www/ (wasm package + demo models)
+#   ./build.sh serve [PORT]    `web`, then serve www/ on http://127.0.0.1:PORT/ (default 8080)
 #   ./build.sh test            everything the project checks (what .ci/run runs)
+#   ./build.sh test-web        only the browser tests (wasm API in Chromium, playground end to end)
 #   ./build.sh bench           decode speed on the demo model (base, +1, +2 LoRA ARMs)
 #   ./build.sh train-demo-arms rebuild the demo ARM in www/arms/ (long; not part of CI)
 #   ./build.sh fetch-model     download the demo model into models/ if absent
 #   ./build.sh fetch-data      download the scorers' lexicons and the prompt corpus into models/data/
-#   ./build.sh setup           install the toolchain pieces (wasm32 target, lavapipe)
+#   ./build.sh setup           install the toolchain pieces (wasm32 target, lavapipe, wasm-pack,
+#                              wasm-bindgen-cli, Chromium + chromedriver, playwright-core)
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -32,6 +36,40 @@ setup() {
     rustup target list --installed | grep -qx wasm32-unknown-unknown ||
       rustup target add wasm32-unknown-unknown
   fi
+  setup_web
+}
+
+# The browser tests: Chromium and its chromedriver (Debian's, same version), wasm-pack
+# with the wasm-bindgen CLI that matches Cargo.lock (so wasm-pack downloads nothing),
+# and playwright-core for the end-to-end test (driving Debian's Chromium; never
+# `npx playwright install`).
+setup_web() {
+  if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+    local sudo=""
+    [ "$(id -u)" = 0 ] || sudo=sudo
+    log "installing chromium chromium-driver"
+    $sudo apt-get update -qq
+    $sudo apt-get install -y -qq --no-install-recommends chromium chromium-driver
+  fi
+  local want
+  want=$(wasm_bindgen_version)
+  if [ "$(wasm-bindgen --version 2>/dev/null | awk '{print $2}')" != "$want" ]; then
+    log "cargo install wasm-bindgen-cli --version $want"
+    cargo install wasm-bindgen-cli --version "$want"
+  fi
+  if ! command -v wasm-pack >/dev/null 2>&1; then
+    log "cargo install wasm-pack"
+    cargo install wasm-pack
+  fi
+  if [ ! -d tests/e2e/node_modules/playwright-core ]; then
+    log "npm install (tests/e2e: playwright-core)"
+    (cd tests/e2e && npm install --no-audit --no-fund --silent)
+  fi
+}
+
+# The wasm-bindgen version in Cargo.lock: the CLI must match it exactly.
+wasm_bindgen_version() {
+  awk '/^name = "wasm-bindgen"$/ { getline; gsub(/"/, "", $3); print $3; exit }' Cargo.lock
 }
 
 fetch_model() {
@@ -150,6 +188,63 @@ run() {
     --prompt "$prompt" --temperature 0.8 --top-p 0.95 --seed 1 --max-new-tokens 48 "$@"
 }
 
+# The playground: the wasm package in www/pkg, the demo model and ARMs listed in
+# www/models/demo.json (the model is hard-linked from models/ when possible).
+web() {
+  fetch_model
+  log "wasm-pack build --target web --release (www/pkg)"
+  wasm-pack build --target web --release --out-dir www/pkg --out-name genarm --no-typescript
+  mkdir -p www/models
+  local model_name
+  model_name=$(basename "$DEMO_MODEL")
+  if [ ! -f "www/models/$model_name" ] || [ "$(stat -c %s "www/models/$model_name")" != "$DEMO_MODEL_BYTES" ]; then
+    ln -f "$DEMO_MODEL" "www/models/$model_name" 2>/dev/null || cp "$DEMO_MODEL" "www/models/$model_name"
+  fi
+  python3 - "$model_name" "${DEMO_ARMS[@]}" >www/models/demo.json.part <<'PY'
+import json, os, sys
+model, arms = sys.argv[1], sys.argv[2:]
+def entry(path, url):
+    return {"name": os.path.basename(path), "url": url, "size": os.path.getsize(path)}
+out = {
+    "base": {"name": model, "files": [entry("www/models/" + model, "models/" + model)]},
+    "arms": [],
+}
+for arm in arms:
+    rel = os.path.relpath(arm, "www")
+    files = [f for f in ("adapter_config.json", "adapter_model.safetensors", "genarm.json")
+             if os.path.isfile(os.path.join(arm, f))]
+    if "adapter_config.json" in files:
+        name = os.path.basename(arm)
+        out["arms"].append({"name": name,
+                            "files": [entry(os.path.join(arm, f), rel + "/" + f) for f in files]})
+json.dump(out, sys.stdout, indent=1)
+PY
+  mv www/models/demo.json.part www/models/demo.json
+  log "playground ready: python3 -m http.server --bind 127.0.0.1 --directory www 8080  (then open http://127.0.0.1:8080/)"
+}
+
+serve() {
+  web
+  local port="${1:-8080}"
+  log "serving www/ on http://127.0.0.1:$port/ (Ctrl-C stops)"
+  exec python3 -m http.server --bind 127.0.0.1 --directory www "$port"
+}
+
+# The browser tests: the wasm API in headless Chromium (WebGPU on through
+# webdriver.json), then the playground end to end with Playwright. The browser tests are
+# unit-test modules of the library (tests/web/*.rs), run by wasm-bindgen's test runner
+# exactly as `wasm-pack test --headless --chrome` runs it; wasm-pack itself would also
+# build every integration test and the CLI for wasm32, which are native-only.
+test_web() {
+  log "browser tests of the wasm API (tests/web/, headless Chromium with WebGPU)"
+  # webdriver.json turns WebGPU on; Debian's chromedriver, never a downloaded one.
+  WASM_BINDGEN_TEST_TIMEOUT=600 \
+    wasm-pack test --headless --chrome --chromedriver "$(command -v chromedriver)" --release
+  web
+  log "playground end-to-end (tests/e2e/playground.mjs; screenshot in artifacts/)"
+  node tests/e2e/playground.mjs
+}
+
 test_all() {
   setup
   fetch_model
@@ -162,6 +257,9 @@ test_all() {
   cargo test --release
   log "cargo build --lib --target wasm32-unknown-unknown"
   cargo build --release --lib --target wasm32-unknown-unknown
+  log "cargo clippy --lib --target wasm32-unknown-unknown"
+  cargo clippy --release --lib --target wasm32-unknown-unknown -- -D warnings
+  test_web
 }
 
 bench() {
@@ -211,11 +309,14 @@ cmd="${1:-run}"
 shift || true
 case "$cmd" in
   run) run "$@" ;;
+  web) web ;;
+  serve) serve "$@" ;;
   test) test_all ;;
+  test-web) test_web ;;
   bench) bench "$@" ;;
   train-demo-arms) train_demo_arms ;;
   fetch-model) fetch_model ;;
   fetch-data) fetch_data ;;
   setup) setup ;;
-  *) echo "usage: $0 [run|test|bench|train-demo-arms|fetch-model|fetch-data|setup]" >&2; exit 2 ;;
+  *) echo "usage: $0 [run|web|serve|test|test-web|bench|train-demo-arms|fetch-model|fetch-data|setup]" >&2; exit 2 ;;
 esac

@@ -2,8 +2,9 @@
 //! time by autoregressive reward models (ARMs), on CPU and CUDA (candle) and on GPUs
 //! through WebGPU.
 //!
-//! Data flows one way: weights (`model`) → engine (`cpu`; `gpu` holds the WebGPU kernels
-//! of the engine in progress) → guide (`guide`) → tokens (`generate`).
+//! Data flows one way: weights (`model`) → engine (`cpu` on candle, `gpu` on wgpu) →
+//! guide (`guide`) → tokens (`generate`). In the browser, `web` is the wasm-bindgen API
+//! that the playground's worker uses.
 
 pub mod cpu;
 pub mod engine;
@@ -15,6 +16,8 @@ pub mod guide;
 pub mod model;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod train;
+#[cfg(target_arch = "wasm32")]
+pub mod web;
 
 pub use engine::{ArmSpec, Engine, StepLogProbs};
 pub use error::{Error, Result};

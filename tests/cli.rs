@@ -1,5 +1,6 @@
 //! The `genarm` binary end to end: the demo model answers, JSON shapes are what
 //! scripts rely on, and bad input is a clear error with a non-zero exit, never a panic.
+#![cfg(not(target_arch = "wasm32"))]
 
 mod common;
 

@@ -1,5 +1,6 @@
 //! The candle engine against a direct f64 implementation of the transformer, on tiny
 //! random models written in every format the loaders read.
+#![cfg(not(target_arch = "wasm32"))]
 
 mod common;
 

@@ -2,6 +2,7 @@
 //! models in every weight format with LoRA and full-weight ARMs, greedy decoding,
 //! sampling on the device, and the demo model. Natively this needs a Vulkan adapter
 //! (lavapipe without a GPU: `apt-get install mesa-vulkan-drivers libvulkan1`).
+#![cfg(not(target_arch = "wasm32"))]
 
 mod common;
 

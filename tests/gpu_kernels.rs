@@ -1,6 +1,7 @@
 //! Every WGSL kernel against a plain CPU reference, on seeded random data at awkward
 //! sizes. Natively this needs a Vulkan adapter; without a GPU install lavapipe
 //! (`apt-get install mesa-vulkan-drivers libvulkan1`). A missing adapter fails.
+#![cfg(not(target_arch = "wasm32"))]
 
 use std::sync::{Arc, OnceLock};
 

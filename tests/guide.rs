@@ -1,6 +1,7 @@
 //! The GenARM rule against a direct reference: α = 0 is base-only decoding, greedy is
 //! the argmax of the summed log-softmaxes, sampling frequencies follow the target
 //! distribution, and several ARMs add with their weights.
+#![cfg(not(target_arch = "wasm32"))]
 
 mod common;
 

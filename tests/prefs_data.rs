@@ -1,6 +1,7 @@
 //! Tests of `train::data`: every preference format on a small JSONL file, format
 //! detection, line-numbered errors for bad records, and tokenization with the real
 //! SmolLM2-135M-Instruct tokenizer (chat template, end-of-turn token, length limits).
+#![cfg(not(target_arch = "wasm32"))]
 
 mod common;
 

@@ -1,6 +1,7 @@
 //! Tests of `model::tokenizer`: the GGUF byte-level BPE path against the real
 //! SmolLM2-135M-Instruct file, the Hugging Face JSON path on a hand-written tokenizer,
 //! streaming detokenisation, chat templates and error reporting.
+#![cfg(not(target_arch = "wasm32"))]
 
 mod common;
 

@@ -1,6 +1,7 @@
 //! ARM training on tiny random models: the loss against a direct f64 computation,
 //! LoRA gradients against finite differences, learning a synthetic preference,
 //! resuming, and the saved adapter reloading with the same log-probabilities.
+#![cfg(not(target_arch = "wasm32"))]
 
 mod common;
 

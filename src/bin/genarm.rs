@@ -1,4 +1,7 @@
 //! The genarm command line: `main` only dispatches, one function per subcommand.
+// The CLI is native only; on wasm32 (`wasm-pack test` builds every target) it is empty.
+#![cfg_attr(target_arch = "wasm32", no_main)]
+#![cfg(not(target_arch = "wasm32"))]
 
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};

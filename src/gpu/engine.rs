@@ -18,7 +18,7 @@ use crate::gpu::model::GpuLlama;
 use crate::gpu::ops::Op;
 use crate::gpu::ops_guide::{SampleBuffers, KNOB_FIELDS};
 use crate::gpu::{gpu_error, GpuContext, Kernels};
-use crate::guide::{log_softmax, Sampler};
+use crate::guide::{log_softmax, Sampler, SamplingParams};
 use crate::model::arm_plan::{check_compatible, ArmPlan};
 use crate::model::lora::LoraAdapter;
 use crate::model::tokenizer::TextTokenizer;
@@ -26,6 +26,15 @@ use crate::model::Checkpoint;
 
 /// The id the sampler writes when no guided score is finite.
 const NO_TOKEN: u32 = u32::MAX;
+
+/// A step submitted before the host asked for it.
+struct Speculative {
+    /// The knobs it ran with: it is used only if the next request has the same.
+    knobs: Vec<f32>,
+    /// The readback buffer it copies its choice to.
+    slot: usize,
+    submission: wgpu::SubmissionIndex,
+}
 
 pub struct GpuEngine {
     kernels: Kernels,
@@ -46,7 +55,13 @@ pub struct GpuEngine {
     logits: wgpu::Buffer,
     knobs: wgpu::Buffer,
     chosen: wgpu::Buffer,
-    chosen_staging: wgpu::Buffer,
+    /// Two readback buffers: one for the step being read, one for the step in flight.
+    chosen_staging: [wgpu::Buffer; 2],
+    /// The position word of a speculative step, copied into `cur`.
+    next_pos: wgpu::Buffer,
+    speculative: Option<Speculative>,
+    /// The id the last guided step returned (what a speculative step embeds).
+    last_chosen: Option<u32>,
     stats_ops: Vec<Op>,
     sample: Op,
     capacity: usize,
@@ -181,7 +196,9 @@ impl GpuEngine {
         )?;
         let capacity = groups.iter().map(GpuLlama::capacity).min().unwrap_or(1);
         let feed = storage_zeros(&ctx, "feed", 2 * capacity);
-        let chosen_staging = readback_buffer(&ctx, "chosen readback", chosen.size());
+        let chosen_staging =
+            [0, 1].map(|_| readback_buffer(&ctx, "chosen readback", chosen.size()));
+        let next_pos = storage_u32(&ctx, "next pos", &[0]);
         ctx.check_lost().map_err(|e| {
             gpu_error(format!(
                 "loading {} onto `{}`: {e}",
@@ -204,6 +221,9 @@ impl GpuEngine {
             knobs,
             chosen,
             chosen_staging,
+            next_pos,
+            speculative: None,
+            last_chosen: None,
             stats_ops,
             sample,
             capacity,
@@ -321,29 +341,8 @@ impl GpuEngine {
             .collect()
     }
 
-    /// [`Engine::guided_step`] without blocking: the browser must return to its event
-    /// loop while the device works.
-    pub async fn guided_step_async(
-        &mut self,
-        tokens: &[u32],
-        alphas: &[f32],
-        sampler: &mut Sampler,
-    ) -> Result<Chosen> {
-        self.ctx().check_lost()?;
-        self.check_room(tokens)?;
-        if alphas.len() != self.labels.len() {
-            return Err(Error::Request(format!(
-                "{} ARM weights given for {} ARMs",
-                alphas.len(),
-                self.labels.len()
-            )));
-        }
-        let params = sampler.params().clone();
-        let u = if params.greedy {
-            0.0
-        } else {
-            sampler.next_uniform()
-        };
+    /// The knobs buffer's contents for one pick: 1/T, top-p, u, top-k, greedy, α….
+    fn knobs(&self, alphas: &[f32], params: &SamplingParams, u: f64) -> Vec<f32> {
         let mut knobs = vec![
             1.0 / params.temperature,
             params.top_p,
@@ -352,15 +351,22 @@ impl GpuEngine {
             if params.greedy { 1.0 } else { 0.0 },
         ];
         knobs.extend_from_slice(alphas);
-        self.ctx()
-            .queue
-            .write_buffer(&self.knobs, 0, bytemuck::cast_slice(&knobs));
+        knobs
+    }
 
-        let mut encoder = self
-            .ctx()
-            .device
-            .create_command_encoder(&Default::default());
-        self.encode_feed(&mut encoder, tokens, |_, _, _| {});
+    /// The uniform number the next pick uses, without counting it yet (a speculative
+    /// step must not consume a draw it may never deliver).
+    fn peek_uniform(sampler: &Sampler) -> f64 {
+        if sampler.params().greedy {
+            0.0
+        } else {
+            sampler.clone().next_uniform()
+        }
+    }
+
+    /// Encodes the pick after a forward pass: normalisers, other groups' rows into the
+    /// shared logits, the sample, and a copy of the choice to readback buffer `slot`.
+    fn encode_pick(&self, encoder: &mut wgpu::CommandEncoder, slot: usize) {
         {
             let mut pass = encoder.begin_compute_pass(&Default::default());
             for op in &self.stats_ops {
@@ -379,17 +385,110 @@ impl GpuEngine {
                 );
             }
         }
-        self.sample.encode(&mut encoder);
-        encoder.copy_buffer_to_buffer(&self.chosen, 0, &self.chosen_staging, 0, self.chosen.size());
-        self.ctx().queue.submit([encoder.finish()]);
-        let words: Vec<u32> =
-            bytemuck::pod_collect_to_vec(&map_read(self.ctx(), &self.chosen_staging).await?);
+        self.sample.encode(encoder);
+        let staging = &self.chosen_staging[slot];
+        encoder.copy_buffer_to_buffer(&self.chosen, 0, staging, 0, self.chosen.size());
+    }
+
+    /// Submits the step after the one just submitted, before its choice is read: it
+    /// embeds the id the device wrote to `cur` at the next position, so the device
+    /// keeps working while the host reads, decodes and streams.
+    fn launch_speculative(&mut self, alphas: &[f32], sampler: &Sampler, slot: usize) {
+        if self.pos >= self.capacity {
+            return;
+        }
+        let knobs = self.knobs(alphas, sampler.params(), Self::peek_uniform(sampler));
+        let queue = &self.ctx().queue;
+        queue.write_buffer(&self.knobs, 0, bytemuck::cast_slice(&knobs));
+        queue.write_buffer(&self.next_pos, 0, bytemuck::bytes_of(&(self.pos as u32)));
+        let mut encoder = self
+            .ctx()
+            .device
+            .create_command_encoder(&Default::default());
+        encoder.copy_buffer_to_buffer(&self.next_pos, 0, &self.cur, 4, 4);
+        {
+            let mut pass = encoder.begin_compute_pass(&Default::default());
+            for g in &self.groups {
+                g.encode(&mut pass);
+            }
+        }
+        self.encode_pick(&mut encoder, slot);
+        let submission = self.ctx().queue.submit([encoder.finish()]);
+        self.speculative = Some(Speculative {
+            knobs,
+            slot,
+            submission,
+        });
+    }
+
+    /// [`Engine::guided_step`] without blocking: the browser must return to its event
+    /// loop while the device works.
+    ///
+    /// Each call also submits the following step speculatively (the device already
+    /// holds the id it picked), so reads lag the device by a step. The next call uses
+    /// that step when it feeds exactly the id picked and the weights and sampling
+    /// settings are unchanged; otherwise the position is simply computed again.
+    pub async fn guided_step_async(
+        &mut self,
+        tokens: &[u32],
+        alphas: &[f32],
+        sampler: &mut Sampler,
+    ) -> Result<Chosen> {
+        self.ctx().check_lost()?;
+        if alphas.len() != self.labels.len() {
+            return Err(Error::Request(format!(
+                "{} ARM weights given for {} ARMs",
+                alphas.len(),
+                self.labels.len()
+            )));
+        }
+        let spec = self.speculative.take();
+        let continues = tokens.len() == 1 && self.last_chosen == Some(tokens[0]);
+        let words = match spec {
+            Some(spec)
+                if continues
+                    && spec.knobs
+                        == self.knobs(alphas, sampler.params(), Self::peek_uniform(sampler)) =>
+            {
+                self.check_room(tokens)?;
+                if !sampler.params().greedy {
+                    sampler.next_uniform();
+                }
+                self.pos += 1;
+                self.launch_speculative(alphas, sampler, 1 - spec.slot);
+                self.read_choice(spec.slot, spec.submission).await?
+            }
+            _ => {
+                // Whatever was in flight wrote only past the position fed now.
+                self.check_room(tokens)?;
+                let u = if sampler.params().greedy {
+                    0.0
+                } else {
+                    sampler.next_uniform()
+                };
+                let knobs = self.knobs(alphas, sampler.params(), u);
+                self.ctx()
+                    .queue
+                    .write_buffer(&self.knobs, 0, bytemuck::cast_slice(&knobs));
+                let mut encoder = self
+                    .ctx()
+                    .device
+                    .create_command_encoder(&Default::default());
+                self.encode_feed(&mut encoder, tokens, |_, _, _| {});
+                self.encode_pick(&mut encoder, 0);
+                let submission = self.ctx().queue.submit([encoder.finish()]);
+                self.launch_speculative(alphas, sampler, 1);
+                self.read_choice(0, submission).await?
+            }
+        };
         let id = words[0];
         if id == NO_TOKEN || id as usize >= self.vocab {
+            self.speculative = None;
             return Err(Error::Request(
                 "the guided scores are not finite (NaN or infinite logits)".into(),
             ));
         }
+        self.last_chosen = Some(id);
         let lp = |j: usize| f32::from_bits(words[1 + j]);
         Ok(Chosen {
             id,
@@ -398,9 +497,21 @@ impl GpuEngine {
         })
     }
 
+    /// The choice a submitted pick copied to readback buffer `slot`.
+    async fn read_choice(
+        &self,
+        slot: usize,
+        submission: wgpu::SubmissionIndex,
+    ) -> Result<Vec<u32>> {
+        let bytes = map_read(self.ctx(), &self.chosen_staging[slot], Some(submission)).await?;
+        Ok(bytemuck::pod_collect_to_vec(&bytes))
+    }
+
     /// [`Engine::step`] without blocking.
     pub async fn step_async(&mut self, tokens: &[u32]) -> Result<StepLogProbs> {
         self.ctx().check_lost()?;
+        self.speculative = None;
+        self.last_chosen = None;
         self.check_room(tokens)?;
         let floats = self.logits_floats();
         let staging = readback_buffer(self.ctx(), "logits readback", (floats * 4) as u64);
@@ -411,7 +522,8 @@ impl GpuEngine {
         self.encode_feed(&mut encoder, tokens, |_, _, _| {});
         self.copy_all_logits(&mut encoder, &staging, 0);
         self.ctx().queue.submit([encoder.finish()]);
-        let host: Vec<f32> = bytemuck::pod_collect_to_vec(&map_read(self.ctx(), &staging).await?);
+        let host: Vec<f32> =
+            bytemuck::pod_collect_to_vec(&map_read(self.ctx(), &staging, None).await?);
         let mut models = self.log_probs_of(&host).into_iter();
         Ok(StepLogProbs {
             base: models.next().unwrap_or_default(),
@@ -438,7 +550,8 @@ impl GpuEngine {
             engine.copy_all_logits(enc, &staging, (i * floats * 4) as u64)
         });
         self.ctx().queue.submit([encoder.finish()]);
-        let host: Vec<f32> = bytemuck::pod_collect_to_vec(&map_read(self.ctx(), &staging).await?);
+        let host: Vec<f32> =
+            bytemuck::pod_collect_to_vec(&map_read(self.ctx(), &staging, None).await?);
         self.reset();
         let mut out = vec![Vec::with_capacity(tokens.len()); self.slots.len()];
         for position in host.chunks_exact(floats) {
@@ -462,15 +575,25 @@ fn readback_buffer(ctx: &GpuContext, label: &str, size: u64) -> wgpu::Buffer {
 
 /// Maps a readback buffer after the submitted work and copies it out. Natively this
 /// waits on the device; in the browser the promise resolves when the GPU is done.
-pub(crate) async fn map_read(ctx: &GpuContext, buffer: &wgpu::Buffer) -> Result<Vec<u8>> {
+pub(crate) async fn map_read(
+    ctx: &GpuContext,
+    buffer: &wgpu::Buffer,
+    submission: Option<wgpu::SubmissionIndex>,
+) -> Result<Vec<u8>> {
     let slice = buffer.slice(..);
     let (tx, rx) = futures_channel::oneshot::channel();
     slice.map_async(wgpu::MapMode::Read, move |r| {
         let _ = tx.send(r);
     });
+    // In the browser the promise resolves when the work is done; there is no polling.
+    #[cfg(target_arch = "wasm32")]
+    let _ = submission;
     #[cfg(not(target_arch = "wasm32"))]
     ctx.device
-        .poll(wgpu::PollType::wait_indefinitely())
+        .poll(wgpu::PollType::Wait {
+            submission_index: submission,
+            timeout: None,
+        })
         .map_err(|e| gpu_error(format!("waiting for the device: {e}")))?;
     rx.await
         .map_err(|_| gpu_error("the readback was dropped (device lost?)"))?
@@ -522,6 +645,8 @@ impl Engine for GpuEngine {
     fn reset(&mut self) {
         // The caches keep stale entries past `pos`; attention never reads them.
         self.pos = 0;
+        self.speculative = None;
+        self.last_chosen = None;
     }
 
     fn step(&mut self, tokens: &[u32]) -> Result<StepLogProbs> {

@@ -26,6 +26,8 @@ const BASE: &[u8] = include_bytes!("../fixtures/web/base.gguf");
 const ARM_CONFIG: &[u8] = include_bytes!("../fixtures/web/arm/adapter_config.json");
 const ARM_WEIGHTS: &[u8] = include_bytes!("../fixtures/web/arm/adapter_model.safetensors");
 
+// wgpu's browser types are not Send; the engine takes an Arc for its native callers.
+#[allow(clippy::arc_with_non_send_sync)]
 async fn context() -> Arc<GpuContext> {
     Arc::new(
         GpuContext::new()
@@ -45,7 +47,7 @@ async fn read_f32(ctx: &GpuContext, buffer: &wgpu::Buffer) -> Vec<f32> {
     let mut encoder = ctx.device.create_command_encoder(&Default::default());
     encoder.copy_buffer_to_buffer(buffer, 0, &staging, 0, buffer.size());
     ctx.queue.submit([encoder.finish()]);
-    let bytes = super::engine::map_read(ctx, &staging)
+    let bytes = super::engine::map_read(ctx, &staging, None)
         .await
         .expect("readback");
     bytemuck::pod_collect_to_vec(&bytes)

@@ -1,0 +1,252 @@
+// End-to-end test of the playground (www/, built by `./build.sh web`) in Debian's
+// Chromium, driven by playwright-core:
+//   1. with WebGPU on (SwiftShader): the demo model and ARM load (engine "auto"), guided
+//      and base-only text streams in, a slider changes the text, a slider moved mid-run
+//      changes the weights of the following tokens, Stop, a reload loads from the
+//      browser cache, and the WebGPU engine chosen explicitly generates; screenshot in
+//      artifacts/playground.png, timings in artifacts/playground.json;
+//   2. without the WebGPU flag: the page says why it runs on the CPU, and generates.
+//
+//   node tests/e2e/playground.mjs   (CHROMIUM=path overrides the browser)
+
+import { createServer } from 'node:http';
+import { createReadStream, mkdirSync, statSync, writeFileSync } from 'node:fs';
+import { dirname, extname, join, normalize, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { chromium } from 'playwright-core';
+
+const here = dirname(fileURLToPath(import.meta.url));
+const repo = resolve(here, '../..');
+const www = join(repo, 'www');
+const artifacts = join(repo, 'artifacts');
+const CHROMIUM = process.env.CHROMIUM || '/usr/lib/chromium/chromium';
+const LOAD_TIMEOUT = 300_000;
+const RUN_TIMEOUT = 300_000;
+const PROMPT = 'The movie I watched last night was';
+const MAX_TOKENS = 24;
+
+const MIME = {
+  '.html': 'text/html; charset=utf-8',
+  '.js': 'text/javascript',
+  '.mjs': 'text/javascript',
+  '.css': 'text/css',
+  '.json': 'application/json',
+  '.wasm': 'application/wasm',
+  '.png': 'image/png',
+};
+
+// A static server for www/ on 127.0.0.1, as any static host would serve it.
+function serve() {
+  const server = createServer((req, res) => {
+    const path = normalize(decodeURIComponent(new URL(req.url, 'http://x').pathname));
+    let file = join(www, path);
+    if (!file.startsWith(www)) {
+      res.writeHead(403).end();
+      return;
+    }
+    try {
+      if (statSync(file).isDirectory()) file = join(file, 'index.html');
+      const size = statSync(file).size;
+      res.writeHead(200, {
+        'content-type': MIME[extname(file)] || 'application/octet-stream',
+        'content-length': size,
+      });
+      if (req.method === 'HEAD') res.end();
+      else createReadStream(file).pipe(res);
+    } catch (_) {
+      res.writeHead(404).end();
+    }
+  });
+  return new Promise((ok) => server.listen(0, '127.0.0.1', () => ok(server)));
+}
+
+function check(cond, message) {
+  if (!cond) throw new Error(`check failed: ${message}`);
+  console.log(`ok - ${message}`);
+}
+
+async function launch(webgpu) {
+  return chromium.launch({
+    executablePath: CHROMIUM,
+    args: [
+      '--no-sandbox',
+      ...(webgpu ? ['--enable-unsafe-webgpu'] : []),
+      '--disable-background-networking',
+      '--disable-component-update',
+      '--disable-sync',
+      '--no-first-run',
+    ],
+  });
+}
+
+async function openPage(browser, url, log) {
+  const context = await browser.newContext({ viewport: { width: 1200, height: 900 } });
+  const page = await context.newPage();
+  page.on('console', (m) => log.push(`[${m.type()}] ${m.text()}`));
+  page.on('pageerror', (e) => log.push(`[pageerror] ${e.message}`));
+  page.on('request', (r) => {
+    const u = new URL(r.url());
+    if (u.hostname !== '127.0.0.1') log.push(`[offsite] ${r.url()}`);
+  });
+  await page.goto(url);
+  return { context, page };
+}
+
+async function waitReady(page) {
+  await page.waitForFunction(
+    () => ['ready', 'error'].includes(document.body.dataset.state) && !!document.querySelector('#progress-text[data-load-seconds]'),
+    null,
+    { timeout: LOAD_TIMEOUT },
+  ).catch(() => {});
+  const state = await page.evaluate(() => document.body.dataset.state);
+  if (state !== 'ready') {
+    const notices = await page.locator('#notices').innerText();
+    throw new Error(`the page did not get ready (state ${state}): ${notices}`);
+  }
+}
+
+async function generate(page) {
+  await page.click('#generate');
+  await page.waitForFunction(() => document.body.dataset.state === 'generating', null, { timeout: 10_000 }).catch(() => {});
+  await page.waitForFunction(() => document.body.dataset.state === 'ready', null, { timeout: RUN_TIMEOUT });
+  return page.evaluate(() => {
+    const stats = (run) => {
+      const d = document.getElementById(`stats-${run}`).dataset;
+      return { tokens: Number(d.tokens), firstTokenMs: Number(d.firstTokenMs), tokensPerSecond: Number(d.tokensPerSecond) };
+    };
+    return {
+      guided: document.getElementById('out-guided').textContent,
+      base: document.getElementById('out-base').textContent,
+      guidedStats: stats('guided'),
+      baseStats: stats('base'),
+    };
+  });
+}
+
+async function setControls(page) {
+  await page.check('#mode-plain');
+  await page.fill('#prompt', PROMPT);
+  await page.fill('#max-tokens', String(MAX_TOKENS));
+  await page.fill('#seed', '3');
+}
+
+async function withWebGpu(url, metrics) {
+  const log = [];
+  const browser = await launch(true);
+  try {
+    const started = Date.now();
+    const { page } = await openPage(browser, url, log);
+    await waitReady(page);
+    metrics.firstLoadSeconds = (Date.now() - started) / 1000;
+    const backend = await page.locator('#backend').innerText();
+    metrics.backend = backend;
+    check(/CPU \(wasm\)|WebGPU/.test(backend), `backend shown: ${backend}`);
+    const slider = page.locator('#sliders input[type=range][data-arm="positive"]');
+    check((await slider.count()) === 1, 'one slider, labelled by the ARM name "positive"');
+    check(/positive/.test(await page.locator('#sliders').innerText()), 'slider label names the ARM');
+
+    await setControls(page);
+    await slider.fill('0');
+    const plain = await generate(page);
+    check(plain.guided.length > 0, `guided text streamed at α = 0: ${JSON.stringify(plain.guided)}`);
+    check(plain.base.length > 0, `base-only text streamed: ${JSON.stringify(plain.base)}`);
+    check(plain.guided === plain.base, 'α = 0 and the base alone agree on the same seed');
+
+    await slider.fill('3');
+    const guided = await generate(page);
+    check(guided.base === plain.base, 'the base-only run is the same for the same seed');
+    check(guided.guided !== plain.guided, `α = 3 changes the text: ${JSON.stringify(guided.guided)}`);
+    metrics.guided = guided.guidedStats;
+    metrics.base = guided.baseStats;
+    const colored = await page.locator('#out-guided .tok[title*="α·log π"]').count();
+    check(colored > 0, `tokens carry their ARM reward on hover (${colored})`);
+
+    // Move the slider while text streams: later tokens carry the new weight.
+    await page.uncheck('#compare');
+    await page.fill('#max-tokens', '32');
+    await page.click('#generate');
+    await page.waitForFunction(() => document.querySelectorAll('#out-guided .tok').length >= 3, null, { timeout: RUN_TIMEOUT });
+    await slider.fill('0.5');
+    await page.waitForFunction(() => document.body.dataset.state === 'ready', null, { timeout: RUN_TIMEOUT });
+    const alphas = await page.$$eval('#out-guided .tok', (spans) => spans.map((s) => s.dataset.alpha));
+    check(alphas[0] === '3' && alphas[alphas.length - 1] === '0.5', `slider moved mid-run applies to the next tokens (${alphas[0]} … ${alphas[alphas.length - 1]})`);
+
+    // Stop ends a run early.
+    await page.fill('#max-tokens', '200');
+    await page.click('#generate');
+    await page.waitForFunction(() => document.querySelectorAll('#out-guided .tok').length >= 2, null, { timeout: RUN_TIMEOUT });
+    await page.click('#stop');
+    await page.waitForFunction(() => document.body.dataset.state === 'ready', null, { timeout: RUN_TIMEOUT });
+    check(/stop: cancelled/.test(await page.locator('#stats-guided').innerText()), 'Stop cancels the run');
+
+    // Back to the side-by-side view for the screenshot.
+    await page.check('#compare');
+    await page.fill('#max-tokens', String(MAX_TOKENS));
+    await slider.fill('3');
+    await generate(page);
+    mkdirSync(artifacts, { recursive: true });
+    await page.screenshot({ path: join(artifacts, 'playground.png'), fullPage: true });
+    console.log(`screenshot: ${join(artifacts, 'playground.png')}`);
+
+    // A reload is served from the Cache API.
+    const reloadStarted = Date.now();
+    await page.reload();
+    await waitReady(page);
+    metrics.cachedLoadSeconds = (Date.now() - reloadStarted) / 1000;
+    const fromCache = await page.locator('#progress-text').getAttribute('data-from-cache');
+    check(fromCache === 'true', `reload loads from the browser cache (${metrics.cachedLoadSeconds.toFixed(1)} s)`);
+
+    // WebGPU chosen explicitly: the wgpu engine runs the demo on the adapter (SwiftShader
+    // here, a software renderer that "auto" passes over, so only a few tokens).
+    await page.selectOption('#backend-choice', 'webgpu');
+    await page.click('#load');
+    await waitReady(page);
+    const gpuBackend = await page.locator('#backend').innerText();
+    metrics.webgpuBackend = gpuBackend;
+    check(/^WebGPU — .+/.test(gpuBackend), `WebGPU on request: ${gpuBackend}`);
+    await setControls(page);
+    await page.uncheck('#compare');
+    await page.fill('#max-tokens', '4');
+    await page.locator('#sliders input[type=range][data-arm="positive"]').fill('3');
+    const onGpu = await generate(page);
+    check(onGpu.guided.length > 0, `the WebGPU engine generates: ${JSON.stringify(onGpu.guided)}`);
+    metrics.webgpu = onGpu.guidedStats;
+  } finally {
+    await browser.close();
+    check(!log.some((l) => l.startsWith('[pageerror]') || l.startsWith('[offsite]')), 'no page errors, no off-site requests');
+    if (log.length) console.log(log.join('\n'));
+  }
+}
+
+async function withoutWebGpu(url, metrics) {
+  const log = [];
+  const browser = await launch(false);
+  try {
+    const { page } = await openPage(browser, url, log);
+    await waitReady(page);
+    const backend = await page.locator('#backend').innerText();
+    metrics.fallbackBackend = backend;
+    check(/^CPU \(wasm\) — .+/.test(backend), `without WebGPU the page falls back and says why: ${backend}`);
+    await setControls(page);
+    await page.uncheck('#compare');
+    await page.fill('#max-tokens', '8');
+    const out = await generate(page);
+    check(out.guided.length > 0, 'the CPU fallback generates');
+  } finally {
+    await browser.close();
+    if (log.length) console.log(log.join('\n'));
+  }
+}
+
+const server = await serve();
+const url = `http://127.0.0.1:${server.address().port}/`;
+const metrics = {};
+try {
+  await withWebGpu(url, metrics);
+  await withoutWebGpu(url, metrics);
+  mkdirSync(artifacts, { recursive: true });
+  writeFileSync(join(artifacts, 'playground.json'), `${JSON.stringify(metrics, null, 2)}\n`);
+  console.log(JSON.stringify(metrics, null, 2));
+} finally {
+  server.close();
+}

@@ -346,3 +346,124 @@ fn gguf_pre_tokenizer_variants_build() {
         assert_eq!(tok.encode("ab<|x|>", false).unwrap(), [2, 3], "pre {pre}");
     }
 }
+
+/// The SentencePiece model of `tests/fixtures/spm` (trained and encoded by Google's
+/// `sentencepiece` with Llama 2's settings, see `make_fixture.py`) as GGUF metadata.
+#[derive(serde::Deserialize)]
+struct SpmFixture {
+    pieces: Vec<String>,
+    scores: Vec<f32>,
+    types: Vec<i32>,
+    unk_id: u32,
+    bos_id: u32,
+    eos_id: u32,
+    cases: Vec<SpmCase>,
+}
+
+#[derive(serde::Deserialize)]
+struct SpmCase {
+    text: String,
+    ids: Vec<u32>,
+    decoded: String,
+}
+
+fn spm_fixture() -> SpmFixture {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/spm/fixture.json");
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+fn spm_gguf_metadata(f: &SpmFixture) -> HashMap<String, Value> {
+    let pieces: Vec<&str> = f.pieces.iter().map(String::as_str).collect();
+    HashMap::from([
+        (
+            "tokenizer.ggml.model".to_string(),
+            Value::String("llama".into()),
+        ),
+        ("tokenizer.ggml.tokens".to_string(), strings(&pieces)),
+        (
+            "tokenizer.ggml.scores".to_string(),
+            Value::Array(f.scores.iter().map(|&s| Value::F32(s)).collect()),
+        ),
+        (
+            "tokenizer.ggml.token_type".to_string(),
+            Value::Array(f.types.iter().map(|&t| Value::I32(t)).collect()),
+        ),
+        (
+            "tokenizer.ggml.unknown_token_id".to_string(),
+            Value::U32(f.unk_id),
+        ),
+        (
+            "tokenizer.ggml.bos_token_id".to_string(),
+            Value::U32(f.bos_id),
+        ),
+        (
+            "tokenizer.ggml.eos_token_id".to_string(),
+            Value::U32(f.eos_id),
+        ),
+    ])
+}
+
+#[test]
+fn gguf_sentencepiece_bpe_matches_sentencepiece() {
+    let f = spm_fixture();
+    let tok = TextTokenizer::from_gguf(&spm_gguf_metadata(&f), Path::new("spm.gguf"))
+        .unwrap()
+        .unwrap();
+    assert_eq!(tok.vocab_size(), f.pieces.len());
+    for case in &f.cases {
+        if case.text.contains("<s>") {
+            // `sentencepiece` reads control pieces in text as plain characters; like
+            // `transformers` and llama.cpp's chat path, genarm matches them whole (a
+            // rendered chat template relies on it).
+            let ids = tok.encode(&case.text, false).unwrap();
+            assert_eq!(ids[0], f.bos_id, "{:?}", case.text);
+            assert!(ids.contains(&f.eos_id), "{:?}", case.text);
+            continue;
+        }
+        let ids = tok.encode(&case.text, false).unwrap();
+        assert_eq!(ids, case.ids, "encoding {:?}", case.text);
+        let text = tok.decode(&case.ids, false).unwrap();
+        assert_eq!(text, case.decoded, "decoding {:?}", case.ids);
+    }
+    // llama.cpp's default for SentencePiece models: BOS first.
+    let with_bos = tok.encode("Hello", true).unwrap();
+    assert_eq!(with_bos[0], f.bos_id);
+    assert_eq!(&with_bos[1..], &tok.encode("Hello", false).unwrap()[..]);
+    assert_eq!(tok.eos_ids(), &[f.eos_id]);
+}
+
+#[test]
+fn gguf_sentencepiece_stream_keeps_the_spaces_between_tokens() {
+    let f = spm_fixture();
+    let tok = TextTokenizer::from_gguf(&spm_gguf_metadata(&f), Path::new("spm.gguf"))
+        .unwrap()
+        .unwrap();
+    let case = f.cases.iter().max_by_key(|c| c.ids.len()).unwrap();
+    let mut stream = TokenOutputStream::new(tok);
+    let mut text = String::new();
+    for &id in &case.ids {
+        text.extend(stream.next_token(id).unwrap());
+    }
+    text.extend(stream.flush().unwrap());
+    assert_eq!(text, case.decoded);
+}
+
+#[test]
+fn gguf_sentencepiece_errors_name_the_key() {
+    let f = spm_fixture();
+    let mut metadata = spm_gguf_metadata(&f);
+    metadata.remove("tokenizer.ggml.scores");
+    let err = TextTokenizer::from_gguf(&metadata, Path::new("spm.gguf")).unwrap_err();
+    assert!(err.to_string().contains("tokenizer.ggml.scores"), "{err}");
+
+    let mut metadata = spm_gguf_metadata(&f);
+    metadata.insert(
+        "tokenizer.ggml.scores".into(),
+        Value::Array(vec![Value::F32(0.0); 3]),
+    );
+    let err = TextTokenizer::from_gguf(&metadata, Path::new("spm.gguf")).unwrap_err();
+    assert!(
+        err.to_string().contains("3 scores for 1200 tokens"),
+        "{err}"
+    );
+}

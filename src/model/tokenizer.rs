@@ -2,7 +2,8 @@
 //! (BOS/EOS ids, the chat template, incremental detokenisation).
 //!
 //! Two sources are supported: the `tokenizer.*` metadata of a GGUF file (so a single
-//! `.gguf` is enough to run a model) and a Hugging Face directory or its bytes
+//! `.gguf` is enough to run a model: byte-level BPE as in Llama 3, Qwen2 and SmolLM, or
+//! SentencePiece BPE as in Llama 2 and Mistral) and a Hugging Face directory or its bytes
 //! (`tokenizer.json` + `tokenizer_config.json`, which the browser fetches itself).
 
 use std::collections::HashMap;
@@ -11,8 +12,14 @@ use std::sync::Arc;
 
 use candle_core::quantized::gguf_file::Value;
 use serde_json::Value as Json;
+use tokenizers::decoders::byte_fallback::ByteFallback;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::decoders::fuse::Fuse;
+use tokenizers::decoders::sequence::Sequence as DecoderSequence;
+use tokenizers::decoders::strip::Strip;
+use tokenizers::decoders::DecoderWrapper;
 use tokenizers::models::bpe::{Merges, Vocab, BPE};
+use tokenizers::normalizers::{Prepend, Replace, Sequence as NormalizerSequence};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
@@ -22,7 +29,8 @@ use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
 
 use crate::error::{Error, Result};
 
-/// GGUF token types (llama.cpp's `llama_token_type`) that matter here.
+/// GGUF token types (llama.cpp's `llama_token_type`, SentencePiece's piece types).
+const TOKEN_TYPE_UNKNOWN: i64 = 2;
 const TOKEN_TYPE_CONTROL: i64 = 3;
 const TOKEN_TYPE_USER_DEFINED: i64 = 4;
 
@@ -37,6 +45,8 @@ const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}
 const TURN_END_TOKENS: [&str; 2] = ["<|im_end|>", "<|eot_id|>"];
 /// Llama-3's end-of-document token, an EOS whenever it exists.
 const END_OF_TEXT: &str = "<|end_of_text|>";
+/// SentencePiece's stand-in for a space.
+const SPM_SPACE: &str = "\u{2581}";
 
 /// One chat turn, as chat templates expect it.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -85,12 +95,14 @@ impl TextTokenizer {
         let model = meta.string("tokenizer.ggml.model")?.unwrap_or("gpt2");
         let inner = match model {
             "gpt2" => gguf_byte_level_bpe(&meta, &tokens)?,
+            "llama" => gguf_sentencepiece_bpe(&meta, &tokens)?,
             other => {
                 return Err(Error::unsupported(
                     path,
                     format!(
-                        "tokenizer model `{other}` (tokenizer.ggml.model); only byte-level BPE \
-                         (`gpt2`) GGUF tokenizers are implemented, use the model's tokenizer.json"
+                        "tokenizer model `{other}` (tokenizer.ggml.model); the GGUF tokenizers \
+                         implemented are byte-level BPE (`gpt2`) and SentencePiece BPE \
+                         (`llama`), use the model's tokenizer.json"
                     ),
                 ))
             }
@@ -104,7 +116,10 @@ impl TextTokenizer {
             bos_id: meta.u32("tokenizer.ggml.bos_token_id")?,
             eos_ids,
             pad_id: meta.u32("tokenizer.ggml.padding_token_id")?,
-            add_bos: meta.bool("tokenizer.ggml.add_bos_token")?.unwrap_or(false),
+            // llama.cpp's defaults: SentencePiece models start with BOS, BPE ones do not.
+            add_bos: meta
+                .bool("tokenizer.ggml.add_bos_token")?
+                .unwrap_or(model == "llama"),
             chat_template: meta.string("tokenizer.chat_template")?.map(str::to_owned),
         };
         Ok(Some(tokenizer.with_turn_end_tokens()))
@@ -553,6 +568,20 @@ fn integer(value: &Value) -> Option<i64> {
     })
 }
 
+fn float_array(meta: &Meta<'_>, key: &str, value: &Value) -> Result<Vec<f32>> {
+    let Value::Array(items) = value else {
+        return Err(meta.error(key, "expected an array of floats"));
+    };
+    items
+        .iter()
+        .map(|item| match item {
+            Value::F32(v) => Ok(*v),
+            Value::F64(v) => Ok(*v as f32),
+            other => Err(meta.error(key, format!("expected floats, found {other:?}"))),
+        })
+        .collect()
+}
+
 fn string_array<'a>(meta: &Meta<'_>, key: &str, value: &'a Value) -> Result<Vec<&'a str>> {
     let Value::Array(items) = value else {
         return Err(meta.error(key, "expected an array of strings"));
@@ -598,6 +627,90 @@ fn gguf_byte_level_bpe(meta: &Meta<'_>, tokens: &[&str]) -> Result<Tokenizer> {
     Ok(tokenizer)
 }
 
+/// The SentencePiece BPE tokenizer (`tokenizer.ggml.model == "llama"`: Llama 2, Mistral)
+/// of a GGUF file, built as `transformers` converts a SentencePiece model: spaces become
+/// `▁` (plus one in front unless `tokenizer.ggml.add_space_prefix` is false), pieces merge
+/// in order of score, and characters outside the vocabulary fall back to `<0xXX>` bytes.
+fn gguf_sentencepiece_bpe(meta: &Meta<'_>, tokens: &[&str]) -> Result<Tokenizer> {
+    const SCORES: &str = "tokenizer.ggml.scores";
+    let scores = float_array(meta, SCORES, meta.required(SCORES)?)?;
+    if scores.len() != tokens.len() {
+        return Err(meta.error(
+            SCORES,
+            format!("{} scores for {} tokens", scores.len(), tokens.len()),
+        ));
+    }
+    let types = token_types(meta, tokens.len())?;
+    let mut vocab = Vocab::default();
+    for (id, token) in tokens.iter().enumerate() {
+        vocab.entry((*token).to_owned()).or_insert(id as u32);
+    }
+    let unk_id = match meta.u32("tokenizer.ggml.unknown_token_id")? {
+        Some(id) => Some(id),
+        None => types
+            .as_ref()
+            .and_then(|t| t.iter().position(|&k| k == TOKEN_TYPE_UNKNOWN))
+            .map(|i| i as u32),
+    };
+    let merges = merges_by_score(tokens, &scores, &vocab);
+    let mut bpe = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .byte_fallback(true)
+        .fuse_unk(true);
+    if let Some(unk) = unk_id.and_then(|id| tokens.get(id as usize)) {
+        bpe = bpe.unk_token((*unk).to_owned());
+    }
+    let bpe = bpe
+        .build()
+        .map_err(|e| meta.error(SCORES, format!("cannot build BPE: {e}")))?;
+
+    let replace = |from: &str, to: &str| Replace::new(from, to).expect("a plain-string pattern");
+    let mut normalizers = vec![replace(" ", SPM_SPACE).into()];
+    let mut decoders: Vec<DecoderWrapper> = vec![
+        replace(SPM_SPACE, " ").into(),
+        ByteFallback::default().into(),
+        Fuse::default().into(),
+    ];
+    if meta
+        .bool("tokenizer.ggml.add_space_prefix")?
+        .unwrap_or(true)
+    {
+        normalizers.insert(0, Prepend::new(SPM_SPACE.to_owned()).into());
+        // The space the prefix added is not part of the text.
+        decoders.push(Strip::new(' ', 1, 0).into());
+    }
+    let mut tokenizer = Tokenizer::new(bpe);
+    tokenizer.with_normalizer(Some(NormalizerSequence::new(normalizers)));
+    tokenizer.with_decoder(Some(DecoderSequence::new(decoders)));
+    tokenizer.add_special_tokens(&special_tokens(meta, tokens)?);
+    Ok(tokenizer)
+}
+
+/// BPE merges equivalent to SentencePiece's rule (repeatedly join the adjacent pair
+/// whose union is the highest-scoring piece): every split of every piece into two
+/// pieces, ordered by the joined piece's score, then by ids.
+fn merges_by_score(tokens: &[&str], scores: &[f32], vocab: &Vocab) -> Merges {
+    let mut ranked: Vec<(f32, u32, u32, u32)> = Vec::new();
+    for (id, piece) in tokens.iter().enumerate() {
+        for (split, _) in piece.char_indices().skip(1) {
+            let (left, right) = piece.split_at(split);
+            if let (Some(&l), Some(&r)) = (vocab.get(left), vocab.get(right)) {
+                ranked.push((scores[id], id as u32, l, r));
+            }
+        }
+    }
+    ranked.sort_by(|a, b| {
+        b.0.total_cmp(&a.0)
+            .then(a.1.cmp(&b.1))
+            .then(a.2.cmp(&b.2))
+            .then(a.3.cmp(&b.3))
+    });
+    ranked
+        .into_iter()
+        .map(|(_, _, l, r)| (tokens[l as usize].to_owned(), tokens[r as usize].to_owned()))
+        .collect()
+}
+
 /// The pre-tokenizer llama.cpp uses for `tokenizer.ggml.pre`. Unknown names fall back
 /// to GPT-2's, which is right for most byte-level BPE models.
 fn byte_level_pre_tokenizer(meta: &Meta<'_>, pre: &str) -> Result<PreTokenizerWrapper> {
@@ -620,30 +733,41 @@ fn byte_level_pre_tokenizer(meta: &Meta<'_>, pre: &str) -> Result<PreTokenizerWr
     })
 }
 
-/// Control (3) and user-defined (4) tokens, matched whole before BPE. Only control
-/// tokens are special, i.e. dropped by `decode(.., skip_special_tokens: true)`.
-fn special_tokens(meta: &Meta<'_>, tokens: &[&str]) -> Result<Vec<AddedToken>> {
+/// `tokenizer.ggml.token_type`, one integer per token, if present.
+fn token_types(meta: &Meta<'_>, n_tokens: usize) -> Result<Option<Vec<i64>>> {
     const TYPES: &str = "tokenizer.ggml.token_type";
     let Some(types) = meta.get(TYPES) else {
-        return Ok(Vec::new());
+        return Ok(None);
     };
     let Value::Array(types) = types else {
         return Err(meta.error(TYPES, "expected an array of integers"));
     };
-    if types.len() != tokens.len() {
+    if types.len() != n_tokens {
         return Err(meta.error(
             TYPES,
-            format!("{} entries for {} tokens", types.len(), tokens.len()),
+            format!("{} entries for {n_tokens} tokens", types.len()),
         ));
     }
-    let mut added = Vec::new();
-    for (token, kind) in tokens.iter().zip(types) {
-        let kind = integer(kind)
-            .ok_or_else(|| meta.error(TYPES, format!("expected integers, found {kind:?}")))?;
-        if !token.is_empty() && (kind == TOKEN_TYPE_CONTROL || kind == TOKEN_TYPE_USER_DEFINED) {
-            let special = kind == TOKEN_TYPE_CONTROL;
-            added.push(AddedToken::from(*token, special).normalized(false));
-        }
-    }
-    Ok(added)
+    types
+        .iter()
+        .map(|kind| {
+            integer(kind)
+                .ok_or_else(|| meta.error(TYPES, format!("expected integers, found {kind:?}")))
+        })
+        .collect::<Result<_>>()
+        .map(Some)
+}
+
+/// Control (3) and user-defined (4) tokens, matched whole before BPE. Only control
+/// tokens are special, i.e. dropped by `decode(.., skip_special_tokens: true)`.
+fn special_tokens(meta: &Meta<'_>, tokens: &[&str]) -> Result<Vec<AddedToken>> {
+    let types = token_types(meta, tokens.len())?.unwrap_or_default();
+    Ok(tokens
+        .iter()
+        .zip(types)
+        .filter(|(token, kind)| {
+            !token.is_empty() && (*kind == TOKEN_TYPE_CONTROL || *kind == TOKEN_TYPE_USER_DEFINED)
+        })
+        .map(|(token, kind)| AddedToken::from(*token, kind == TOKEN_TYPE_CONTROL).normalized(false))
+        .collect())
 }

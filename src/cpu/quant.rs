@@ -297,12 +297,27 @@ impl Job<'_> {
 /// Which inner kernel runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kernel {
+    // With simd128 on wasm32 only the tests run it, as the reference.
+    #[cfg_attr(
+        all(target_arch = "wasm32", target_feature = "simd128"),
+        allow(dead_code)
+    )]
     Scalar,
+    #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+    Simd128,
     #[cfg(target_arch = "x86_64")]
     Avx2,
     #[cfg(target_arch = "x86_64")]
     Avx512,
 }
+
+/// The kernel when no SIMD extension is detected at run time. wasm32 has no detection:
+/// a module either validates with its SIMD instructions or not at all, so the choice is
+/// the build's (`.cargo/config.toml` turns `simd128` on).
+#[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+const WITHOUT_DETECTION: Kernel = Kernel::Simd128;
+#[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
+const WITHOUT_DETECTION: Kernel = Kernel::Scalar;
 
 impl Kernel {
     /// The best kernel this CPU runs (detected once per process).
@@ -317,7 +332,7 @@ impl Kernel {
             if avx2::available() {
                 return Kernel::Avx2;
             }
-            Kernel::Scalar
+            WITHOUT_DETECTION
         })
     }
 
@@ -385,6 +400,8 @@ impl Kernel {
     ) {
         match self {
             Kernel::Scalar => scalar::row_dot(format, row, xs, sums, cols, res),
+            #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+            Kernel::Simd128 => simd128::row_dot(format, row, xs, sums, cols, res),
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `Kernel::Avx2` is only chosen when the CPU has AVX2, FMA and F16C.
             Kernel::Avx2 => unsafe { avx2::row_dot(format, row, xs, sums, cols, res) },
@@ -424,9 +441,19 @@ mod scalar {
         half::f16::from_le_bytes([bytes[at], bytes[at + 1]]).to_f32()
     }
 
+    /// A block's scale and offset `(d, o)`, with `w = d·q + o`.
+    pub fn scales(format: BlockFormat, block: &[u8]) -> (f32, f32) {
+        let d = f16_at(block, 0);
+        let o = match format {
+            BlockFormat::Q4_0 => -8.0 * d,
+            BlockFormat::Q4_1 => f16_at(block, 2),
+            BlockFormat::Q8_0 => 0.0,
+        };
+        (d, o)
+    }
+
     /// Decodes a block's codes into `q`; returns `(d, o)` with `w = d·q + o`.
     pub fn decode(format: BlockFormat, block: &[u8], q: &mut [f32; BLOCK]) -> (f32, f32) {
-        let d = f16_at(block, 0);
         let codes = &block[format.codes_offset()..format.block_bytes()];
         match format {
             BlockFormat::Q4_0 | BlockFormat::Q4_1 => {
@@ -442,12 +469,7 @@ mod scalar {
                 }
             }
         }
-        let o = match format {
-            BlockFormat::Q4_0 => -8.0 * d,
-            BlockFormat::Q4_1 => f16_at(block, 2),
-            BlockFormat::Q8_0 => 0.0,
-        };
-        (d, o)
+        scales(format, block)
     }
 
     /// See `Kernel::row_dot`.
@@ -479,6 +501,114 @@ mod scalar {
             }
         }
         res.copy_from_slice(&acc[..n]);
+    }
+}
+
+/// WebAssembly 128-bit SIMD (the playground's CPU engine; every current browser runs
+/// it). No FMA in baseline simd128, so products and sums are separate instructions;
+/// each activation row keeps four-lane partial sums across blocks and reduces once.
+#[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+mod simd128 {
+    use std::arch::wasm32::*;
+
+    use super::{check_row_args, scalar, BlockFormat, BLOCK, TILE};
+
+    /// 16 bytes from `bytes` as a vector.
+    fn load16(bytes: &[u8]) -> v128 {
+        let bytes: &[u8; 16] = bytes[..16].try_into().expect("16 bytes");
+        // SAFETY: the array has 16 readable bytes; wasm loads need no alignment.
+        unsafe { v128_load(bytes.as_ptr().cast()) }
+    }
+
+    /// Four f32 from `x` as a vector.
+    fn load4(x: &[f32]) -> v128 {
+        let x: &[f32; 4] = x[..4].try_into().expect("4 floats");
+        // SAFETY: as in `load16`.
+        unsafe { v128_load(x.as_ptr().cast()) }
+    }
+
+    /// Sixteen unsigned bytes as four f32x4 (in element order).
+    fn u8_to_f32(v: v128) -> [v128; 4] {
+        let (lo, hi) = (u16x8_extend_low_u8x16(v), u16x8_extend_high_u8x16(v));
+        [
+            f32x4_convert_u32x4(u32x4_extend_low_u16x8(lo)),
+            f32x4_convert_u32x4(u32x4_extend_high_u16x8(lo)),
+            f32x4_convert_u32x4(u32x4_extend_low_u16x8(hi)),
+            f32x4_convert_u32x4(u32x4_extend_high_u16x8(hi)),
+        ]
+    }
+
+    /// Sixteen signed bytes as four f32x4 (in element order).
+    fn i8_to_f32(v: v128) -> [v128; 4] {
+        let (lo, hi) = (i16x8_extend_low_i8x16(v), i16x8_extend_high_i8x16(v));
+        [
+            f32x4_convert_i32x4(i32x4_extend_low_i16x8(lo)),
+            f32x4_convert_i32x4(i32x4_extend_high_i16x8(lo)),
+            f32x4_convert_i32x4(i32x4_extend_low_i16x8(hi)),
+            f32x4_convert_i32x4(i32x4_extend_high_i16x8(hi)),
+        ]
+    }
+
+    /// A block's 32 integer codes as eight f32x4, element order.
+    fn codes(format: BlockFormat, block: &[u8]) -> [v128; 8] {
+        let codes = &block[format.codes_offset()..format.block_bytes()];
+        let (a, b) = match format {
+            // Element i is the low nibble of byte i, element i + 16 the high one.
+            BlockFormat::Q4_0 | BlockFormat::Q4_1 => {
+                let bytes = load16(codes);
+                let low = v128_and(bytes, u8x16_splat(0x0F));
+                (u8_to_f32(low), u8_to_f32(u8x16_shr(bytes, 4)))
+            }
+            BlockFormat::Q8_0 => (
+                i8_to_f32(load16(&codes[..16])),
+                i8_to_f32(load16(&codes[16..])),
+            ),
+        };
+        [a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3]]
+    }
+
+    fn hsum(v: v128) -> f32 {
+        f32x4_extract_lane::<0>(v)
+            + f32x4_extract_lane::<1>(v)
+            + f32x4_extract_lane::<2>(v)
+            + f32x4_extract_lane::<3>(v)
+    }
+
+    /// See `Kernel::row_dot`.
+    pub fn row_dot(
+        format: BlockFormat,
+        row: &[u8],
+        xs: &[f32],
+        sums: &[f32],
+        cols: usize,
+        res: &mut [f32],
+    ) {
+        let n = res.len();
+        check_row_args(format, row, xs, sums, cols, n);
+        let nb = cols / BLOCK;
+        let mut lanes = [f32x4_splat(0.0); TILE];
+        let mut offsets = [0f32; TILE];
+        for (b, block) in row.chunks_exact(format.block_bytes()).enumerate() {
+            let (d, o) = scalar::scales(format, block);
+            let q = codes(format, block);
+            let d = f32x4_splat(d);
+            for i in 0..n {
+                let x = &xs[i * cols + b * BLOCK..][..BLOCK];
+                // Two chains so consecutive adds do not wait on each other.
+                let (mut even, mut odd) = (f32x4_splat(0.0), f32x4_splat(0.0));
+                for k in (0..8).step_by(2) {
+                    even = f32x4_add(even, f32x4_mul(q[k], load4(&x[4 * k..])));
+                    odd = f32x4_add(odd, f32x4_mul(q[k + 1], load4(&x[4 * k + 4..])));
+                }
+                lanes[i] = f32x4_add(lanes[i], f32x4_mul(d, f32x4_add(even, odd)));
+                if format.has_offset() {
+                    offsets[i] += o * sums[i * nb + b];
+                }
+            }
+        }
+        for (i, r) in res.iter_mut().enumerate() {
+            *r = hsum(lanes[i]) + offsets[i];
+        }
     }
 }
 
@@ -917,8 +1047,11 @@ impl CustomOp1 for BlockMatMul {
 
 #[cfg(test)]
 mod tests {
+    // In the browser too (`wasm-pack test`), where the simd128 kernel runs.
     use super::*;
     use candle_core::{Device, Tensor};
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
 
     /// Deterministic pseudo-random values in [-1, 1) (xorshift).
     fn random(n: usize, seed: u64) -> Vec<f32> {
@@ -1048,6 +1181,8 @@ mod tests {
 
     #[test]
     fn simd_kernel_is_used_where_available() {
+        #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+        assert_eq!(Kernel::detect(), Kernel::Simd128);
         #[cfg(target_arch = "x86_64")]
         if avx512::available() {
             assert_eq!(Kernel::detect(), Kernel::Avx512);
@@ -1060,6 +1195,8 @@ mod tests {
     fn kernels() -> Vec<Kernel> {
         #[allow(unused_mut)]
         let mut k = vec![Kernel::Scalar];
+        #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+        k.push(Kernel::Simd128);
         #[cfg(target_arch = "x86_64")]
         {
             if avx2::available() {

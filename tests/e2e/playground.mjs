@@ -5,12 +5,14 @@
 //      changes the weights of the following tokens, Stop, a reload loads from the
 //      browser cache, and the WebGPU engine chosen explicitly generates; screenshot in
 //      artifacts/playground.png, timings in artifacts/playground.json;
-//   2. without the WebGPU flag: the page says why it runs on the CPU, and generates.
+//   2. without the WebGPU flag: the page says why it runs on the CPU, and generates; the
+//      same models loaded again, the base from a URL and the ARM from local files
+//      through the file picker, give the same text.
 //
 //   node tests/e2e/playground.mjs   (CHROMIUM=path overrides the browser)
 
 import { createServer } from 'node:http';
-import { createReadStream, mkdirSync, statSync, writeFileSync } from 'node:fs';
+import { createReadStream, mkdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import { dirname, extname, join, normalize, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { chromium } from 'playwright-core';
@@ -232,6 +234,28 @@ async function withoutWebGpu(url, metrics) {
     await page.fill('#max-tokens', '8');
     const out = await generate(page);
     check(out.guided.length > 0, 'the CPU fallback generates');
+
+    // The same models again, the base from a URL and the ARM from local files (the
+    // picker), must give the same text on the same seed.
+    while ((await page.locator('#staged li').count()) > 0) {
+      await page.locator('#staged li button').first().click();
+    }
+    const demo = JSON.parse(readFileSync(join(www, 'models/demo.json'), 'utf8'));
+    await page.fill('#url', new URL(demo.base.files[0].url, url).href);
+    await page.selectOption('#url-role', 'base');
+    await page.click('#add-url');
+    await page.waitForFunction(() => document.querySelectorAll('#staged li').length === 1);
+    const armDir = join(www, 'arms', demo.arms[0].name);
+    await page.setInputFiles('#pick-files', demo.arms[0].files.map((f) => join(armDir, f.name)));
+    await page.waitForFunction(() => document.querySelectorAll('#staged li').length === 2);
+    const staged = await page.locator('#staged').innerText();
+    check(/url/.test(staged) && /local/.test(staged), `staged from a URL and local files: ${JSON.stringify(staged)}`);
+    await page.click('#load');
+    await page.waitForFunction(() => document.body.dataset.state === 'loading', null, { timeout: 10_000 }).catch(() => {});
+    await waitReady(page);
+    check(/positive/.test(await page.locator('#sliders').innerText()), 'the ARM from local files has its slider');
+    const again = await generate(page);
+    check(again.guided === out.guided, `URL + local files give the demo's text: ${JSON.stringify(again.guided)}`);
   } finally {
     await browser.close();
     if (log.length) console.log(log.join('\n'));

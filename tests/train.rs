@@ -24,20 +24,6 @@ fn tiny_base(name: &str, seed: u64) -> (PathBuf, TinyModel) {
     (path, model)
 }
 
-fn config(layers: usize) -> TrainConfig {
-    TrainConfig {
-        lora_rank: 4,
-        lora_alpha: 8.0,
-        lora_dropout: 0.0,
-        lora_layers: layers,
-        batch_size: 8,
-        micro_batch: 4,
-        warmup: 5,
-        checkpoint_every: 5,
-        ..Default::default()
-    }
-}
-
 fn sum_reference(model: &TinyModel, prompt: &[u32], resp: &[u32]) -> f64 {
     let mut seq = prompt.to_vec();
     seq.extend_from_slice(resp);
@@ -45,14 +31,6 @@ fn sum_reference(model: &TinyModel, prompt: &[u32], resp: &[u32]) -> f64 {
     (prompt.len()..seq.len())
         .map(|t| log_softmax(&logits[t - 1])[seq[t] as usize])
         .sum()
-}
-
-fn pair(prompt: &[u32], chosen: &[u32], rejected: &[u32]) -> TokenizedPair {
-    TokenizedPair {
-        prompt: prompt.to_vec(),
-        chosen: chosen.to_vec(),
-        rejected: rejected.to_vec(),
-    }
 }
 
 #[test]
@@ -67,7 +45,7 @@ fn loss_matches_direct_f64_computation() {
     // All layers trainable, and only the top one (the rest on the inference engine).
     for layers in [usize::MAX, 1] {
         let out = temp_dir("train-loss-out");
-        let mut t = Trainer::new(&base, config(layers), &out, 32, &Device::Cpu).unwrap();
+        let mut t = Trainer::new(&base, tiny_train_config(layers), &out, 32, &Device::Cpu).unwrap();
         let (c, r) = t.pair_logprobs(&refs, None).unwrap();
         let (c, r) = (c.to_vec1::<f32>().unwrap(), r.to_vec1::<f32>().unwrap());
         let (beta, gamma) = (0.5, 0.1);
@@ -105,7 +83,15 @@ fn lora_gradients_match_finite_differences() {
     let (path, _) = tiny_base("train-grad", 41);
     let base = Checkpoint::open(&path).unwrap();
     let out = temp_dir("train-grad-out");
-    let mut t = Trainer::with_dtype(&base, config(2), &out, 32, DType::F64, &Device::Cpu).unwrap();
+    let mut t = Trainer::with_dtype(
+        &base,
+        tiny_train_config(2),
+        &out,
+        32,
+        DType::F64,
+        &Device::Cpu,
+    )
+    .unwrap();
     // B starts at zero (as in PEFT), which would make A's gradient vanish: randomise it.
     for l in t.arm().lora_vars().to_vec().iter() {
         let shape = l.b.shape().clone();
@@ -121,70 +107,23 @@ fn lora_gradients_match_finite_differences() {
         let (c, r) = t.pair_logprobs(&refs, None).unwrap();
         genarm_loss(&c, &r, 0.7, 0.0).unwrap()
     };
-    let loss = loss_of(&mut t);
-    let grads = loss.backward().unwrap();
-    let vars = t.arm().lora_vars().to_vec();
-    let eps = 1e-5;
-    let mut checked = 0;
-    for l in vars.iter().step_by(3) {
-        for var in [&l.a, &l.b] {
-            let g = grads
-                .get(var.as_tensor())
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f64>()
-                .unwrap();
-            let base_vals = var
-                .as_tensor()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f64>()
-                .unwrap();
-            for &idx in &[0usize, base_vals.len() / 2, base_vals.len() - 1] {
-                let mut nudge = |delta: f64| {
-                    let mut v = base_vals.clone();
-                    v[idx] += delta;
-                    var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
-                        .unwrap();
-                    loss_of(&mut t).to_scalar::<f64>().unwrap()
-                };
-                let fd = (nudge(eps) - nudge(-eps)) / (2.0 * eps);
-                var.set(&Tensor::from_vec(base_vals.clone(), var.shape(), &Device::Cpu).unwrap())
-                    .unwrap();
-                let tol = 1e-6 + 1e-4 * fd.abs().max(g[idx].abs());
-                assert!(
-                    (fd - g[idx]).abs() < tol,
-                    "{} [{idx}]: autograd {} vs finite difference {fd}",
-                    l.module,
-                    g[idx]
-                );
-                checked += 1;
-            }
-        }
-    }
-    assert!(checked >= 12);
-}
-
-/// Pairs preferring responses that contain `marker`.
-fn marker_pairs(n: usize, marker: u32, seed: u64) -> Vec<TokenizedPair> {
-    let mut rng = SplitMix64::new(seed);
-    let mut tok = |avoid: bool| loop {
-        let t = 2 + (rng.next_u64() % 59) as u32;
-        if !(avoid && t == marker) {
-            return t;
-        }
-    };
-    (0..n)
-        .map(|_| {
-            let prompt: Vec<u32> = (0..3).map(|_| tok(false)).collect();
-            let mut chosen: Vec<u32> = (0..4).map(|_| tok(true)).collect();
-            let pos = (prompt[0] % 4) as usize;
-            chosen[pos] = marker;
-            let rejected: Vec<u32> = (0..4).map(|_| tok(true)).collect();
-            pair(&prompt, &chosen, &rejected)
+    let grads = loss_of(&mut t).backward().unwrap();
+    let vars: Vec<(String, candle_core::Var)> = t
+        .arm()
+        .lora_vars()
+        .iter()
+        .step_by(3)
+        .flat_map(|l| {
+            [
+                (format!("{} A", l.module), l.a.clone()),
+                (format!("{} B", l.module), l.b.clone()),
+            ]
         })
-        .collect()
+        .collect();
+    let checked = assert_gradients_match_finite_differences(&vars, &grads, &mut || {
+        loss_of(&mut t).to_scalar::<f64>().unwrap()
+    });
+    assert!(checked >= 12);
 }
 
 fn marker_frequency(base: &Path, arm: Option<&Path>, alpha: f32, marker: u32) -> f64 {
@@ -223,7 +162,7 @@ fn learns_a_synthetic_preference_and_guidance_follows_it() {
         beta_r: 0.5,
         lora_dropout: 0.05,
         checkpoint_every: 1000,
-        ..config(usize::MAX)
+        ..tiny_train_config(usize::MAX)
     };
     let mut t = Trainer::new(&base, cfg, &out, 32, &Device::Cpu).unwrap();
     let before = t.evaluate(&eval).unwrap().0;
@@ -262,7 +201,7 @@ fn resumed_training_equals_uninterrupted() {
         epochs: 2,
         lora_dropout: 0.1,
         checkpoint_every: 3,
-        ..config(usize::MAX)
+        ..tiny_train_config(usize::MAX)
     };
     let label = ArmLabel::default();
     let straight = temp_dir("train-straight");
@@ -281,23 +220,10 @@ fn resumed_training_equals_uninterrupted() {
         .train(&train, &eval, &label, true, None, &mut |_| {})
         .unwrap();
     assert_eq!(summary.resumed_from, Some(7));
-    let a =
-        candle_core::safetensors::load(straight.join("adapter_model.safetensors"), &Device::Cpu)
-            .unwrap();
-    let b = candle_core::safetensors::load(broken.join("adapter_model.safetensors"), &Device::Cpu)
-        .unwrap();
-    assert_eq!(a.len(), b.len());
-    for (name, ta) in &a {
-        let diff = (ta - &b[name])
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert!(diff < 1e-6, "{name} differs by {diff}");
-    }
+    assert_same_safetensors(
+        &straight.join("adapter_model.safetensors"),
+        &broken.join("adapter_model.safetensors"),
+    );
 }
 
 #[test]
@@ -313,7 +239,7 @@ fn saved_adapter_reloads_with_the_trained_logprobs() {
         let cfg = TrainConfig {
             lr: 2e-2,
             epochs: 1,
-            ..config(1)
+            ..tiny_train_config(1)
         };
         let mut t = Trainer::new(&base, cfg, &out, 32, &Device::Cpu).unwrap();
         t.train(

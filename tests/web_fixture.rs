@@ -33,25 +33,13 @@ struct Expected {
     greedy_guided: Vec<u32>,
 }
 
-/// A byte-level vocabulary of single characters (61 tokens, the tiny config's): BOS,
-/// EOS, space (`Ġ` in GPT-2's byte mapping), letters, digits, punctuation.
-fn vocabulary(size: usize) -> Vec<String> {
-    let mut tokens: Vec<String> = vec!["<s>".into(), "</s>".into(), "Ġ".into()];
-    tokens.extend(('a'..='z').map(String::from));
-    tokens.extend(('0'..='9').map(String::from));
-    tokens.extend([".", ",", "!", "?", "'"].map(String::from));
-    tokens.extend(('A'..='Z').map(String::from));
-    tokens.truncate(size);
-    tokens
-}
-
 fn write_fixture(dir: &Path) {
     let cfg = TinyConfig::default();
     let model = TinyModel::random(&cfg, 501);
     model.write_gguf_with_tokens(
         &dir.join("base.gguf"),
         GgmlDType::Q8_0,
-        Some(&vocabulary(cfg.vocab_size)),
+        Some(&char_vocabulary(cfg.vocab_size)),
     );
     let lora = TinyLora::random(&cfg, 4, 8.0, &["q_proj", "v_proj", "down_proj"], 502);
     let arm = dir.join("arm");

@@ -36,13 +36,15 @@ enum Command {
     Bench(BenchArgs),
     /// Write a PEFT LoRA adapter with random weights for a model (for timing and tests).
     InitLora(InitLoraArgs),
-    /// Train an ARM (LoRA) on preference pairs with the GenARM loss.
+    /// Train an ARM (LoRA) on preference pairs with the GenARM loss, or with
+    /// --scalar-head a conventional scalar reward model (Bradley–Terry loss).
     Train(TrainArgs),
     /// Make synthetic preference pairs: sample K continuations per prompt, keep best/worst by a scorer.
     Prefs(PrefsArgs),
     /// Build a prompt set from a corpus of sentences, split into train and held-out files.
     Prompts(PromptsArgs),
-    /// Sweep ARM weights over held-out prompts and score every response.
+    /// Sweep ARM weights over held-out prompts and score every response; optionally
+    /// compare with baselines (best-of-N, ARGS) on the same prompts, seeds and scorers.
     Eval(EvalArgs),
 }
 
@@ -229,6 +231,13 @@ struct TrainArgs {
     /// Full fine-tuning (not implemented yet: use LoRA).
     #[arg(long)]
     full: bool,
+    /// Train a conventional scalar reward model instead of an ARM: the same LoRA plus a
+    /// linear head on the last token's final hidden state, loss −log σ(r(x,y_w) − r(x,y_l))
+    /// (--beta-r and --gamma are unused). OUT gets score_head.safetensors next to the
+    /// adapter and genarm.json says "kind": "scalar_reward_model"; use it with
+    /// `genarm eval --reward-model OUT`.
+    #[arg(long)]
+    scalar_head: bool,
     #[arg(long, default_value_t = 5e-4)]
     lr: f64,
     #[arg(long, default_value_t = 1)]
@@ -375,10 +384,23 @@ struct EvalArgs {
     /// Where the scorers' lexicons are.
     #[arg(long, default_value = "models/data")]
     data_dir: PathBuf,
-    /// Output directory: samples.jsonl, summary.json, summary.csv, reward_vs_alpha.svg, and
-    /// with two scorers pareto.json + pareto.svg.
+    /// Output directory: samples.jsonl, summary.json, summary.csv, results.md,
+    /// reward_vs_alpha.svg, and with two scorers pareto.json + pareto.svg.
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
+    /// A baseline to compare with (repeatable), on the same prompts, seeds and scorers:
+    /// bon-rm:N — best of N base samples by the scalar reward model; bon-arm:N — by the
+    /// ARMs' trajectory reward Σ_i α_i·Σ_t log π_arm_i (α from --arm PATH:ALPHA);
+    /// bon:N — both that have a model; args:K:W (or args:W, K = 10) — greedy ARGS: each
+    /// step the base's top-K tokens, the one maximising log π_base + W·r(x, y_≤t).
+    /// Its rows follow the α sweep's in every output, with their cost in forward passes
+    /// and seconds. See docs/evaluation.md.
+    #[arg(long = "baseline", value_name = "SPEC")]
+    baselines: Vec<genarm::eval::baselines::BaselineSpec>,
+    /// The scalar reward model (a `genarm train --scalar-head` output dir) that ranks
+    /// bon-rm and guides ARGS.
+    #[arg(long, value_name = "DIR")]
+    reward_model: Option<PathBuf>,
     /// Hypervolume reference point X,Y for two scorers [default: base-only's mean scores].
     #[arg(long, value_delimiter = ',', num_args = 2)]
     hv_ref: Option<Vec<f64>>,
@@ -869,6 +891,7 @@ fn cmd_train(args: TrainArgs) -> Result<()> {
         eval_frac: args.eval_frac,
         seed: args.seed,
         checkpoint_every: args.checkpoint_every,
+        scalar_head: args.scalar_head,
     };
     let (train, eval) = split_pairs(tokenized, args.eval_frac, args.seed);
     eprintln!(
@@ -1060,9 +1083,18 @@ fn cmd_prompts(args: PromptsArgs) -> Result<()> {
 }
 
 fn cmd_eval(args: EvalArgs) -> Result<()> {
+    use genarm::eval::baselines::{baseline_settings, expand_baselines};
     use genarm::eval::prompts::read_lines;
-    use genarm::eval::run::{alpha_grid, run_sweep, summarise, write_summary, SweepSpec};
+    use genarm::eval::run::{alpha_grid, run_sweep, summarise, write_summary, Setting, SweepSpec};
     use genarm::eval::scorers::scorer_from_spec;
+    let baselines = expand_baselines(
+        &args.baselines,
+        args.reward_model.is_some(),
+        !args.models.arms.is_empty(),
+    )?;
+    if args.reward_model.is_some() && baselines.is_empty() {
+        bail!("--reward-model is used only by baselines: add --baseline bon-rm:N or args:K:W");
+    }
     let scorers = args
         .scorers
         .iter()
@@ -1093,39 +1125,59 @@ fn cmd_eval(args: EvalArgs) -> Result<()> {
         .with_context(|| format!("creating {}", args.out.display()))?;
     let samples_path = args.out.join("samples.jsonl");
     let mut samples_file = std::io::BufWriter::new(std::fs::File::create(&samples_path)?);
-    let total = (prompts.len() * settings.len() * args.samples) as u64;
+    let total = (prompts.len() * (settings.len() + baselines.len()) * args.samples) as u64;
     let bar = progress_bar(total, "responses");
     let mut done = 0u64;
-    let records = run_sweep(
+    let mut on_sample = |r: &genarm::eval::run::SampleRecord| {
+        let _ = writeln!(
+            samples_file,
+            "{}",
+            serde_json::to_string(r).unwrap_or_default()
+        );
+        done += 1;
+        match &bar {
+            Some(pb) => pb.set_position(done),
+            None if done.is_multiple_of(50) || done == total => {
+                eprintln!("{done}/{total} responses")
+            }
+            None => {}
+        }
+    };
+    let mut records = run_sweep(
         &mut engine,
         &tok,
         &eos,
         &prompts,
         &scorers,
         &spec,
-        &mut |r| {
-            let _ = writeln!(
-                samples_file,
-                "{}",
-                serde_json::to_string(r).unwrap_or_default()
-            );
-            done += 1;
-            match &bar {
-                Some(pb) => pb.set_position(done),
-                None if done.is_multiple_of(50) || done == total => {
-                    eprintln!("{done}/{total} responses")
-                }
-                None => {}
-            }
-        },
+        &mut on_sample,
     )?;
+    // The sweep's models are no longer needed: free them before the baselines load theirs.
+    drop(engine);
+    if !baselines.is_empty() {
+        records.extend(run_eval_baselines(
+            &args,
+            &baselines,
+            &tok,
+            &eos,
+            &prompts,
+            &scorers,
+            &spec,
+            &mut on_sample,
+        )?);
+    }
     samples_file.flush()?;
     if let Some(pb) = bar {
         pb.finish_and_clear();
     }
-    let summary = summarise(&records, &settings);
+    let mut all_settings: Vec<Setting> = settings.iter().map(|a| Setting::genarm(a)).collect();
+    all_settings.extend(baseline_settings(&baselines, args.models.arms.len()));
+    let summary = summarise(&records, &all_settings);
     write_summary(&args.out, &summary)?;
-    write_eval_plots(&args, &summary)?;
+    // The plots are about the α grid; the baselines are in the table.
+    write_eval_plots(&args, &summary[..settings.len()])?;
+    let command: Vec<String> = std::env::args().collect();
+    genarm::eval::report::write_report(&args.out, &summary, &command.join(" "))?;
     for s in &summary {
         let scores: Vec<String> = s
             .scores
@@ -1138,15 +1190,88 @@ fn cmd_eval(args: EvalArgs) -> Result<()> {
             })
             .collect();
         println!(
-            "α = {:?}: {}  | {:.1} tokens, {:.2} s/response",
+            "{} (α = {:?}): {}  | {:.1} tokens, {:.2} s/response, {:.1} forward passes/token",
+            s.method,
             s.alphas,
             scores.join(", "),
             s.mean_tokens,
-            s.seconds_per_response
+            s.seconds_per_response,
+            s.forward_passes_per_token
         );
     }
     eprintln!("wrote {}", args.out.display());
     Ok(())
+}
+
+/// Loads what the baselines need (the base alone, the scalar reward model, the ARMs as
+/// rankers) and runs them after the sweep.
+#[allow(clippy::too_many_arguments)]
+fn run_eval_baselines(
+    args: &EvalArgs,
+    baselines: &[genarm::eval::baselines::Baseline],
+    tok: &TextTokenizer,
+    eos: &[u32],
+    prompts: &[String],
+    scorers: &[Box<dyn genarm::eval::scorers::Scorer>],
+    spec: &genarm::eval::run::SweepSpec,
+    on_sample: &mut dyn FnMut(&genarm::eval::run::SampleRecord),
+) -> Result<Vec<genarm::eval::run::SampleRecord>> {
+    use genarm::eval::arm_reward::ArmRewardModel;
+    use genarm::eval::baselines::{
+        args_candidate_rows, run_baselines, Baseline, BaselineModels, Ranker,
+    };
+    use genarm::eval::reward_model::ScalarRewardModel;
+    let dev = device(args.models.backend)?;
+    let mut base = load_engine(&args.models, &[])?;
+    let mut reward_model = args
+        .reward_model
+        .as_deref()
+        .map(|dir| {
+            ScalarRewardModel::load(
+                &args.models.model,
+                dir,
+                args_candidate_rows(baselines),
+                args.models.context,
+                &dev,
+            )
+        })
+        .transpose()?;
+    let ranks_by_arm = baselines.iter().any(|b| {
+        matches!(
+            b,
+            Baseline::BestOfN {
+                ranker: Ranker::Arm,
+                ..
+            }
+        )
+    });
+    let mut arms = ranks_by_arm
+        .then(|| {
+            ArmRewardModel::load(
+                &args.models.model,
+                &args.models.arms,
+                args.models.context,
+                &dev,
+            )
+        })
+        .transpose()?;
+    let mut models = BaselineModels {
+        base: &mut base,
+        reward_model: reward_model.as_mut(),
+        arms: arms.as_mut(),
+    };
+    let first_setting = spec.settings.len();
+    Ok(run_baselines(
+        &mut models,
+        tok,
+        eos,
+        prompts,
+        scorers,
+        spec,
+        baselines,
+        first_setting,
+        on_sample,
+    )?)
 }
 
 /// reward_vs_alpha.svg (each ARM's α with the others at 0), and for two scorers the

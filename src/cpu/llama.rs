@@ -621,6 +621,23 @@ impl Llama {
     /// Like `forward`, with each row's own tokens (all rows the same length, e.g. several
     /// samples decoded in lockstep).
     pub fn forward_rows(&mut self, tokens: &[Vec<u32>], all_positions: bool) -> Result<Tensor> {
+        let x = self.final_hidden_rows(tokens, all_positions)?;
+        let logits = self.lm_head.forward(&x)?;
+        Ok(if all_positions {
+            logits
+        } else {
+            logits.squeeze(1)?
+        })
+    }
+
+    /// The hidden states after the final norm — what the LM head (or a reward model's
+    /// scalar head) reads: `[rows, len, hidden]`, or `[rows, 1, hidden]` at the last
+    /// position unless `all_positions`. Advances the position like `forward_rows`.
+    pub fn final_hidden_rows(
+        &mut self,
+        tokens: &[Vec<u32>],
+        all_positions: bool,
+    ) -> Result<Tensor> {
         let x = self.blocks_forward(tokens, self.cfg.num_layers)?;
         let seq = tokens[0].len();
         let x = if all_positions {
@@ -628,13 +645,76 @@ impl Llama {
         } else {
             x.narrow(1, seq - 1, 1)?.contiguous()?
         };
-        let x = candle_nn::ops::rms_norm(&x, &self.norm, self.cfg.rms_norm_eps as f32)?;
-        let logits = self.lm_head.forward(&x)?;
-        Ok(if all_positions {
-            logits
-        } else {
-            logits.squeeze(1)?
-        })
+        Ok(candle_nn::ops::rms_norm(
+            &x,
+            &self.norm,
+            self.cfg.rms_norm_eps as f32,
+        )?)
+    }
+
+    /// Forgets every token from `position` on (the caches keep the ones before), so
+    /// several continuations of one prefix can be fed without recomputing it.
+    pub fn rewind(&mut self, position: usize) -> Result<()> {
+        if position > self.pos {
+            return Err(Error::Request(format!(
+                "cannot rewind to position {position}: only {} tokens are cached",
+                self.pos
+            )));
+        }
+        self.pos = position;
+        Ok(())
+    }
+
+    /// Copies row `row`'s cached keys and values at positions `from..position()` into
+    /// every row: after k candidates were fed as k rows, the chosen one becomes every
+    /// row's history.
+    pub fn keep_row(&mut self, row: usize, from: usize) -> Result<()> {
+        if row >= self.rows || from > self.pos {
+            return Err(Error::Request(format!(
+                "row {row} / position {from} outside a {}-row model at position {}",
+                self.rows, self.pos
+            )));
+        }
+        let len = self.pos - from;
+        if len == 0 || self.rows == 1 {
+            return Ok(());
+        }
+        for cache in &mut self.caches {
+            for t in [&mut cache.k, &mut cache.v] {
+                let (_, kv, _, hd) = t.dims4()?;
+                let kept = t.narrow(0, row, 1)?.narrow(2, from, len)?;
+                let all = kept.broadcast_as((self.rows, kv, len, hd))?.contiguous()?;
+                t.slice_set(&all, 2, from)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes over row `row` of `other`'s cache (a model with the same weights and
+    /// shapes) as every row's history: a prompt prefilled once on a one-row model
+    /// then continues on a k-row one without k copies of the prompt's compute.
+    pub fn copy_cache_from(&mut self, other: &Llama, row: usize) -> Result<()> {
+        let same_shape = other.cfg.num_layers == self.cfg.num_layers
+            && other.cfg.num_kv_heads == self.cfg.num_kv_heads
+            && other.cfg.head_dim == self.cfg.head_dim;
+        if !same_shape || row >= other.rows || other.pos > self.capacity {
+            return Err(Error::Request(
+                "the caches to copy belong to a model of another shape or length".into(),
+            ));
+        }
+        let len = other.pos;
+        if len > 0 {
+            for (mine, theirs) in self.caches.iter_mut().zip(&other.caches) {
+                for (dst, src) in [(&mut mine.k, &theirs.k), (&mut mine.v, &theirs.v)] {
+                    let (_, kv, _, hd) = dst.dims4()?;
+                    let part = src.narrow(0, row, 1)?.narrow(2, 0, len)?;
+                    let all = part.broadcast_as((self.rows, kv, len, hd))?.contiguous()?;
+                    dst.slice_set(&all, 2, 0)?;
+                }
+            }
+        }
+        self.pos = len;
+        Ok(())
     }
 
     /// Hidden states `[rows, len, hidden]` after the first `layers` blocks for fresh

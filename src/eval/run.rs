@@ -1,6 +1,7 @@
 //! α sweeps: generate for every held-out prompt under every ARM-weight setting, score
 //! each response with every scorer, and summarise per setting (mean ± 95% CI, win rate
-//! against base-only decoding on the same prompts and seeds, length, distinct-n).
+//! against base-only decoding on the same prompts and seeds, length, distinct-n, cost in
+//! forward passes and seconds). The baselines (`baselines`) write the same records.
 
 use std::collections::{BTreeMap, HashSet};
 use std::io::Write;
@@ -8,6 +9,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
+use super::cost::{CountingEngine, ForwardPasses};
 use super::scorers::Scorer;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
@@ -51,9 +53,57 @@ pub fn alpha_grid(values: &[f32], n_arms: usize) -> Vec<Vec<f32>> {
     grid
 }
 
+/// One row of the comparison: a decoding method and the ARM weights it decodes with.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Setting {
+    /// `base`, `genarm:A[,A…]`, `bon-rm:N`, `bon-arm:N` or `args:K:W`.
+    pub method: String,
+    /// The α guiding decoding (all zero for base sampling and the baselines).
+    pub alphas: Vec<f32>,
+}
+
+impl Setting {
+    /// The sweep's setting for one α vector: `base` when every α is 0.
+    pub fn genarm(alphas: &[f32]) -> Self {
+        let method = if alphas.iter().all(|&a| a == 0.0) {
+            "base".to_string()
+        } else {
+            let a: Vec<String> = alphas.iter().map(f32::to_string).collect();
+            format!("genarm:{}", a.join(","))
+        };
+        Self {
+            method,
+            alphas: alphas.to_vec(),
+        }
+    }
+}
+
+/// The seed of sample `k` of prompt `prompt`: every method uses the same ones, so win
+/// rates compare responses to the same prompt under the same seed.
+pub fn sample_seed(seed: u64, k: usize, prompt: usize) -> u64 {
+    seed.wrapping_add(k as u64)
+        .wrapping_mul(1_000_003)
+        .wrapping_add(prompt as u64)
+}
+
+/// Every scorer's score of one response.
+pub fn score_all(
+    scorers: &[Box<dyn Scorer>],
+    text: &str,
+    tokens: usize,
+    complete: bool,
+) -> BTreeMap<String, f64> {
+    scorers
+        .iter()
+        .map(|s| (s.name().to_string(), s.score(text, tokens, complete)))
+        .collect()
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct SampleRecord {
     pub setting: usize,
+    /// See `Setting::method`.
+    pub method: String,
     pub alphas: Vec<f32>,
     pub prompt_index: usize,
     pub seed: u64,
@@ -61,7 +111,19 @@ pub struct SampleRecord {
     pub tokens: usize,
     pub complete: bool,
     pub scores: BTreeMap<String, f64>,
+    /// Wall-clock seconds for this response, everything the method needs included.
     pub seconds: f64,
+    /// Token positions each model computed for this response.
+    pub forward_passes: ForwardPasses,
+}
+
+/// Mean forward passes per response, per model.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct MeanPasses {
+    pub base: f64,
+    pub arm: f64,
+    pub rm: f64,
+    pub total: f64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -75,6 +137,7 @@ pub struct ScoreSummary {
 
 #[derive(Clone, Debug, Serialize)]
 pub struct SettingSummary {
+    pub method: String,
     pub alphas: Vec<f32>,
     pub n: usize,
     pub scores: BTreeMap<String, ScoreSummary>,
@@ -83,6 +146,10 @@ pub struct SettingSummary {
     pub distinct_1: f64,
     pub distinct_2: f64,
     pub seconds_per_response: f64,
+    /// Mean token positions per response, per model.
+    pub forward_passes: MeanPasses,
+    /// All forward passes over all generated tokens (sums, not a mean of ratios).
+    pub forward_passes_per_token: f64,
 }
 
 /// Mean and 95% CI half-width of `xs`.
@@ -128,16 +195,13 @@ pub fn run_sweep(
     on_sample: &mut dyn FnMut(&SampleRecord),
 ) -> Result<Vec<SampleRecord>> {
     let mut records = Vec::new();
+    let mut engine = CountingEngine::new(engine);
     for (pi, line) in prompts.iter().enumerate() {
         let text = spec.template.replace("{}", line);
         let ids = tokenizer.encode_prompt(&text, spec.chat, None)?;
         for (si, alphas) in spec.settings.iter().enumerate() {
             for k in 0..spec.samples {
-                let seed = spec
-                    .seed
-                    .wrapping_add(k as u64)
-                    .wrapping_mul(1_000_003)
-                    .wrapping_add(pi as u64);
+                let seed = sample_seed(spec.seed, k, pi);
                 let opts = GenerateOptions {
                     max_new_tokens: spec.max_new_tokens,
                     alphas: alphas.clone(),
@@ -151,21 +215,14 @@ pub fn run_sweep(
                     ..Default::default()
                 };
                 let started = web_time::Instant::now();
-                let g = generate(engine, Some(tokenizer), &ids, &opts, &mut |_| true)?;
+                let g = generate(&mut engine, Some(tokenizer), &ids, &opts, &mut |_| true)?;
                 let seconds = started.elapsed().as_secs_f64();
                 let complete = g.stop == crate::generate::StopReason::Eos;
                 let text = g.text.unwrap_or_default();
-                let scores = scorers
-                    .iter()
-                    .map(|s| {
-                        (
-                            s.name().to_string(),
-                            s.score(&text, g.tokens.len(), complete),
-                        )
-                    })
-                    .collect();
+                let scores = score_all(scorers, &text, g.tokens.len(), complete);
                 let rec = SampleRecord {
                     setting: si,
+                    method: Setting::genarm(alphas).method,
                     alphas: alphas.clone(),
                     prompt_index: pi,
                     seed,
@@ -174,6 +231,7 @@ pub fn run_sweep(
                     complete,
                     scores,
                     seconds,
+                    forward_passes: engine.take(),
                 };
                 on_sample(&rec);
                 records.push(rec);
@@ -184,7 +242,7 @@ pub fn run_sweep(
 }
 
 /// Per-setting summaries; setting 0 must be base-only (all α = 0).
-pub fn summarise(records: &[SampleRecord], settings: &[Vec<f32>]) -> Vec<SettingSummary> {
+pub fn summarise(records: &[SampleRecord], settings: &[Setting]) -> Vec<SettingSummary> {
     let key = |r: &SampleRecord| (r.prompt_index, r.seed);
     let base: BTreeMap<(usize, u64), &SampleRecord> = records
         .iter()
@@ -194,7 +252,7 @@ pub fn summarise(records: &[SampleRecord], settings: &[Vec<f32>]) -> Vec<Setting
     settings
         .iter()
         .enumerate()
-        .map(|(si, alphas)| {
+        .map(|(si, setting)| {
             let rs: Vec<&SampleRecord> = records.iter().filter(|r| r.setting == si).collect();
             let names: Vec<String> = rs
                 .first()
@@ -232,8 +290,11 @@ pub fn summarise(records: &[SampleRecord], settings: &[Vec<f32>]) -> Vec<Setting
                 .collect();
             let n = rs.len().max(1) as f64;
             let texts: Vec<&str> = rs.iter().map(|r| r.text.as_str()).collect();
+            let passes: ForwardPasses = rs.iter().map(|r| r.forward_passes).sum();
+            let tokens: usize = rs.iter().map(|r| r.tokens).sum();
             SettingSummary {
-                alphas: alphas.clone(),
+                method: setting.method.clone(),
+                alphas: setting.alphas.clone(),
                 n: rs.len(),
                 scores,
                 mean_tokens: rs.iter().map(|r| r.tokens as f64).sum::<f64>() / n,
@@ -241,6 +302,13 @@ pub fn summarise(records: &[SampleRecord], settings: &[Vec<f32>]) -> Vec<Setting
                 distinct_1: distinct_n(&texts, 1),
                 distinct_2: distinct_n(&texts, 2),
                 seconds_per_response: rs.iter().map(|r| r.seconds).sum::<f64>() / n,
+                forward_passes: MeanPasses {
+                    base: passes.base as f64 / n,
+                    arm: passes.arm as f64 / n,
+                    rm: passes.rm as f64 / n,
+                    total: passes.total() as f64 / n,
+                },
+                forward_passes_per_token: passes.total() as f64 / tokens.max(1) as f64,
             }
         })
         .collect()
@@ -273,6 +341,12 @@ pub fn write_summary(dir: &Path, summary: &[SettingSummary]) -> Result<()> {
             "distinct_1",
             "distinct_2",
             "seconds_per_response",
+            "method",
+            "forward_passes_base",
+            "forward_passes_arm",
+            "forward_passes_rm",
+            "forward_passes_total",
+            "forward_passes_per_token",
         ]
         .map(String::from),
     );
@@ -293,6 +367,11 @@ pub fn write_summary(dir: &Path, summary: &[SettingSummary]) -> Result<()> {
                 s.seconds_per_response,
             ]
             .map(|x| format!("{x:.6}")),
+        );
+        row.push(s.method.clone());
+        let p = &s.forward_passes;
+        row.extend(
+            [p.base, p.arm, p.rm, p.total, s.forward_passes_per_token].map(|x| format!("{x:.3}")),
         );
         writeln!(csv, "{}", row.join(",")).map_err(|e| Error::io(dir, e))?;
     }

@@ -42,23 +42,36 @@ fn file_label(path: &Path) -> String {
 pub fn plan_arm(path: &Path, base: &Path, device: &Device) -> Result<(PathBuf, ArmPlan)> {
     let plan = if LoraAdapter::is_adapter_dir(path) {
         let adapter = LoraAdapter::open(path, device)?;
-        let own_base = adapter
-            .config
-            .base_model_name_or_path
-            .as_deref()
-            .map(|p| resolve_relative(path, p))
-            .filter(|p| p.exists() && !same_file(p, base));
-        match own_base {
-            Some(p) => {
-                let ckpt = Checkpoint::open(&p)?;
-                ArmPlan::LoraOn(adapter, ckpt)
-            }
+        if adapter.info.is_scalar_reward_model() {
+            return Err(Error::Incompatible {
+                arm: path.display().to_string(),
+                message: "this is a scalar reward model (`genarm train --scalar-head`), not an \
+                          ARM; pass it to `genarm eval --reward-model`"
+                    .into(),
+            });
+        }
+        match lora_own_base(&adapter, base)? {
+            Some(ckpt) => ArmPlan::LoraOn(adapter, ckpt),
             None => ArmPlan::SharedLora(adapter),
         }
     } else {
         ArmPlan::Full(Checkpoint::open(path)?)
     };
     Ok((path.into(), plan))
+}
+
+/// The checkpoint a LoRA runs on when it is not `base`: the local checkpoint its
+/// `base_model_name_or_path` names, if that exists and is another file; `None` means
+/// the base's own weights.
+pub fn lora_own_base(adapter: &LoraAdapter, base: &Path) -> Result<Option<Checkpoint>> {
+    adapter
+        .config
+        .base_model_name_or_path
+        .as_deref()
+        .map(|p| resolve_relative(&adapter.path, p))
+        .filter(|p| p.exists() && !same_file(p, base))
+        .map(|p| Checkpoint::open(&p))
+        .transpose()
 }
 
 /// A relative base path in an adapter config is relative to the adapter's directory.

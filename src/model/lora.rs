@@ -17,6 +17,27 @@ pub const ADAPTER_CONFIG: &str = "adapter_config.json";
 pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
 /// genarm's own side file: what the ARM was trained to prefer (the playground's label).
 pub const ARM_INFO: &str = "genarm.json";
+/// A scalar reward model's head next to its LoRA: one tensor `score.weight`,
+/// `[1, hidden]` f32, read on the final-normed hidden state of the last token.
+pub const SCORE_HEAD_WEIGHTS: &str = "score_head.safetensors";
+pub const SCORE_HEAD_TENSOR: &str = "score.weight";
+
+/// What a LoRA directory holds, from `genarm.json`'s `kind` (absent for an ARM).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AdapterKind {
+    /// An autoregressive reward model: a causal LM, usable with `--arm`.
+    #[default]
+    Arm,
+    /// A scalar (trajectory-level) reward model: LoRA + `score_head.safetensors`.
+    ScalarRewardModel,
+}
+
+impl AdapterKind {
+    fn is_arm(&self) -> bool {
+        *self == Self::Arm
+    }
+}
 
 /// The projections a LoRA may target, by PEFT's short module names.
 pub const TARGETS: [&str; 7] = [
@@ -53,6 +74,15 @@ pub struct ArmInfo {
     pub objective: Option<String>,
     #[serde(default)]
     pub beta_r: Option<f64>,
+    /// `"scalar_reward_model"` for a reward model (not usable as an ARM); absent for ARMs.
+    #[serde(default, skip_serializing_if = "AdapterKind::is_arm")]
+    pub kind: AdapterKind,
+}
+
+impl ArmInfo {
+    pub fn is_scalar_reward_model(&self) -> bool {
+        self.kind == AdapterKind::ScalarRewardModel
+    }
 }
 
 /// One module's low-rank pair.

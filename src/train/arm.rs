@@ -239,36 +239,8 @@ impl TrainableArm {
         starts: &[usize],
         dropout: Option<DropoutKey>,
     ) -> Result<Tensor> {
-        let n = seqs.len();
-        let t_max = seqs.iter().map(Vec::len).max().unwrap_or(0);
-        if n == 0 || t_max == 0 {
-            return Err(Error::Request("no sequences to score".into()));
-        }
-        // Frozen layers, one sequence at a time, right-padded with zeros to t_max:
-        // causal attention keeps padding from reaching the real positions.
-        let mut hidden = Vec::with_capacity(n);
-        for s in seqs {
-            let hs = self
-                .prefix
-                .hidden_states(std::slice::from_ref(s), self.first_trainable)?
-                .to_dtype(self.dtype)?;
-            let pad = t_max - s.len();
-            hidden.push(if pad > 0 {
-                hs.pad_with_zeros(1, 0, pad)?
-            } else {
-                hs
-            });
-        }
-        let mut x = Tensor::cat(&hidden, 0)?;
-        // One query row per position, no KV groups, nothing cached before: `[t, t]`.
-        let mask = causal_mask(t_max, 0, 1, &self.device)?
-            .map(|m| m.to_dtype(self.dtype))
-            .transpose()?;
-        for (i, block) in self.top.iter().enumerate() {
-            let key = dropout.map(|k| (k, i));
-            x = self.block_forward(block, &x, mask.as_ref(), key)?;
-        }
-        let x = candle_nn::ops::rms_norm_slow(&x, &self.norm, self.cfg.rms_norm_eps as f32)?;
+        let x = self.final_hidden(seqs, dropout)?;
+        let (n, t_max, _) = x.dims3()?;
         // Only response positions go through the head: position t predicts token t+1.
         let mut rows = Vec::new();
         let mut targets = Vec::new();
@@ -300,6 +272,59 @@ impl TrainableArm {
         }
         let sel = Tensor::from_vec(sel, (n, m), &self.device)?.to_dtype(self.dtype)?;
         Ok(sel.matmul(&token_lp.unsqueeze(1)?)?.squeeze(1)?)
+    }
+
+    /// Hidden states after the final norm, `[n, t_max, hidden]`, for sequences
+    /// right-padded to the longest (causal attention keeps the padding from reaching
+    /// real positions). Differentiable in the LoRA weights.
+    pub fn final_hidden(
+        &mut self,
+        seqs: &[Vec<u32>],
+        dropout: Option<DropoutKey>,
+    ) -> Result<Tensor> {
+        let n = seqs.len();
+        let t_max = seqs.iter().map(Vec::len).max().unwrap_or(0);
+        if n == 0 || seqs.iter().any(Vec::is_empty) {
+            return Err(Error::Request(
+                "no sequences to score (or an empty one)".into(),
+            ));
+        }
+        // Frozen layers, one sequence at a time, right-padded with zeros to t_max.
+        let mut hidden = Vec::with_capacity(n);
+        for s in seqs {
+            let hs = self
+                .prefix
+                .hidden_states(std::slice::from_ref(s), self.first_trainable)?
+                .to_dtype(self.dtype)?;
+            let pad = t_max - s.len();
+            hidden.push(if pad > 0 {
+                hs.pad_with_zeros(1, 0, pad)?
+            } else {
+                hs
+            });
+        }
+        let mut x = Tensor::cat(&hidden, 0)?;
+        // One query row per position, no KV groups, nothing cached before: `[t, t]`.
+        let mask = causal_mask(t_max, 0, 1, &self.device)?
+            .map(|m| m.to_dtype(self.dtype))
+            .transpose()?;
+        for (i, block) in self.top.iter().enumerate() {
+            let key = dropout.map(|k| (k, i));
+            x = self.block_forward(block, &x, mask.as_ref(), key)?;
+        }
+        Ok(candle_nn::ops::rms_norm_slow(
+            &x,
+            &self.norm,
+            self.cfg.rms_norm_eps as f32,
+        )?)
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
     }
 
     fn block_forward(

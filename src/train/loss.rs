@@ -1,5 +1,7 @@
 //! The GenARM training objective (no reference model, no length normalisation):
-//! `loss = −log σ( β_r · (Σ_t log π(y_w,t) − Σ_t log π(y_l,t)) − γ )`.
+//! `loss = −log σ( β_r · (Σ_t log π(y_w,t) − Σ_t log π(y_l,t)) − γ )`, and the
+//! Bradley–Terry loss of a scalar reward model, `−log σ(r_w − r_l)` — the same form
+//! with β_r = 1, γ = 0 and scalar rewards in place of summed log-probs.
 
 use candle_core::Tensor;
 
@@ -22,4 +24,14 @@ pub fn genarm_loss_f64(chosen: f64, rejected: f64, beta_r: f64, gamma: f64) -> f
     let z = beta_r * (chosen - rejected) - gamma;
     // −log σ(z) = log(1 + e^{−z})
     (-z).max(0.0) + (-(z.abs())).exp().ln_1p()
+}
+
+/// Mean Bradley–Terry loss `−log σ(r_w − r_l)` over pairs of scalar rewards.
+pub fn bradley_terry_loss(chosen: &Tensor, rejected: &Tensor) -> Result<Tensor> {
+    genarm_loss(chosen, rejected, 1.0, 0.0)
+}
+
+/// The Bradley–Terry loss of one pair in f64.
+pub fn bradley_terry_loss_f64(chosen: f64, rejected: f64) -> f64 {
+    genarm_loss_f64(chosen, rejected, 1.0, 0.0)
 }

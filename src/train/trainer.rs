@@ -1,7 +1,8 @@
 //! The ARM training loop: shuffled mini-batches of preference pairs, gradient
 //! accumulation over micro-batches, clipping, AdamW with warmup and decay, a JSONL log,
 //! held-out pairwise accuracy each epoch, and atomic checkpoints that a killed run
-//! resumes from with the same result as an uninterrupted one.
+//! resumes from with the same result as an uninterrupted one. With `scalar_head` the same
+//! loop trains a conventional scalar reward model (Bradley–Terry loss) instead of an ARM.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -13,12 +14,14 @@ use web_time::Instant;
 
 use super::arm::{DropoutKey, LoraSpec, TrainableArm};
 use super::data::TokenizedPair;
-use super::loss::genarm_loss;
+use super::loss::{bradley_terry_loss, bradley_terry_loss_f64, genarm_loss, genarm_loss_f64};
 use super::optim::{accumulate, clip_grad_norm, collect_grads, learning_rate, AdamW, Schedule};
+use super::score_head::ScoreHead;
 use crate::error::{Error, Result};
 use crate::guide::uniform;
 use crate::model::lora::{
-    save_safetensors_atomic, write_atomic, ArmInfo, ADAPTER_CONFIG, ADAPTER_WEIGHTS, ARM_INFO,
+    save_safetensors_atomic, write_atomic, AdapterKind, ArmInfo, ADAPTER_CONFIG, ADAPTER_WEIGHTS,
+    ARM_INFO, SCORE_HEAD_TENSOR, SCORE_HEAD_WEIGHTS,
 };
 use crate::model::Checkpoint;
 
@@ -44,6 +47,10 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Optimizer steps between checkpoints.
     pub checkpoint_every: usize,
+    /// Train a scalar reward model (LoRA + a linear head on the last token's final
+    /// hidden state, Bradley–Terry loss) instead of an ARM; β_r and γ are then unused.
+    #[serde(default)]
+    pub scalar_head: bool,
 }
 
 impl Default for TrainConfig {
@@ -70,6 +77,7 @@ impl Default for TrainConfig {
             eval_frac: 0.05,
             seed: 0,
             checkpoint_every: 10,
+            scalar_head: false,
         }
     }
 }
@@ -170,6 +178,8 @@ pub struct Trainer {
     pub config: TrainConfig,
     pub out: PathBuf,
     arm: TrainableArm,
+    /// The scalar head when training a reward model rather than an ARM.
+    head: Option<ScoreHead>,
     base_path: PathBuf,
 }
 
@@ -209,17 +219,88 @@ impl Trainer {
             layers: config.lora_layers,
         };
         let arm = TrainableArm::new(base, &spec, max_len, config.seed, dtype, device)?;
+        let head = config
+            .scalar_head
+            .then(|| ScoreHead::new(arm.config().hidden_size, config.seed, dtype, device))
+            .transpose()?;
         std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
         Ok(Self {
             config,
             out: out.into(),
             arm,
+            head,
             base_path: base.path.clone(),
         })
     }
 
     pub fn arm(&mut self) -> &mut TrainableArm {
         &mut self.arm
+    }
+
+    /// The scalar head, when training a reward model.
+    pub fn score_head(&self) -> Option<&ScoreHead> {
+        self.head.as_ref()
+    }
+
+    /// Everything the optimizer updates: the LoRA pairs, then the head if any.
+    fn trainable_vars(&self) -> Vec<candle_core::Var> {
+        let mut vars = self.arm.vars();
+        vars.extend(self.head.as_ref().map(|h| h.weight.clone()));
+        vars
+    }
+
+    /// What the loss compares for a slice of pairs, (chosen, rejected): summed response
+    /// log-probs for an ARM, scalar rewards `r(x, y)` for a reward model.
+    pub fn pair_scores(
+        &mut self,
+        pairs: &[&TokenizedPair],
+        dropout: Option<DropoutKey>,
+    ) -> Result<(Tensor, Tensor)> {
+        if self.head.is_none() {
+            return self.pair_logprobs(pairs, dropout);
+        }
+        let seqs: Vec<Vec<u32>> = pairs
+            .iter()
+            .flat_map(|p| [&p.chosen, &p.rejected].map(|r| [p.prompt.as_slice(), r].concat()))
+            .collect();
+        let r = self
+            .sequence_rewards(&seqs, dropout)?
+            .reshape((pairs.len(), 2))?;
+        Ok((
+            r.narrow(1, 0, 1)?.squeeze(1)?,
+            r.narrow(1, 1, 1)?.squeeze(1)?,
+        ))
+    }
+
+    /// The reward model's `r` of whole sequences (prompt + response); an error when
+    /// training an ARM.
+    pub fn sequence_rewards(
+        &mut self,
+        seqs: &[Vec<u32>],
+        dropout: Option<DropoutKey>,
+    ) -> Result<Tensor> {
+        let head = self
+            .head
+            .as_ref()
+            .ok_or_else(|| Error::Request("an ARM has no scalar rewards".into()))?;
+        head.rewards(&mut self.arm, seqs, dropout)
+    }
+
+    /// The mean training loss over pairs of `pair_scores`.
+    pub fn pair_loss(&self, chosen: &Tensor, rejected: &Tensor) -> Result<Tensor> {
+        if self.head.is_some() {
+            bradley_terry_loss(chosen, rejected)
+        } else {
+            genarm_loss(chosen, rejected, self.config.beta_r, self.config.gamma)
+        }
+    }
+
+    fn pair_loss_f64(&self, chosen: f64, rejected: f64) -> f64 {
+        if self.head.is_some() {
+            bradley_terry_loss_f64(chosen, rejected)
+        } else {
+            genarm_loss_f64(chosen, rejected, self.config.beta_r, self.config.gamma)
+        }
     }
 
     /// Summed response log-probs of chosen and rejected for a slice of pairs.
@@ -255,12 +336,11 @@ impl Trainer {
         let (mut correct, mut loss) = (0usize, 0f64);
         for chunk in pairs.chunks(self.config.micro_batch) {
             let refs: Vec<&TokenizedPair> = chunk.iter().collect();
-            let (c, r) = self.pair_logprobs(&refs, None)?;
+            let (c, r) = self.pair_scores(&refs, None)?;
             let (c, r) = (to_f64(&c.detach())?, to_f64(&r.detach())?);
             for (cw, rl) in c.iter().zip(&r) {
                 correct += usize::from(cw > rl);
-                loss +=
-                    super::loss::genarm_loss_f64(*cw, *rl, self.config.beta_r, self.config.gamma);
+                loss += self.pair_loss_f64(*cw, *rl);
             }
         }
         Ok((
@@ -288,7 +368,7 @@ impl Trainer {
         let schedule: Schedule = cfg.schedule.parse().map_err(Error::Request)?;
         let steps_per_epoch = train.len().div_ceil(cfg.batch_size);
         let total_steps = steps_per_epoch * cfg.epochs;
-        let mut opt = AdamW::new(self.arm.vars(), cfg.weight_decay)?;
+        let mut opt = AdamW::new(self.trainable_vars(), cfg.weight_decay)?;
         let mut start_step = 0;
         let mut resumed_from = None;
         if resume {
@@ -319,8 +399,8 @@ impl Trainer {
                     step: step as u64,
                     micro: micro as u64,
                 };
-                let (c, r) = self.pair_logprobs(chunk, Some(key))?;
-                let loss = genarm_loss(&c, &r, cfg.beta_r, cfg.gamma)?;
+                let (c, r) = self.pair_scores(chunk, Some(key))?;
+                let loss = self.pair_loss(&c, &r)?;
                 // Each micro-batch's mean weighted by its share of the batch.
                 let weight = chunk.len() as f64 / batch.len() as f64;
                 let store = (&loss * weight)?.backward()?;
@@ -401,7 +481,21 @@ impl Trainer {
         Ok(map)
     }
 
-    /// Writes the adapter (PEFT format) and `genarm.json` into `out`, each atomically.
+    /// The head under its saved name.
+    fn head_tensors(&self) -> Result<HashMap<String, Tensor>> {
+        let mut map = HashMap::new();
+        if let Some(h) = &self.head {
+            map.insert(
+                SCORE_HEAD_TENSOR.to_string(),
+                h.weight.as_tensor().to_dtype(DType::F32)?,
+            );
+        }
+        Ok(map)
+    }
+
+    /// Writes the adapter (PEFT format) and `genarm.json` into `out`, each atomically;
+    /// for a reward model also `score_head.safetensors`, and `genarm.json` says
+    /// `"kind": "scalar_reward_model"`.
     pub fn write_adapter(&self, label: &ArmLabel) -> Result<()> {
         let cfg = &self.config;
         let layers: Vec<usize> = self.arm.lora_layers().collect();
@@ -429,6 +523,9 @@ impl Trainer {
             "inference_mode": true,
         });
         save_safetensors_atomic(&self.lora_tensors()?, &self.out.join(ADAPTER_WEIGHTS))?;
+        if self.head.is_some() {
+            save_safetensors_atomic(&self.head_tensors()?, &self.out.join(SCORE_HEAD_WEIGHTS))?;
+        }
         write_atomic(
             &self.out.join(ADAPTER_CONFIG),
             serde_json::to_string_pretty(&config)?.as_bytes(),
@@ -436,7 +533,12 @@ impl Trainer {
         let info = ArmInfo {
             name: label.name.clone(),
             objective: label.objective.clone(),
-            beta_r: Some(cfg.beta_r),
+            beta_r: (!cfg.scalar_head).then_some(cfg.beta_r),
+            kind: if cfg.scalar_head {
+                AdapterKind::ScalarRewardModel
+            } else {
+                AdapterKind::Arm
+            },
         };
         write_atomic(
             &self.out.join(ARM_INFO),
@@ -453,6 +555,7 @@ impl Trainer {
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
         let mut tensors = self.lora_tensors()?;
+        tensors.extend(self.head_tensors()?);
         for (i, (m, v)) in opt.m.iter().zip(&opt.v).enumerate() {
             tensors.insert(format!("adam.m.{i}"), m.clone());
             tensors.insert(format!("adam.v.{i}"), v.clone());
@@ -524,6 +627,11 @@ impl Trainer {
                     .to_dtype(dtype)?
                     .to_device(&device)?,
             )?;
+        }
+        if let Some(h) = &self.head {
+            let w = get(SCORE_HEAD_TENSOR)?;
+            h.weight
+                .set(&w.to_dtype(h.weight.dtype())?.to_device(&device)?)?;
         }
         for i in 0..opt.m.len() {
             opt.m[i] = get(&format!("adam.m.{i}"))?.to_device(&device)?;

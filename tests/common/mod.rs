@@ -3,8 +3,9 @@
 //! PEFT LoRA adapters), and a plain f64 reference forward pass to judge the
 //! engine against.
 //!
-//! Only std, candle-core, safetensors, serde_json and half are used, since those
-//! are what the main crate already depends on. Errors panic: this is test code.
+//! Besides genarm itself, only std, candle-core, safetensors, serde_json and half are
+//! used, since those are what the main crate already depends on. Errors panic: this is
+//! test code.
 #![allow(dead_code)]
 // The reference forward is written as plain index loops on purpose: it is the slow,
 // obvious version the engine is judged against.
@@ -957,4 +958,181 @@ pub fn demo_tokenizer() -> genarm::model::tokenizer::TextTokenizer {
     genarm::model::tokenizer::TextTokenizer::from_gguf(&content.metadata, &path)
         .expect("tokenizer builds")
         .expect("GGUF has a tokenizer")
+}
+
+// ---------------------------------------------------------------------------
+// A text vocabulary for tiny models
+// ---------------------------------------------------------------------------
+
+/// A byte-level vocabulary of single characters for a tiny model: BOS (0), EOS (1),
+/// space (`Ġ` in GPT-2's byte mapping), letters, digits, punctuation, then capitals, cut
+/// to `size`. Lower-case text without other symbols encodes with it.
+pub fn char_vocabulary(size: usize) -> Vec<String> {
+    let mut tokens: Vec<String> = vec!["<s>".into(), "</s>".into(), "Ġ".into()];
+    tokens.extend(('a'..='z').map(String::from));
+    tokens.extend(('0'..='9').map(String::from));
+    tokens.extend([".", ",", "!", "?", "'"].map(String::from));
+    tokens.extend(('A'..='Z').map(String::from));
+    tokens.truncate(size);
+    tokens
+}
+
+// ---------------------------------------------------------------------------
+// Preference pairs and saved tensors
+// ---------------------------------------------------------------------------
+
+pub fn pair(
+    prompt: &[u32],
+    chosen: &[u32],
+    rejected: &[u32],
+) -> genarm::train::data::TokenizedPair {
+    genarm::train::data::TokenizedPair {
+        prompt: prompt.to_vec(),
+        chosen: chosen.to_vec(),
+        rejected: rejected.to_vec(),
+    }
+}
+
+/// Pairs preferring responses that contain `marker` (at a place the prompt decides).
+pub fn marker_pairs(n: usize, marker: u32, seed: u64) -> Vec<genarm::train::data::TokenizedPair> {
+    let mut rng = SplitMix64::new(seed);
+    let mut tok = |avoid: bool| loop {
+        let t = 2 + (rng.next_u64() % 59) as u32;
+        if !(avoid && t == marker) {
+            return t;
+        }
+    };
+    (0..n)
+        .map(|_| {
+            let prompt: Vec<u32> = (0..3).map(|_| tok(false)).collect();
+            let mut chosen: Vec<u32> = (0..4).map(|_| tok(true)).collect();
+            let pos = (prompt[0] % 4) as usize;
+            chosen[pos] = marker;
+            let rejected: Vec<u32> = (0..4).map(|_| tok(true)).collect();
+            pair(&prompt, &chosen, &rejected)
+        })
+        .collect()
+}
+
+/// Two safetensors files hold the same tensors to 1e-6.
+pub fn assert_same_safetensors(a: &Path, b: &Path) {
+    let a_map = candle_core::safetensors::load(a, &Device::Cpu).expect("first file loads");
+    let b_map = candle_core::safetensors::load(b, &Device::Cpu).expect("second file loads");
+    assert_eq!(
+        a_map.len(),
+        b_map.len(),
+        "{} vs {}",
+        a.display(),
+        b.display()
+    );
+    for (name, ta) in &a_map {
+        let diff = (ta - &b_map[name])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 1e-6, "{}: {name} differs by {diff}", a.display());
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The genarm binary
+// ---------------------------------------------------------------------------
+
+pub fn genarm(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_genarm"))
+        .args(args)
+        .output()
+        .expect("genarm runs")
+}
+
+pub fn stdout(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+pub fn json(o: &std::process::Output) -> serde_json::Value {
+    assert!(o.status.success(), "genarm failed: {}", stderr(o));
+    serde_json::from_slice(&o.stdout).expect("stdout is one JSON object")
+}
+
+/// A failing run must say why (containing `needle`) and must not have panicked.
+pub fn assert_clean_error(o: &std::process::Output, needle: &str) {
+    let err = stderr(o);
+    assert!(
+        !o.status.success(),
+        "expected failure, got success: {}",
+        stdout(o)
+    );
+    assert!(!err.contains("panicked"), "panicked: {err}");
+    assert!(err.contains(needle), "stderr lacks {needle:?}: {err}");
+}
+
+// ---------------------------------------------------------------------------
+// Gradients
+// ---------------------------------------------------------------------------
+
+/// Checks autograd's gradients of an f64 loss against central finite differences at
+/// the first, middle and last entry of each named variable (`loss` recomputes the loss
+/// from the variables' current values); returns how many entries were checked.
+pub fn assert_gradients_match_finite_differences(
+    vars: &[(String, candle_core::Var)],
+    grads: &candle_core::backprop::GradStore,
+    loss: &mut dyn FnMut() -> f64,
+) -> usize {
+    let eps = 1e-5;
+    let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    let mut checked = 0;
+    for (name, var) in vars {
+        let g = flat(
+            grads
+                .get(var.as_tensor())
+                .expect("the variable has a gradient"),
+        );
+        let values = flat(var.as_tensor());
+        let set = |v: Vec<f64>| {
+            var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
+                .unwrap()
+        };
+        for idx in [0, values.len() / 2, values.len() - 1] {
+            let mut nudged = |delta: f64| {
+                let mut v = values.clone();
+                v[idx] += delta;
+                set(v);
+                loss()
+            };
+            let fd = (nudged(eps) - nudged(-eps)) / (2.0 * eps);
+            set(values.clone());
+            let tol = 1e-6 + 1e-4 * fd.abs().max(g[idx].abs());
+            assert!(
+                (fd - g[idx]).abs() < tol,
+                "{name}[{idx}]: autograd {} vs finite difference {fd}",
+                g[idx]
+            );
+            checked += 1;
+        }
+    }
+    checked
+}
+
+/// Small, quick training settings for tiny models: LoRA r = 4, α = 8, no dropout, LoRA
+/// on the top `layers` layers, batches of 8 in micro-batches of 4, 5 warmup steps.
+pub fn tiny_train_config(layers: usize) -> genarm::train::trainer::TrainConfig {
+    genarm::train::trainer::TrainConfig {
+        lora_rank: 4,
+        lora_alpha: 8.0,
+        lora_dropout: 0.0,
+        lora_layers: layers,
+        batch_size: 8,
+        micro_batch: 4,
+        warmup: 5,
+        checkpoint_every: 5,
+        ..Default::default()
+    }
 }

@@ -1,6 +1,7 @@
 //! ARM training on tiny random models: the loss against a direct f64 computation,
 //! LoRA gradients against finite differences, learning a synthetic preference,
-//! resuming, and the saved adapter reloading with the same log-probabilities.
+//! resuming, and the saved adapter reloading with the same log-probabilities; the same
+//! for full fine-tuning (`--full`), whose output is an HF model directory.
 #![cfg(not(target_arch = "wasm32"))]
 
 mod common;
@@ -78,6 +79,24 @@ fn loss_matches_direct_f64_computation() {
     }
 }
 
+/// Checks autograd's gradients of the GenARM loss on two fixed pairs against finite
+/// differences for `vars` (see `assert_gradients_match_finite_differences`).
+fn check_trainer_gradients(t: &mut Trainer, vars: &[(String, candle_core::Var)]) -> usize {
+    let pairs = [
+        pair(&[1, 2, 3], &[4, 5, 6], &[7, 8]),
+        pair(&[9], &[10, 11], &[12]),
+    ];
+    let refs: Vec<&TokenizedPair> = pairs.iter().collect();
+    let loss_of = |t: &mut Trainer| -> Tensor {
+        let (c, r) = t.pair_logprobs(&refs, None).unwrap();
+        genarm_loss(&c, &r, 0.7, 0.0).unwrap()
+    };
+    let grads = loss_of(t).backward().unwrap();
+    assert_gradients_match_finite_differences(vars, &grads, &mut || {
+        loss_of(t).to_scalar::<f64>().unwrap()
+    })
+}
+
 #[test]
 fn lora_gradients_match_finite_differences() {
     let (path, _) = tiny_base("train-grad", 41);
@@ -98,16 +117,6 @@ fn lora_gradients_match_finite_differences() {
         let noise = Tensor::rand(-0.3f64, 0.3, shape, &Device::Cpu).unwrap();
         l.b.set(&noise).unwrap();
     }
-    let pairs = [
-        pair(&[1, 2, 3], &[4, 5, 6], &[7, 8]),
-        pair(&[9], &[10, 11], &[12]),
-    ];
-    let refs: Vec<&TokenizedPair> = pairs.iter().collect();
-    let loss_of = |t: &mut Trainer| -> Tensor {
-        let (c, r) = t.pair_logprobs(&refs, None).unwrap();
-        genarm_loss(&c, &r, 0.7, 0.0).unwrap()
-    };
-    let grads = loss_of(&mut t).backward().unwrap();
     let vars: Vec<(String, candle_core::Var)> = t
         .arm()
         .lora_vars()
@@ -120,9 +129,7 @@ fn lora_gradients_match_finite_differences() {
             ]
         })
         .collect();
-    let checked = assert_gradients_match_finite_differences(&vars, &grads, &mut || {
-        loss_of(&mut t).to_scalar::<f64>().unwrap()
-    });
+    let checked = check_trainer_gradients(&mut t, &vars);
     assert!(checked >= 12);
 }
 
@@ -149,13 +156,42 @@ fn marker_frequency(base: &Path, arm: Option<&Path>, alpha: f32, marker: u32) ->
     hits as f64 / total as f64
 }
 
-#[test]
-fn learns_a_synthetic_preference_and_guidance_follows_it() {
-    let (path, _) = tiny_base("train-learn", 42);
+/// Trains on pairs preferring token 13 (from `base_seed`'s tiny model) and checks the
+/// held-out pairwise accuracy reaches 0.95 and guidance with the result raises the
+/// token's frequency; returns the output directory.
+fn assert_learns_marker(
+    name: &str,
+    base_seed: u64,
+    data_seed: u64,
+    cfg: TrainConfig,
+    label: &ArmLabel,
+) -> PathBuf {
+    let (path, _) = tiny_base(name, base_seed);
     let base = Checkpoint::open(&path).unwrap();
     let marker = 13;
-    let (train, eval) = split_pairs(marker_pairs(400, marker, 7), 0.2, 1);
-    let out = temp_dir("train-learn-out");
+    let (train, eval) = split_pairs(marker_pairs(400, marker, data_seed), 0.2, 1);
+    let out = temp_dir(&format!("{name}-out"));
+    let mut t = Trainer::new(&base, cfg, &out, 32, &Device::Cpu).unwrap();
+    let before = t.evaluate(&eval).unwrap().0;
+    let summary = t
+        .train(&train, &eval, label, false, None, &mut |_| {})
+        .unwrap();
+    let acc = summary.final_eval.unwrap();
+    assert!(
+        acc >= 0.95,
+        "{name}: held-out pairwise accuracy {acc} (before training {before})"
+    );
+    let plain = marker_frequency(&path, None, 0.0, marker);
+    let guided = marker_frequency(&path, Some(&out), 3.0, marker);
+    assert!(
+        guided > plain * 2.0 && guided > 0.1,
+        "{name}: marker frequency {plain} → {guided} with α = 3"
+    );
+    out
+}
+
+#[test]
+fn learns_a_synthetic_preference_and_guidance_follows_it() {
     let cfg = TrainConfig {
         lr: 1e-2,
         epochs: 4,
@@ -164,38 +200,49 @@ fn learns_a_synthetic_preference_and_guidance_follows_it() {
         checkpoint_every: 1000,
         ..tiny_train_config(usize::MAX)
     };
-    let mut t = Trainer::new(&base, cfg, &out, 32, &Device::Cpu).unwrap();
-    let before = t.evaluate(&eval).unwrap().0;
     let label = ArmLabel {
         name: Some("marker".into()),
         objective: Some("contains token 13".into()),
         base_name: None,
     };
-    let summary = t
-        .train(&train, &eval, &label, false, None, &mut |_| {})
-        .unwrap();
-    let acc = summary.final_eval.unwrap();
-    assert!(
-        acc >= 0.95,
-        "held-out pairwise accuracy {acc} (before training {before})"
-    );
-    let plain = marker_frequency(&path, None, 0.0, marker);
-    let guided = marker_frequency(&path, Some(&out), 3.0, marker);
-    assert!(
-        guided > plain * 2.0 && guided > 0.1,
-        "marker frequency {plain} → {guided} with α = 3"
-    );
+    let out = assert_learns_marker("train-learn", 42, 7, cfg, &label);
     let info: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("genarm.json")).unwrap()).unwrap();
     assert_eq!(info["name"], "marker");
     assert_eq!(info["beta_r"], 0.5);
 }
 
-#[test]
-fn resumed_training_equals_uninterrupted() {
-    let (path, _) = tiny_base("train-resume", 43);
+/// Trains with `cfg` straight through, and again "killed" after 7 steps (the last
+/// checkpoint is at 7) then resumed by a new trainer; `saved` (the output weights)
+/// must be the same. Returns the interrupted run's directory.
+fn assert_resume_equals_uninterrupted(
+    name: &str,
+    base_seed: u64,
+    cfg: TrainConfig,
+    saved: &str,
+) -> PathBuf {
+    let (path, _) = tiny_base(name, base_seed);
     let base = Checkpoint::open(&path).unwrap();
     let (train, eval) = split_pairs(marker_pairs(80, 5, 3), 0.1, 2);
+    let label = ArmLabel::default();
+    let run = |out: &Path, resume: bool, max_steps: Option<usize>| {
+        Trainer::new(&base, cfg.clone(), out, 32, &Device::Cpu)
+            .unwrap()
+            .train(&train, &eval, &label, resume, max_steps, &mut |_| {})
+            .unwrap()
+    };
+    let straight = temp_dir(&format!("{name}-straight"));
+    run(&straight, false, None);
+    let broken = temp_dir(&format!("{name}-broken"));
+    run(&broken, false, Some(7));
+    let summary = run(&broken, true, None);
+    assert_eq!(summary.resumed_from, Some(7));
+    assert_same_safetensors(&straight.join(saved), &broken.join(saved));
+    broken
+}
+
+#[test]
+fn resumed_training_equals_uninterrupted() {
     let cfg = TrainConfig {
         lr: 5e-3,
         epochs: 2,
@@ -203,27 +250,39 @@ fn resumed_training_equals_uninterrupted() {
         checkpoint_every: 3,
         ..tiny_train_config(usize::MAX)
     };
-    let label = ArmLabel::default();
-    let straight = temp_dir("train-straight");
-    Trainer::new(&base, cfg.clone(), &straight, 32, &Device::Cpu)
-        .unwrap()
-        .train(&train, &eval, &label, false, None, &mut |_| {})
-        .unwrap();
-    // "Killed" after 7 of 20 steps (the last checkpoint is at 7), then resumed by a new process.
-    let broken = temp_dir("train-broken");
-    Trainer::new(&base, cfg.clone(), &broken, 32, &Device::Cpu)
-        .unwrap()
-        .train(&train, &eval, &label, false, Some(7), &mut |_| {})
-        .unwrap();
-    let summary = Trainer::new(&base, cfg, &broken, 32, &Device::Cpu)
-        .unwrap()
-        .train(&train, &eval, &label, true, None, &mut |_| {})
-        .unwrap();
-    assert_eq!(summary.resumed_from, Some(7));
-    assert_same_safetensors(
-        &straight.join("adapter_model.safetensors"),
-        &broken.join("adapter_model.safetensors"),
+    assert_resume_equals_uninterrupted("train-resume", 43, cfg, "adapter_model.safetensors");
+}
+
+/// A probe response's summed log-prob (trained, reloaded, base): from the trainer, from
+/// the engine with the saved ARM at `arm`, and from the engine's base.
+fn probe_reloaded(t: &mut Trainer, base: &Path, arm: &Path) -> (f64, f64, f64) {
+    let probe = pair(&[3, 4, 5], &[6, 9, 8, 7], &[1, 2]);
+    let (c, _) = t.pair_logprobs(&[&probe], None).unwrap();
+    let trained = c.to_vec1::<f32>().unwrap()[0] as f64;
+    let mut engine = CpuEngine::load(base, &[arm.to_path_buf()], None, &Device::Cpu).unwrap();
+    let seq = [3, 4, 5, 6, 9, 8, 7];
+    let lp = engine.teacher_forced(&seq).unwrap();
+    let response = |row: usize| -> f64 {
+        (3..seq.len())
+            .map(|t| lp[row][t - 1][seq[t] as usize] as f64)
+            .sum()
+    };
+    (trained, response(1), response(0))
+}
+
+/// The saved ARM at `arm` gives the trainer's log-probs (to 1e-3) and differs from the
+/// base; returns the trained value.
+fn assert_reloads_as_trained(t: &mut Trainer, base: &Path, arm: &Path, what: &str) -> f64 {
+    let (trained, loaded, plain) = probe_reloaded(t, base, arm);
+    assert!(
+        (trained - loaded).abs() < 1e-3,
+        "{what}: trained {trained} vs reloaded {loaded}"
     );
+    assert!(
+        (loaded - plain).abs() > 1e-3,
+        "{what}: the ARM changed nothing"
+    );
+    trained
 }
 
 #[test]
@@ -251,26 +310,250 @@ fn saved_adapter_reloads_with_the_trained_logprobs() {
             &mut |_| {},
         )
         .unwrap();
-        let probe = pair(&[3, 4, 5], &[6, 9, 8, 7], &[1, 2]);
-        let (c, _) = t.pair_logprobs(&[&probe], None).unwrap();
-        let trained = c.to_vec1::<f32>().unwrap()[0] as f64;
-        let mut engine =
-            CpuEngine::load(&path, std::slice::from_ref(&out), None, &Device::Cpu).unwrap();
-        let seq = [3, 4, 5, 6, 9, 8, 7];
-        let lp = engine.teacher_forced(&seq).unwrap();
-        let loaded: f64 = (3..seq.len())
-            .map(|t| lp[1][t - 1][seq[t] as usize] as f64)
-            .sum();
-        let plain: f64 = (3..seq.len())
-            .map(|t| lp[0][t - 1][seq[t] as usize] as f64)
-            .sum();
+        assert_reloads_as_trained(&mut t, &path, &out, &format!("{dtype:?}"));
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Full fine-tuning
+// ---------------------------------------------------------------------------
+
+fn tiny_full_config(layers: usize) -> TrainConfig {
+    TrainConfig {
+        full: true,
+        ..tiny_train_config(layers)
+    }
+}
+
+#[test]
+fn full_gradients_match_finite_differences() {
+    let (path, _) = tiny_base("train-full-grad", 45);
+    let base = Checkpoint::open(&path).unwrap();
+    let out = temp_dir("train-full-grad-out");
+    let cfg = TrainConfig {
+        train_head: true,
+        ..tiny_full_config(1)
+    };
+    let mut t = Trainer::with_dtype(&base, cfg, &out, 32, DType::F64, &Device::Cpu).unwrap();
+    let full = t.arm().full_vars().to_vec();
+    // The top block's 9 weights, the final norm and the head; nothing of layer 0.
+    assert_eq!(
+        full.len(),
+        11,
+        "{:?}",
+        full.iter().map(|v| &v.0).collect::<Vec<_>>()
+    );
+    assert!(full.iter().all(|(n, _)| !n.starts_with("model.layers.0.")));
+    assert!(t.arm().lora_vars().is_empty());
+    let checked_names = [
+        "model.layers.1.self_attn.q_proj.weight",
+        "model.layers.1.self_attn.k_proj.weight",
+        "model.layers.1.mlp.down_proj.weight",
+        "model.layers.1.input_layernorm.weight",
+        "model.norm.weight",
+        "lm_head.weight",
+    ];
+    let vars: Vec<(String, candle_core::Var)> = full
+        .into_iter()
+        .filter(|(n, _)| checked_names.contains(&n.as_str()))
+        .collect();
+    assert_eq!(vars.len(), checked_names.len());
+    let checked = check_trainer_gradients(&mut t, &vars);
+    assert_eq!(checked, 3 * checked_names.len());
+}
+
+#[test]
+fn full_fine_tuning_learns_a_synthetic_preference() {
+    let cfg = TrainConfig {
+        lr: 3e-3,
+        epochs: 4,
+        beta_r: 0.5,
+        checkpoint_every: 1000,
+        ..tiny_full_config(usize::MAX)
+    };
+    let out = assert_learns_marker("train-full-learn", 46, 8, cfg, &ArmLabel::default());
+    assert!(out.join("model.safetensors").is_file() && !out.join("adapter_config.json").exists());
+}
+
+#[test]
+fn full_resumed_training_equals_uninterrupted() {
+    let cfg = TrainConfig {
+        lr: 2e-3,
+        epochs: 2,
+        checkpoint_every: 3,
+        train_head: true,
+        ..tiny_full_config(1)
+    };
+    let broken =
+        assert_resume_equals_uninterrupted("train-full-resume", 47, cfg, "model.safetensors");
+    // The weights and both AdamW moments of each of the 11 trained tensors.
+    let state =
+        candle_core::safetensors::load(broken.join("checkpoint/state.safetensors"), &Device::Cpu)
+            .unwrap();
+    assert!(state.contains_key("model.layers.1.mlp.up_proj.weight"));
+    assert_eq!(state.len(), 3 * 11);
+}
+
+#[test]
+fn full_model_dir_reloads_as_an_arm_with_the_trained_logprobs() {
+    let tiny = TinyConfig {
+        tie_word_embeddings: true,
+        ..TinyConfig::default()
+    };
+    let model = TinyModel::random(&tiny, 48);
+    let dir = temp_dir("train-full-roundtrip");
+    let path = dir.join("base.gguf");
+    model.write_gguf_with_tokens(
+        &path,
+        GgmlDType::F32,
+        Some(&char_vocabulary(tiny.vocab_size)),
+    );
+    let base = Checkpoint::open(&path).unwrap();
+    let out = dir.join("arm");
+    // A LoRA left from an earlier run would make loaders take the dir for an adapter.
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(out.join("adapter_config.json"), "{}").unwrap();
+    let (train, eval) = split_pairs(marker_pairs(48, 9, 4), 0.1, 3);
+    let cfg = TrainConfig {
+        lr: 5e-3,
+        train_head: true,
+        ..tiny_full_config(1)
+    };
+    let label = ArmLabel {
+        name: Some("full-marker".into()),
+        ..ArmLabel::default()
+    };
+    let mut t = Trainer::new(&base, cfg, &out, 32, &Device::Cpu).unwrap();
+    t.train(&train, &eval, &label, false, None, &mut |_| {})
+        .unwrap();
+    assert!(!out.join("adapter_config.json").exists());
+
+    // A standalone HF model: untied head (it trained; the embeddings did not), the
+    // base's tokenizer, genarm.json naming the base.
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["tie_word_embeddings"], false);
+    assert_eq!(config["torch_dtype"], "float32");
+    let weights =
+        candle_core::safetensors::load(out.join("model.safetensors"), &Device::Cpu).unwrap();
+    assert_eq!(weights.len(), 1 + 2 * 9 + 2);
+    let embed = weights["model.embed_tokens.weight"].flatten_all().unwrap();
+    assert_close(
+        &embed.to_vec1::<f32>().unwrap(),
+        model.get("model.embed_tokens.weight"),
+        1e-6,
+        0.0,
+        "embeddings stay the base's",
+    );
+    let info: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("genarm.json")).unwrap()).unwrap();
+    assert_eq!(info["name"], "full-marker");
+    assert!(info["base_model"].as_str().unwrap().ends_with("base.gguf"));
+    let arm = Checkpoint::open(&out).unwrap();
+    let (bt, at) = (
+        base.tokenizer.as_ref().unwrap(),
+        arm.tokenizer.as_ref().unwrap(),
+    );
+    genarm::model::tokenizer::same_vocabulary(bt, at).unwrap();
+    assert_eq!(
+        bt.encode("hi there", true).unwrap(),
+        at.encode("hi there", true).unwrap()
+    );
+
+    let trained = assert_reloads_as_trained(&mut t, &path, &out, "full");
+    let engine = CpuEngine::load(&path, std::slice::from_ref(&out), None, &Device::Cpu).unwrap();
+    assert_eq!(engine.arm_labels(), ["full-marker"]);
+
+    // BF16 output: half the bytes, the same ARM to BF16's precision.
+    t.out = dir.join("arm-bf16");
+    t.save_dtype = DType::BF16;
+    t.write_full_model(&label).unwrap();
+    let bf16 =
+        candle_core::safetensors::load(t.out.join("model.safetensors"), &Device::Cpu).unwrap();
+    assert!(bf16.values().all(|w| w.dtype() == DType::BF16));
+    let bf16_dir = t.out.clone();
+    let (_, loaded, _) = probe_reloaded(&mut t, &path, &bf16_dir);
+    assert!(
+        (trained - loaded).abs() < 0.1,
+        "trained {trained} vs BF16 {loaded}"
+    );
+}
+
+#[test]
+fn cli_full_trains_and_rejects_lora_flags() {
+    let tiny = TinyConfig::default();
+    let dir = temp_dir("train-full-cli");
+    let base = dir.join("base.gguf");
+    TinyModel::random(&tiny, 49).write_gguf_with_tokens(
+        &base,
+        GgmlDType::F32,
+        Some(&char_vocabulary(tiny.vocab_size)),
+    );
+    let data = dir.join("pairs.jsonl");
+    let lines: Vec<String> = (0..12)
+        .map(|i| {
+            format!(
+                r#"{{"prompt": "say {}", "chosen": "yes good", "rejected": "no bad {i}"}}"#,
+                ["a", "b", "c"][i % 3]
+            )
+        })
+        .collect();
+    std::fs::write(&data, lines.join("\n")).unwrap();
+    let out = dir.join("arm");
+    let (b, d, o) = (
+        base.to_str().unwrap(),
+        data.to_str().unwrap(),
+        out.to_str().unwrap(),
+    );
+    let train = |extra: &[&str]| {
+        let mut args = vec!["train", "--model", b, "--data", d, "--out", o];
+        args.extend_from_slice(extra);
+        genarm(&args)
+    };
+    for lora_flag in [
+        ["--lora-rank", "4"],
+        ["--lora-targets", "q,v"],
+        ["--lora-dropout", "0"],
+    ] {
+        let mut args = vec!["--full"];
+        args.extend_from_slice(&lora_flag);
+        assert_clean_error(&train(&args), "cannot be used with");
+    }
+    assert_clean_error(&train(&["--full", "--scalar-head"]), "cannot be used with");
+    assert_clean_error(&train(&["--train-head"]), "--full");
+    let run = train(&[
+        "--full",
+        "--layers",
+        "1",
+        "--train-head",
+        "--batch-size",
+        "4",
+        "--micro-batch",
+        "2",
+        "--warmup",
+        "1",
+        "--lr",
+        "1e-3",
+        "--eval-frac",
+        "0.25",
+    ]);
+    assert!(run.status.success(), "{}", stderr(&run));
+    let v = json(&genarm(&[
+        "logits", "--model", b, "--arm", o, "--tokens", "3,4,5", "--json",
+    ]));
+    assert_eq!(v["arms"].as_array().unwrap().len(), 1);
+
+    let help = stdout(&genarm(&["train", "--help"]));
+    for needle in [
+        "--full",
+        "--train-head",
+        "--save-dtype",
+        "--layers",
+        "standalone HF model",
+    ] {
         assert!(
-            (trained - loaded).abs() < 1e-3,
-            "{dtype:?}: trained {trained} vs reloaded {loaded}"
-        );
-        assert!(
-            (loaded - plain).abs() > 1e-3,
-            "{dtype:?}: the adapter changed nothing"
+            help.contains(needle),
+            "train --help lacks {needle:?}:\n{help}"
         );
     }
 }

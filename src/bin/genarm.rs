@@ -36,8 +36,9 @@ enum Command {
     Bench(BenchArgs),
     /// Write a PEFT LoRA adapter with random weights for a model (for timing and tests).
     InitLora(InitLoraArgs),
-    /// Train an ARM (LoRA) on preference pairs with the GenARM loss, or with
-    /// --scalar-head a conventional scalar reward model (Bradley–Terry loss).
+    /// Train an ARM (LoRA, or with --full all weights of its top layers) on preference
+    /// pairs with the GenARM loss, or with --scalar-head a conventional scalar reward
+    /// model (Bradley–Terry loss).
     Train(TrainArgs),
     /// Make synthetic preference pairs: sample K continuations per prompt, keep best/worst by a scorer.
     Prefs(PrefsArgs),
@@ -203,7 +204,8 @@ struct TrainArgs {
     /// trl, hh-rlhf, pku-better, pku-safer or ultrafeedback [default: detected from the first record].
     #[arg(long)]
     format: Option<String>,
-    /// Output directory: the PEFT adapter, genarm.json, train_log.jsonl and checkpoint/.
+    /// Output directory: the PEFT adapter (with --full an HF model), genarm.json,
+    /// train_log.jsonl and checkpoint/.
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
     /// Apply the model's chat template to prompts (needed for conversational data).
@@ -215,31 +217,51 @@ struct TrainArgs {
     /// Margin γ of the loss.
     #[arg(long, default_value_t = 0.0)]
     gamma: f64,
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, conflicts_with = "full")]
     lora_rank: usize,
-    #[arg(long, default_value_t = 16.0)]
+    #[arg(long, default_value_t = 16.0, conflicts_with = "full")]
     lora_alpha: f64,
-    #[arg(long, default_value_t = 0.05)]
+    #[arg(long, default_value_t = 0.05, conflicts_with = "full")]
     lora_dropout: f64,
     /// Projections with LoRA (short names).
-    #[arg(long, value_delimiter = ',', default_value = "q,k,v,o,gate,up,down")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "q,k,v,o,gate,up,down",
+        conflicts_with = "full"
+    )]
     lora_targets: Vec<String>,
-    /// LoRA on the top N layers only; the layers below stay frozen and run without
-    /// autograd on the fast kernels [default: all layers].
-    #[arg(long, value_name = "N")]
-    lora_layers: Option<usize>,
-    /// Full fine-tuning (not implemented yet: use LoRA).
+    /// Train the top N layers only (LoRA on them, or all their weights with --full); the
+    /// layers below stay frozen and run without autograd on the fast kernels
+    /// [default: all layers].
+    #[arg(long = "layers", visible_alias = "lora-layers", value_name = "N")]
+    layers: Option<usize>,
+    /// Full fine-tuning instead of LoRA: every weight of the top --layers N blocks
+    /// (projections, biases, norms) and the final norm trains, with AdamW moments for
+    /// each in the checkpoint (1-D weights get no weight decay). OUT becomes a standalone
+    /// HF model directory (config.json, model.safetensors with HF names and row order,
+    /// the base's tokenizer) that `--arm OUT` loads as an ARM of its own. The LoRA
+    /// flags do not apply.
     #[arg(long)]
     full: bool,
+    /// With --full, train the LM head too; a base with tied embeddings gets an untied
+    /// head (the input embeddings never train).
+    #[arg(long, requires = "full")]
+    train_head: bool,
+    /// With --full, the dtype of the saved weights: f32 (exactly what was trained) or
+    /// bf16 (half the size).
+    #[arg(long, value_name = "DTYPE", default_value = "f32", value_parser = ["f32", "bf16"], requires = "full")]
+    save_dtype: String,
     /// Train a conventional scalar reward model instead of an ARM: the same LoRA plus a
     /// linear head on the last token's final hidden state, loss −log σ(r(x,y_w) − r(x,y_l))
     /// (--beta-r and --gamma are unused). OUT gets score_head.safetensors next to the
     /// adapter and genarm.json says "kind": "scalar_reward_model"; use it with
-    /// `genarm eval --reward-model OUT`.
-    #[arg(long)]
+    /// `genarm eval --reward-model OUT`. LoRA only (not with --full).
+    #[arg(long, conflicts_with = "full")]
     scalar_head: bool,
-    #[arg(long, default_value_t = 5e-4)]
-    lr: f64,
+    /// Peak learning rate [default: 5e-4 for LoRA, 2e-5 with --full].
+    #[arg(long)]
+    lr: Option<f64>,
     #[arg(long, default_value_t = 1)]
     epochs: usize,
     /// Pairs per optimizer step.
@@ -282,7 +304,8 @@ struct TrainArgs {
     /// What the ARM prefers, in words.
     #[arg(long)]
     objective: Option<String>,
-    /// `base_model_name_or_path` written to adapter_config.json [default: the --model path].
+    /// `base_model_name_or_path` written to adapter_config.json (with --full `base_model`
+    /// in genarm.json) [default: the --model path].
     #[arg(long)]
     base_name: Option<String>,
 }
@@ -829,12 +852,14 @@ fn path_string(p: &Path) -> String {
         .to_string()
 }
 
+/// The default peak learning rates: LoRA's low-rank deltas start at zero and tolerate
+/// large steps; full fine-tuning moves pretrained weights and needs small ones.
+const DEFAULT_LORA_LR: f64 = 5e-4;
+const DEFAULT_FULL_LR: f64 = 2e-5;
+
 fn cmd_train(args: TrainArgs) -> Result<()> {
     use genarm::train::data::{read_pairs, tokenize_pair, LengthLimits, PrefFormat};
     use genarm::train::trainer::{split_pairs, ArmLabel, Event, TrainConfig, Trainer};
-    if args.full {
-        bail!("--full fine-tuning is not implemented yet; train a LoRA ARM (--lora-layers N)");
-    }
     let base = genarm::model::Checkpoint::open(&args.model)?;
     let tok = base
         .tokenizer
@@ -879,8 +904,12 @@ fn cmd_train(args: TrainArgs) -> Result<()> {
         lora_alpha: args.lora_alpha,
         lora_dropout: args.lora_dropout,
         lora_targets: targets,
-        lora_layers: args.lora_layers.unwrap_or(usize::MAX),
-        lr: args.lr,
+        lora_layers: args.layers.unwrap_or(usize::MAX),
+        lr: args.lr.unwrap_or(if args.full {
+            DEFAULT_FULL_LR
+        } else {
+            DEFAULT_LORA_LR
+        }),
         epochs: args.epochs,
         batch_size: args.batch_size,
         micro_batch: args.micro_batch,
@@ -892,6 +921,8 @@ fn cmd_train(args: TrainArgs) -> Result<()> {
         seed: args.seed,
         checkpoint_every: args.checkpoint_every,
         scalar_head: args.scalar_head,
+        full: args.full,
+        train_head: args.train_head,
     };
     let (train, eval) = split_pairs(tokenized, args.eval_frac, args.seed);
     eprintln!(
@@ -902,6 +933,9 @@ fn cmd_train(args: TrainArgs) -> Result<()> {
         eval.len()
     );
     let mut trainer = Trainer::new(&base, config, &args.out, max_len, &Device::Cpu)?;
+    if args.save_dtype == "bf16" {
+        trainer.save_dtype = candle_core::DType::BF16;
+    }
     let total = (train.len().div_ceil(args.batch_size) * args.epochs) as u64;
     let bar = progress_bar(total, "steps {msg}");
     let label = ArmLabel {

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::Device;
 
-use super::lora::LoraAdapter;
+use super::lora::{ArmInfo, LoraAdapter, ARM_INFO};
 use super::tokenizer::same_vocabulary;
 use super::Checkpoint;
 use crate::error::{Error, Result};
@@ -22,13 +22,23 @@ pub enum ArmPlan {
 }
 
 impl ArmPlan {
-    /// The slider label: `genarm.json`'s name, the adapter directory or the file stem.
+    /// The slider label: `genarm.json`'s name (next to an adapter, or in a fully tuned
+    /// model's directory), the adapter directory or the file stem.
     pub fn label(&self, path: &Path) -> String {
         match self {
             Self::SharedLora(adapter) | Self::LoraOn(adapter, _) => adapter.label(),
-            Self::Full(_) => file_label(path),
+            Self::Full(_) => full_info(path)
+                .and_then(|info| info.name)
+                .unwrap_or_else(|| file_label(path)),
         }
     }
+}
+
+/// `genarm.json` of a model directory, if it has a readable one (the browser has no
+/// files to read: there the label falls back to the name).
+fn full_info(path: &Path) -> Option<ArmInfo> {
+    let bytes = std::fs::read(path.join(ARM_INFO)).ok()?;
+    serde_json::from_slice(&bytes).ok()
 }
 
 fn file_label(path: &Path) -> String {

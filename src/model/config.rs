@@ -85,6 +85,48 @@ impl LlamaConfig {
             .collect()
     }
 
+    /// The HF `config.json` of this model with its weights in HF's row order: the RoPE
+    /// layout is always HF's half-split (a GGUF's interleaved Q/K rows must have been
+    /// un-permuted), and `tie_word_embeddings` is given because the writer decides
+    /// whether it saves an `lm_head`. `torch_dtype` names the saved weights' dtype.
+    pub fn to_hf_json(&self, tie_word_embeddings: bool, torch_dtype: &str) -> serde_json::Value {
+        let (model_type, architecture) = match self.arch {
+            Arch::Llama => ("llama", "LlamaForCausalLM"),
+            Arch::Mistral => ("mistral", "MistralForCausalLM"),
+            Arch::Qwen2 => ("qwen2", "Qwen2ForCausalLM"),
+        };
+        let rope_scaling = self.rope_scaling.as_ref().map(|s| {
+            serde_json::json!({
+                "rope_type": "llama3",
+                "factor": s.factor,
+                "low_freq_factor": s.low_freq_factor,
+                "high_freq_factor": s.high_freq_factor,
+                "original_max_position_embeddings": s.original_max_position_embeddings,
+            })
+        });
+        serde_json::json!({
+            "architectures": [architecture],
+            "model_type": model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": rope_scaling,
+            "rms_norm_eps": self.rms_norm_eps,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": tie_word_embeddings,
+            "attention_bias": self.attention_bias,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_ids,
+            "hidden_act": "silu",
+            "torch_dtype": torch_dtype,
+        })
+    }
+
     pub fn validate(&self, path: &Path) -> Result<()> {
         let check = |ok: bool, field: &str, msg: String| {
             if ok {
@@ -242,5 +284,35 @@ impl HfConfig {
         };
         cfg.validate(path)?;
         Ok(cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn runtime(json: &serde_json::Value) -> LlamaConfig {
+        let path = Path::new("config.json");
+        let bytes = serde_json::to_vec(json).unwrap();
+        HfConfig::from_json(&bytes, path)
+            .unwrap()
+            .into_runtime(path)
+            .unwrap()
+    }
+
+    #[test]
+    fn hf_json_round_trips() {
+        let cfg = runtime(&serde_json::json!({
+            "model_type": "qwen2", "vocab_size": 61, "hidden_size": 64,
+            "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "rope_theta": 5e5, "rms_norm_eps": 1e-5,
+            "rope_scaling": {"rope_type": "llama3", "factor": 32.0},
+            "max_position_embeddings": 96, "tie_word_embeddings": true,
+            "bos_token_id": 0, "eos_token_id": [1, 2],
+        }));
+        assert!(cfg.attention_bias && cfg.rope_scaling.is_some());
+        assert_eq!(runtime(&cfg.to_hf_json(true, "float32")), cfg);
+        let untied = runtime(&cfg.to_hf_json(false, "bfloat16"));
+        assert!(!untied.tie_word_embeddings);
     }
 }

@@ -170,6 +170,29 @@ impl TextTokenizer {
         )
     }
 
+    /// This tokenizer as the files of an HF model directory: `tokenizer.json` and a
+    /// `tokenizer_config.json` with what `from_bytes` reads back (chat template, BOS,
+    /// first EOS, padding token, `add_bos_token`). A GGUF's embedded tokenizer is
+    /// exported this way; the turn-end EOS ids follow again from the chat template.
+    pub fn to_hf_files(&self) -> Result<(Vec<u8>, Vec<u8>)> {
+        let tokenizer_json = self
+            .inner
+            .to_string(false)
+            .map_err(|e| Error::Tokenizer(format!("cannot serialise the tokenizer: {e}")))?;
+        let token = |id: Option<u32>| id.and_then(|id| self.token_str(id));
+        let config = serde_json::json!({
+            "chat_template": self.chat_template,
+            "add_bos_token": self.add_bos,
+            "bos_token": token(self.bos_id),
+            "eos_token": token(self.eos_ids.first().copied()),
+            "pad_token": token(self.pad_id),
+        });
+        Ok((
+            tokenizer_json.into_bytes(),
+            serde_json::to_vec_pretty(&config)?,
+        ))
+    }
+
     /// `from_bytes` with the paths to name in errors.
     fn parse(
         tokenizer_json: &[u8],

@@ -1,10 +1,12 @@
-//! An ARM being trained: the frozen base with LoRA on its top layers.
+//! An ARM being trained: the frozen base with LoRA on its top layers, or (full
+//! fine-tuning) with every weight of its top layers trainable.
 //!
-//! The layers below the first LoRA get no gradient, so they run on the inference engine
-//! (quantized kernels, no autograd) and only the top `lora_layers` blocks, the final
+//! The layers below the first trainable one get no gradient, so they run on the
+//! inference engine (quantized kernels, no autograd) and only the top blocks, the final
 //! norm and the head go through candle's autograd, in f32 (or f64 for gradient checks).
 //! Those top blocks are built in HF's row order (GGUF Q/K rows un-permuted, half-split
-//! RoPE), so the trained LoRA is saved in PEFT's layout as is.
+//! RoPE), so the trained LoRA is saved in PEFT's layout, and fully tuned weights under
+//! their HF names, as they are.
 
 use candle_core::{DType, Device, Tensor, Var, D};
 
@@ -13,6 +15,7 @@ use crate::error::{Error, Result};
 use crate::guide::uniform;
 use crate::model::config::{LlamaConfig, RopeLayout};
 use crate::model::lora::TARGETS;
+use crate::model::weights::WeightSource;
 use crate::model::Checkpoint;
 
 /// Which parts of the model get LoRA, and how.
@@ -34,7 +37,29 @@ impl LoraSpec {
     }
 }
 
-/// A frozen projection with an optional trainable low-rank delta.
+/// What the optimizer trains.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Tuning {
+    /// Low-rank deltas on the frozen weights of the top layers.
+    Lora(LoraSpec),
+    /// Every weight of the top `layers` blocks (projections, their biases, both norms)
+    /// and the final norm; with `train_head` also the LM head (a tied base's head is
+    /// trained as a copy: the input embeddings stay frozen).
+    Full { layers: usize, train_head: bool },
+}
+
+impl Tuning {
+    /// How many of the top layers train (all layers when ≥ the model's depth).
+    pub fn layers(&self) -> usize {
+        match self {
+            Self::Lora(spec) => spec.layers,
+            Self::Full { layers, .. } => *layers,
+        }
+    }
+}
+
+/// A projection (frozen, or a trainable var's tensor in full fine-tuning) with an
+/// optional trainable low-rank delta.
 struct TrainLinear {
     weight: Tensor,
     bias: Option<Tensor>,
@@ -79,7 +104,10 @@ pub struct TrainableArm {
     norm: Tensor,
     head: Tensor,
     lora: Vec<LoraVars>,
-    spec: LoraSpec,
+    /// Full fine-tuning's parameters under their HF tensor names (empty for LoRA); the
+    /// forward pass uses the vars' own tensors, so an update is seen at once.
+    full: Vec<(String, Var)>,
+    tuning: Tuning,
     cos: Tensor,
     sin: Tensor,
     dtype: DType,
@@ -87,63 +115,59 @@ pub struct TrainableArm {
 }
 
 impl TrainableArm {
-    /// Builds the ARM on `base` with fresh LoRA weights (A Kaiming-uniform, B zero, as in
-    /// PEFT). `max_len` bounds the sequences it will see.
+    /// Builds the ARM on `base`: fresh LoRA weights (A Kaiming-uniform, B zero, as in
+    /// PEFT), or for full fine-tuning the base's own weights as trainable vars.
+    /// `max_len` bounds the sequences it will see.
     pub fn new(
         base: &Checkpoint,
-        spec: &LoraSpec,
+        tuning: &Tuning,
         max_len: usize,
         seed: u64,
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
         let cfg = base.config.clone();
-        if spec.rank == 0 {
-            return Err(Error::Request("LoRA rank must be ≥ 1".into()));
+        let (lora_spec, train_head) = match tuning {
+            Tuning::Lora(spec) => (Some(spec), false),
+            Tuning::Full { train_head, .. } => (None, *train_head),
+        };
+        if let Some(spec) = lora_spec {
+            validate_lora(spec)?;
         }
-        for t in &spec.targets {
-            if !TARGETS.contains(&t.as_str()) {
-                return Err(Error::Request(format!(
-                    "unknown LoRA target `{t}` (valid: {})",
-                    TARGETS.join(", ")
-                )));
-            }
-        }
-        let n_top = spec.layers.clamp(1, cfg.num_layers);
+        let n_top = tuning.layers().clamp(1, cfg.num_layers);
         let first = cfg.num_layers - n_top;
         let prefix = Llama::load(base.source.as_ref(), &cfg, &[None], max_len, device)?;
         let src = base.source.as_ref();
-        let dense = |name: &str| -> Result<Tensor> {
-            Ok(src.load(name, device)?.dense(device)?.to_dtype(dtype)?)
+        let mut full = Vec::new();
+        // A weight in HF order, as a trainable var (full fine-tuning) or a constant.
+        let mut weight = |name: &str, trainable: bool| -> Result<Tensor> {
+            let t = load_hf_order(src, &cfg, name, device)?.to_dtype(dtype)?;
+            if !trainable {
+                return Ok(t);
+            }
+            let var = Var::from_tensor(&t)?;
+            let t = var.as_tensor().clone();
+            full.push((name.to_string(), var));
+            Ok(t)
         };
+        let in_full = lora_spec.is_none();
         let mut counter = 0u64;
         let mut lora = Vec::new();
         let mut top = Vec::with_capacity(n_top);
-        let hd = cfg.head_dim;
         for layer in first..cfg.num_layers {
             let p = format!("model.layers.{layer}");
-            let mut linear =
-                |kind: &str, name: &str, qk_heads: Option<usize>| -> Result<TrainLinear> {
-                    let module = format!("{p}.{kind}.{name}");
-                    let mut weight = dense(&format!("{module}.weight"))?;
-                    let mut bias = if src.contains(&format!("{module}.bias")) {
-                        Some(dense(&format!("{module}.bias"))?)
-                    } else {
-                        None
-                    };
-                    if let (Some(heads), RopeLayout::Interleaved) = (qk_heads, cfg.rope_layout) {
-                        weight = unpermute_interleaved_rows(&weight, heads, hd)?;
-                        bias = bias
-                            .map(|b| -> Result<Tensor> {
-                                unpermute_interleaved_rows(&b.unsqueeze(1)?, heads, hd)?
-                                    .squeeze(1)
-                                    .map_err(Error::from)
-                            })
-                            .transpose()?;
-                    }
-                    let lora_here = spec.targets.iter().any(|t| t == name);
-                    let vars = if lora_here {
-                        let (out, inp) = weight.dims2()?;
+            let mut linear = |kind: &str, name: &str| -> Result<TrainLinear> {
+                let module = format!("{p}.{kind}.{name}");
+                let w = weight(&format!("{module}.weight"), in_full)?;
+                let bias_name = format!("{module}.bias");
+                let bias = if src.contains(&bias_name) {
+                    Some(weight(&bias_name, in_full)?)
+                } else {
+                    None
+                };
+                let vars = match lora_spec {
+                    Some(spec) if spec.targets.iter().any(|t| t == name) => {
+                        let (out, inp) = w.dims2()?;
                         let bound = 1.0 / (inp as f64).sqrt();
                         let a: Vec<f64> = (0..spec.rank * inp)
                             .map(|_| {
@@ -160,35 +184,51 @@ impl TrainableArm {
                         };
                         lora.push(vars.clone());
                         Some(vars)
-                    } else {
-                        None
-                    };
-                    Ok(TrainLinear {
-                        weight,
-                        bias,
-                        lora: vars,
-                    })
+                    }
+                    _ => None,
                 };
-            let block = TopBlock {
-                q: linear("self_attn", "q_proj", Some(cfg.num_heads))?,
-                k: linear("self_attn", "k_proj", Some(cfg.num_kv_heads))?,
-                v: linear("self_attn", "v_proj", None)?,
-                o: linear("self_attn", "o_proj", None)?,
-                gate: linear("mlp", "gate_proj", None)?,
-                up: linear("mlp", "up_proj", None)?,
-                down: linear("mlp", "down_proj", None)?,
-                input_norm: dense(&format!("{p}.input_layernorm.weight"))?,
-                post_norm: dense(&format!("{p}.post_attention_layernorm.weight"))?,
+                Ok(TrainLinear {
+                    weight: w,
+                    bias,
+                    lora: vars,
+                })
             };
-            top.push(block);
+            let (q, k, v, o) = (
+                linear("self_attn", "q_proj")?,
+                linear("self_attn", "k_proj")?,
+                linear("self_attn", "v_proj")?,
+                linear("self_attn", "o_proj")?,
+            );
+            let (gate, up, down) = (
+                linear("mlp", "gate_proj")?,
+                linear("mlp", "up_proj")?,
+                linear("mlp", "down_proj")?,
+            );
+            top.push(TopBlock {
+                q,
+                k,
+                v,
+                o,
+                gate,
+                up,
+                down,
+                input_norm: weight(&format!("{p}.input_layernorm.weight"), in_full)?,
+                post_norm: weight(&format!("{p}.post_attention_layernorm.weight"), in_full)?,
+            });
         }
-        let head_name = if src.contains("lm_head.weight") {
-            "lm_head.weight"
+        let norm = weight("model.norm.weight", in_full)?;
+        let head = if src.contains("lm_head.weight") {
+            weight("lm_head.weight", train_head)?
+        } else if train_head {
+            // Tied: the head trains as a copy of the embeddings, saved as `lm_head`.
+            let t =
+                load_hf_order(src, &cfg, "model.embed_tokens.weight", device)?.to_dtype(dtype)?;
+            let var = Var::from_tensor(&t)?;
+            full.push(("lm_head.weight".to_string(), var.clone()));
+            var.as_tensor().clone()
         } else {
-            "model.embed_tokens.weight"
+            weight("model.embed_tokens.weight", false)?
         };
-        let head = dense(head_name)?;
-        let norm = dense("model.norm.weight")?;
         let (cos, sin) = rope_tables(&cfg, max_len, dtype, device)?;
         Ok(Self {
             cfg,
@@ -198,7 +238,8 @@ impl TrainableArm {
             norm,
             head,
             lora,
-            spec: spec.clone(),
+            full,
+            tuning: tuning.clone(),
             cos,
             sin,
             dtype,
@@ -210,12 +251,12 @@ impl TrainableArm {
         &self.cfg
     }
 
-    pub fn spec(&self) -> &LoraSpec {
-        &self.spec
+    pub fn tuning(&self) -> &Tuning {
+        &self.tuning
     }
 
-    /// The layer indices that carry LoRA.
-    pub fn lora_layers(&self) -> std::ops::Range<usize> {
+    /// The layer indices that train (carry LoRA, or are fully tuned).
+    pub fn trainable_layers(&self) -> std::ops::Range<usize> {
         self.first_trainable..self.cfg.num_layers
     }
 
@@ -223,11 +264,26 @@ impl TrainableArm {
         &self.lora
     }
 
+    /// Full fine-tuning's parameters by HF tensor name (empty for LoRA).
+    pub fn full_vars(&self) -> &[(String, Var)] {
+        &self.full
+    }
+
+    /// Every trainable var under the name it is saved as: PEFT's
+    /// `base_model.model.<module>.lora_{A,B}.weight` for LoRA, the HF tensor name for
+    /// full fine-tuning. The order is fixed (the optimizer's moments follow it).
+    pub fn named_vars(&self) -> Vec<(String, Var)> {
+        let mut named = self.full.clone();
+        for l in &self.lora {
+            let prefix = format!("base_model.model.{}", l.module);
+            named.push((format!("{prefix}.lora_A.weight"), l.a.clone()));
+            named.push((format!("{prefix}.lora_B.weight"), l.b.clone()));
+        }
+        named
+    }
+
     pub fn vars(&self) -> Vec<Var> {
-        self.lora
-            .iter()
-            .flat_map(|l| [l.a.clone(), l.b.clone()])
-            .collect()
+        self.named_vars().into_iter().map(|(_, v)| v).collect()
     }
 
     /// Per-sequence sums of `log π(token_{t+1} | ≤ t)` over response tokens: sequence
@@ -378,21 +434,20 @@ impl TrainableArm {
         if let Some(b) = &l.bias {
             y = y.broadcast_add(b)?;
         }
-        if let Some(vars) = &l.lora {
+        if let (Some(vars), Tuning::Lora(spec)) = (&l.lora, &self.tuning) {
             let input = match key {
-                Some((k, slot)) if self.spec.dropout > 0.0 => self.dropout(x, k, slot)?,
+                Some((k, slot)) if spec.dropout > 0.0 => self.dropout(x, spec.dropout, k, slot)?,
                 _ => x.clone(),
             };
             let low = input.broadcast_matmul(&vars.a.as_tensor().t()?)?;
             let delta = low.broadcast_matmul(&vars.b.as_tensor().t()?)?;
-            y = (y + (delta * self.spec.scale())?)?;
+            y = (y + (delta * spec.scale())?)?;
         }
         Ok(y)
     }
 
     /// Inverted dropout with a mask drawn from the counter-based generator.
-    fn dropout(&self, x: &Tensor, key: DropoutKey, slot: usize) -> Result<Tensor> {
-        let p = self.spec.dropout;
+    fn dropout(&self, x: &Tensor, p: f64, key: DropoutKey, slot: usize) -> Result<Tensor> {
         let stream = key
             .seed
             .wrapping_mul(0x9E37_79B9_7F4A_7C15)
@@ -406,6 +461,47 @@ impl TrainableArm {
         let mask = Tensor::from_vec(mask, x.shape(), &self.device)?.to_dtype(self.dtype)?;
         Ok((x * mask)?)
     }
+}
+
+fn validate_lora(spec: &LoraSpec) -> Result<()> {
+    if spec.rank == 0 {
+        return Err(Error::Request("LoRA rank must be ≥ 1".into()));
+    }
+    for t in &spec.targets {
+        if !TARGETS.contains(&t.as_str()) {
+            return Err(Error::Request(format!(
+                "unknown LoRA target `{t}` (valid: {})",
+                TARGETS.join(", ")
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// A tensor of `src` as dense f32 in HF's row order: a GGUF's interleaved-RoPE Q/K
+/// projections (weights and biases) are un-permuted back to HF's half-split rows.
+pub fn load_hf_order(
+    src: &dyn WeightSource,
+    cfg: &LlamaConfig,
+    name: &str,
+    device: &Device,
+) -> Result<Tensor> {
+    let t = src.load(name, device)?.dense(device)?;
+    let heads = if name.contains(".self_attn.q_proj.") {
+        cfg.num_heads
+    } else if name.contains(".self_attn.k_proj.") {
+        cfg.num_kv_heads
+    } else {
+        return Ok(t);
+    };
+    if cfg.rope_layout != RopeLayout::Interleaved {
+        return Ok(t);
+    }
+    if t.rank() == 1 {
+        let rows = unpermute_interleaved_rows(&t.unsqueeze(1)?, heads, cfg.head_dim)?;
+        return Ok(rows.squeeze(1)?);
+    }
+    unpermute_interleaved_rows(&t, heads, cfg.head_dim)
 }
 
 /// `[b, n_kv, t, d]` → `[b, n_kv·n_rep, t, d]`, each KV head repeated for its query group.

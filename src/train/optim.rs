@@ -53,6 +53,9 @@ pub struct AdamW {
     pub beta2: f64,
     pub eps: f64,
     pub weight_decay: f64,
+    /// Which vars decay: the matrices; 1-D vars (norm weights, biases) do not, as in
+    /// HF's trainer — decaying an RMSNorm gain towards zero only shrinks activations.
+    pub decays: Vec<bool>,
 }
 
 impl AdamW {
@@ -65,7 +68,9 @@ impl AdamW {
             .iter()
             .map(|v| v.zeros_like())
             .collect::<candle_core::Result<Vec<_>>>()?;
+        let decays = vars.iter().map(|v| v.rank() >= 2).collect();
         Ok(Self {
+            decays,
             vars,
             m,
             v,
@@ -89,7 +94,12 @@ impl AdamW {
             let m_hat = (&self.m[i] / bc1)?;
             let v_hat = (&self.v[i] / bc2)?;
             let update = (m_hat / (v_hat.sqrt()? + self.eps)?)?;
-            let decayed = (var.as_tensor() * (1.0 - lr * self.weight_decay))?;
+            let decay = if self.decays[i] {
+                self.weight_decay
+            } else {
+                0.0
+            };
+            let decayed = (var.as_tensor() * (1.0 - lr * decay))?;
             var.set(&(decayed - (update * lr)?)?)?;
         }
         Ok(())

@@ -12,7 +12,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 use web_time::Instant;
 
-use super::arm::{DropoutKey, LoraSpec, TrainableArm};
+use super::arm::{DropoutKey, LoraSpec, TrainableArm, Tuning};
 use super::data::TokenizedPair;
 use super::loss::{bradley_terry_loss, bradley_terry_loss_f64, genarm_loss, genarm_loss_f64};
 use super::optim::{accumulate, clip_grad_norm, collect_grads, learning_rate, AdamW, Schedule};
@@ -51,6 +51,14 @@ pub struct TrainConfig {
     /// hidden state, Bradley–Terry loss) instead of an ARM; β_r and γ are then unused.
     #[serde(default)]
     pub scalar_head: bool,
+    /// Full fine-tuning: every weight of the top `lora_layers` blocks and the final norm
+    /// trains (the `lora_*` settings are unused) and the output is a standalone HF model
+    /// directory rather than a LoRA adapter.
+    #[serde(default)]
+    pub full: bool,
+    /// With `full`, the LM head trains too (a tied base's head becomes an untied copy).
+    #[serde(default)]
+    pub train_head: bool,
 }
 
 impl Default for TrainConfig {
@@ -78,6 +86,8 @@ impl Default for TrainConfig {
             seed: 0,
             checkpoint_every: 10,
             scalar_head: false,
+            full: false,
+            train_head: false,
         }
     }
 }
@@ -181,6 +191,9 @@ pub struct Trainer {
     /// The scalar head when training a reward model rather than an ARM.
     head: Option<ScoreHead>,
     base_path: PathBuf,
+    /// The dtype of a fully tuned model's saved weights (F32 or BF16); LoRA adapters
+    /// are always saved in F32.
+    pub save_dtype: DType,
 }
 
 impl Trainer {
@@ -211,14 +224,33 @@ impl Trainer {
             .schedule
             .parse::<Schedule>()
             .map_err(Error::Request)?;
-        let spec = LoraSpec {
-            rank: config.lora_rank,
-            alpha: config.lora_alpha,
-            dropout: config.lora_dropout,
-            targets: config.lora_targets.clone(),
-            layers: config.lora_layers,
+        if config.full && config.scalar_head {
+            return Err(Error::Request(
+                "full fine-tuning of a scalar reward model is not supported; train it as a \
+                 LoRA (drop --full)"
+                    .into(),
+            ));
+        }
+        if config.train_head && !config.full {
+            return Err(Error::Request(
+                "training the LM head needs full fine-tuning (--full)".into(),
+            ));
+        }
+        let tuning = if config.full {
+            Tuning::Full {
+                layers: config.lora_layers,
+                train_head: config.train_head,
+            }
+        } else {
+            Tuning::Lora(LoraSpec {
+                rank: config.lora_rank,
+                alpha: config.lora_alpha,
+                dropout: config.lora_dropout,
+                targets: config.lora_targets.clone(),
+                layers: config.lora_layers,
+            })
         };
-        let arm = TrainableArm::new(base, &spec, max_len, config.seed, dtype, device)?;
+        let arm = TrainableArm::new(base, &tuning, max_len, config.seed, dtype, device)?;
         let head = config
             .scalar_head
             .then(|| ScoreHead::new(arm.config().hidden_size, config.seed, dtype, device))
@@ -230,6 +262,7 @@ impl Trainer {
             arm,
             head,
             base_path: base.path.clone(),
+            save_dtype: DType::F32,
         })
     }
 
@@ -242,7 +275,8 @@ impl Trainer {
         self.head.as_ref()
     }
 
-    /// Everything the optimizer updates: the LoRA pairs, then the head if any.
+    /// Everything the optimizer updates: the LoRA pairs (or fully tuned weights), then
+    /// the head if any.
     fn trainable_vars(&self) -> Vec<candle_core::Var> {
         let mut vars = self.arm.vars();
         vars.extend(self.head.as_ref().map(|h| h.weight.clone()));
@@ -444,7 +478,11 @@ impl Trainer {
                 on_event(Event::Checkpoint(done));
             }
         }
-        self.write_adapter(label)?;
+        if self.config.full {
+            self.write_full_model(label)?;
+        } else {
+            self.write_adapter(label)?;
+        }
         Ok(TrainSummary {
             steps: stop_at,
             train_pairs: train.len(),
@@ -464,19 +502,12 @@ impl Trainer {
         writeln!(f, "{}", serde_json::to_string(entry)?).map_err(|e| Error::io(&path, e))
     }
 
-    /// The LoRA weights under PEFT's names.
-    fn lora_tensors(&self) -> Result<HashMap<String, Tensor>> {
+    /// The trained weights under their saved names (PEFT's for LoRA, HF's for full
+    /// fine-tuning), in `dtype`.
+    fn trained_tensors(&self, dtype: DType) -> Result<HashMap<String, Tensor>> {
         let mut map = HashMap::new();
-        for l in self.arm.lora_vars() {
-            let prefix = format!("base_model.model.{}", l.module);
-            map.insert(
-                format!("{prefix}.lora_A.weight"),
-                l.a.as_tensor().to_dtype(DType::F32)?,
-            );
-            map.insert(
-                format!("{prefix}.lora_B.weight"),
-                l.b.as_tensor().to_dtype(DType::F32)?,
-            );
+        for (name, var) in self.arm.named_vars() {
+            map.insert(name, var.as_tensor().to_dtype(dtype)?);
         }
         Ok(map)
     }
@@ -498,16 +529,8 @@ impl Trainer {
     /// `"kind": "scalar_reward_model"`.
     pub fn write_adapter(&self, label: &ArmLabel) -> Result<()> {
         let cfg = &self.config;
-        let layers: Vec<usize> = self.arm.lora_layers().collect();
-        let base = match &label.base_name {
-            Some(name) => name.clone(),
-            None => self
-                .base_path
-                .canonicalize()
-                .unwrap_or_else(|_| self.base_path.clone())
-                .display()
-                .to_string(),
-        };
+        let layers: Vec<usize> = self.arm.trainable_layers().collect();
+        let base = self.base_name(label);
         let config = serde_json::json!({
             "peft_type": "LORA",
             "task_type": "CAUSAL_LM",
@@ -522,7 +545,10 @@ impl Trainer {
             "use_rslora": false,
             "inference_mode": true,
         });
-        save_safetensors_atomic(&self.lora_tensors()?, &self.out.join(ADAPTER_WEIGHTS))?;
+        save_safetensors_atomic(
+            &self.trained_tensors(DType::F32)?,
+            &self.out.join(ADAPTER_WEIGHTS),
+        )?;
         if self.head.is_some() {
             save_safetensors_atomic(&self.head_tensors()?, &self.out.join(SCORE_HEAD_WEIGHTS))?;
         }
@@ -530,6 +556,24 @@ impl Trainer {
             &self.out.join(ADAPTER_CONFIG),
             serde_json::to_string_pretty(&config)?.as_bytes(),
         )?;
+        self.write_info(label, None)
+    }
+
+    /// `base_model_name_or_path`: the label's base name, else the base's full path.
+    fn base_name(&self, label: &ArmLabel) -> String {
+        match &label.base_name {
+            Some(name) => name.clone(),
+            None => self
+                .base_path
+                .canonicalize()
+                .unwrap_or_else(|_| self.base_path.clone())
+                .display()
+                .to_string(),
+        }
+    }
+
+    fn write_info(&self, label: &ArmLabel, base_model: Option<String>) -> Result<()> {
+        let cfg = &self.config;
         let info = ArmInfo {
             name: label.name.clone(),
             objective: label.objective.clone(),
@@ -540,10 +584,26 @@ impl Trainer {
                 AdapterKind::Arm
             },
         };
+        let mut json = serde_json::to_value(&info)?;
+        if let Some(base) = base_model {
+            // Only fully tuned ARMs carry it (a LoRA names its base in its config);
+            // readers of `ArmInfo` ignore it.
+            json["base_model"] = base.into();
+        }
         write_atomic(
             &self.out.join(ARM_INFO),
-            serde_json::to_string_pretty(&info)?.as_bytes(),
+            serde_json::to_string_pretty(&json)?.as_bytes(),
         )
+    }
+
+    /// Writes the fully tuned ARM as a standalone HF model directory (see
+    /// `super::full::write_model_dir`) plus `genarm.json`, whose `base_model` records
+    /// the checkpoint it was tuned from.
+    pub fn write_full_model(&self, label: &ArmLabel) -> Result<()> {
+        let base = Checkpoint::open(&self.base_path)?;
+        let trained = self.trained_tensors(self.save_dtype)?;
+        super::full::write_model_dir(&base, &trained, &self.out, self.save_dtype)?;
+        self.write_info(label, Some(self.base_name(label)))
     }
 
     /// Writes `checkpoint.tmp/` then swaps it in for `checkpoint/`, so a kill at any
@@ -554,7 +614,7 @@ impl Trainer {
         let old = self.out.join(format!("{CHECKPOINT}.old"));
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        let mut tensors = self.lora_tensors()?;
+        let mut tensors = self.trained_tensors(DType::F32)?;
         tensors.extend(self.head_tensors()?);
         for (i, (m, v)) in opt.m.iter().zip(&opt.v).enumerate() {
             tensors.insert(format!("adam.m.{i}"), m.clone());
@@ -578,7 +638,7 @@ impl Trainer {
         Ok(())
     }
 
-    /// Restores LoRA weights and optimizer state; `None` when there is no checkpoint.
+    /// Restores the trained weights and optimizer state; `None` when there is no checkpoint.
     fn load_checkpoint(&mut self, opt: &mut AdamW, train_pairs: usize) -> Result<Option<usize>> {
         let mut dir = self.out.join(CHECKPOINT);
         if !dir.join("state.json").is_file() {
@@ -614,19 +674,8 @@ impl Trainer {
             .first()
             .map(|v| v.device().clone())
             .unwrap_or(Device::Cpu);
-        for l in self.arm.lora_vars() {
-            let prefix = format!("base_model.model.{}", l.module);
-            let dtype = l.a.dtype();
-            l.a.set(
-                &get(&format!("{prefix}.lora_A.weight"))?
-                    .to_dtype(dtype)?
-                    .to_device(&device)?,
-            )?;
-            l.b.set(
-                &get(&format!("{prefix}.lora_B.weight"))?
-                    .to_dtype(dtype)?
-                    .to_device(&device)?,
-            )?;
+        for (name, var) in self.arm.named_vars() {
+            var.set(&get(&name)?.to_dtype(var.dtype())?.to_device(&device)?)?;
         }
         if let Some(h) = &self.head {
             let w = get(SCORE_HEAD_TENSOR)?;

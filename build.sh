@@ -275,7 +275,8 @@ bench() {
 }
 
 # Rebuilds the demo ARMs from scratch (positive: ~20 min of data synthesis and ~15 min of
-# training on 2 cores; concise: ~50 + 20 min; never run by CI). Interrupted steps resume
+# training on 2 cores, its scalar reward model ~15 min and the evaluation ~25 min;
+# concise: ~50 + 20 min; never run by CI). Interrupted steps resume
 # where they stopped.
 train_demo_arms() {
   fetch_model
@@ -292,9 +293,17 @@ train_demo_arms() {
     --eval-frac 0.05 --max-prompt-len 32 --max-len 64 --seed 1 --resume --name positive \
     --objective "positive sentiment (VADER valence of the continuation)" \
     --base-name HuggingFaceTB/SmolLM2-135M-Instruct
+  # The conventional scalar reward model on the same pairs, then GenARM against best-of-N
+  # and ARGS (docs/evaluation.md; the README's baseline table).
+  $bin train --scalar-head --model "$DEMO_MODEL" --data "$dir/positive-pairs.jsonl" --out "$dir/rm-positive" \
+    --lora-layers 6 --lr 1e-3 --batch-size 16 --micro-batch 8 --warmup 10 \
+    --eval-frac 0.05 --max-prompt-len 32 --max-len 64 --seed 1 --resume --name positive-rm \
+    --objective "positive sentiment (VADER valence), scalar reward model" \
+    --base-name HuggingFaceTB/SmolLM2-135M-Instruct
   $bin eval --model "$DEMO_MODEL" --arm www/arms/positive --prompts "$dir/sent-eval.txt" --limit 120 \
     --scorer sentiment --scorer sentiment-afinn --alphas 0,0.5,1,2 --max-new-tokens 24 --seed 7 \
-    --data-dir "$DATA_DIR" --out "$dir/eval-positive"
+    --data-dir "$DATA_DIR" --reward-model "$dir/rm-positive" --baseline bon:4 --baseline bon:16 \
+    --baseline args:10:1 --baseline args:10:3 --out "$dir/eval-positive"
   # The second objective: shorter complete answers (about 50 min of sampling on 2 cores).
   [ -s "$dir/concise-pairs.jsonl" ] || $bin prefs --model "$DEMO_MODEL" --prompts "$dir/sent-train.txt" \
     --chat --template "Complete this sentence: {}" --samples 4 --scorer concise --max-new-tokens 40 \

@@ -237,9 +237,11 @@ serve() {
 # build every integration test and the CLI for wasm32, which are native-only.
 test_web() {
   log "browser tests of the wasm API (tests/web/, headless Chromium with WebGPU)"
-  # webdriver.json turns WebGPU on; Debian's chromedriver, never a downloaded one.
+  # webdriver.json turns WebGPU on; Debian's chromedriver, never a downloaded one. The
+  # browser tests are unit tests of the lib (src/web.rs, src/gpu, src/cpu/quant.rs):
+  # `--lib` skips building the native-only CLI and integration tests for wasm32.
   WASM_BINDGEN_TEST_TIMEOUT=600 \
-    wasm-pack test --headless --chrome --chromedriver "$(command -v chromedriver)" --release
+    wasm-pack test --headless --chrome --chromedriver "$(command -v chromedriver)" --release --lib
   web
   log "playground end-to-end (tests/e2e/playground.mjs; screenshot in artifacts/)"
   node tests/e2e/playground.mjs

@@ -132,9 +132,14 @@ impl Sampler {
     /// The uniform number of the next draw, counted (a device sampler takes it from
     /// here so that its draws follow the same seed sequence).
     pub fn next_uniform(&mut self) -> f64 {
-        let u = uniform(self.params.seed, self.draws);
+        let u = self.peek_uniform();
         self.draws += 1;
         u
+    }
+
+    /// The uniform number of the next draw, not counted (for work that may be discarded).
+    pub fn peek_uniform(&self) -> f64 {
+        uniform(self.params.seed, self.draws)
     }
 
     /// Picks the next token from guided scores (see `combine`).

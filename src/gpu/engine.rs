@@ -57,6 +57,8 @@ pub struct GpuEngine {
     chosen: wgpu::Buffer,
     /// Two readback buffers: one for the step being read, one for the step in flight.
     chosen_staging: [wgpu::Buffer; 2],
+    /// Every model's logits rows, for `step` (built once, not per call).
+    logits_staging: wgpu::Buffer,
     /// The position word of a speculative step, copied into `cur`.
     next_pos: wgpu::Buffer,
     speculative: Option<Speculative>,
@@ -199,6 +201,8 @@ impl GpuEngine {
         let chosen_staging =
             [0, 1].map(|_| readback_buffer(&ctx, "chosen readback", chosen.size()));
         let next_pos = storage_u32(&ctx, "next pos", &[0]);
+        let logits_size = (logits_floats(&groups) * 4) as u64;
+        let logits_staging = readback_buffer(&ctx, "logits readback", logits_size);
         ctx.check_lost().map_err(|e| {
             gpu_error(format!(
                 "loading {} onto `{}`: {e}",
@@ -221,6 +225,7 @@ impl GpuEngine {
             knobs,
             chosen,
             chosen_staging,
+            logits_staging,
             next_pos,
             speculative: None,
             last_chosen: None,
@@ -313,10 +318,7 @@ impl GpuEngine {
 
     /// Floats of one position's logits over all groups.
     fn logits_floats(&self) -> usize {
-        self.groups
-            .iter()
-            .map(|g| g.rows() * g.config().vocab_size)
-            .sum()
+        logits_floats(&self.groups)
     }
 
     /// Log-probs per model (base, then ARMs; cut to the base vocabulary) from one
@@ -360,8 +362,17 @@ impl GpuEngine {
         if sampler.params().greedy {
             0.0
         } else {
-            sampler.clone().next_uniform()
+            sampler.peek_uniform()
         }
+    }
+
+    /// The uniform number of the next pick, counted (greedy picks draw none).
+    fn take_uniform(sampler: &mut Sampler) -> f64 {
+        let u = Self::peek_uniform(sampler);
+        if !sampler.params().greedy {
+            sampler.next_uniform();
+        }
+        u
     }
 
     /// Encodes the pick after a forward pass: normalisers, other groups' rows into the
@@ -451,9 +462,7 @@ impl GpuEngine {
                         == self.knobs(alphas, sampler.params(), Self::peek_uniform(sampler)) =>
             {
                 self.check_room(tokens)?;
-                if !sampler.params().greedy {
-                    sampler.next_uniform();
-                }
+                Self::take_uniform(sampler);
                 self.pos += 1;
                 self.launch_speculative(alphas, sampler, 1 - spec.slot);
                 self.read_choice(spec.slot, spec.submission).await?
@@ -461,11 +470,7 @@ impl GpuEngine {
             _ => {
                 // Whatever was in flight wrote only past the position fed now.
                 self.check_room(tokens)?;
-                let u = if sampler.params().greedy {
-                    0.0
-                } else {
-                    sampler.next_uniform()
-                };
+                let u = Self::take_uniform(sampler);
                 let knobs = self.knobs(alphas, sampler.params(), u);
                 self.ctx()
                     .queue
@@ -513,17 +518,15 @@ impl GpuEngine {
         self.speculative = None;
         self.last_chosen = None;
         self.check_room(tokens)?;
-        let floats = self.logits_floats();
-        let staging = readback_buffer(self.ctx(), "logits readback", (floats * 4) as u64);
         let mut encoder = self
             .ctx()
             .device
             .create_command_encoder(&Default::default());
         self.encode_feed(&mut encoder, tokens, |_, _, _| {});
-        self.copy_all_logits(&mut encoder, &staging, 0);
+        self.copy_all_logits(&mut encoder, &self.logits_staging, 0);
         self.ctx().queue.submit([encoder.finish()]);
         let host: Vec<f32> =
-            bytemuck::pod_collect_to_vec(&map_read(self.ctx(), &staging, None).await?);
+            bytemuck::pod_collect_to_vec(&map_read(self.ctx(), &self.logits_staging, None).await?);
         let mut models = self.log_probs_of(&host).into_iter();
         Ok(StepLogProbs {
             base: models.next().unwrap_or_default(),
@@ -564,6 +567,14 @@ impl GpuEngine {
 }
 
 /// A buffer the host can map to read what a copy put there.
+/// Floats in every model's logits rows, each over its own vocabulary.
+fn logits_floats(groups: &[GpuLlama]) -> usize {
+    groups
+        .iter()
+        .map(|g| g.rows() * g.config().vocab_size)
+        .sum()
+}
+
 fn readback_buffer(ctx: &GpuContext, label: &str, size: u64) -> wgpu::Buffer {
     ctx.device.create_buffer(&wgpu::BufferDescriptor {
         label: Some(label),

@@ -206,6 +206,101 @@ fn matvec_forced_chunking() {
     matvec_case(WeightFormat::Q8_0, 49152, 576, 4 << 20, 200);
 }
 
+/// The LoRA path of an ARM row: one `lora_down` for two projections sharing an input
+/// (stacked ranks), then each projection's matvec adding its up half as it stores.
+/// Rows before `first` (the base) must come out exactly as plain matvec leaves them.
+/// Tolerance as matvec's, with the delta's own magnitude Σ|B·A·x| added.
+#[test]
+fn lora_down_and_matvec_epilogue() {
+    let (m, first, rank, cols) = (4, 1, 4, 96);
+    let arms = m - first;
+    let outs = [37, 301];
+    let stacked = outs.len() * rank;
+    let mut rng = Rng(300);
+    let x = rng.vec(m * cols);
+    let a = rng.vec(arms * stacked * cols);
+    let xb = storage_f32(ctx(), "x", &x);
+    let ab = storage_f32(ctx(), "lora a", &a);
+    let tb = storage_zeros(ctx(), "lora t", arms * stacked);
+    let t_want: Vec<f64> = (0..arms * stacked)
+        .map(|ak| {
+            let r = first + ak / stacked;
+            (0..cols)
+                .map(|c| f64::from(a[ak * cols + c]) * f64::from(x[r * cols + c]))
+                .sum()
+        })
+        .collect();
+    for kind in [MatVecKind::RowPerWorkgroup, MatVecKind::RowPerInvocation] {
+        let k = kernels_with(kind);
+        let down = genarm::gpu::ops_guide::LoraDown {
+            a: &ab,
+            t: &tb,
+            first,
+            arms,
+            rank: stacked,
+            inp: cols,
+        };
+        let down_op = k.lora_down(&down, &xb).unwrap();
+        run(&[&down_op]);
+        let t_got = read(&tb, arms * stacked);
+        let t_want32: Vec<f32> = t_want.iter().map(|&v| v as f32).collect();
+        check(&format!("lora_down {kind:?}"), &t_got, &t_want32, |_| 1e-4);
+        for (slot, &rows) in outs.iter().enumerate() {
+            let w = rng.vec(rows * cols);
+            let b = rng.vec(arms * rows * rank);
+            let (bytes, deq) = quantize(&w, rows, cols, WeightFormat::Q4_1);
+            // The larger projection is split in chunks: the epilogue indexes B by the
+            // global output row.
+            let limit = if rows > 100 { 2000 } else { u64::MAX };
+            let weight =
+                QuantWeight::upload(ctx(), "w", WeightFormat::Q4_1, rows, cols, &bytes, limit)
+                    .unwrap();
+            let bb = storage_f32(ctx(), "lora b", &b);
+            let yb = storage_zeros(ctx(), "y", m * rows);
+            let up = genarm::gpu::ops_guide::LoraUp {
+                b: &bb,
+                t: &tb,
+                first,
+                rank,
+                t_offset: slot * rank,
+                t_stride: stacked,
+            };
+            let op = k.matvec_lora(&weight, &xb, &yb, m, &up).unwrap();
+            run(&[&op]);
+            let got = read(&yb, m * rows);
+            let mut want = vec![0f32; m * rows];
+            let mut mag = vec![0f32; m * rows];
+            for r in 0..m {
+                for i in 0..rows {
+                    let (mut s, mut abs) = (0f64, 0f64);
+                    for c in 0..cols {
+                        let p = f64::from(deq[i * cols + c]) * f64::from(x[r * cols + c]);
+                        s += p;
+                        abs += p.abs();
+                    }
+                    if r >= first {
+                        let arm = r - first;
+                        for kk in 0..rank {
+                            let p = f64::from(b[(arm * rows + i) * rank + kk])
+                                * t_want[arm * stacked + slot * rank + kk];
+                            s += p;
+                            abs += p.abs();
+                        }
+                    }
+                    want[r * rows + i] = s as f32;
+                    mag[r * rows + i] = abs as f32;
+                }
+            }
+            let what = format!("matvec_lora {kind:?} {rows}x{cols} slot {slot}");
+            check(&what, &got, &want, |i| 1e-5 * mag[i] + 1e-5);
+            // The base row has no delta: bit-identical to plain matvec.
+            let plain = storage_zeros(ctx(), "y plain", m * rows);
+            run(&[&k.matvec(&weight, &xb, &plain, m).unwrap()]);
+            assert_eq!(read(&plain, rows), got[..rows].to_vec(), "{what}: base row");
+        }
+    }
+}
+
 #[test]
 fn rms_norm_rows() {
     // Tolerance: sum of squares in f32 (≤ 1e-6 relative at these sizes), one sqrt and
@@ -239,6 +334,60 @@ fn rms_norm_rows() {
             1e-5 * want[i].abs() + 1e-6
         });
     }
+}
+
+/// The norm with the LoRA down-projections of its output in the same dispatch: y as
+/// plain rms_norm leaves it (bit for bit), t against an f64 A · rms_norm(x).
+/// Tolerance: rms_norm's 1e-5 relative on each term, over Σ|A·y|.
+#[test]
+fn rms_norm_with_lora_down() {
+    let (rows, n, first, rank) = (3, 576, 1, 24);
+    let arms = rows - first;
+    let mut rng = Rng(7);
+    let x = rng.vec(rows * n);
+    let wt = rng.vec(n);
+    let a = rng.vec(arms * rank * n);
+    let (xb, wb, ab) = (
+        storage_f32(ctx(), "x", &x),
+        storage_f32(ctx(), "w", &wt),
+        storage_f32(ctx(), "a", &a),
+    );
+    let (yb, tb, plain) = (
+        storage_zeros(ctx(), "y", rows * n),
+        storage_zeros(ctx(), "t", arms * rank),
+        storage_zeros(ctx(), "y plain", rows * n),
+    );
+    let down = genarm::gpu::ops_guide::LoraDown {
+        a: &ab,
+        t: &tb,
+        first,
+        arms,
+        rank,
+        inp: n,
+    };
+    let op = kernels()
+        .rms_norm_lora(&xb, &wb, &yb, rows, n, 1e-5, &down)
+        .unwrap();
+    run(&[
+        &op,
+        &kernels().rms_norm(&xb, &wb, &plain, rows, n, 1e-5).unwrap(),
+    ]);
+    assert_eq!(read(&yb, rows * n), read(&plain, rows * n), "normed rows");
+    let mut want = vec![0f32; arms * rank];
+    let mut mag = vec![0f32; arms * rank];
+    for (ak, (w, m)) in want.iter_mut().zip(&mut mag).enumerate() {
+        let row = &x[(first + ak / rank) * n..][..n];
+        let ms = row.iter().map(|&v| f64::from(v).powi(2)).sum::<f64>() / n as f64;
+        let inv = 1.0 / (ms + 1e-5).sqrt();
+        let terms =
+            (0..n).map(|c| f64::from(a[ak * n + c]) * f64::from(row[c]) * inv * f64::from(wt[c]));
+        let (s, abs) = terms.fold((0.0, 0.0), |(s, abs), v| (s + v, abs + v.abs()));
+        *w = s as f32;
+        *m = abs as f32;
+    }
+    check("rms_norm_lora t", &read(&tb, arms * rank), &want, |i| {
+        1e-5 * mag[i] + 1e-6
+    });
 }
 
 #[test]

@@ -378,7 +378,7 @@ struct EvalArgs {
     /// Prompts, one per line (held out from training).
     #[arg(long, value_name = "FILE")]
     prompts: PathBuf,
-    /// Scorers (repeatable): sentiment, sentiment-afinn, concise, wordlist:FILE.
+    /// Scorers (repeatable): sentiment, sentiment-afinn, concise, length, wordlist:FILE.
     #[arg(long = "scorer", required = true)]
     scorers: Vec<String>,
     /// α values; every ARM takes each (the full grid), base-only first.
@@ -408,7 +408,8 @@ struct EvalArgs {
     #[arg(long, default_value = "models/data")]
     data_dir: PathBuf,
     /// Output directory: samples.jsonl, summary.json, summary.csv, results.md,
-    /// reward_vs_alpha.svg, and with two scorers pareto.json + pareto.svg.
+    /// reward_vs_alpha.svg, and with two or more scorers
+    /// pareto.json + pareto.svg (the front over the first two).
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
     /// A baseline to compare with (repeatable), on the same prompts, seeds and scorers:
@@ -472,6 +473,8 @@ struct Loaded {
     stop_ids: Vec<u32>,
     /// Bytes of weights one token reads (the WebGPU engine reports it).
     weight_bytes: Option<u64>,
+    /// Compute dispatches per token (the WebGPU engine).
+    dispatches: Option<usize>,
 }
 
 impl Loaded {
@@ -540,6 +543,7 @@ fn load_engine(models: &ModelArgs, arms: &[ArmSpec]) -> Result<Loaded> {
             tokenizer_note: e.tokenizer_note().map(str::to_owned),
             stop_ids: e.stop_token_ids(),
             weight_bytes: Some(e.weight_bytes_per_token()),
+            dispatches: Some(e.dispatches_per_token()),
             engine: Box::new(e),
         })
     } else {
@@ -548,6 +552,7 @@ fn load_engine(models: &ModelArgs, arms: &[ArmSpec]) -> Result<Loaded> {
             tokenizer_note: e.tokenizer_note().map(str::to_owned),
             stop_ids: e.stop_token_ids(),
             weight_bytes: None,
+            dispatches: None,
             engine: Box::new(e),
         })
     };
@@ -768,7 +773,7 @@ fn cmd_bench(args: BenchArgs) -> Result<()> {
             }
         }
     }
-    let rows: Vec<(String, f64, Vec<f64>)> = speeds
+    let rows: Vec<(String, f64, Vec<f64>, Option<usize>)> = speeds
         .into_iter()
         .enumerate()
         .map(|(n_arms, mut runs)| {
@@ -779,19 +784,20 @@ fn cmd_bench(args: BenchArgs) -> Result<()> {
             } else {
                 format!("base + {n_arms} ARM{}", if n_arms > 1 { "s" } else { "" })
             };
-            (label, median, runs)
+            (label, median, runs, configs[n_arms].0.dispatches)
         })
         .collect();
     let base_speed = rows[0].1;
     if args.json {
         let out: Vec<_> = rows
             .iter()
-            .map(|(label, median, runs)| {
+            .map(|(label, median, runs, dispatches)| {
                 serde_json::json!({
                     "config": label,
                     "tokens_per_second": median,
                     "runs": runs,
                     "time_per_token_vs_base": base_speed / median,
+                    "dispatches_per_token": dispatches,
                 })
             })
             .collect();
@@ -812,9 +818,11 @@ fn cmd_bench(args: BenchArgs) -> Result<()> {
             args.tokens,
             candle_core::utils::get_num_threads()
         );
-        for (label, median, _) in &rows {
+        for (label, median, _, dispatches) in &rows {
+            let dispatches =
+                dispatches.map_or(String::new(), |d| format!("   {d} dispatches/token"));
             println!(
-                "  {label:<16} {median:>8.1} tok/s   {:.2}× base time/token",
+                "  {label:<16} {median:>8.1} tok/s   {:.2}× base time/token{dispatches}",
                 base_speed / median
             );
         }
@@ -1343,7 +1351,9 @@ fn write_eval_plots(args: &EvalArgs, summary: &[genarm::eval::run::SettingSummar
         let svg = line_chart("mean score vs ARM weight (95% CI)", "α", "score", &series);
         std::fs::write(args.out.join("reward_vs_alpha.svg"), svg)?;
     }
-    if names.len() == 2 {
+    // The front is over the first two scorers; any others are reported, not traded off.
+    if names.len() >= 2 {
+        let names = &names[..2];
         let points: Vec<(f64, f64)> = summary
             .iter()
             .map(|s| (s.scores[&names[0]].mean, s.scores[&names[1]].mean))

@@ -11,6 +11,7 @@
 //! | `sentiment`       | [`SentimentScorer`] on VADER (`DATA_DIR/vader_lexicon.txt`)     |
 //! | `sentiment-afinn` | [`SentimentScorer`] on AFINN-165 (`DATA_DIR/AFINN-en-165.txt`)  |
 //! | `concise`         | [`ConciseScorer`]: fewer tokens for a complete answer           |
+//! | `length`          | [`LengthScorer`]: minus the response's tokens (concise, averaged) |
 //! | `wordlist:FILE`   | [`WordlistScorer`]: minus the number of listed words in the text |
 //!
 //! The lexicon files come from package registries (`./build.sh fetch-data` puts them in
@@ -44,7 +45,7 @@ impl std::fmt::Debug for dyn Scorer {
 }
 
 /// The scorer names [`scorer_from_spec`] accepts.
-pub const SCORER_SPECS: &str = "sentiment, sentiment-afinn, concise, wordlist:FILE";
+pub const SCORER_SPECS: &str = "sentiment, sentiment-afinn, concise, length, wordlist:FILE";
 
 /// Builds a scorer from its spec (see the module docs). Lexicons are read from
 /// `data_dir`; the `FILE` of `wordlist:FILE` is taken as given (relative paths are
@@ -61,6 +62,7 @@ pub fn scorer_from_spec(spec: &str, data_dir: &Path) -> Result<Box<dyn Scorer>> 
             Ok(Box::new(SentimentScorer::new("sentiment-afinn", lexicon)))
         }
         "concise" => Ok(Box::new(ConciseScorer)),
+        "length" => Ok(Box::new(LengthScorer)),
         _ => match spec.strip_prefix("wordlist:") {
             Some("") => Err(Error::Request(
                 "scorer `wordlist:` needs a file: `wordlist:FILE`".into(),
@@ -471,6 +473,24 @@ impl Scorer for ConciseScorer {
     }
 }
 
+/// `−tokens`, complete or not: the concise objective in a form whose mean reads as a
+/// length. With a token budget a truncated response scores the budget, the worst
+/// possible, so it agrees with [`ConciseScorer`] on which responses are worst; the
+/// million-token penalty that makes `concise` a strict ranking for preference pairs
+/// would swamp a mean (eval's `complete_rate` reports the other half).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LengthScorer;
+
+impl Scorer for LengthScorer {
+    fn name(&self) -> &str {
+        "length"
+    }
+
+    fn score(&self, _text: &str, tokens: usize, _complete: bool) -> f64 {
+        -(tokens as f64)
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // Word list
 
@@ -677,6 +697,14 @@ mod tests {
         assert!(c.score("", 4000, true) > c.score("", 1, false));
         assert!(c.score("", 10, false) > c.score("", 20, false));
         assert_eq!(c.score("", 0, true), 0.0);
+    }
+
+    #[test]
+    fn length_counts_tokens_complete_or_not() {
+        assert_eq!(LengthScorer.score("a b", 12, true), -12.0);
+        assert_eq!(LengthScorer.score("a b", 40, false), -40.0);
+        let s = scorer_from_spec("length", &std::env::temp_dir()).unwrap();
+        assert_eq!(s.name(), "length");
     }
 
     #[test]

@@ -262,6 +262,14 @@ impl GpuEngine {
         self.groups.iter().map(GpuLlama::weight_bytes).sum()
     }
 
+    /// Compute dispatches per generated token: every group's forward pass and the
+    /// guided pick. On a GPU a small model's step is bound by these as much as by bytes.
+    pub fn dispatches_per_token(&self) -> usize {
+        let forward: usize = self.groups.iter().map(GpuLlama::dispatch_count).sum();
+        let stats: usize = self.stats_ops.iter().map(Op::dispatch_count).sum();
+        forward + stats + self.sample.dispatch_count()
+    }
+
     fn check_room(&self, tokens: &[u32]) -> Result<()> {
         if tokens.is_empty() {
             return Err(Error::Request("no tokens to feed".into()));

@@ -14,7 +14,7 @@ use crate::cpu::llama::{check_adapter_modules, permute_for_interleaved_rope};
 use crate::error::{Error, Result};
 use crate::gpu::buffers::{storage_f32, storage_zeros};
 use crate::gpu::ops::{AttentionBuffers, AttentionShape, Op, RopeShape, RopeStyle, MAX_BATCH_ROWS};
-use crate::gpu::ops_guide::LoraStack;
+use crate::gpu::ops_guide::{LoraDown, LoraUp};
 use crate::gpu::{gpu_error, Kernels, QuantWeight, WeightFormat};
 use crate::model::config::{LlamaConfig, RopeLayout};
 use crate::model::lora::LoraAdapter;
@@ -106,7 +106,8 @@ impl GpuLlama {
             gate: storage_zeros(ctx, "gate", m * inter),
             up: storage_zeros(ctx, "up", m * inter),
             act: storage_zeros(ctx, "act", m * inter),
-            lora_t: storage_zeros(ctx, "lora t", m * max_rank),
+            // The widest LoRA group is q/k/v: three stacked ranks per row.
+            lora_t: storage_zeros(ctx, "lora t", m * 3 * max_rank),
         };
         let logits = match logits {
             Some(b) => b,
@@ -134,36 +135,24 @@ impl GpuLlama {
         for i in 0..cfg.num_layers {
             let p = format!("model.layers.{i}");
             let norm = b.vector(&format!("{p}.input_layernorm.weight"), h)?;
-            b.ops.push(kernels.rms_norm(&s.x, &norm, &s.xn, m, h, eps)?);
             let attn = format!("{p}.self_attn");
-            let qk = |heads| Some(heads);
-            b.linear(
-                &format!("{attn}.q_proj"),
-                h,
-                q_out,
-                qk(cfg.num_heads),
-                &s.xn,
-                &s.q,
+            let (q_proj, k_proj, v_proj) = (
+                format!("{attn}.q_proj"),
+                format!("{attn}.k_proj"),
+                format!("{attn}.v_proj"),
+            );
+            let qkv = b.lora_group(
+                &[
+                    Projection::qk(&q_proj, h, q_out, cfg.num_heads),
+                    Projection::qk(&k_proj, h, kv_out, cfg.num_kv_heads),
+                    Projection::new(&v_proj, h, kv_out),
+                ],
                 &s.lora_t,
             )?;
-            b.linear(
-                &format!("{attn}.k_proj"),
-                h,
-                kv_out,
-                qk(cfg.num_kv_heads),
-                &s.xn,
-                &s.k,
-                &s.lora_t,
-            )?;
-            b.linear(
-                &format!("{attn}.v_proj"),
-                h,
-                kv_out,
-                None,
-                &s.xn,
-                &s.v,
-                &s.lora_t,
-            )?;
+            b.norm_and_lora_down(&s.x, &norm, &s.xn, &qkv, &s.lora_t)?;
+            b.linear(&q_proj, h, q_out, &s.xn, &s.q, qkv.up(0, &s.lora_t))?;
+            b.linear(&k_proj, h, kv_out, &s.xn, &s.k, qkv.up(1, &s.lora_t))?;
+            b.linear(&v_proj, h, kv_out, &s.xn, &s.v, qkv.up(2, &s.lora_t))?;
             for (buf, heads) in [(&s.q, cfg.num_heads), (&s.k, cfg.num_kv_heads)] {
                 let shape = RopeShape {
                     vectors: m * heads,
@@ -192,49 +181,41 @@ impl GpuLlama {
                 out: &s.attn,
             };
             b.ops.push(kernels.attention(shape, &buffers, CUR_POS)?);
-            b.linear(
-                &format!("{attn}.o_proj"),
-                q_out,
-                h,
-                None,
-                &s.attn,
-                &s.proj,
-                &s.lora_t,
-            )?;
+            let o_proj = format!("{attn}.o_proj");
+            let o = b.lora_group(&[Projection::new(&o_proj, q_out, h)], &s.lora_t)?;
+            b.lora_down(&o, &s.attn, &s.lora_t)?;
+            b.linear(&o_proj, q_out, h, &s.attn, &s.proj, o.up(0, &s.lora_t))?;
             b.ops.push(kernels.add_assign(&s.x, &s.proj, m * h)?);
 
             let norm = b.vector(&format!("{p}.post_attention_layernorm.weight"), h)?;
-            b.ops.push(kernels.rms_norm(&s.x, &norm, &s.xn, m, h, eps)?);
             let mlp = format!("{p}.mlp");
+            let (gate_proj, up_proj, down_proj) = (
+                format!("{mlp}.gate_proj"),
+                format!("{mlp}.up_proj"),
+                format!("{mlp}.down_proj"),
+            );
+            let gate_up = b.lora_group(
+                &[
+                    Projection::new(&gate_proj, h, inter),
+                    Projection::new(&up_proj, h, inter),
+                ],
+                &s.lora_t,
+            )?;
+            b.norm_and_lora_down(&s.x, &norm, &s.xn, &gate_up, &s.lora_t)?;
             b.linear(
-                &format!("{mlp}.gate_proj"),
+                &gate_proj,
                 h,
                 inter,
-                None,
                 &s.xn,
                 &s.gate,
-                &s.lora_t,
+                gate_up.up(0, &s.lora_t),
             )?;
-            b.linear(
-                &format!("{mlp}.up_proj"),
-                h,
-                inter,
-                None,
-                &s.xn,
-                &s.up,
-                &s.lora_t,
-            )?;
+            b.linear(&up_proj, h, inter, &s.xn, &s.up, gate_up.up(1, &s.lora_t))?;
             b.ops
                 .push(kernels.silu_mul(&s.gate, &s.up, &s.act, m * inter)?);
-            b.linear(
-                &format!("{mlp}.down_proj"),
-                inter,
-                h,
-                None,
-                &s.act,
-                &s.proj,
-                &s.lora_t,
-            )?;
+            let down = b.lora_group(&[Projection::new(&down_proj, inter, h)], &s.lora_t)?;
+            b.lora_down(&down, &s.act, &s.lora_t)?;
+            b.linear(&down_proj, inter, h, &s.act, &s.proj, down.up(0, &s.lora_t))?;
             b.ops.push(kernels.add_assign(&s.x, &s.proj, m * h)?);
         }
         let norm = b.vector("model.norm.weight", h)?;
@@ -278,6 +259,11 @@ impl GpuLlama {
     /// Bytes of weights one token's forward pass reads.
     pub fn weight_bytes(&self) -> u64 {
         self.weight_bytes
+    }
+
+    /// Compute dispatches in one token's forward pass.
+    pub fn dispatch_count(&self) -> usize {
+        self.ops.iter().map(Op::dispatch_count).sum()
     }
 
     /// Encodes one token's forward pass (token and position from `cur`).
@@ -335,22 +321,24 @@ impl Builder<'_> {
         ))
     }
 
-    /// `y = W · x` for every row, plus the projection's bias, plus each row's LoRA delta.
-    /// `qk_heads` marks q/k, whose LoRA B rows follow a GGUF's interleaved-RoPE order.
-    #[allow(clippy::too_many_arguments)]
+    /// `y = W · x` for every row, plus each ARM row's LoRA delta (`lora`, from the
+    /// projection's group), plus the projection's bias.
     fn linear(
         &mut self,
         module: &str,
         inp: usize,
         out: usize,
-        qk_heads: Option<usize>,
         x: &wgpu::Buffer,
         y: &wgpu::Buffer,
-        lora_t: &wgpu::Buffer,
+        lora: Option<LoraUp<'_>>,
     ) -> Result<()> {
         let m = self.rows.len();
         let w = self.weight(&format!("{module}.weight"), out, inp)?;
-        self.ops.push(self.kernels.matvec(&w, x, y, m)?);
+        let op = match &lora {
+            Some(up) => self.kernels.matvec_lora(&w, x, y, m, up)?,
+            None => self.kernels.matvec(&w, x, y, m)?,
+        };
+        self.ops.push(op);
         if self.cfg.attention_bias && module.contains(".self_attn.") && !module.ends_with("o_proj")
         {
             let bias = self
@@ -362,81 +350,219 @@ impl Builder<'_> {
             let bias = storage_f32(self.kernels.context(), "bias", &per_row);
             self.ops.push(self.kernels.add_assign(y, &bias, m * out)?);
         }
-        if let Some(op) = self.lora(module, inp, out, qk_heads, x, y, lora_t)? {
-            self.ops.push(op);
+        Ok(())
+    }
+
+    /// Uploads the LoRA factors of projections that read the same input: the rows' A
+    /// matrices stacked for one down-projection into `t` (see [`Builder::lora_down`]),
+    /// each projection's B for the up half its matvec adds. Rows from the first adapted
+    /// one on take part; a row whose adapter lacks a projection gets zeros there.
+    fn lora_group(
+        &mut self,
+        projections: &[Projection<'_>],
+        t: &wgpu::Buffer,
+    ) -> Result<LoraGroup> {
+        let adapted = |p: &Projection<'_>, row: &Option<&LoraAdapter>| {
+            row.is_some_and(|a| a.modules.contains_key(p.module))
+        };
+        let Some(first) =
+            (0..self.rows.len()).find(|&r| projections.iter().any(|p| adapted(p, &self.rows[r])))
+        else {
+            return Ok(LoraGroup::none(projections.len()));
+        };
+        let arms = self.rows.len() - first;
+        let rank = self.max_rank;
+        // Only projections some row adapts get a slot in t.
+        let slots: Vec<Option<usize>> = projections
+            .iter()
+            .scan(0, |next, p| {
+                let used = self.rows.iter().any(|row| adapted(p, row));
+                let slot = used.then_some(*next);
+                *next += usize::from(used);
+                Some(slot)
+            })
+            .collect();
+        let stacked = slots.iter().flatten().count() * rank;
+        let inp = projections[0].inp;
+        let mut a_stack = vec![0f32; arms * stacked * inp];
+        let mut ups = Vec::with_capacity(projections.len());
+        for (p, slot) in projections.iter().zip(&slots) {
+            let Some(slot) = *slot else {
+                ups.push(None);
+                continue;
+            };
+            let mut b_stack = vec![0f32; arms * p.out * rank];
+            for (a, row) in self.rows[first..].iter().enumerate() {
+                let Some((adapter, pair)) =
+                    row.and_then(|ad| ad.modules.get(p.module).map(|pr| (ad, pr)))
+                else {
+                    continue;
+                };
+                let r = adapter.config.r;
+                let shape_err = |name: &str, got: &Tensor, want: Vec<usize>| Error::TensorShape {
+                    path: adapter.path.clone(),
+                    name: format!("{}.{name}", p.module),
+                    got: got.dims().to_vec(),
+                    want,
+                };
+                if pair.a.dims() != [r, p.inp] {
+                    return Err(shape_err("lora_A.weight", &pair.a, vec![r, p.inp]));
+                }
+                if pair.b_scaled.dims() != [p.out, r] {
+                    return Err(shape_err("lora_B.weight", &pair.b_scaled, vec![p.out, r]));
+                }
+                for (k, a_row) in pair
+                    .a
+                    .to_device(&Device::Cpu)?
+                    .to_vec2::<f32>()?
+                    .iter()
+                    .enumerate()
+                {
+                    let at = (a * stacked + slot * rank + k) * inp;
+                    a_stack[at..at + inp].copy_from_slice(a_row);
+                }
+                let mut b = pair.b_scaled.to_device(&Device::Cpu)?;
+                if let (Some(heads), RopeLayout::Interleaved) = (p.qk_heads, self.cfg.rope_layout) {
+                    b = permute_for_interleaved_rope(&b, heads, self.cfg.head_dim)?;
+                }
+                for (i, b_row) in b.to_vec2::<f32>()?.iter().enumerate() {
+                    let at = (a * p.out + i) * rank;
+                    b_stack[at..at + r].copy_from_slice(b_row);
+                }
+            }
+            ups.push(Some((
+                storage_f32(self.kernels.context(), "lora B", &b_stack),
+                slot * rank,
+            )));
+        }
+        need_rows(t, arms * stacked)?;
+        Ok(LoraGroup {
+            first,
+            rank,
+            stride: stacked,
+            a: Some(storage_f32(self.kernels.context(), "lora A", &a_stack)),
+            inp,
+            ups,
+        })
+    }
+
+    /// The group's down-projection of `x` into `t`, if any row adapts it.
+    fn lora_down(&mut self, group: &LoraGroup, x: &wgpu::Buffer, t: &wgpu::Buffer) -> Result<()> {
+        if let Some(down) = group.down(t, self.rows.len()) {
+            self.ops.push(self.kernels.lora_down(&down, x)?);
         }
         Ok(())
     }
 
-    /// The LoRA op of `module` over the rows whose adapter has it, if any does.
-    #[allow(clippy::too_many_arguments)]
-    fn lora(
-        &self,
-        module: &str,
-        inp: usize,
-        out: usize,
-        qk_heads: Option<usize>,
+    /// `y = rms_norm(x) · weight`, with the group's down-projection of `y` folded into
+    /// the same dispatch when any row adapts it.
+    fn norm_and_lora_down(
+        &mut self,
         x: &wgpu::Buffer,
+        weight: &wgpu::Buffer,
         y: &wgpu::Buffer,
-        lora_t: &wgpu::Buffer,
-    ) -> Result<Option<Op>> {
-        let pairs: Vec<_> = self
-            .rows
-            .iter()
-            .map(|row| row.and_then(|a| a.modules.get(module).map(|p| (a, p))))
-            .collect();
-        let Some(first) = pairs.iter().position(Option::is_some) else {
-            return Ok(None);
+        group: &LoraGroup,
+        t: &wgpu::Buffer,
+    ) -> Result<()> {
+        let (m, n, eps) = (
+            self.rows.len(),
+            self.cfg.hidden_size,
+            self.cfg.rms_norm_eps as f32,
+        );
+        let op = match group.down(t, m) {
+            Some(down) => self.kernels.rms_norm_lora(x, weight, y, m, n, eps, &down)?,
+            None => self.kernels.rms_norm(x, weight, y, m, n, eps)?,
         };
-        let arms = pairs.len() - first;
-        let rank = self.max_rank;
-        let mut a_stack = vec![0f32; arms * rank * inp];
-        let mut b_stack = vec![0f32; arms * out * rank];
-        for (slot, pair) in pairs[first..].iter().enumerate() {
-            let Some((adapter, pair)) = pair else {
-                continue;
-            };
-            let r = adapter.config.r;
-            let shape_err = |name: &str, got: &Tensor, want: Vec<usize>| Error::TensorShape {
-                path: adapter.path.clone(),
-                name: format!("{module}.{name}"),
-                got: got.dims().to_vec(),
-                want,
-            };
-            if pair.a.dims() != [r, inp] {
-                return Err(shape_err("lora_A.weight", &pair.a, vec![r, inp]));
-            }
-            if pair.b_scaled.dims() != [out, r] {
-                return Err(shape_err("lora_B.weight", &pair.b_scaled, vec![out, r]));
-            }
-            let mut b = pair.b_scaled.to_device(&Device::Cpu)?;
-            if let (Some(heads), RopeLayout::Interleaved) = (qk_heads, self.cfg.rope_layout) {
-                b = permute_for_interleaved_rope(&b, heads, self.cfg.head_dim)?;
-            }
-            let a = pair.a.to_device(&Device::Cpu)?.to_vec2::<f32>()?;
-            for (k, row) in a.iter().enumerate() {
-                let at = (slot * rank + k) * inp;
-                a_stack[at..at + inp].copy_from_slice(row);
-            }
-            for (i, row) in b.to_vec2::<f32>()?.iter().enumerate() {
-                let at = (slot * out + i) * rank;
-                b_stack[at..at + r].copy_from_slice(row);
-            }
-        }
-        let ctx = self.kernels.context();
-        let a = storage_f32(ctx, "lora A", &a_stack);
-        let b = storage_f32(ctx, "lora B", &b_stack);
-        let stack = LoraStack {
-            a: &a,
-            b: &b,
-            t: lora_t,
-            first,
-            arms,
-            rank,
+        self.ops.push(op);
+        Ok(())
+    }
+}
+
+/// Checks the shared LoRA scratch holds `n` values (sized for the widest group at load).
+fn need_rows(t: &wgpu::Buffer, n: usize) -> Result<()> {
+    if t.size() < (n * 4) as u64 {
+        return Err(gpu_error(format!(
+            "LoRA scratch holds {} values, a group needs {n}",
+            t.size() / 4
+        )));
+    }
+    Ok(())
+}
+
+/// A projection whose LoRA factors a group stacks.
+struct Projection<'a> {
+    module: &'a str,
+    inp: usize,
+    out: usize,
+    /// q/k: heads, whose B rows follow a GGUF's interleaved-RoPE order.
+    qk_heads: Option<usize>,
+}
+
+impl<'a> Projection<'a> {
+    fn new(module: &'a str, inp: usize, out: usize) -> Self {
+        Self {
+            module,
             inp,
             out,
-        };
-        self.kernels.lora(&stack, x, y).map(Some)
+            qk_heads: None,
+        }
+    }
+
+    fn qk(module: &'a str, inp: usize, out: usize, heads: usize) -> Self {
+        Self {
+            qk_heads: Some(heads),
+            ..Self::new(module, inp, out)
+        }
+    }
+}
+
+/// One LoRA group on the device: the stacked A matrices of its down-projection and
+/// each projection's B stack with its offset in `t`.
+struct LoraGroup {
+    first: usize,
+    rank: usize,
+    /// Stacked rank: `t` values per adapted row.
+    stride: usize,
+    /// `[arms, stride, inp]`; `None` when no row adapts any projection of the group.
+    a: Option<wgpu::Buffer>,
+    inp: usize,
+    ups: Vec<Option<(wgpu::Buffer, usize)>>,
+}
+
+impl LoraGroup {
+    fn none(projections: usize) -> Self {
+        Self {
+            first: 0,
+            rank: 0,
+            stride: 0,
+            a: None,
+            inp: 0,
+            ups: (0..projections).map(|_| None).collect(),
+        }
+    }
+
+    /// The down half over batch rows `first..m`, if the group has one.
+    fn down<'a>(&'a self, t: &'a wgpu::Buffer, m: usize) -> Option<LoraDown<'a>> {
+        self.a.as_ref().map(|a| LoraDown {
+            a,
+            t,
+            first: self.first,
+            arms: m - self.first,
+            rank: self.stride,
+            inp: self.inp,
+        })
+    }
+
+    /// Projection `i`'s up half, if any row adapts it.
+    fn up<'a>(&'a self, i: usize, t: &'a wgpu::Buffer) -> Option<LoraUp<'a>> {
+        self.ups[i].as_ref().map(|(b, t_offset)| LoraUp {
+            b,
+            t,
+            first: self.first,
+            rank: self.rank,
+            t_offset: *t_offset,
+            t_stride: self.stride,
+        })
     }
 }
 

@@ -9,9 +9,10 @@ use wgpu::util::DeviceExt;
 
 use crate::error::Result;
 use crate::gpu::buffers::{storage_zeros, QuantWeight, WeightFormat};
+use crate::gpu::ops_guide::{LoraDown, LoraUp};
 use crate::gpu::uniforms::{
-    AttentionParams, ElementwiseParams, EmbeddingParams, MatVecParams, RmsNormParams, RopeParams,
-    Uniform,
+    AttentionParams, ElementwiseParams, EmbeddingParams, MatVecParams, RmsNormLoraParams,
+    RmsNormParams, RopeParams, Uniform,
 };
 use crate::gpu::{gpu_error, GpuContext};
 
@@ -64,6 +65,11 @@ impl Op {
             timestamp_writes: None,
         });
         self.encode_in(&mut pass);
+    }
+
+    /// Compute dispatches the op encodes.
+    pub fn dispatch_count(&self) -> usize {
+        self.dispatches.len()
     }
 
     /// Encodes the op into an open pass (to chain many ops in one pass).
@@ -137,9 +143,10 @@ pub struct Kernels {
 
 fn shader_source(name: &str) -> &'static str {
     match name {
-        "matvec" => include_str!("shaders/matvec.wgsl"),
-        "matvec_rows" => include_str!("shaders/matvec_rows.wgsl"),
+        "matvec" | "matvec_lora" => include_str!("shaders/matvec.wgsl"),
+        "matvec_rows" | "matvec_rows_lora" => include_str!("shaders/matvec_rows.wgsl"),
         "rms_norm" => include_str!("shaders/rms_norm.wgsl"),
+        "rms_norm_lora" => include_str!("shaders/rms_norm_lora.wgsl"),
         "rope" => include_str!("shaders/rope.wgsl"),
         "silu_mul" => include_str!("shaders/silu_mul.wgsl"),
         "add" => include_str!("shaders/add.wgsl"),
@@ -147,16 +154,27 @@ fn shader_source(name: &str) -> &'static str {
         "kv_write" => include_str!("shaders/kv_write.wgsl"),
         "attention" => include_str!("shaders/attention.wgsl"),
         "lora_down" => include_str!("shaders/lora_down.wgsl"),
-        "lora_up" => include_str!("shaders/lora_up.wgsl"),
+        "lora_down_rows" => include_str!("shaders/lora_down_rows.wgsl"),
         "logit_stats" => include_str!("shaders/logit_stats.wgsl"),
         "guide_sample" => include_str!("shaders/guide_sample.wgsl"),
         _ => unreachable!("unknown shader {name}"),
     }
 }
 
-/// Shaders that decode weights get the shared decoder prepended.
-fn uses_quant(name: &str) -> bool {
-    matches!(name, "matvec" | "matvec_rows" | "embedding")
+/// Text prepended to a shader after its uniform struct: the shared weight decoder for
+/// shaders that decode weights, and matvec's store epilogue (with or without LoRA).
+fn prelude(name: &str) -> String {
+    let quant = include_str!("shaders/quant.wgsl");
+    match name {
+        "embedding" => quant.to_string(),
+        "matvec" | "matvec_rows" => {
+            format!("{quant}\nfn lora_delta(r: u32, i: u32) -> f32 {{ return 0.0; }}\n")
+        }
+        "matvec_lora" | "matvec_rows_lora" => {
+            format!("{quant}\n{}", include_str!("shaders/lora_epilogue.wgsl"))
+        }
+        _ => String::new(),
+    }
 }
 
 /// Checks that `buffer` holds at least `n` f32/u32 values.
@@ -195,6 +213,11 @@ impl Kernels {
         &self.ctx
     }
 
+    /// How matvec (and the LoRA down-projection) spread over invocations here.
+    pub fn matvec_kind(&self) -> MatVecKind {
+        self.matvec_kind
+    }
+
     /// The pipeline for `name` compiled with `defines` (WGSL `const` lines).
     pub(super) fn pipeline<P: Uniform>(
         &self,
@@ -206,16 +229,12 @@ impl Kernels {
         if let Some(p) = cache.get(&key) {
             return p.clone();
         }
-        let quant = if uses_quant(name) {
-            include_str!("shaders/quant.wgsl")
-        } else {
-            ""
-        };
         let common = include_str!("shaders/common.wgsl");
         let text = format!(
-            "{}\n{}\n{common}\n{quant}\n{}",
+            "{}\n{}\n{common}\n{}\n{}",
             key.1,
             P::WGSL,
+            prelude(name),
             shader_source(name)
         );
         let module = self
@@ -290,6 +309,30 @@ impl Kernels {
         y: &wgpu::Buffer,
         m: usize,
     ) -> Result<Op> {
+        self.matvec_with(w, x, y, m, None)
+    }
+
+    /// [`Kernels::matvec`] plus the LoRA delta of rows `up.first..m`, added as each
+    /// value is stored: `y[r, i] += Σ_k B[r - first, i, k] · t[r - first, offset + k]`.
+    pub fn matvec_lora(
+        &self,
+        w: &QuantWeight,
+        x: &wgpu::Buffer,
+        y: &wgpu::Buffer,
+        m: usize,
+        up: &LoraUp<'_>,
+    ) -> Result<Op> {
+        self.matvec_with(w, x, y, m, Some(up))
+    }
+
+    fn matvec_with(
+        &self,
+        w: &QuantWeight,
+        x: &wgpu::Buffer,
+        y: &wgpu::Buffer,
+        m: usize,
+        up: Option<&LoraUp<'_>>,
+    ) -> Result<Op> {
         if !(1..=MAX_BATCH_ROWS).contains(&m) {
             return Err(gpu_error(format!(
                 "matvec: batch of {m} rows, want 1..={MAX_BATCH_ROWS}"
@@ -297,9 +340,22 @@ impl Kernels {
         }
         need(x, m * w.cols, "x", "matvec")?;
         need(y, m * w.rows, "y", "matvec")?;
-        let (shader, per_group) = match self.matvec_kind {
-            MatVecKind::RowPerWorkgroup => ("matvec", 1),
-            MatVecKind::RowPerInvocation => ("matvec_rows", WG),
+        if let Some(up) = up {
+            if up.first >= m || up.rank == 0 || up.t_offset + up.rank > up.t_stride {
+                return Err(gpu_error(format!(
+                    "matvec: LoRA rows {}..{m}, rank {} at {} of {}",
+                    up.first, up.rank, up.t_offset, up.t_stride
+                )));
+            }
+            let arms = m - up.first;
+            need(up.b, arms * w.rows * up.rank, "lora b", "matvec")?;
+            need(up.t, arms * up.t_stride, "lora t", "matvec")?;
+        }
+        let (shader, per_group) = match (self.matvec_kind, up.is_some()) {
+            (MatVecKind::RowPerWorkgroup, false) => ("matvec", 1),
+            (MatVecKind::RowPerWorkgroup, true) => ("matvec_lora", 1),
+            (MatVecKind::RowPerInvocation, false) => ("matvec_rows", WG),
+            (MatVecKind::RowPerInvocation, true) => ("matvec_rows_lora", WG),
         };
         let pipeline = self.pipeline::<MatVecParams>(
             shader,
@@ -307,16 +363,25 @@ impl Kernels {
         );
         let mut dispatches = Vec::with_capacity(w.chunks.len());
         for chunk in &w.chunks {
-            let params = MatVecParams {
+            let mut params = MatVecParams {
                 rows: to_u32(chunk.rows, "rows")?,
                 cols: to_u32(w.cols, "cols")?,
                 row_offset: to_u32(chunk.row_start, "row offset")?,
                 y_stride: to_u32(w.rows, "rows")?,
+                ..Default::default()
             };
+            let mut buffers = vec![&chunk.buffer, x, y];
+            if let Some(up) = up {
+                params.lora_first = to_u32(up.first, "lora first")?;
+                params.lora_rank = to_u32(up.rank, "lora rank")?;
+                params.lora_t_offset = to_u32(up.t_offset, "lora t offset")?;
+                params.lora_t_stride = to_u32(up.t_stride, "lora t stride")?;
+                buffers.extend([up.b, up.t]);
+            }
             dispatches.push(self.dispatch(
                 pipeline.clone(),
                 &params,
-                &[&chunk.buffer, x, y],
+                &buffers,
                 params.rows.div_ceil(per_group),
             ));
         }
@@ -336,19 +401,86 @@ impl Kernels {
         n: usize,
         eps: f32,
     ) -> Result<Op> {
+        self.rms_norm_with(x, weight, y, rows, n, eps, None)
+    }
+
+    /// [`Kernels::rms_norm`] and, in the same dispatch, the LoRA down-projections of the
+    /// normed rows (`down.t[a, :] = A_a · y[first + a, :]`), for the projections that
+    /// read the norm's output.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rms_norm_lora(
+        &self,
+        x: &wgpu::Buffer,
+        weight: &wgpu::Buffer,
+        y: &wgpu::Buffer,
+        rows: usize,
+        n: usize,
+        eps: f32,
+        down: &LoraDown<'_>,
+    ) -> Result<Op> {
+        self.rms_norm_with(x, weight, y, rows, n, eps, Some(down))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn rms_norm_with(
+        &self,
+        x: &wgpu::Buffer,
+        weight: &wgpu::Buffer,
+        y: &wgpu::Buffer,
+        rows: usize,
+        n: usize,
+        eps: f32,
+        down: Option<&LoraDown<'_>>,
+    ) -> Result<Op> {
         need(x, rows * n, "x", "rms_norm")?;
         need(weight, n, "weight", "rms_norm")?;
         need(y, rows * n, "y", "rms_norm")?;
-        let params = RmsNormParams {
+        let params = RmsNormLoraParams {
             rows: to_u32(rows, "rows")?,
             n: to_u32(n, "n")?,
             eps,
-            _pad: 0,
+            ..Default::default()
         };
-        let pipeline = self.pipeline::<RmsNormParams>("rms_norm", Self::defines(None, ""));
-        let d = self.dispatch(pipeline, &params, &[x, weight, y], params.rows);
+        let Some(down) = down else {
+            let params = RmsNormParams {
+                rows: params.rows,
+                n: params.n,
+                eps,
+                _pad: 0,
+            };
+            let pipeline = self.pipeline::<RmsNormParams>("rms_norm", Self::defines(None, ""));
+            let d = self.dispatch(pipeline, &params, &[x, weight, y], params.rows);
+            return Ok(Op {
+                label: "rms_norm",
+                dispatches: vec![d],
+            });
+        };
+        if down.arms == 0 || down.rank == 0 || down.first + down.arms > rows || down.inp != n {
+            return Err(gpu_error(format!(
+                "rms_norm_lora: LoRA rows {}..{} of {rows}, rank {}, width {} (norm {n})",
+                down.first,
+                down.first + down.arms,
+                down.rank,
+                down.inp
+            )));
+        }
+        need(down.a, down.arms * down.rank * n, "a", "rms_norm_lora")?;
+        need(down.t, down.arms * down.rank, "t", "rms_norm_lora")?;
+        let params = RmsNormLoraParams {
+            first: to_u32(down.first, "first")?,
+            arms: to_u32(down.arms, "arms")?,
+            rank: to_u32(down.rank, "rank")?,
+            ..params
+        };
+        let pipeline = self.pipeline::<RmsNormLoraParams>("rms_norm_lora", Self::defines(None, ""));
+        let d = self.dispatch(
+            pipeline,
+            &params,
+            &[x, weight, y, down.a, down.t],
+            params.rows + params.arms * params.rank,
+        );
         Ok(Op {
-            label: "rms_norm",
+            label: "rms_norm_lora",
             dispatches: vec![d],
         })
     }

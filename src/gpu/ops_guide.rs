@@ -1,25 +1,38 @@
-//! Ops for the ARM rows and the guided pick: the LoRA delta of a batch's ARM rows, the
-//! per-row log-softmax normalisers, and the GenARM sample written back on the device.
+//! Ops for the ARM rows and the guided pick: the LoRA down-projections of a batch's ARM
+//! rows (matvec adds the up half), the per-row log-softmax normalisers, and the GenARM
+//! sample written back on the device.
 
 use crate::error::Result;
 use crate::gpu::gpu_error;
-use crate::gpu::ops::{need, to_u32, Kernels, Op, WG};
+use crate::gpu::ops::{need, to_u32, Kernels, MatVecKind, Op, WG};
 use crate::gpu::uniforms::{LogitStatsParams, LoraParams, SampleParams};
 
-/// The stacked low-rank factors of batch rows `first..first + arms` at one projection,
-/// each row with its own adapter (zeros where a row has none at this projection).
-pub struct LoraStack<'a> {
+/// The down half of the LoRA deltas of batch rows `first..first + arms` for every
+/// projection reading one input: each row's `[rank, inp]` A matrices stacked (zeros
+/// where its adapter lacks one), so one dispatch serves q/k/v or gate/up alike.
+pub struct LoraDown<'a> {
     /// `[arms, rank, inp]`.
     pub a: &'a wgpu::Buffer,
-    /// `[arms, out, rank]`, already times each adapter's scale.
-    pub b: &'a wgpu::Buffer,
-    /// `[arms, rank]` scratch.
+    /// `[arms, rank]`, the output.
     pub t: &'a wgpu::Buffer,
     pub first: usize,
     pub arms: usize,
+    /// Stacked rank: the sum of the projections' (padded) ranks.
     pub rank: usize,
     pub inp: usize,
-    pub out: usize,
+}
+
+/// The up half of one projection's LoRA deltas, added by the matvec that computes the
+/// projection (see [`Kernels::matvec_lora`]).
+pub struct LoraUp<'a> {
+    /// `[m - first, out, rank]`, already times each adapter's scale.
+    pub b: &'a wgpu::Buffer,
+    /// The down-projections: `[m - first, t_stride]`, this projection's at `t_offset`.
+    pub t: &'a wgpu::Buffer,
+    pub first: usize,
+    pub rank: usize,
+    pub t_offset: usize,
+    pub t_stride: usize,
 }
 
 /// Buffers of the guided pick.
@@ -44,42 +57,35 @@ pub struct SampleBuffers<'a> {
 pub const KNOB_FIELDS: usize = 5;
 
 impl Kernels {
-    /// `y[first + a, :] += B_a · (A_a · x[first + a, :])` for every adapted row; `x` is
-    /// `[first + arms, inp]`, `y` is `[first + arms, out]` (or longer).
-    pub fn lora(&self, s: &LoraStack<'_>, x: &wgpu::Buffer, y: &wgpu::Buffer) -> Result<Op> {
-        if s.arms == 0 || s.rank == 0 {
-            return Err(gpu_error("lora: no ARM rows or rank 0"));
+    /// `t[a, :] = A_a · x[first + a, :]` for every adapted row; `x` is
+    /// `[first + arms, inp]`.
+    pub fn lora_down(&self, d: &LoraDown<'_>, x: &wgpu::Buffer) -> Result<Op> {
+        if d.arms == 0 || d.rank == 0 {
+            return Err(gpu_error("lora_down: no ARM rows or rank 0"));
         }
-        need(s.a, s.arms * s.rank * s.inp, "a", "lora")?;
-        need(s.b, s.arms * s.out * s.rank, "b", "lora")?;
-        need(s.t, s.arms * s.rank, "t", "lora")?;
-        need(x, (s.first + s.arms) * s.inp, "x", "lora")?;
-        need(y, (s.first + s.arms) * s.out, "y", "lora")?;
-        let down_params = LoraParams {
-            arms: to_u32(s.arms, "arms")?,
-            rank: to_u32(s.rank, "rank")?,
-            cols: to_u32(s.inp, "inp")?,
-            first: to_u32(s.first, "first")?,
+        need(d.a, d.arms * d.rank * d.inp, "a", "lora_down")?;
+        need(d.t, d.arms * d.rank, "t", "lora_down")?;
+        need(x, (d.first + d.arms) * d.inp, "x", "lora_down")?;
+        let params = LoraParams {
+            arms: to_u32(d.arms, "arms")?,
+            rank: to_u32(d.rank, "rank")?,
+            cols: to_u32(d.inp, "inp")?,
+            first: to_u32(d.first, "first")?,
         };
-        let up_params = LoraParams {
-            cols: to_u32(s.out, "out")?,
-            ..down_params
+        let outputs = params.arms * params.rank;
+        let (shader, workgroups) = match self.matvec_kind() {
+            MatVecKind::RowPerWorkgroup => ("lora_down", outputs),
+            MatVecKind::RowPerInvocation => ("lora_down_rows", outputs.div_ceil(WG)),
         };
-        let down = self.dispatch(
-            self.pipeline::<LoraParams>("lora_down", Self::defines(None, "")),
-            &down_params,
-            &[s.a, x, s.t],
-            down_params.arms * down_params.rank,
-        );
-        let up = self.dispatch(
-            self.pipeline::<LoraParams>("lora_up", Self::defines(None, "")),
-            &up_params,
-            &[s.b, s.t, y],
-            (up_params.arms * up_params.cols).div_ceil(WG),
+        let dispatch = self.dispatch(
+            self.pipeline::<LoraParams>(shader, Self::defines(None, "")),
+            &params,
+            &[d.a, x, d.t],
+            workgroups,
         );
         Ok(Op {
-            label: "lora",
-            dispatches: vec![down, up],
+            label: "lora_down",
+            dispatches: vec![dispatch],
         })
     }
 

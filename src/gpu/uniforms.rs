@@ -27,12 +27,18 @@ macro_rules! uniform {
 }
 
 uniform!(
-    /// `y[r, row_offset + i] = Σ_c W[i, c] · x[r, c]` for one row chunk of W.
+    /// `y[r, row_offset + i] = Σ_c W[i, c] · x[r, c]` for one row chunk of W, plus (in
+    /// the LoRA variant) the low-rank delta of rows `lora_first..`: rank `lora_rank`,
+    /// their down-projections at `lora_t_offset` of `lora_t_stride`-wide rows of `t`.
     MatVecParams {
         rows: u32,
         cols: u32,
         row_offset: u32,
         y_stride: u32,
+        lora_first: u32,
+        lora_rank: u32,
+        lora_t_offset: u32,
+        lora_t_stride: u32,
     }
 );
 
@@ -43,6 +49,21 @@ uniform!(
         n: u32,
         eps: f32,
         _pad: u32,
+    }
+);
+
+uniform!(
+    /// [`RmsNormParams`] plus the LoRA down-projections of the normed rows
+    /// `first..first + arms`, `rank` stacked ranks each.
+    RmsNormLoraParams {
+        rows: u32,
+        n: u32,
+        eps: f32,
+        first: u32,
+        arms: u32,
+        rank: u32,
+        _pad0: u32,
+        _pad1: u32,
     }
 );
 
@@ -97,8 +118,8 @@ uniform!(
 );
 
 uniform!(
-    /// LoRA deltas of batch rows `first..first + arms` at one projection: inputs
-    /// `cols` wide (down) or outputs `cols` wide (up), padded rank `rank`.
+    /// The LoRA down-projections of batch rows `first..first + arms` for every
+    /// projection reading one input `cols` wide: `rank` stacked ranks per row.
     LoraParams {
         arms: u32,
         rank: u32,

@@ -1,7 +1,9 @@
-// The first half of the LoRA delta of the adapted batch rows (first + a for a < arms;
-// rows before `first`, the base, have none): t[a, k] = Σ_c A[a, k, c] · x[first + a, c].
-// A stacks the rows' `[rank, cols]` matrices, zero-padded to the largest rank (zeros
-// for a row without an adapter here). One workgroup per (a, k).
+// The down half of the LoRA deltas of the adapted batch rows (first + a for a < arms;
+// rows before `first`, the base, have none), for every projection that reads this
+// input at once: t[a, k] = Σ_c A[a, k, c] · x[first + a, c]. A stacks, per row, each
+// projection's `[rank, cols]` matrix zero-padded to the largest rank (zeros where the
+// row's adapter lacks the projection); matvec's LoRA epilogue does the up half.
+// One workgroup per (a, k).
 // Defines: WG (power of two).
 
 @group(0) @binding(0) var<uniform> p: Params;

@@ -3,6 +3,8 @@
 // decodes a strided subset of the row's blocks once and dots it with all M
 // activation rows (the weights are the memory traffic), then a pairwise tree
 // reduction in workgroup memory sums the WG partials.
+// The LoRA variant adds each ARM row's low-rank delta as it stores (lora_delta, from
+// lora_epilogue.wgsl; the plain variant's returns 0).
 // Defines: WG (power of two), M (1..4), FMT.
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -60,7 +62,8 @@ fn main(
     }
     if (tid == 0u && live) {
         for (var r = 0u; r < M; r++) {
-            y[r * p.y_stride + p.row_offset + row] = partial[r * WG];
+            let i = p.row_offset + row;
+            y[r * p.y_stride + i] = partial[r * WG] + lora_delta(r, i);
         }
     }
 }

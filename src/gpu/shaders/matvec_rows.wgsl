@@ -2,6 +2,7 @@
 // workgroup memory and no barriers. The variant for CPU adapters (lavapipe,
 // SwiftShader), which run a workgroup's invocations as SIMD lanes and pay dearly for
 // every barrier; GPUs take `matvec.wgsl`, whose reads are coalesced.
+// Adds the LoRA delta as matvec.wgsl does.
 // Defines: WG, M (1..4), FMT.
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -44,6 +45,7 @@ fn main(
         }
     }
     for (var r = 0u; r < M; r++) {
-        y[r * p.y_stride + p.row_offset + row] = acc[r];
+        let i = p.row_offset + row;
+        y[r * p.y_stride + i] = acc[r] + lora_delta(r, i);
     }
 }

@@ -100,7 +100,11 @@ fn bradley_terry_loss_and_rewards_match_direct_f64_computation() {
         let head = Tensor::from_vec(row.clone(), (1, hidden), &Device::Cpu).unwrap();
         t.score_head().unwrap().weight.set(&head).unwrap();
         let (c, r) = t.pair_scores(&refs, None).unwrap();
-        let loss = t.pair_loss(&c, &r).unwrap().to_scalar::<f32>().unwrap() as f64;
+        let loss = t
+            .pair_loss(&refs, &c, &r)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap() as f64;
         let (c, r) = (to_f64(&c), to_f64(&r));
         let mut want_loss = 0.0;
         for (i, p) in pairs.iter().enumerate() {
@@ -146,7 +150,7 @@ fn score_head_and_lora_gradients_match_finite_differences() {
     let refs: Vec<&TokenizedPair> = pairs.iter().collect();
     let loss_of = |t: &mut Trainer| -> Tensor {
         let (c, r) = t.pair_scores(&refs, None).unwrap();
-        t.pair_loss(&c, &r).unwrap()
+        t.pair_loss(&refs, &c, &r).unwrap()
     };
     let grads = loss_of(&mut t).backward().unwrap();
     let mut vars = vec![(

@@ -97,6 +97,88 @@ fn check_trainer_gradients(t: &mut Trainer, vars: &[(String, candle_core::Var)])
     })
 }
 
+/// `--sft-weight`: the trainer's anchored loss (GenARM loss + λ·mean NLL of the chosen
+/// response) against the f64 reference, and its LoRA gradients against finite
+/// differences; the anchor needs an ARM (not a scalar reward model) and λ ≥ 0.
+#[test]
+fn anchored_loss_matches_f64_and_finite_differences() {
+    let (path, model) = tiny_base("train-sft", 42);
+    let base = Checkpoint::open(&path).unwrap();
+    let pairs = [
+        pair(&[1, 2, 3], &[4, 5, 6, 7], &[8, 9]),
+        pair(&[10, 20], &[30], &[40, 41, 42, 43, 44]),
+    ];
+    let refs: Vec<&TokenizedPair> = pairs.iter().collect();
+    let (beta, gamma, lambda) = (0.5, 0.1, 0.3);
+    let cfg = TrainConfig {
+        beta_r: beta,
+        gamma,
+        sft_weight: lambda,
+        ..tiny_train_config(2)
+    };
+    let out = temp_dir("train-sft-out");
+    let mut t =
+        Trainer::with_dtype(&base, cfg.clone(), &out, 32, DType::F64, &Device::Cpu).unwrap();
+    let (c, r) = t.pair_logprobs(&refs, None).unwrap();
+    let loss = t
+        .pair_loss(&refs, &c, &r)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
+    let want: f64 = pairs
+        .iter()
+        .map(|p| {
+            let cw = sum_reference(&model, &p.prompt, &p.chosen);
+            let rl = sum_reference(&model, &p.prompt, &p.rejected);
+            genarm_loss_f64(cw, rl, beta, gamma) + lambda * -cw / p.chosen.len() as f64
+        })
+        .sum::<f64>()
+        / pairs.len() as f64;
+    assert!((loss - want).abs() < 1e-6, "loss {loss} vs f64 {want}");
+
+    for l in t.arm().lora_vars().to_vec().iter() {
+        let noise = Tensor::rand(-0.3f64, 0.3, l.b.shape().clone(), &Device::Cpu).unwrap();
+        l.b.set(&noise).unwrap();
+    }
+    let vars: Vec<(String, candle_core::Var)> = t
+        .arm()
+        .lora_vars()
+        .iter()
+        .step_by(5)
+        .flat_map(|l| {
+            [
+                (format!("{} A", l.module), l.a.clone()),
+                (format!("{} B", l.module), l.b.clone()),
+            ]
+        })
+        .collect();
+    let loss_of = |t: &mut Trainer| -> Tensor {
+        let (c, r) = t.pair_logprobs(&refs, None).unwrap();
+        t.pair_loss(&refs, &c, &r).unwrap()
+    };
+    let grads = loss_of(&mut t).backward().unwrap();
+    let checked = assert_gradients_match_finite_differences(&vars, &grads, &mut || {
+        loss_of(&mut t).to_scalar::<f64>().unwrap()
+    });
+    assert!(checked >= 6);
+
+    for bad in [
+        TrainConfig {
+            sft_weight: -0.1,
+            ..cfg.clone()
+        },
+        TrainConfig {
+            scalar_head: true,
+            ..cfg
+        },
+    ] {
+        let err = Trainer::new(&base, bad, &out, 32, &Device::Cpu)
+            .err()
+            .expect("refused");
+        assert!(err.to_string().contains("sft-weight"), "{err}");
+    }
+}
+
 #[test]
 fn lora_gradients_match_finite_differences() {
     let (path, _) = tiny_base("train-grad", 41);

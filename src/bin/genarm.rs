@@ -217,6 +217,17 @@ struct TrainArgs {
     /// Margin γ of the loss.
     #[arg(long, default_value_t = 0.0)]
     gamma: f64,
+    /// λ of an anchor term λ·(−Σ log π(y_w) / |y_w|), the chosen response's mean NLL, added
+    /// to the loss (0: the plain GenARM loss). Use it when rejected responses are
+    /// systematically longer: the plain loss then also falls by lowering every token's
+    /// probability, and guidance by such an ARM samples junk.
+    #[arg(
+        long,
+        default_value_t = 0.0,
+        value_name = "λ",
+        conflicts_with = "scalar_head"
+    )]
+    sft_weight: f64,
     #[arg(long, default_value_t = 8, conflicts_with = "full")]
     lora_rank: usize,
     #[arg(long, default_value_t = 16.0, conflicts_with = "full")]
@@ -908,6 +919,7 @@ fn cmd_train(args: TrainArgs) -> Result<()> {
     let config = TrainConfig {
         beta_r: args.beta_r,
         gamma: args.gamma,
+        sft_weight: args.sft_weight,
         lora_rank: args.lora_rank,
         lora_alpha: args.lora_alpha,
         lora_dropout: args.lora_dropout,

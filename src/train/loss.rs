@@ -1,5 +1,9 @@
 //! The GenARM training objective (no reference model, no length normalisation):
-//! `loss = −log σ( β_r · (Σ_t log π(y_w,t) − Σ_t log π(y_l,t)) − γ )`, and the
+//! `loss = −log σ( β_r · (Σ_t log π(y_w,t) − Σ_t log π(y_l,t)) − γ )`, optionally plus
+//! `λ · (−Σ_t log π(y_w,t) / |y_w|)`, the chosen response's mean negative log-likelihood
+//! (an anchor: without it, pairs whose rejected response is systematically longer are
+//! fitted by lowering every token's probability, as the margin grows with the length
+//! gap), and the
 //! Bradley–Terry loss of a scalar reward model, `−log σ(r_w − r_l)` — the same form
 //! with β_r = 1, γ = 0 and scalar rewards in place of summed log-probs.
 
@@ -11,6 +15,19 @@ use crate::error::Result;
 pub fn genarm_loss(chosen: &Tensor, rejected: &Tensor, beta_r: f64, gamma: f64) -> Result<Tensor> {
     let z = (((chosen - rejected)? * beta_r)? - gamma)?;
     Ok(softplus(&z.neg()?)?.mean_all()?)
+}
+
+/// `λ · mean_i(−chosen_i / len_i)`: the anchor term, from the summed log-probs of the
+/// chosen responses and their token counts.
+pub fn sft_term(chosen: &Tensor, chosen_tokens: &[usize], weight: f64) -> Result<Tensor> {
+    let lens: Vec<f32> = chosen_tokens.iter().map(|&n| n.max(1) as f32).collect();
+    let lens = Tensor::new(lens.as_slice(), chosen.device())?.to_dtype(chosen.dtype())?;
+    Ok(((chosen / lens)?.neg()?.mean_all()? * weight)?)
+}
+
+/// One pair's anchor term in f64.
+pub fn sft_term_f64(chosen: f64, chosen_tokens: usize, weight: f64) -> f64 {
+    weight * -chosen / chosen_tokens.max(1) as f64
 }
 
 /// `log(1 + eˣ)` without overflow: `max(x, 0) + log(1 + e^{−|x|})`.

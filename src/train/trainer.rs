@@ -14,7 +14,10 @@ use web_time::Instant;
 
 use super::arm::{DropoutKey, LoraSpec, TrainableArm, Tuning};
 use super::data::TokenizedPair;
-use super::loss::{bradley_terry_loss, bradley_terry_loss_f64, genarm_loss, genarm_loss_f64};
+use super::loss::{
+    bradley_terry_loss, bradley_terry_loss_f64, genarm_loss, genarm_loss_f64, sft_term,
+    sft_term_f64,
+};
 use super::optim::{accumulate, clip_grad_norm, collect_grads, learning_rate, AdamW, Schedule};
 use super::score_head::ScoreHead;
 use crate::error::{Error, Result};
@@ -59,6 +62,9 @@ pub struct TrainConfig {
     /// With `full`, the LM head trains too (a tied base's head becomes an untied copy).
     #[serde(default)]
     pub train_head: bool,
+    /// λ of the anchor term `λ·(−Σ log π(y_w) / |y_w|)` added to the GenARM loss (0: off).
+    #[serde(default)]
+    pub sft_weight: f64,
 }
 
 impl Default for TrainConfig {
@@ -88,6 +94,7 @@ impl Default for TrainConfig {
             scalar_head: false,
             full: false,
             train_head: false,
+            sft_weight: 0.0,
         }
     }
 }
@@ -231,6 +238,17 @@ impl Trainer {
                     .into(),
             ));
         }
+        if !(config.sft_weight >= 0.0 && config.sft_weight.is_finite()) {
+            return Err(Error::Request(format!(
+                "--sft-weight must be ≥ 0, got {}",
+                config.sft_weight
+            )));
+        }
+        if config.sft_weight > 0.0 && config.scalar_head {
+            return Err(Error::Request(
+                "--sft-weight anchors an ARM's log-probs; a scalar reward model has none".into(),
+            ));
+        }
         if config.train_head && !config.full {
             return Err(Error::Request(
                 "training the LM head needs full fine-tuning (--full)".into(),
@@ -320,21 +338,30 @@ impl Trainer {
         head.rewards(&mut self.arm, seqs, dropout)
     }
 
-    /// The mean training loss over pairs of `pair_scores`.
-    pub fn pair_loss(&self, chosen: &Tensor, rejected: &Tensor) -> Result<Tensor> {
+    /// The mean training loss over `pairs` from their `pair_scores`.
+    pub fn pair_loss(
+        &self,
+        pairs: &[&TokenizedPair],
+        chosen: &Tensor,
+        rejected: &Tensor,
+    ) -> Result<Tensor> {
         if self.head.is_some() {
-            bradley_terry_loss(chosen, rejected)
-        } else {
-            genarm_loss(chosen, rejected, self.config.beta_r, self.config.gamma)
+            return bradley_terry_loss(chosen, rejected);
         }
+        let loss = genarm_loss(chosen, rejected, self.config.beta_r, self.config.gamma)?;
+        if self.config.sft_weight == 0.0 {
+            return Ok(loss);
+        }
+        let lens: Vec<usize> = pairs.iter().map(|p| p.chosen.len()).collect();
+        Ok((loss + sft_term(chosen, &lens, self.config.sft_weight)?)?)
     }
 
-    fn pair_loss_f64(&self, chosen: f64, rejected: f64) -> f64 {
+    fn pair_loss_f64(&self, pair: &TokenizedPair, chosen: f64, rejected: f64) -> f64 {
         if self.head.is_some() {
-            bradley_terry_loss_f64(chosen, rejected)
-        } else {
-            genarm_loss_f64(chosen, rejected, self.config.beta_r, self.config.gamma)
+            return bradley_terry_loss_f64(chosen, rejected);
         }
+        genarm_loss_f64(chosen, rejected, self.config.beta_r, self.config.gamma)
+            + sft_term_f64(chosen, pair.chosen.len(), self.config.sft_weight)
     }
 
     /// Summed response log-probs of chosen and rejected for a slice of pairs.
@@ -372,9 +399,9 @@ impl Trainer {
             let refs: Vec<&TokenizedPair> = chunk.iter().collect();
             let (c, r) = self.pair_scores(&refs, None)?;
             let (c, r) = (to_f64(&c.detach())?, to_f64(&r.detach())?);
-            for (cw, rl) in c.iter().zip(&r) {
+            for ((pair, cw), rl) in chunk.iter().zip(&c).zip(&r) {
                 correct += usize::from(cw > rl);
-                loss += self.pair_loss_f64(*cw, *rl);
+                loss += self.pair_loss_f64(pair, *cw, *rl);
             }
         }
         Ok((
@@ -434,7 +461,7 @@ impl Trainer {
                     micro: micro as u64,
                 };
                 let (c, r) = self.pair_scores(chunk, Some(key))?;
-                let loss = self.pair_loss(&c, &r)?;
+                let loss = self.pair_loss(chunk, &c, &r)?;
                 // Each micro-batch's mean weighted by its share of the batch.
                 let weight = chunk.len() as f64 / batch.len() as f64;
                 let store = (&loss * weight)?.backward()?;

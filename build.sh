@@ -173,7 +173,7 @@ build_native() {
 }
 
 # The demo ARMs committed under www/arms/ (trained by `genarm train`, see README).
-DEMO_ARMS=(www/arms/positive)
+DEMO_ARMS=(www/arms/positive www/arms/concise)
 
 run() {
   fetch_model

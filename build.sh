@@ -179,10 +179,10 @@ run() {
   fetch_model
   build_native
   local prompt="${GENARM_PROMPT:-The movie I watched last night was}"
+  # The positive ARM: this is a plain-text prompt, and concise was trained on chat ones.
   local arms=()
-  for arm in "${DEMO_ARMS[@]}"; do
-    [ -f "$arm/adapter_config.json" ] && arms+=(--arm "$arm:${GENARM_ALPHA:-1}")
-  done
+  local arm=www/arms/positive
+  [ -f "$arm/adapter_config.json" ] && arms+=(--arm "$arm:${GENARM_ALPHA:-1}")
   log "genarm generate --model $DEMO_MODEL ${arms[*]} --prompt \"$prompt\" $*"
   ./target/release/genarm generate --model "$DEMO_MODEL" "${arms[@]}" \
     --prompt "$prompt" --temperature 0.8 --top-p 0.95 --seed 1 --max-new-tokens 48 "$@"

@@ -13,7 +13,9 @@ use candle_core::{Device, Tensor};
 use crate::cpu::llama::{check_adapter_modules, permute_for_interleaved_rope};
 use crate::error::{Error, Result};
 use crate::gpu::buffers::{storage_f32, storage_zeros};
-use crate::gpu::ops::{AttentionBuffers, AttentionShape, Op, RopeShape, RopeStyle, MAX_BATCH_ROWS};
+use crate::gpu::ops::{
+    need, AttentionBuffers, AttentionShape, Op, RopeShape, RopeStyle, MAX_BATCH_ROWS,
+};
 use crate::gpu::ops_guide::{LoraDown, LoraUp};
 use crate::gpu::{gpu_error, Kernels, QuantWeight, WeightFormat};
 use crate::model::config::{LlamaConfig, RopeLayout};
@@ -435,7 +437,7 @@ impl Builder<'_> {
                 slot * rank,
             )));
         }
-        need_rows(t, arms * stacked)?;
+        need(t, arms * stacked, "lora t", "LoRA group")?;
         Ok(LoraGroup {
             first,
             rank,
@@ -476,17 +478,6 @@ impl Builder<'_> {
         self.ops.push(op);
         Ok(())
     }
-}
-
-/// Checks the shared LoRA scratch holds `n` values (sized for the widest group at load).
-fn need_rows(t: &wgpu::Buffer, n: usize) -> Result<()> {
-    if t.size() < (n * 4) as u64 {
-        return Err(gpu_error(format!(
-            "LoRA scratch holds {} values, a group needs {n}",
-            t.size() / 4
-        )));
-    }
-    Ok(())
 }
 
 /// A projection whose LoRA factors a group stacks.

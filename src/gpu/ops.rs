@@ -435,21 +435,16 @@ impl Kernels {
         need(x, rows * n, "x", "rms_norm")?;
         need(weight, n, "weight", "rms_norm")?;
         need(y, rows * n, "y", "rms_norm")?;
-        let params = RmsNormLoraParams {
-            rows: to_u32(rows, "rows")?,
-            n: to_u32(n, "n")?,
-            eps,
-            ..Default::default()
-        };
+        let (rows_u32, n_u32) = (to_u32(rows, "rows")?, to_u32(n, "n")?);
         let Some(down) = down else {
             let params = RmsNormParams {
-                rows: params.rows,
-                n: params.n,
+                rows: rows_u32,
+                n: n_u32,
                 eps,
                 _pad: 0,
             };
             let pipeline = self.pipeline::<RmsNormParams>("rms_norm", Self::defines(None, ""));
-            let d = self.dispatch(pipeline, &params, &[x, weight, y], params.rows);
+            let d = self.dispatch(pipeline, &params, &[x, weight, y], rows_u32);
             return Ok(Op {
                 label: "rms_norm",
                 dispatches: vec![d],
@@ -467,10 +462,13 @@ impl Kernels {
         need(down.a, down.arms * down.rank * n, "a", "rms_norm_lora")?;
         need(down.t, down.arms * down.rank, "t", "rms_norm_lora")?;
         let params = RmsNormLoraParams {
+            rows: rows_u32,
+            n: n_u32,
+            eps,
             first: to_u32(down.first, "first")?,
             arms: to_u32(down.arms, "arms")?,
             rank: to_u32(down.rank, "rank")?,
-            ..params
+            ..Default::default()
         };
         let pipeline = self.pipeline::<RmsNormLoraParams>("rms_norm_lora", Self::defines(None, ""));
         let d = self.dispatch(

@@ -97,6 +97,26 @@ fn check_trainer_gradients(t: &mut Trainer, vars: &[(String, candle_core::Var)])
     })
 }
 
+/// Every `step`-th adapter's A and B, named for failure messages, after randomising every
+/// B: B starts at zero (as in PEFT), which would make A's gradient vanish.
+fn randomised_lora_vars(t: &mut Trainer, step: usize) -> Vec<(String, candle_core::Var)> {
+    for l in t.arm().lora_vars() {
+        let noise = Tensor::rand(-0.3f64, 0.3, l.b.shape().clone(), &Device::Cpu).unwrap();
+        l.b.set(&noise).unwrap();
+    }
+    t.arm()
+        .lora_vars()
+        .iter()
+        .step_by(step)
+        .flat_map(|l| {
+            [
+                (format!("{} A", l.module), l.a.clone()),
+                (format!("{} B", l.module), l.b.clone()),
+            ]
+        })
+        .collect()
+}
+
 /// `--sft-weight`: the trainer's anchored loss (GenARM loss + λ·mean NLL of the chosen
 /// response) against the f64 reference, and its LoRA gradients against finite
 /// differences; the anchor needs an ARM (not a scalar reward model) and λ ≥ 0.
@@ -136,22 +156,7 @@ fn anchored_loss_matches_f64_and_finite_differences() {
         / pairs.len() as f64;
     assert!((loss - want).abs() < 1e-6, "loss {loss} vs f64 {want}");
 
-    for l in t.arm().lora_vars().to_vec().iter() {
-        let noise = Tensor::rand(-0.3f64, 0.3, l.b.shape().clone(), &Device::Cpu).unwrap();
-        l.b.set(&noise).unwrap();
-    }
-    let vars: Vec<(String, candle_core::Var)> = t
-        .arm()
-        .lora_vars()
-        .iter()
-        .step_by(5)
-        .flat_map(|l| {
-            [
-                (format!("{} A", l.module), l.a.clone()),
-                (format!("{} B", l.module), l.b.clone()),
-            ]
-        })
-        .collect();
+    let vars = randomised_lora_vars(&mut t, 5);
     let loss_of = |t: &mut Trainer| -> Tensor {
         let (c, r) = t.pair_logprobs(&refs, None).unwrap();
         t.pair_loss(&refs, &c, &r).unwrap()
@@ -193,24 +198,7 @@ fn lora_gradients_match_finite_differences() {
         &Device::Cpu,
     )
     .unwrap();
-    // B starts at zero (as in PEFT), which would make A's gradient vanish: randomise it.
-    for l in t.arm().lora_vars().to_vec().iter() {
-        let shape = l.b.shape().clone();
-        let noise = Tensor::rand(-0.3f64, 0.3, shape, &Device::Cpu).unwrap();
-        l.b.set(&noise).unwrap();
-    }
-    let vars: Vec<(String, candle_core::Var)> = t
-        .arm()
-        .lora_vars()
-        .iter()
-        .step_by(3)
-        .flat_map(|l| {
-            [
-                (format!("{} A", l.module), l.a.clone()),
-                (format!("{} B", l.module), l.b.clone()),
-            ]
-        })
-        .collect();
+    let vars = randomised_lora_vars(&mut t, 3);
     let checked = check_trainer_gradients(&mut t, &vars);
     assert!(checked >= 12);
 }

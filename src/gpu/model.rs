@@ -14,7 +14,7 @@ use crate::cpu::llama::{check_adapter_modules, permute_for_interleaved_rope};
 use crate::error::{Error, Result};
 use crate::gpu::buffers::{storage_f32, storage_zeros};
 use crate::gpu::ops::{
-    need, AttentionBuffers, AttentionShape, Op, RopeShape, RopeStyle, MAX_BATCH_ROWS,
+    need, AttentionBuffers, AttentionShape, MatVecStore, Op, RopeStyle, MAX_BATCH_ROWS,
 };
 use crate::gpu::ops_guide::{LoraDown, LoraUp};
 use crate::gpu::{gpu_error, Kernels, QuantWeight, WeightFormat};
@@ -46,10 +46,7 @@ struct Scratch {
     k: wgpu::Buffer,
     v: wgpu::Buffer,
     attn: wgpu::Buffer,
-    proj: wgpu::Buffer,
-    gate: wgpu::Buffer,
-    up: wgpu::Buffer,
-    /// silu(gate)·up: its own buffer, as a dispatch may not read and write one buffer.
+    /// The gate projection, then silu(gate)·up stored over it (`MatVecStore::SiluGate`).
     act: wgpu::Buffer,
     lora_t: wgpu::Buffer,
 }
@@ -96,7 +93,6 @@ impl GpuLlama {
         let inter = cfg.intermediate_size;
         let capacity = capacity.min(cfg.max_position_embeddings).max(1);
         let max_rank = rows.iter().flatten().map(|a| a.config.r).max().unwrap_or(1);
-        let widest = h.max(q_out).max(inter);
         let s = Scratch {
             x: storage_zeros(ctx, "x", m * h),
             xn: storage_zeros(ctx, "xn", m * h),
@@ -104,9 +100,6 @@ impl GpuLlama {
             k: storage_zeros(ctx, "k", m * kv_out),
             v: storage_zeros(ctx, "v", m * kv_out),
             attn: storage_zeros(ctx, "attn", m * q_out),
-            proj: storage_zeros(ctx, "proj", m * widest),
-            gate: storage_zeros(ctx, "gate", m * inter),
-            up: storage_zeros(ctx, "up", m * inter),
             act: storage_zeros(ctx, "act", m * inter),
             // The widest LoRA group is q/k/v: three stacked ranks per row.
             lora_t: storage_zeros(ctx, "lora t", m * 3 * max_rank),
@@ -152,18 +145,33 @@ impl GpuLlama {
                 &s.lora_t,
             )?;
             b.norm_and_lora_down(&s.x, &norm, &s.xn, &qkv, &s.lora_t)?;
-            b.linear(&q_proj, h, q_out, &s.xn, &s.q, qkv.up(0, &s.lora_t))?;
-            b.linear(&k_proj, h, kv_out, &s.xn, &s.k, qkv.up(1, &s.lora_t))?;
-            b.linear(&v_proj, h, kv_out, &s.xn, &s.v, qkv.up(2, &s.lora_t))?;
-            for (buf, heads) in [(&s.q, cfg.num_heads), (&s.k, cfg.num_kv_heads)] {
-                let shape = RopeShape {
-                    vectors: m * heads,
-                    head_dim: hd,
-                    style,
-                };
-                b.ops
-                    .push(kernels.rope(shape, buf, &inv_freq, cur, CUR_POS)?);
-            }
+            b.linear(
+                &q_proj,
+                h,
+                q_out,
+                &s.xn,
+                &s.q,
+                qkv.up(0, &s.lora_t),
+                MatVecStore::Write,
+            )?;
+            b.linear(
+                &k_proj,
+                h,
+                kv_out,
+                &s.xn,
+                &s.k,
+                qkv.up(1, &s.lora_t),
+                MatVecStore::Write,
+            )?;
+            b.linear(
+                &v_proj,
+                h,
+                kv_out,
+                &s.xn,
+                &s.v,
+                qkv.up(2, &s.lora_t),
+                MatVecStore::Write,
+            )?;
             let k_cache = storage_zeros(ctx, "k cache", m * cfg.num_kv_heads * capacity * hd);
             let v_cache = storage_zeros(ctx, "v cache", m * cfg.num_kv_heads * capacity * hd);
             let shape = AttentionShape {
@@ -172,6 +180,7 @@ impl GpuLlama {
                 kv_heads: cfg.num_kv_heads,
                 head_dim: hd,
                 capacity,
+                rope: style,
             };
             let buffers = AttentionBuffers {
                 q: &s.q,
@@ -180,14 +189,23 @@ impl GpuLlama {
                 k_cache: &k_cache,
                 v_cache: &v_cache,
                 pos: cur,
+                inv_freq: &inv_freq,
                 out: &s.attn,
             };
             b.ops.push(kernels.attention(shape, &buffers, CUR_POS)?);
             let o_proj = format!("{attn}.o_proj");
             let o = b.lora_group(&[Projection::new(&o_proj, q_out, h)], &s.lora_t)?;
             b.lora_down(&o, &s.attn, &s.lora_t)?;
-            b.linear(&o_proj, q_out, h, &s.attn, &s.proj, o.up(0, &s.lora_t))?;
-            b.ops.push(kernels.add_assign(&s.x, &s.proj, m * h)?);
+            // The residual add is o_proj's store.
+            b.linear(
+                &o_proj,
+                q_out,
+                h,
+                &s.attn,
+                &s.x,
+                o.up(0, &s.lora_t),
+                MatVecStore::Add,
+            )?;
 
             let norm = b.vector(&format!("{p}.post_attention_layernorm.weight"), h)?;
             let mlp = format!("{p}.mlp");
@@ -204,21 +222,40 @@ impl GpuLlama {
                 &s.lora_t,
             )?;
             b.norm_and_lora_down(&s.x, &norm, &s.xn, &gate_up, &s.lora_t)?;
+            // up_proj stores silu(gate) · up over gate_proj's output, and down_proj adds
+            // into the residual stream: SwiGLU and the add cost no dispatch of their own.
+            let gate_lora = gate_up.up(0, &s.lora_t);
             b.linear(
                 &gate_proj,
                 h,
                 inter,
                 &s.xn,
-                &s.gate,
-                gate_up.up(0, &s.lora_t),
+                &s.act,
+                gate_lora,
+                MatVecStore::Write,
             )?;
-            b.linear(&up_proj, h, inter, &s.xn, &s.up, gate_up.up(1, &s.lora_t))?;
-            b.ops
-                .push(kernels.silu_mul(&s.gate, &s.up, &s.act, m * inter)?);
+            let up_lora = gate_up.up(1, &s.lora_t);
+            b.linear(
+                &up_proj,
+                h,
+                inter,
+                &s.xn,
+                &s.act,
+                up_lora,
+                MatVecStore::SiluGate,
+            )?;
             let down = b.lora_group(&[Projection::new(&down_proj, inter, h)], &s.lora_t)?;
             b.lora_down(&down, &s.act, &s.lora_t)?;
-            b.linear(&down_proj, inter, h, &s.act, &s.proj, down.up(0, &s.lora_t))?;
-            b.ops.push(kernels.add_assign(&s.x, &s.proj, m * h)?);
+            let down_lora = down.up(0, &s.lora_t);
+            b.linear(
+                &down_proj,
+                inter,
+                h,
+                &s.act,
+                &s.x,
+                down_lora,
+                MatVecStore::Add,
+            )?;
         }
         let norm = b.vector("model.norm.weight", h)?;
         b.ops.push(kernels.rms_norm(&s.x, &norm, &s.xn, m, h, eps)?);
@@ -324,7 +361,8 @@ impl Builder<'_> {
     }
 
     /// `y = W · x` for every row, plus each ARM row's LoRA delta (`lora`, from the
-    /// projection's group), plus the projection's bias.
+    /// projection's group), plus the projection's bias, stored as `store` says.
+    #[allow(clippy::too_many_arguments)]
     fn linear(
         &mut self,
         module: &str,
@@ -333,16 +371,18 @@ impl Builder<'_> {
         x: &wgpu::Buffer,
         y: &wgpu::Buffer,
         lora: Option<LoraUp<'_>>,
+        store: MatVecStore,
     ) -> Result<()> {
         let m = self.rows.len();
         let w = self.weight(&format!("{module}.weight"), out, inp)?;
-        let op = match &lora {
-            Some(up) => self.kernels.matvec_lora(&w, x, y, m, up)?,
-            None => self.kernels.matvec(&w, x, y, m)?,
-        };
+        let op = self
+            .kernels
+            .matvec_with(&w, x, y, m, lora.as_ref(), store)?;
         self.ops.push(op);
         if self.cfg.attention_bias && module.contains(".self_attn.") && !module.ends_with("o_proj")
         {
+            // Only q/k/v have a bias, and they are written, so the bias adds after.
+            debug_assert_eq!(store, MatVecStore::Write);
             let bias = self
                 .src
                 .load_dense(&format!("{module}.bias"), &[out], &Device::Cpu)?

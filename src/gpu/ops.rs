@@ -12,7 +12,7 @@ use crate::gpu::buffers::{storage_zeros, QuantWeight, WeightFormat};
 use crate::gpu::ops_guide::{LoraDown, LoraUp};
 use crate::gpu::uniforms::{
     AttentionParams, ElementwiseParams, EmbeddingParams, MatVecParams, RmsNormLoraParams,
-    RmsNormParams, RopeParams, Uniform,
+    RmsNormParams, Uniform,
 };
 use crate::gpu::{gpu_error, GpuContext};
 
@@ -34,13 +34,27 @@ pub enum RopeStyle {
     Interleaved,
 }
 
-/// What one RoPE op rotates.
-#[derive(Clone, Copy, Debug)]
-pub struct RopeShape {
-    /// Head vectors, e.g. `m · heads`.
-    pub vectors: usize,
-    pub head_dim: usize,
-    pub style: RopeStyle,
+/// What a matvec does with each value `v = (W · x)[i]` it computes (plus any LoRA
+/// delta): the ops that would otherwise follow it, folded into its store.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum MatVecStore {
+    /// `y[i] = v`.
+    #[default]
+    Write,
+    /// `y[i] += v`: the residual add.
+    Add,
+    /// `y[i] = silu(y[i]) · v`: SwiGLU, stored over the gate projection's output.
+    SiluGate,
+}
+
+impl MatVecStore {
+    fn shader_id(self) -> u32 {
+        match self {
+            Self::Write => 0,
+            Self::Add => 1,
+            Self::SiluGate => 2,
+        }
+    }
 }
 
 /// One compute dispatch.
@@ -92,13 +106,16 @@ pub struct AttentionShape {
     pub head_dim: usize,
     /// Positions the cache holds.
     pub capacity: usize,
+    /// How RoPE pairs the dimensions of a head.
+    pub rope: RopeStyle,
 }
 
 /// Buffers of one attention step.
 pub struct AttentionBuffers<'a> {
-    /// `[rows, heads, head_dim]`, already rotated.
+    /// `[rows, heads, head_dim]` as the projection left it; rotated in place.
     pub q: &'a wgpu::Buffer,
-    /// `[rows, kv_heads, head_dim]` each, k already rotated.
+    /// `[rows, kv_heads, head_dim]` each, as the projections left them (k is rotated
+    /// on its way into the cache).
     pub k_new: &'a wgpu::Buffer,
     pub v_new: &'a wgpu::Buffer,
     /// `[rows, kv_heads, capacity, head_dim]` each.
@@ -106,6 +123,8 @@ pub struct AttentionBuffers<'a> {
     pub v_cache: &'a wgpu::Buffer,
     /// `array<u32>`; the position is `pos[pos_index]`.
     pub pos: &'a wgpu::Buffer,
+    /// RoPE's `[head_dim / 2]` frequencies.
+    pub inv_freq: &'a wgpu::Buffer,
     /// `[rows, heads, head_dim]`.
     pub out: &'a wgpu::Buffer,
 }
@@ -147,11 +166,9 @@ fn shader_source(name: &str) -> &'static str {
         "matvec_rows" | "matvec_rows_lora" => include_str!("shaders/matvec_rows.wgsl"),
         "rms_norm" => include_str!("shaders/rms_norm.wgsl"),
         "rms_norm_lora" => include_str!("shaders/rms_norm_lora.wgsl"),
-        "rope" => include_str!("shaders/rope.wgsl"),
-        "silu_mul" => include_str!("shaders/silu_mul.wgsl"),
         "add" => include_str!("shaders/add.wgsl"),
         "embedding" => include_str!("shaders/embedding.wgsl"),
-        "kv_write" => include_str!("shaders/kv_write.wgsl"),
+        "rope_kv_write" => include_str!("shaders/rope_kv_write.wgsl"),
         "attention" => include_str!("shaders/attention.wgsl"),
         "lora_down" => include_str!("shaders/lora_down.wgsl"),
         "lora_down_rows" => include_str!("shaders/lora_down_rows.wgsl"),
@@ -162,17 +179,21 @@ fn shader_source(name: &str) -> &'static str {
 }
 
 /// Text prepended to a shader after its uniform struct: the shared weight decoder for
-/// shaders that decode weights, and matvec's store epilogue (with or without LoRA).
+/// shaders that decode weights, and matvec's store epilogues (how it stores, and the
+/// LoRA delta it adds or not).
 fn prelude(name: &str) -> String {
     let quant = include_str!("shaders/quant.wgsl");
     match name {
         "embedding" => quant.to_string(),
-        "matvec" | "matvec_rows" => {
-            format!("{quant}\nfn lora_delta(r: u32, i: u32) -> f32 {{ return 0.0; }}\n")
-        }
-        "matvec_lora" | "matvec_rows_lora" => {
-            format!("{quant}\n{}", include_str!("shaders/lora_epilogue.wgsl"))
-        }
+        "matvec" | "matvec_rows" => format!(
+            "{quant}\n{}\nfn lora_delta(r: u32, i: u32) -> f32 {{ return 0.0; }}\n",
+            include_str!("shaders/matvec_store.wgsl")
+        ),
+        "matvec_lora" | "matvec_rows_lora" => format!(
+            "{quant}\n{}\n{}",
+            include_str!("shaders/matvec_store.wgsl"),
+            include_str!("shaders/lora_epilogue.wgsl")
+        ),
         _ => String::new(),
     }
 }
@@ -309,7 +330,7 @@ impl Kernels {
         y: &wgpu::Buffer,
         m: usize,
     ) -> Result<Op> {
-        self.matvec_with(w, x, y, m, None)
+        self.matvec_with(w, x, y, m, None, MatVecStore::Write)
     }
 
     /// [`Kernels::matvec`] plus the LoRA delta of rows `up.first..m`, added as each
@@ -322,16 +343,19 @@ impl Kernels {
         m: usize,
         up: &LoraUp<'_>,
     ) -> Result<Op> {
-        self.matvec_with(w, x, y, m, Some(up))
+        self.matvec_with(w, x, y, m, Some(up), MatVecStore::Write)
     }
 
-    fn matvec_with(
+    /// [`Kernels::matvec`], with the LoRA delta of [`Kernels::matvec_lora`] if `up` is
+    /// given, stored as `store` says.
+    pub fn matvec_with(
         &self,
         w: &QuantWeight,
         x: &wgpu::Buffer,
         y: &wgpu::Buffer,
         m: usize,
         up: Option<&LoraUp<'_>>,
+        store: MatVecStore,
     ) -> Result<Op> {
         if !(1..=MAX_BATCH_ROWS).contains(&m) {
             return Err(gpu_error(format!(
@@ -359,7 +383,13 @@ impl Kernels {
         };
         let pipeline = self.pipeline::<MatVecParams>(
             shader,
-            Self::defines(Some(w.format), &format!("const M: u32 = {m}u;\n")),
+            Self::defines(
+                Some(w.format),
+                &format!(
+                    "const M: u32 = {m}u;\nconst STORE: u32 = {}u;\n",
+                    store.shader_id()
+                ),
+            ),
         );
         let mut dispatches = Vec::with_capacity(w.chunks.len());
         for chunk in &w.chunks {
@@ -482,61 +512,6 @@ impl Kernels {
             dispatches: vec![d],
         })
     }
-
-    /// In-place RoPE of `x` (`[vectors, head_dim]`, e.g. `[m·heads, head_dim]`) at
-    /// position `pos[pos_index]`; `inv_freq` is `[head_dim / 2]`.
-    pub fn rope(
-        &self,
-        shape: RopeShape,
-        x: &wgpu::Buffer,
-        inv_freq: &wgpu::Buffer,
-        pos: &wgpu::Buffer,
-        pos_index: usize,
-    ) -> Result<Op> {
-        let RopeShape {
-            vectors,
-            head_dim,
-            style,
-        } = shape;
-        if !head_dim.is_multiple_of(2) {
-            return Err(gpu_error(format!("rope: odd head_dim {head_dim}")));
-        }
-        need(x, vectors * head_dim, "x", "rope")?;
-        need(inv_freq, head_dim / 2, "inv_freq", "rope")?;
-        need(pos, pos_index + 1, "pos", "rope")?;
-        let params = RopeParams {
-            vectors: to_u32(vectors, "vectors")?,
-            head_dim: to_u32(head_dim, "head_dim")?,
-            pos_index: to_u32(pos_index, "pos_index")?,
-            _pad: 0,
-        };
-        let interleaved = style == RopeStyle::Interleaved;
-        let pipeline = self.pipeline::<RopeParams>(
-            "rope",
-            Self::defines(None, &format!("const INTERLEAVED: bool = {interleaved};\n")),
-        );
-        let pairs = to_u32(vectors * head_dim / 2, "pairs")?;
-        let d = self.dispatch(pipeline, &params, &[x, inv_freq, pos], pairs.div_ceil(WG));
-        Ok(Op {
-            label: "rope",
-            dispatches: vec![d],
-        })
-    }
-
-    /// `out = silu(gate) · up`, all `[n]`.
-    pub fn silu_mul(
-        &self,
-        gate: &wgpu::Buffer,
-        up: &wgpu::Buffer,
-        out: &wgpu::Buffer,
-        n: usize,
-    ) -> Result<Op> {
-        for (b, what) in [(gate, "gate"), (up, "up"), (out, "out")] {
-            need(b, n, what, "silu_mul")?;
-        }
-        self.elementwise("silu_mul", &[gate, up, out], n)
-    }
-
     /// `dst += src`, both `[n]` (the residual add).
     pub fn add_assign(&self, dst: &wgpu::Buffer, src: &wgpu::Buffer, n: usize) -> Result<Op> {
         need(dst, n, "dst", "add")?;
@@ -597,9 +572,10 @@ impl Kernels {
         })
     }
 
-    /// Writes k/v at `pos[pos_index]` into the caches, then attends one query per
-    /// (row, head) over positions `0..=pos`. Owns a `[rows, heads, capacity]` scratch
-    /// buffer for the scores. The caller keeps `pos < capacity`.
+    /// Rotates q and k by RoPE at `pos[pos_index]` and writes k/v there into the caches
+    /// (one dispatch), then attends one query per (row, head) over positions `0..=pos`.
+    /// Owns a `[rows, heads, capacity]` scratch buffer for the scores. The caller keeps
+    /// `pos < capacity`.
     pub fn attention(
         &self,
         shape: AttentionShape,
@@ -612,8 +588,13 @@ impl Kernels {
             kv_heads,
             head_dim,
             capacity,
+            rope,
         } = shape;
-        if kv_heads == 0 || !heads.is_multiple_of(kv_heads) || capacity == 0 {
+        if kv_heads == 0
+            || !heads.is_multiple_of(kv_heads)
+            || capacity == 0
+            || !head_dim.is_multiple_of(2)
+        {
             return Err(gpu_error(format!("attention: bad shape {shape:?}")));
         }
         need(b.q, rows * heads * head_dim, "q", "attention")?;
@@ -624,6 +605,7 @@ impl Kernels {
         need(b.k_cache, cache, "k_cache", "attention")?;
         need(b.v_cache, cache, "v_cache", "attention")?;
         need(b.pos, pos_index + 1, "pos", "attention")?;
+        need(b.inv_freq, head_dim / 2, "inv_freq", "attention")?;
         let params = AttentionParams {
             rows: to_u32(rows, "rows")?,
             heads: to_u32(heads, "heads")?,
@@ -635,11 +617,18 @@ impl Kernels {
             _pad: 0,
         };
         let scores = storage_zeros(&self.ctx, "attention scores", rows * heads * capacity);
+        let interleaved = rope == RopeStyle::Interleaved;
+        let pairs = to_u32((heads + kv_heads) * rows * head_dim / 2, "rope pairs")?;
         let write = self.dispatch(
-            self.pipeline::<AttentionParams>("kv_write", Self::defines(None, "")),
+            self.pipeline::<AttentionParams>(
+                "rope_kv_write",
+                Self::defines(None, &format!("const INTERLEAVED: bool = {interleaved};\n")),
+            ),
             &params,
-            &[b.k_new, b.v_new, b.k_cache, b.v_cache, b.pos],
-            to_u32(rows * kv_heads * head_dim, "kv values")?.div_ceil(WG),
+            &[
+                b.q, b.k_new, b.v_new, b.k_cache, b.v_cache, b.pos, b.inv_freq,
+            ],
+            pairs.div_ceil(WG),
         );
         let attend = self.dispatch(
             self.pipeline::<AttentionParams>("attention", Self::defines(None, "")),

@@ -68,16 +68,6 @@ uniform!(
 );
 
 uniform!(
-    /// RoPE over `vectors` head vectors of `head_dim`, position `pos[pos_index]`.
-    RopeParams {
-        vectors: u32,
-        head_dim: u32,
-        pos_index: u32,
-        _pad: u32,
-    }
-);
-
-uniform!(
     /// Elementwise ops over `n` values.
     ElementwiseParams {
         n: u32,

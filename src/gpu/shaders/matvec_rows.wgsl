@@ -3,7 +3,8 @@
 // SwiftShader), which run a workgroup's invocations as SIMD lanes and pay dearly for
 // every barrier; GPUs take `matvec.wgsl`, whose reads are coalesced.
 // Adds the LoRA delta as matvec.wgsl does.
-// Defines: WG, M (1..4), FMT.
+// Stores through store_y (matvec_store.wgsl).
+// Defines: WG, M (1..4), FMT, STORE.
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> w: array<u32>;
@@ -46,6 +47,6 @@ fn main(
     }
     for (var r = 0u; r < M; r++) {
         let i = p.row_offset + row;
-        y[r * p.y_stride + i] = acc[r] + lora_delta(r, i);
+        store_y(r * p.y_stride + i, acc[r] + lora_delta(r, i));
     }
 }

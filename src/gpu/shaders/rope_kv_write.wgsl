@@ -1,0 +1,65 @@
+// The step before attention, in one dispatch: the rotary embedding of q (in place)
+// and of the new k at position t = pos[pos_index], k and v written into the caches at
+// t. One thread per rotated pair: q's pairs first, then k's, each k thread also
+// copying the two v values at the same places. The preallocated caches are written in
+// place, never grown; positions at or past the capacity are not stored (the host
+// refuses them first). inv_freq comes from the host so Llama 3.1 scaling needs no
+// shader change. Defines: WG, INTERLEAVED (GGUF/Meta pairs (2i, 2i+1); otherwise HF
+// half-split pairs (i, i + d/2)).
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read_write> q: array<f32>;
+@group(0) @binding(2) var<storage, read> k_new: array<f32>;
+@group(0) @binding(3) var<storage, read> v_new: array<f32>;
+@group(0) @binding(4) var<storage, read_write> k_cache: array<f32>;
+@group(0) @binding(5) var<storage, read_write> v_cache: array<f32>;
+@group(0) @binding(6) var<storage, read> pos: array<u32>;
+@group(0) @binding(7) var<storage, read> inv_freq: array<f32>;
+
+/// Offsets of pair i within a head vector.
+fn pair(i: u32) -> vec2<u32> {
+    if (INTERLEAVED) {
+        return vec2<u32>(2u * i, 2u * i + 1u);
+    }
+    return vec2<u32>(i, i + p.head_dim / 2u);
+}
+
+@compute @workgroup_size(WG)
+fn main(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) tid: u32,
+) {
+    let gid = workgroup_index(wid, nwg) * WG + tid;
+    let half = p.head_dim / 2u;
+    let q_pairs = p.rows * p.heads * half;
+    if (gid >= q_pairs + p.rows * p.kv_heads * half) {
+        return;
+    }
+    let t = pos[p.pos_index];
+    let j = select(gid - q_pairs, gid, gid < q_pairs);
+    let vec = j / half;
+    let i = j % half;
+    let angle = f32(t) * inv_freq[i];
+    let c = cos(angle);
+    let s = sin(angle);
+    let off = pair(i);
+    let ab = vec * p.head_dim + off;
+    if (gid < q_pairs) {
+        let x0 = q[ab.x];
+        let x1 = q[ab.y];
+        q[ab.x] = x0 * c - x1 * s;
+        q[ab.y] = x0 * s + x1 * c;
+        return;
+    }
+    if (t >= p.capacity) {
+        return;
+    }
+    let x0 = k_new[ab.x];
+    let x1 = k_new[ab.y];
+    let at = (vec * p.capacity + t) * p.head_dim + off;
+    k_cache[at.x] = x0 * c - x1 * s;
+    k_cache[at.y] = x0 * s + x1 * c;
+    v_cache[at.x] = v_new[ab.x];
+    v_cache[at.y] = v_new[ab.y];
+}

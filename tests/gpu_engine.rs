@@ -123,6 +123,38 @@ fn tiny_models_with_lora_arms_match_the_f64_reference_in_every_format() {
     }
 }
 
+/// q, k and v stored in three formats: the engine's stacked q/k/v weight then holds
+/// all three as f32, which must match the candle engine reading each in its own format.
+#[test]
+fn qkv_in_mixed_formats_match_the_cpu_engine() {
+    let cfg = TinyConfig::default();
+    let model = TinyModel::random(&cfg, 35);
+    let lora = TinyLora::random(&cfg, 4, 8.0, &genarm::model::lora::TARGETS, 350);
+    let dir = temp_dir("gpu-mixed");
+    let path = dir.join("mixed.gguf");
+    model.write_gguf_mixed(&path, &|name| {
+        if name.contains(".q_proj.") {
+            GgmlDType::Q4_0
+        } else if name.contains(".k_proj.") {
+            GgmlDType::Q8_0
+        } else {
+            GgmlDType::Q4_1
+        }
+    });
+    let arm = dir.join("arm");
+    write_lora_dir(&arm, &lora, "hub/name");
+    let arms = [arm];
+    let want = cpu(&path, &arms, None).teacher_forced(&TOKENS).unwrap();
+    let got = gpu(&path, &arms, None).teacher_forced(&TOKENS).unwrap();
+    for (m, (g, w)) in got.iter().zip(&want).enumerate() {
+        for pos in 0..TOKENS.len() {
+            let w: Vec<f64> = w[pos].iter().map(|&v| f64::from(v)).collect();
+            let label = format!("mixed q/k/v model {m} position {pos}");
+            assert_close(&g[pos], &w, F32_ATOL, 0.0, &label);
+        }
+    }
+}
+
 #[test]
 fn qwen2_biases_and_tied_embeddings() {
     let cfg = TinyConfig {

@@ -537,18 +537,16 @@ fn rope_and_attention_gqa_over_positions() {
             capacity: cap,
             rope,
         };
-        let q = storage_zeros(ctx(), "q", nq);
-        let kn = storage_zeros(ctx(), "k_new", nkv);
-        let vn = storage_zeros(ctx(), "v_new", nkv);
+        // Each row's q, k and v side by side, as the stacked q/k/v matvec stores them.
+        let row_len = (heads + 2 * kvh) * hd;
+        let qkv = storage_zeros(ctx(), "qkv", rows * row_len);
         let kc = storage_zeros(ctx(), "k_cache", rows * kvh * cap * hd);
         let vc = storage_zeros(ctx(), "v_cache", rows * kvh * cap * hd);
         let pos = storage_u32(ctx(), "pos", &[0, 0, 0]);
         let fb = storage_f32(ctx(), "inv_freq", &inv_freq);
         let out = storage_zeros(ctx(), "out", nq);
         let bufs = AttentionBuffers {
-            q: &q,
-            k_new: &kn,
-            v_new: &vn,
+            qkv: &qkv,
             k_cache: &kc,
             v_cache: &vc,
             pos: &pos,
@@ -565,9 +563,21 @@ fn rope_and_attention_gqa_over_positions() {
             let qv: Vec<f32> = rng.vec(nq).iter().map(|v| v * 4.0).collect();
             let kv = rng.vec(nkv);
             let vv = rng.vec(nkv);
-            ctx().queue.write_buffer(&q, 0, bytemuck::cast_slice(&qv));
-            ctx().queue.write_buffer(&kn, 0, bytemuck::cast_slice(&kv));
-            ctx().queue.write_buffer(&vn, 0, bytemuck::cast_slice(&vv));
+            let packed: Vec<f32> = (0..rows)
+                .flat_map(|r| {
+                    let (q, k) = (
+                        &qv[r * heads * hd..][..heads * hd],
+                        &kv[r * kvh * hd..][..kvh * hd],
+                    );
+                    q.iter()
+                        .chain(k)
+                        .chain(&vv[r * kvh * hd..][..kvh * hd])
+                        .copied()
+                })
+                .collect();
+            ctx()
+                .queue
+                .write_buffer(&qkv, 0, bytemuck::cast_slice(&packed));
             ctx()
                 .queue
                 .write_buffer(&pos, 8, bytemuck::bytes_of(&(p as u32)));
@@ -583,7 +593,27 @@ fn rope_and_attention_gqa_over_positions() {
                 continue;
             }
             let what = format!("{rope:?} pos={p}");
-            let q_rot = read(&q, nq);
+            let qkv_now = read(&qkv, rows * row_len);
+            let (q_rot, unrotated): (Vec<f32>, Vec<f32>) = (
+                qkv_now
+                    .chunks(row_len)
+                    .flat_map(|row| row[..heads * hd].to_vec())
+                    .collect(),
+                qkv_now
+                    .chunks(row_len)
+                    .flat_map(|row| row[heads * hd..].to_vec())
+                    .collect(),
+            );
+            // k and v stay as written there; only the cache holds k rotated.
+            let kv_written: Vec<f32> = (0..rows)
+                .flat_map(|r| {
+                    kv[r * kvh * hd..][..kvh * hd]
+                        .iter()
+                        .chain(&vv[r * kvh * hd..][..kvh * hd])
+                        .copied()
+                })
+                .collect();
+            assert_eq!(unrotated, kv_written, "{what}: k/v in qkv");
             let [q_want, q_mag] = rope_ref(&qv, hd, &inv_freq, p as u32, rope);
             check(&format!("rope q {what}"), &q_rot, &q_want, |i| {
                 1e-3 * q_mag[i] + 1e-7

@@ -42,9 +42,8 @@ pub struct GpuLlama {
 struct Scratch {
     x: wgpu::Buffer,
     xn: wgpu::Buffer,
-    q: wgpu::Buffer,
-    k: wgpu::Buffer,
-    v: wgpu::Buffer,
+    /// q, k and v of each row side by side: `[rows, (heads + 2·kv_heads)·head_dim]`.
+    qkv: wgpu::Buffer,
     attn: wgpu::Buffer,
     /// The gate projection, then silu(gate)·up stored over it (`MatVecStore::SiluGate`).
     act: wgpu::Buffer,
@@ -96,9 +95,7 @@ impl GpuLlama {
         let s = Scratch {
             x: storage_zeros(ctx, "x", m * h),
             xn: storage_zeros(ctx, "xn", m * h),
-            q: storage_zeros(ctx, "q", m * q_out),
-            k: storage_zeros(ctx, "k", m * kv_out),
-            v: storage_zeros(ctx, "v", m * kv_out),
+            qkv: storage_zeros(ctx, "qkv", m * (q_out + 2 * kv_out)),
             attn: storage_zeros(ctx, "attn", m * q_out),
             act: storage_zeros(ctx, "act", m * inter),
             // The widest LoRA group is q/k/v: three stacked ranks per row.
@@ -136,42 +133,14 @@ impl GpuLlama {
                 format!("{attn}.k_proj"),
                 format!("{attn}.v_proj"),
             );
-            let qkv = b.lora_group(
-                &[
-                    Projection::qk(&q_proj, h, q_out, cfg.num_heads),
-                    Projection::qk(&k_proj, h, kv_out, cfg.num_kv_heads),
-                    Projection::new(&v_proj, h, kv_out),
-                ],
-                &s.lora_t,
-            )?;
+            let projections = [
+                Projection::qk(&q_proj, h, q_out, cfg.num_heads),
+                Projection::qk(&k_proj, h, kv_out, cfg.num_kv_heads),
+                Projection::new(&v_proj, h, kv_out),
+            ];
+            let qkv = b.lora_group(&projections, &s.lora_t, true)?;
             b.norm_and_lora_down(&s.x, &norm, &s.xn, &qkv, &s.lora_t)?;
-            b.linear(
-                &q_proj,
-                h,
-                q_out,
-                &s.xn,
-                &s.q,
-                qkv.up(0, &s.lora_t),
-                MatVecStore::Write,
-            )?;
-            b.linear(
-                &k_proj,
-                h,
-                kv_out,
-                &s.xn,
-                &s.k,
-                qkv.up(1, &s.lora_t),
-                MatVecStore::Write,
-            )?;
-            b.linear(
-                &v_proj,
-                h,
-                kv_out,
-                &s.xn,
-                &s.v,
-                qkv.up(2, &s.lora_t),
-                MatVecStore::Write,
-            )?;
+            b.stacked_linear(&projections, &s.xn, &s.qkv, qkv.up(0, &s.lora_t))?;
             let k_cache = storage_zeros(ctx, "k cache", m * cfg.num_kv_heads * capacity * hd);
             let v_cache = storage_zeros(ctx, "v cache", m * cfg.num_kv_heads * capacity * hd);
             let shape = AttentionShape {
@@ -183,9 +152,7 @@ impl GpuLlama {
                 rope: style,
             };
             let buffers = AttentionBuffers {
-                q: &s.q,
-                k_new: &s.k,
-                v_new: &s.v,
+                qkv: &s.qkv,
                 k_cache: &k_cache,
                 v_cache: &v_cache,
                 pos: cur,
@@ -194,7 +161,7 @@ impl GpuLlama {
             };
             b.ops.push(kernels.attention(shape, &buffers, CUR_POS)?);
             let o_proj = format!("{attn}.o_proj");
-            let o = b.lora_group(&[Projection::new(&o_proj, q_out, h)], &s.lora_t)?;
+            let o = b.lora_group(&[Projection::new(&o_proj, q_out, h)], &s.lora_t, false)?;
             b.lora_down(&o, &s.attn, &s.lora_t)?;
             // The residual add is o_proj's store.
             b.linear(
@@ -220,6 +187,7 @@ impl GpuLlama {
                     Projection::new(&up_proj, h, inter),
                 ],
                 &s.lora_t,
+                false,
             )?;
             b.norm_and_lora_down(&s.x, &norm, &s.xn, &gate_up, &s.lora_t)?;
             // up_proj stores silu(gate) · up over gate_proj's output, and down_proj adds
@@ -244,7 +212,7 @@ impl GpuLlama {
                 up_lora,
                 MatVecStore::SiluGate,
             )?;
-            let down = b.lora_group(&[Projection::new(&down_proj, inter, h)], &s.lora_t)?;
+            let down = b.lora_group(&[Projection::new(&down_proj, inter, h)], &s.lora_t, false)?;
             b.lora_down(&down, &s.act, &s.lora_t)?;
             let down_lora = down.up(0, &s.lora_t);
             b.linear(
@@ -321,32 +289,79 @@ impl Builder<'_> {
     /// Uploads a `[rows, cols]` weight: Q4_0/Q4_1/Q8_0 blocks as stored, anything else
     /// (F16, BF16, K-quants) dequantised to f32, which the f32 kernels read exactly.
     fn weight(&mut self, name: &str, rows: usize, cols: usize) -> Result<QuantWeight> {
+        let (format, bytes) = self.weight_data(name, rows, cols, false)?;
+        let w = self.upload(name, format, rows, cols, &bytes)?;
+        if name != "model.embed_tokens.weight" {
+            self.weight_bytes += weight_size(&w);
+        }
+        Ok(w)
+    }
+
+    /// Projections that read one input, stacked into one `[Σ rows, cols]` weight so one
+    /// matvec computes them all (their outputs side by side in each batch row). In their
+    /// stored format when they share it, else all dequantised to f32.
+    fn stacked_weight(
+        &mut self,
+        label: &str,
+        parts: &[(&str, usize)],
+        cols: usize,
+    ) -> Result<QuantWeight> {
+        let mut data = Vec::with_capacity(parts.len());
+        for &(name, rows) in parts {
+            data.push(self.weight_data(name, rows, cols, false)?);
+        }
+        if data.iter().any(|(f, _)| *f != data[0].0) {
+            data.clear();
+            for &(name, rows) in parts {
+                data.push(self.weight_data(name, rows, cols, true)?);
+            }
+        }
+        let bytes: Vec<u8> = data.iter().flat_map(|(_, b)| b.iter().copied()).collect();
+        let rows = parts.iter().map(|p| p.1).sum();
+        let w = self.upload(label, data[0].0, rows, cols, &bytes)?;
+        self.weight_bytes += weight_size(&w);
+        Ok(w)
+    }
+
+    /// A weight's format and bytes as [`Builder::weight`] uploads them, or as f32 with
+    /// `dequantise`.
+    fn weight_data(
+        &self,
+        name: &str,
+        rows: usize,
+        cols: usize,
+        dequantise: bool,
+    ) -> Result<(WeightFormat, Vec<u8>)> {
         let w = self.src.load_shaped(name, &[rows, cols], &Device::Cpu)?;
-        let (format, bytes) = match &w {
+        Ok(match &w {
             Weight::Quantized(q) => match q.dtype() {
-                GgmlDType::Q4_0 => (WeightFormat::Q4_0, q.data()?.into_owned()),
-                GgmlDType::Q4_1 => (WeightFormat::Q4_1, q.data()?.into_owned()),
-                GgmlDType::Q8_0 => (WeightFormat::Q8_0, q.data()?.into_owned()),
+                GgmlDType::Q4_0 if !dequantise => (WeightFormat::Q4_0, q.data()?.into_owned()),
+                GgmlDType::Q4_1 if !dequantise => (WeightFormat::Q4_1, q.data()?.into_owned()),
+                GgmlDType::Q8_0 if !dequantise => (WeightFormat::Q8_0, q.data()?.into_owned()),
                 _ => (WeightFormat::F32, f32_bytes(&q.dequantize(&Device::Cpu)?)?),
             },
             Weight::Dense(t) => (WeightFormat::F32, f32_bytes(t)?),
-        };
-        drop(w);
-        let label = name.to_string();
-        let qw = QuantWeight::upload(
+        })
+    }
+
+    fn upload(
+        &self,
+        label: &str,
+        format: WeightFormat,
+        rows: usize,
+        cols: usize,
+        bytes: &[u8],
+    ) -> Result<QuantWeight> {
+        QuantWeight::upload(
             self.kernels.context(),
-            &label,
+            label,
             format,
             rows,
             cols,
-            &bytes,
+            bytes,
             u64::MAX,
         )
-        .map_err(|e| gpu_error(format!("{}: {e}", self.src.path().display())))?;
-        if name != "model.embed_tokens.weight" {
-            self.weight_bytes += weight_size(&qw);
-        }
-        Ok(qw)
+        .map_err(|e| gpu_error(format!("{}: {e}", self.src.path().display())))
     }
 
     /// A 1-D f32 weight (norms, biases).
@@ -361,7 +376,7 @@ impl Builder<'_> {
     }
 
     /// `y = W · x` for every row, plus each ARM row's LoRA delta (`lora`, from the
-    /// projection's group), plus the projection's bias, stored as `store` says.
+    /// projection's group), stored as `store` says.
     #[allow(clippy::too_many_arguments)]
     fn linear(
         &mut self,
@@ -373,44 +388,79 @@ impl Builder<'_> {
         lora: Option<LoraUp<'_>>,
         store: MatVecStore,
     ) -> Result<()> {
-        let m = self.rows.len();
         let w = self.weight(&format!("{module}.weight"), out, inp)?;
         let op = self
             .kernels
-            .matvec_with(&w, x, y, m, lora.as_ref(), store)?;
+            .matvec_with(&w, x, y, self.rows.len(), lora.as_ref(), store)?;
         self.ops.push(op);
-        if self.cfg.attention_bias && module.contains(".self_attn.") && !module.ends_with("o_proj")
-        {
-            // Only q/k/v have a bias, and they are written, so the bias adds after.
-            debug_assert_eq!(store, MatVecStore::Write);
-            let bias = self
-                .src
-                .load_dense(&format!("{module}.bias"), &[out], &Device::Cpu)?
-                .to_vec1::<f32>()?;
-            // One copy per row, so the residual-add kernel applies it to every row.
-            let per_row: Vec<f32> = bias.iter().copied().cycle().take(m * out).collect();
+        Ok(())
+    }
+
+    /// Projections that read one input as one matvec ([`Builder::stacked_weight`]):
+    /// `y` is `[rows, Σ outs]`, each row its projections' outputs side by side, plus
+    /// the group's stacked LoRA delta and, where the config has them (Qwen2's q/k/v),
+    /// the biases.
+    fn stacked_linear(
+        &mut self,
+        parts: &[Projection<'_>],
+        x: &wgpu::Buffer,
+        y: &wgpu::Buffer,
+        lora: Option<LoraUp<'_>>,
+    ) -> Result<()> {
+        let names: Vec<String> = parts
+            .iter()
+            .map(|p| format!("{}.weight", p.module))
+            .collect();
+        let shapes: Vec<(&str, usize)> = names
+            .iter()
+            .map(String::as_str)
+            .zip(parts.iter().map(|p| p.out))
+            .collect();
+        let w = self.stacked_weight(&names.join(" + "), &shapes, parts[0].inp)?;
+        let m = self.rows.len();
+        let op = self
+            .kernels
+            .matvec_with(&w, x, y, m, lora.as_ref(), MatVecStore::Write)?;
+        self.ops.push(op);
+        if self.cfg.attention_bias {
+            let mut bias = Vec::with_capacity(w.rows);
+            for p in parts {
+                let name = format!("{}.bias", p.module);
+                bias.extend(
+                    self.src
+                        .load_dense(&name, &[p.out], &Device::Cpu)?
+                        .to_vec1::<f32>()?,
+                );
+            }
+            // One copy per row, so the add kernel applies it to every row.
+            let per_row = bias.repeat(m);
             let bias = storage_f32(self.kernels.context(), "bias", &per_row);
-            self.ops.push(self.kernels.add_assign(y, &bias, m * out)?);
+            self.ops
+                .push(self.kernels.add_assign(y, &bias, per_row.len())?);
         }
         Ok(())
     }
 
     /// Uploads the LoRA factors of projections that read the same input: the rows' A
     /// matrices stacked for one down-projection into `t` (see [`Builder::lora_down`]),
-    /// each projection's B for the up half its matvec adds. Rows from the first adapted
-    /// one on take part; a row whose adapter lacks a projection gets zeros there.
+    /// each projection's B for the up half its matvec adds — or, with `stacked_up`, one
+    /// B for all of them for their [`Builder::stacked_linear`], block-diagonal over the
+    /// slots of `t`. Rows from the first adapted one on take part; a row whose adapter
+    /// lacks a projection gets zeros there.
     fn lora_group(
         &mut self,
         projections: &[Projection<'_>],
         t: &wgpu::Buffer,
+        stacked_up: bool,
     ) -> Result<LoraGroup> {
+        let up_count = if stacked_up { 1 } else { projections.len() };
         let adapted = |p: &Projection<'_>, row: &Option<&LoraAdapter>| {
             row.is_some_and(|a| a.modules.contains_key(p.module))
         };
         let Some(first) =
             (0..self.rows.len()).find(|&r| projections.iter().any(|p| adapted(p, &self.rows[r])))
         else {
-            return Ok(LoraGroup::none(projections.len()));
+            return Ok(LoraGroup::none(up_count));
         };
         let arms = self.rows.len() - first;
         let rank = self.max_rank;
@@ -427,10 +477,11 @@ impl Builder<'_> {
         let stacked = slots.iter().flatten().count() * rank;
         let inp = projections[0].inp;
         let mut a_stack = vec![0f32; arms * stacked * inp];
-        let mut ups = Vec::with_capacity(projections.len());
+        // Each adapted projection's B as `[arms, out, rank]`.
+        let mut b_stacks = Vec::with_capacity(projections.len());
         for (p, slot) in projections.iter().zip(&slots) {
             let Some(slot) = *slot else {
-                ups.push(None);
+                b_stacks.push(None);
                 continue;
             };
             let mut b_stack = vec![0f32; arms * p.out * rank];
@@ -472,15 +523,41 @@ impl Builder<'_> {
                     b_stack[at..at + r].copy_from_slice(b_row);
                 }
             }
-            ups.push(Some((
-                storage_f32(self.kernels.context(), "lora B", &b_stack),
-                slot * rank,
-            )));
+            b_stacks.push(Some(b_stack));
         }
+        let ctx = self.kernels.context();
+        let ups = if stacked_up {
+            let total: usize = projections.iter().map(|p| p.out).sum();
+            let mut all = vec![0f32; arms * total * stacked];
+            let mut row0 = 0;
+            for ((p, slot), b) in projections.iter().zip(&slots).zip(&b_stacks) {
+                if let (Some(slot), Some(b)) = (slot, b) {
+                    for a in 0..arms {
+                        for i in 0..p.out {
+                            let from = (a * p.out + i) * rank;
+                            let to = (a * total + row0 + i) * stacked + slot * rank;
+                            all[to..to + rank].copy_from_slice(&b[from..from + rank]);
+                        }
+                    }
+                }
+                row0 += p.out;
+            }
+            vec![Some((storage_f32(ctx, "lora B", &all), 0, stacked))]
+        } else {
+            let slotted = slots.iter().zip(&b_stacks);
+            slotted
+                .map(|(slot, b)| {
+                    Some((
+                        storage_f32(ctx, "lora B", b.as_ref()?),
+                        (*slot)? * rank,
+                        rank,
+                    ))
+                })
+                .collect()
+        };
         need(t, arms * stacked, "lora t", "LoRA group")?;
         Ok(LoraGroup {
             first,
-            rank,
             stride: stacked,
             a: Some(storage_f32(self.kernels.context(), "lora A", &a_stack)),
             inp,
@@ -551,24 +628,23 @@ impl<'a> Projection<'a> {
 /// each projection's B stack with its offset in `t`.
 struct LoraGroup {
     first: usize,
-    rank: usize,
     /// Stacked rank: `t` values per adapted row.
     stride: usize,
     /// `[arms, stride, inp]`; `None` when no row adapts any projection of the group.
     a: Option<wgpu::Buffer>,
     inp: usize,
-    ups: Vec<Option<(wgpu::Buffer, usize)>>,
+    /// Each up half: B `[arms, outputs, rank]`, its offset in `t` and its rank.
+    ups: Vec<Option<(wgpu::Buffer, usize, usize)>>,
 }
 
 impl LoraGroup {
-    fn none(projections: usize) -> Self {
+    fn none(ups: usize) -> Self {
         Self {
             first: 0,
-            rank: 0,
             stride: 0,
             a: None,
             inp: 0,
-            ups: (0..projections).map(|_| None).collect(),
+            ups: (0..ups).map(|_| None).collect(),
         }
     }
 
@@ -584,13 +660,13 @@ impl LoraGroup {
         })
     }
 
-    /// Projection `i`'s up half, if any row adapts it.
+    /// Up half `i` (a projection's, or the stacked one), if any row adapts it.
     fn up<'a>(&'a self, i: usize, t: &'a wgpu::Buffer) -> Option<LoraUp<'a>> {
-        self.ups[i].as_ref().map(|(b, t_offset)| LoraUp {
+        self.ups[i].as_ref().map(|(b, t_offset, rank)| LoraUp {
             b,
             t,
             first: self.first,
-            rank: self.rank,
+            rank: *rank,
             t_offset: *t_offset,
             t_stride: self.stride,
         })

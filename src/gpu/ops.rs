@@ -112,12 +112,10 @@ pub struct AttentionShape {
 
 /// Buffers of one attention step.
 pub struct AttentionBuffers<'a> {
-    /// `[rows, heads, head_dim]` as the projection left it; rotated in place.
-    pub q: &'a wgpu::Buffer,
-    /// `[rows, kv_heads, head_dim]` each, as the projections left them (k is rotated
-    /// on its way into the cache).
-    pub k_new: &'a wgpu::Buffer,
-    pub v_new: &'a wgpu::Buffer,
+    /// Each row's q `[heads, head_dim]`, k and v `[kv_heads, head_dim]` side by side, as
+    /// the stacked q/k/v projection leaves them: `[rows, (heads + 2·kv_heads)·head_dim]`.
+    /// q is rotated in place; k is rotated on its way into the cache.
+    pub qkv: &'a wgpu::Buffer,
     /// `[rows, kv_heads, capacity, head_dim]` each.
     pub k_cache: &'a wgpu::Buffer,
     pub v_cache: &'a wgpu::Buffer,
@@ -597,10 +595,13 @@ impl Kernels {
         {
             return Err(gpu_error(format!("attention: bad shape {shape:?}")));
         }
-        need(b.q, rows * heads * head_dim, "q", "attention")?;
+        need(
+            b.qkv,
+            rows * (heads + 2 * kv_heads) * head_dim,
+            "qkv",
+            "attention",
+        )?;
         need(b.out, rows * heads * head_dim, "out", "attention")?;
-        need(b.k_new, rows * kv_heads * head_dim, "k_new", "attention")?;
-        need(b.v_new, rows * kv_heads * head_dim, "v_new", "attention")?;
         let cache = rows * kv_heads * capacity * head_dim;
         need(b.k_cache, cache, "k_cache", "attention")?;
         need(b.v_cache, cache, "v_cache", "attention")?;
@@ -625,15 +626,13 @@ impl Kernels {
                 Self::defines(None, &format!("const INTERLEAVED: bool = {interleaved};\n")),
             ),
             &params,
-            &[
-                b.q, b.k_new, b.v_new, b.k_cache, b.v_cache, b.pos, b.inv_freq,
-            ],
+            &[b.qkv, b.k_cache, b.v_cache, b.pos, b.inv_freq],
             pairs.div_ceil(WG),
         );
         let attend = self.dispatch(
             self.pipeline::<AttentionParams>("attention", Self::defines(None, "")),
             &params,
-            &[b.q, b.k_cache, b.v_cache, b.pos, &scores, b.out],
+            &[b.qkv, b.k_cache, b.v_cache, b.pos, &scores, b.out],
             params.rows * params.heads,
         );
         Ok(Op {

@@ -426,6 +426,22 @@ impl TinyModel {
         tokens: Option<&[String]>,
         tokenizer_model: &str,
     ) {
+        self.write_gguf_as(path, &|_| dtype, tokens, tokenizer_model)
+    }
+
+    /// `write_gguf` with each matrix's type chosen by its HF name (mixed-type files
+    /// such as llama.cpp's Q4_K_M).
+    pub fn write_gguf_mixed(&self, path: &Path, dtype_of: &dyn Fn(&str) -> GgmlDType) {
+        self.write_gguf_as(path, dtype_of, None, "gpt2")
+    }
+
+    fn write_gguf_as(
+        &self,
+        path: &Path,
+        dtype_of: &dyn Fn(&str) -> GgmlDType,
+        tokens: Option<&[String]>,
+        tokenizer_model: &str,
+    ) {
         let cfg = &self.config;
         let mut metadata: Vec<(&str, gguf_file::Value)> = vec![
             (
@@ -496,7 +512,7 @@ impl TinyModel {
                 }
                 None => data.clone(),
             };
-            qtensors.push((name, quantize(shape, &data, dtype)));
+            qtensors.push((name, quantize(shape, &data, dtype_of(hf_name))));
         }
 
         let meta_refs: Vec<(&str, &gguf_file::Value)> =

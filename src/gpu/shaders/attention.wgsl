@@ -1,10 +1,11 @@
 // out[r, h, :] = softmax_t(q[r, h]·k[r, g, t] · scale) · v[r, g, t, :] over t = 0..=pos,
-// g = h / (heads / kv_heads) (grouped-query attention). One workgroup per (row, head):
+// g = h / (heads / kv_heads) (grouped-query attention); q is read from the stacked
+// q/k/v rows, `[heads + 2·kv_heads, head_dim]` each. One workgroup per (row, head):
 // scores go to a scratch buffer (the context can exceed workgroup memory), max and
 // sum are tree reductions. Defines: WG (power of two).
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> q: array<f32>;
+@group(0) @binding(1) var<storage, read> qkv: array<f32>;
 @group(0) @binding(2) var<storage, read> k_cache: array<f32>;
 @group(0) @binding(3) var<storage, read> v_cache: array<f32>;
 @group(0) @binding(4) var<storage, read> pos: array<u32>;
@@ -26,7 +27,8 @@ fn main(
     let g = h / (p.heads / p.kv_heads);
     let n = select(0u, min(pos[p.pos_index], p.capacity - 1u) + 1u, live);
     let hd = p.head_dim;
-    let qb = idx * hd;
+    let qb = r * (p.heads + 2u * p.kv_heads) * hd + h * hd;
+    let ob = idx * hd;
     let cb = (r * p.kv_heads + g) * p.capacity * hd;
     let sb = idx * p.capacity;
 
@@ -34,7 +36,7 @@ fn main(
     for (var t = tid; t < n; t += WG) {
         var s = 0.0;
         for (var d = 0u; d < hd; d++) {
-            s += q[qb + d] * k_cache[cb + t * hd + d];
+            s += qkv[qb + d] * k_cache[cb + t * hd + d];
         }
         s *= p.scale;
         scores[sb + t] = s;
@@ -75,6 +77,6 @@ fn main(
         for (var t = 0u; t < n; t++) {
             acc += scores[sb + t] * v_cache[cb + t * hd + d];
         }
-        out[qb + d] = acc / sum;
+        out[ob + d] = acc / sum;
     }
 }

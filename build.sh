@@ -316,6 +316,11 @@ train_demo_arms() {
     --lora-layers 6 --beta-r 0.02 --sft-weight 1 --lr 1e-3 --batch-size 16 --micro-batch 8 --warmup 10 \
     --eval-frac 0.05 --max-prompt-len 64 --max-len 112 --seed 2 --resume --name concise \
     --objective "fewer tokens for a complete answer" --base-name HuggingFaceTB/SmolLM2-135M-Instruct
+  # Both ARMs at once: the 4 x 4 alpha grid, its Pareto front and hypervolume (docs/eval-2d).
+  $bin eval --model "$DEMO_MODEL" --arm www/arms/positive --arm www/arms/concise \
+    --prompts "$dir/sent-eval.txt" --limit 100 --chat --template "Complete this sentence: {}" \
+    --scorer length --scorer sentiment --scorer sentiment-afinn --alphas 0,0.5,1,2 \
+    --max-new-tokens 40 --seed 7 --data-dir "$DATA_DIR" --out "$dir/eval-2d"
 }
 
 cmd="${1:-run}"

@@ -397,6 +397,11 @@ fn eval_writes_every_documented_file() {
     let pareto: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("pareto.json")).unwrap()).unwrap();
     assert!(pareto["hypervolume"].as_f64().unwrap() >= 0.0);
+    // The front trades off the first two scorers in the order given, not sorted.
+    assert_eq!(
+        pareto["objectives"],
+        serde_json::json!(["sentiment", "concise"])
+    );
 }
 
 #[test]

@@ -420,7 +420,7 @@ struct EvalArgs {
     data_dir: PathBuf,
     /// Output directory: samples.jsonl, summary.json, summary.csv, results.md,
     /// reward_vs_alpha.svg, and with two or more scorers
-    /// pareto.json + pareto.svg (the front over the first two).
+    /// pareto.json + pareto.svg (the front over the first two, in --scorer order).
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
     /// A baseline to compare with (repeatable), on the same prompts, seeds and scorers:
@@ -1229,7 +1229,13 @@ fn cmd_eval(args: EvalArgs) -> Result<()> {
     let summary = summarise(&records, &all_settings);
     write_summary(&args.out, &summary)?;
     // The plots are about the α grid; the baselines are in the table.
-    write_eval_plots(&args, &summary[..settings.len()])?;
+    let mut scorer_names: Vec<String> = Vec::new();
+    for s in &scorers {
+        if !scorer_names.iter().any(|n| n == s.name()) {
+            scorer_names.push(s.name().to_string());
+        }
+    }
+    write_eval_plots(&args, &scorer_names, &summary[..settings.len()])?;
     let command: Vec<String> = std::env::args().collect();
     genarm::eval::report::write_report(&args.out, &summary, &command.join(" "))?;
     for s in &summary {
@@ -1330,40 +1336,51 @@ fn run_eval_baselines(
 
 /// reward_vs_alpha.svg (each ARM's α with the others at 0), and for two scorers the
 /// Pareto front of the settings' mean scores with its hypervolume.
-fn write_eval_plots(args: &EvalArgs, summary: &[genarm::eval::run::SettingSummary]) -> Result<()> {
+/// `names` are the scorers in `--scorer` order.
+fn write_eval_plots(
+    args: &EvalArgs,
+    names: &[String],
+    summary: &[genarm::eval::run::SettingSummary],
+) -> Result<()> {
     use genarm::eval::pareto::{hypervolume, pareto_front};
-    use genarm::eval::plot::{line_chart, pareto_chart, Series};
-    let names: Vec<String> = summary[0].scores.keys().cloned().collect();
-    let mut series = Vec::new();
-    for arm in 0..args.models.arms.len() {
-        for name in &names {
-            let points = summary
-                .iter()
-                .filter(|s| {
-                    s.alphas
+    use genarm::eval::plot::{line_panels, pareto_chart, Series};
+    // One panel per scorer (their scales differ), one line per ARM.
+    let panels: Vec<(String, Vec<Series>)> = names
+        .iter()
+        .map(|name| {
+            let series = (0..args.models.arms.len())
+                .map(|arm| Series {
+                    label: format!(
+                        "α of {} (the others 0)",
+                        args.models.arms[arm].path.display()
+                    ),
+                    points: summary
                         .iter()
-                        .enumerate()
-                        .all(|(i, &a)| i == arm || a == 0.0)
-                })
-                .map(|s| {
-                    (
-                        s.alphas[arm] as f64,
-                        s.scores[name].mean,
-                        s.scores[name].ci95,
-                    )
+                        .filter(|s| {
+                            s.alphas
+                                .iter()
+                                .enumerate()
+                                .all(|(i, &a)| i == arm || a == 0.0)
+                        })
+                        .map(|s| {
+                            (
+                                s.alphas[arm] as f64,
+                                s.scores[name].mean,
+                                s.scores[name].ci95,
+                            )
+                        })
+                        .collect(),
                 })
                 .collect();
-            series.push(Series {
-                label: format!("{name} vs α of {}", args.models.arms[arm].path.display()),
-                points,
-            });
-        }
-    }
-    if !series.is_empty() {
-        let svg = line_chart("mean score vs ARM weight (95% CI)", "α", "score", &series);
+            (name.clone(), series)
+        })
+        .collect();
+    if !args.models.arms.is_empty() {
+        let svg = line_panels("mean score vs ARM weight (95% CI)", "α", &panels);
         std::fs::write(args.out.join("reward_vs_alpha.svg"), svg)?;
     }
-    // The front is over the first two scorers; any others are reported, not traded off.
+    // The front is over the first two scorers given; any others are reported, not
+    // traded off.
     if names.len() >= 2 {
         let names = &names[..2];
         let points: Vec<(f64, f64)> = summary

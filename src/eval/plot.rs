@@ -1,5 +1,6 @@
-//! Small self-contained SVG charts for evaluation results: a line with error bars
-//! (reward vs α) and a scatter with its Pareto front (two objectives).
+//! Small self-contained SVG charts for evaluation results: lines with error bars
+//! (reward vs α), stacked in panels for scores on different scales, and a scatter with
+//! its Pareto front (two objectives).
 
 use std::fmt::Write;
 
@@ -147,7 +148,26 @@ pub fn line_chart(title: &str, x_label: &str, y_label: &str, series: &[Series]) 
     svg
 }
 
-/// All points, with the Pareto front connected and labelled.
+/// One [`line_chart`] per panel, stacked top to bottom, each with its own y axis: for
+/// scores on different scales (a length in tokens beside a sentiment sum). A panel is
+/// its y label and its series; `title` heads the first.
+pub fn line_panels(title: &str, x_label: &str, panels: &[(String, Vec<Series>)]) -> String {
+    let height = H * panels.len().max(1) as f64;
+    let mut svg = format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{height}" viewBox="0 0 {W} {height}" font-family="sans-serif">"#
+    );
+    for (i, (y_label, series)) in panels.iter().enumerate() {
+        let chart = line_chart(if i == 0 { title } else { "" }, x_label, y_label, series);
+        // Each panel is a nested <svg>, placed by its y.
+        svg.push_str(&chart.replacen("<svg ", &format!(r#"<svg y="{}" "#, H * i as f64), 1));
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
+
+/// All points, with the Pareto front connected; the front's points and the first
+/// point (the reference setting) are labelled, the others only drawn, so a crowded
+/// dominated corner stays legible.
 pub fn pareto_chart(
     title: &str,
     x_label: &str,
@@ -168,17 +188,24 @@ pub fn pareto_chart(
         COLOURS[1],
         path.join(" ")
     );
-    for ((x, y), label) in points {
+    for (i, ((x, y), label)) in points.iter().enumerate() {
+        let on_front = front.contains(&(*x, *y));
         let _ = write!(
             svg,
-            r#"<circle cx="{:.1}" cy="{:.1}" r="4" fill="{}"/><text x="{:.1}" y="{:.1}" font-size="10">{}</text>"#,
+            r#"<circle cx="{:.1}" cy="{:.1}" r="4" fill="{}"/>"#,
             frame.x(*x),
             frame.y(*y),
-            COLOURS[0],
-            frame.x(*x) + 6.0,
-            frame.y(*y) - 4.0,
-            escape(label)
+            if on_front { COLOURS[1] } else { COLOURS[0] },
         );
+        if on_front || i == 0 {
+            let _ = write!(
+                svg,
+                r#"<text x="{:.1}" y="{:.1}" font-size="10">{}</text>"#,
+                frame.x(*x) + 6.0,
+                frame.y(*y) - 4.0,
+                escape(label)
+            );
+        }
     }
     svg.push_str("</svg>\n");
     svg
@@ -251,5 +278,26 @@ mod tests {
             &[(0.0, 1.0), (1.0, 0.0)],
         );
         assert_eq!(p.matches("<circle").count(), 2);
+        // The dominated point is drawn, not labelled; the reference (first) is labelled.
+        let p = pareto_chart(
+            "front",
+            "a",
+            "b",
+            &[
+                ((0.0, 0.0), "ref".into()),
+                ((1.0, 1.0), "best".into()),
+                ((0.5, 0.2), "dominated".into()),
+            ],
+            &[(1.0, 1.0)],
+        );
+        assert_eq!(p.matches("<circle").count(), 3);
+        assert!(p.contains(">ref<") && p.contains(">best<") && !p.contains("dominated"));
+        let panels = line_panels(
+            "reward vs α",
+            "α",
+            &[("length".into(), vec![]), ("sentiment".into(), vec![])],
+        );
+        assert_eq!(panels.matches("<svg").count(), 3);
+        assert!(panels.contains(r#"<svg y="380" "#) && panels.trim_end().ends_with("</svg>"));
     }
 }

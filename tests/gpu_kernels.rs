@@ -206,6 +206,44 @@ fn matvec_forced_chunking() {
     matvec_case(WeightFormat::Q8_0, 49152, 576, 4 << 20, 200);
 }
 
+/// The LoRA delta of [`matvec_lora_ref`]: rows `first..` add `Σ_k B[arm, i, k] · t(arm, k)`.
+struct LoraRef<'a> {
+    first: usize,
+    rank: usize,
+    /// `[arms, rows, rank]`.
+    b: &'a [f32],
+    t: &'a dyn Fn(usize, usize) -> f64,
+}
+
+/// `y = W · x` (+ the LoRA delta) for `m` batch rows in f64, and per output the
+/// magnitude Σ|terms| its tolerance scales with.
+fn matvec_lora_ref(
+    w: &[f32],
+    x: &[f32],
+    rows: usize,
+    cols: usize,
+    m: usize,
+    lora: &LoraRef<'_>,
+) -> (Vec<f32>, Vec<f32>) {
+    let (mut want, mut mag) = (vec![0f32; m * rows], vec![0f32; m * rows]);
+    for r in 0..m {
+        for i in 0..rows {
+            let mut terms: Vec<f64> = (0..cols)
+                .map(|c| f64::from(w[i * cols + c]) * f64::from(x[r * cols + c]))
+                .collect();
+            if r >= lora.first {
+                let arm = r - lora.first;
+                terms.extend((0..lora.rank).map(|k| {
+                    f64::from(lora.b[(arm * rows + i) * lora.rank + k]) * (lora.t)(arm, k)
+                }));
+            }
+            want[r * rows + i] = terms.iter().sum::<f64>() as f32;
+            mag[r * rows + i] = terms.iter().map(|t| t.abs()).sum::<f64>() as f32;
+        }
+    }
+    (want, mag)
+}
+
 /// The LoRA path of an ARM row: one `lora_down` for two projections sharing an input
 /// (stacked ranks), then each projection's matvec adding its up half as it stores.
 /// Rows before `first` (the base) must come out exactly as plain matvec leaves them.
@@ -264,33 +302,18 @@ fn lora_down_and_matvec_epilogue() {
                 rank,
                 t_offset: slot * rank,
                 t_stride: stacked,
+                parts: 1,
             };
             let op = k.matvec_lora(&weight, &xb, &yb, m, &up).unwrap();
             run(&[&op]);
             let got = read(&yb, m * rows);
-            let mut want = vec![0f32; m * rows];
-            let mut mag = vec![0f32; m * rows];
-            for r in 0..m {
-                for i in 0..rows {
-                    let (mut s, mut abs) = (0f64, 0f64);
-                    for c in 0..cols {
-                        let p = f64::from(deq[i * cols + c]) * f64::from(x[r * cols + c]);
-                        s += p;
-                        abs += p.abs();
-                    }
-                    if r >= first {
-                        let arm = r - first;
-                        for kk in 0..rank {
-                            let p = f64::from(b[(arm * rows + i) * rank + kk])
-                                * t_want[arm * stacked + slot * rank + kk];
-                            s += p;
-                            abs += p.abs();
-                        }
-                    }
-                    want[r * rows + i] = s as f32;
-                    mag[r * rows + i] = abs as f32;
-                }
-            }
+            let lora = LoraRef {
+                first,
+                rank,
+                b: &b,
+                t: &|arm, k| t_want[arm * stacked + slot * rank + k],
+            };
+            let (want, mag) = matvec_lora_ref(&deq, &x, rows, cols, m, &lora);
             let what = format!("matvec_lora {kind:?} {rows}x{cols} slot {slot}");
             check(&what, &got, &want, |i| 1e-5 * mag[i] + 1e-5);
             // The base row has no delta: bit-identical to plain matvec.
@@ -552,6 +575,7 @@ fn rope_and_attention_gqa_over_positions() {
             pos: &pos,
             inv_freq: &fb,
             out: &out,
+            o_lora: None,
         };
         let op = kernels().attention(shape, &bufs, 2).unwrap();
         // Host copies of the caches, [rows][kv_heads][t][hd]: keys rotated in f64 (with
@@ -659,5 +683,123 @@ fn rope_and_attention_gqa_over_positions() {
                 2e-5
             });
         }
+    }
+}
+
+/// The o projection's LoRA through the attention op: each head's part of the down half
+/// (A · out over that head's columns) for the adapted rows, then a matvec adding
+/// B · Σ_heads parts as it stores (both kinds). Checked in f64 against the attention
+/// output the GPU produced; the base row takes no delta. Tolerances as
+/// lora_down_and_matvec_epilogue's.
+#[test]
+fn attention_o_lora_parts_and_their_sum_in_matvec() {
+    let (rows, first, heads, kvh, hd, cap, rank) = (3, 1, 4, 2, 32, 8, 4);
+    let (arms, q_len, row_len) = (rows - first, heads * hd, (heads + 2 * kvh) * hd);
+    let mut rng = Rng(600);
+    let qkv = storage_f32(ctx(), "qkv", &rng.vec(rows * row_len));
+    let kc = storage_zeros(ctx(), "k_cache", rows * kvh * cap * hd);
+    let vc = storage_zeros(ctx(), "v_cache", rows * kvh * cap * hd);
+    let pos = storage_u32(ctx(), "pos", &[0, 3]);
+    let fb = storage_f32(ctx(), "inv_freq", &rng.vec(hd / 2));
+    let out = storage_zeros(ctx(), "out", rows * q_len);
+    let a = rng.vec(arms * rank * q_len);
+    let ab = storage_f32(ctx(), "lora a", &a);
+    let parts = storage_zeros(ctx(), "lora parts", arms * heads * rank);
+    let shape = AttentionShape {
+        rows,
+        heads,
+        kv_heads: kvh,
+        head_dim: hd,
+        capacity: cap,
+        rope: RopeStyle::HalfSplit,
+    };
+    let bufs = AttentionBuffers {
+        qkv: &qkv,
+        k_cache: &kc,
+        v_cache: &vc,
+        pos: &pos,
+        inv_freq: &fb,
+        out: &out,
+        o_lora: Some(genarm::gpu::ops_guide::LoraDown {
+            a: &ab,
+            t: &parts,
+            first,
+            arms,
+            rank,
+            inp: q_len,
+        }),
+    };
+    run(&[&kernels().attention(shape, &bufs, 1).unwrap()]);
+    let o = read(&out, rows * q_len);
+    let got = read(&parts, arms * heads * rank);
+    let (mut want, mut mag) = (vec![0f32; got.len()], vec![0f32; got.len()]);
+    for arm in 0..arms {
+        for h in 0..heads {
+            for k in 0..rank {
+                let (mut s, mut m) = (0f64, 0f64);
+                for d in 0..hd {
+                    let c = h * hd + d;
+                    let p = f64::from(a[(arm * rank + k) * q_len + c])
+                        * f64::from(o[(first + arm) * q_len + c]);
+                    s += p;
+                    m += p.abs();
+                }
+                want[(arm * heads + h) * rank + k] = s as f32;
+                mag[(arm * heads + h) * rank + k] = m as f32;
+            }
+        }
+    }
+    check("attention o LoRA parts", &got, &want, |i| {
+        1e-5 * mag[i] + 1e-6
+    });
+
+    let out_rows = 37;
+    let (bytes, deq) = quantize(
+        &rng.vec(out_rows * q_len),
+        out_rows,
+        q_len,
+        WeightFormat::Q4_1,
+    );
+    let weight = QuantWeight::upload(
+        ctx(),
+        "w",
+        WeightFormat::Q4_1,
+        out_rows,
+        q_len,
+        &bytes,
+        u64::MAX,
+    )
+    .unwrap();
+    let b = rng.vec(arms * out_rows * rank);
+    let bb = storage_f32(ctx(), "lora b", &b);
+    let up = genarm::gpu::ops_guide::LoraUp {
+        b: &bb,
+        t: &parts,
+        first,
+        rank,
+        t_offset: 0,
+        t_stride: heads * rank,
+        parts: heads,
+    };
+    let lora = LoraRef {
+        first,
+        rank,
+        b: &b,
+        t: &|arm, k| {
+            (0..heads)
+                .map(|h| f64::from(got[(arm * heads + h) * rank + k]))
+                .sum()
+        },
+    };
+    let (want, mag) = matvec_lora_ref(&deq, &o, out_rows, q_len, rows, &lora);
+    for kind in [MatVecKind::RowPerWorkgroup, MatVecKind::RowPerInvocation] {
+        let y = storage_zeros(ctx(), "y", rows * out_rows);
+        run(&[&kernels_with(kind)
+            .matvec_lora(&weight, &out, &y, rows, &up)
+            .unwrap()]);
+        let what = format!("matvec_lora summing head parts {kind:?}");
+        check(&what, &read(&y, rows * out_rows), &want, |i| {
+            1e-5 * mag[i] + 1e-5
+        });
     }
 }

@@ -98,8 +98,8 @@ impl GpuLlama {
             qkv: storage_zeros(ctx, "qkv", m * (q_out + 2 * kv_out)),
             attn: storage_zeros(ctx, "attn", m * q_out),
             act: storage_zeros(ctx, "act", m * inter),
-            // The widest LoRA group is q/k/v: three stacked ranks per row.
-            lora_t: storage_zeros(ctx, "lora t", m * 3 * max_rank),
+            // Per row: q/k/v's three stacked ranks, or o's partial sums, one per head.
+            lora_t: storage_zeros(ctx, "lora t", m * cfg.num_heads.max(3) * max_rank),
         };
         let logits = match logits {
             Some(b) => b,
@@ -141,6 +141,8 @@ impl GpuLlama {
             let qkv = b.lora_group(&projections, &s.lora_t, true)?;
             b.norm_and_lora_down(&s.x, &norm, &s.xn, &qkv, &s.lora_t)?;
             b.stacked_linear(&projections, &s.xn, &s.qkv, qkv.up(0, &s.lora_t))?;
+            let o_proj = format!("{attn}.o_proj");
+            let o = b.lora_group(&[Projection::new(&o_proj, q_out, h)], &s.lora_t, false)?;
             let k_cache = storage_zeros(ctx, "k cache", m * cfg.num_kv_heads * capacity * hd);
             let v_cache = storage_zeros(ctx, "v cache", m * cfg.num_kv_heads * capacity * hd);
             let shape = AttentionShape {
@@ -158,21 +160,14 @@ impl GpuLlama {
                 pos: cur,
                 inv_freq: &inv_freq,
                 out: &s.attn,
+                // o_proj's LoRA down half, one partial sum per head, by the attention
+                // workgroups themselves.
+                o_lora: o.down(&s.lora_t, m),
             };
             b.ops.push(kernels.attention(shape, &buffers, CUR_POS)?);
-            let o_proj = format!("{attn}.o_proj");
-            let o = b.lora_group(&[Projection::new(&o_proj, q_out, h)], &s.lora_t, false)?;
-            b.lora_down(&o, &s.attn, &s.lora_t)?;
             // The residual add is o_proj's store.
-            b.linear(
-                &o_proj,
-                q_out,
-                h,
-                &s.attn,
-                &s.x,
-                o.up(0, &s.lora_t),
-                MatVecStore::Add,
-            )?;
+            let o_lora = o.up_per_head(&s.lora_t, cfg.num_heads);
+            b.linear(&o_proj, q_out, h, &s.attn, &s.x, o_lora, MatVecStore::Add)?;
 
             let norm = b.vector(&format!("{p}.post_attention_layernorm.weight"), h)?;
             let mlp = format!("{p}.mlp");
@@ -660,6 +655,16 @@ impl LoraGroup {
         })
     }
 
+    /// The up half of a one-projection group whose down half the attention op computed
+    /// as one partial sum per head.
+    fn up_per_head<'a>(&'a self, t: &'a wgpu::Buffer, heads: usize) -> Option<LoraUp<'a>> {
+        self.up(0, t).map(|up| LoraUp {
+            t_stride: self.stride * heads,
+            parts: heads,
+            ..up
+        })
+    }
+
     /// Up half `i` (a projection's, or the stacked one), if any row adapts it.
     fn up<'a>(&'a self, i: usize, t: &'a wgpu::Buffer) -> Option<LoraUp<'a>> {
         self.ups[i].as_ref().map(|(b, t_offset, rank)| LoraUp {
@@ -669,6 +674,7 @@ impl LoraGroup {
             rank: *rank,
             t_offset: *t_offset,
             t_stride: self.stride,
+            parts: 1,
         })
     }
 }

@@ -125,6 +125,9 @@ pub struct AttentionBuffers<'a> {
     pub inv_freq: &'a wgpu::Buffer,
     /// `[rows, heads, head_dim]`.
     pub out: &'a wgpu::Buffer,
+    /// The o projection's LoRA down half, if ARM rows adapt o_proj: its `t` receives
+    /// `[arms, heads, rank]`, each head's partial sum, for a matvec with `parts = heads`.
+    pub o_lora: Option<LoraDown<'a>>,
 }
 
 type PipelineKey = (&'static str, String);
@@ -167,7 +170,7 @@ fn shader_source(name: &str) -> &'static str {
         "add" => include_str!("shaders/add.wgsl"),
         "embedding" => include_str!("shaders/embedding.wgsl"),
         "rope_kv_write" => include_str!("shaders/rope_kv_write.wgsl"),
-        "attention" => include_str!("shaders/attention.wgsl"),
+        "attention" | "attention_lora" => include_str!("shaders/attention.wgsl"),
         "lora_down" => include_str!("shaders/lora_down.wgsl"),
         "lora_down_rows" => include_str!("shaders/lora_down_rows.wgsl"),
         "logit_stats" => include_str!("shaders/logit_stats.wgsl"),
@@ -177,8 +180,8 @@ fn shader_source(name: &str) -> &'static str {
 }
 
 /// Text prepended to a shader after its uniform struct: the shared weight decoder for
-/// shaders that decode weights, and matvec's store epilogues (how it stores, and the
-/// LoRA delta it adds or not).
+/// shaders that decode weights, matvec's store epilogues (how it stores, and the LoRA
+/// delta it adds or not) and attention's (the o projection's LoRA down half or not).
 fn prelude(name: &str) -> String {
     let quant = include_str!("shaders/quant.wgsl");
     match name {
@@ -187,6 +190,8 @@ fn prelude(name: &str) -> String {
             "{quant}\n{}\nfn lora_delta(r: u32, i: u32) -> f32 {{ return 0.0; }}\n",
             include_str!("shaders/matvec_store.wgsl")
         ),
+        "attention" => "fn o_lora_down(r: u32, h: u32, tid: u32, ob: u32, live: bool) {}\n".into(),
+        "attention_lora" => include_str!("shaders/attention_lora.wgsl").into(),
         "matvec_lora" | "matvec_rows_lora" => format!(
             "{quant}\n{}\n{}",
             include_str!("shaders/matvec_store.wgsl"),
@@ -363,10 +368,14 @@ impl Kernels {
         need(x, m * w.cols, "x", "matvec")?;
         need(y, m * w.rows, "y", "matvec")?;
         if let Some(up) = up {
-            if up.first >= m || up.rank == 0 || up.t_offset + up.rank > up.t_stride {
+            if up.first >= m
+                || up.rank == 0
+                || up.parts == 0
+                || up.t_offset + up.parts * up.rank > up.t_stride
+            {
                 return Err(gpu_error(format!(
-                    "matvec: LoRA rows {}..{m}, rank {} at {} of {}",
-                    up.first, up.rank, up.t_offset, up.t_stride
+                    "matvec: LoRA rows {}..{m}, rank {} × {} parts at {} of {}",
+                    up.first, up.rank, up.parts, up.t_offset, up.t_stride
                 )));
             }
             let arms = m - up.first;
@@ -404,6 +413,7 @@ impl Kernels {
                 params.lora_rank = to_u32(up.rank, "lora rank")?;
                 params.lora_t_offset = to_u32(up.t_offset, "lora t offset")?;
                 params.lora_t_stride = to_u32(up.t_stride, "lora t stride")?;
+                params.lora_parts = to_u32(up.parts, "lora parts")?;
                 buffers.extend([up.b, up.t]);
             }
             dispatches.push(self.dispatch(
@@ -571,7 +581,8 @@ impl Kernels {
     }
 
     /// Rotates q and k by RoPE at `pos[pos_index]` and writes k/v there into the caches
-    /// (one dispatch), then attends one query per (row, head) over positions `0..=pos`.
+    /// (one dispatch), then attends one query per (row, head) over positions `0..=pos`
+    /// and, with `o_lora`, computes each head's part of the o projection's down half.
     /// Owns a `[rows, heads, capacity]` scratch buffer for the scores. The caller keeps
     /// `pos < capacity`.
     pub fn attention(
@@ -607,7 +618,7 @@ impl Kernels {
         need(b.v_cache, cache, "v_cache", "attention")?;
         need(b.pos, pos_index + 1, "pos", "attention")?;
         need(b.inv_freq, head_dim / 2, "inv_freq", "attention")?;
-        let params = AttentionParams {
+        let mut params = AttentionParams {
             rows: to_u32(rows, "rows")?,
             heads: to_u32(heads, "heads")?,
             kv_heads: to_u32(kv_heads, "kv_heads")?,
@@ -615,8 +626,24 @@ impl Kernels {
             capacity: to_u32(capacity, "capacity")?,
             pos_index: to_u32(pos_index, "pos_index")?,
             scale: 1.0 / (head_dim as f32).sqrt(),
-            _pad: 0,
+            ..Default::default()
         };
+        if let Some(d) = &b.o_lora {
+            if d.rank == 0 || d.arms == 0 || d.first + d.arms != rows || d.inp != heads * head_dim {
+                return Err(gpu_error(format!(
+                    "attention: o LoRA rows {}..{} of {rows}, rank {}, {} inputs for {heads} \
+                     heads of {head_dim}",
+                    d.first,
+                    d.first + d.arms,
+                    d.rank,
+                    d.inp
+                )));
+            }
+            need(d.a, d.arms * d.rank * d.inp, "lora a", "attention")?;
+            need(d.t, d.arms * heads * d.rank, "lora t", "attention")?;
+            params.lora_first = to_u32(d.first, "lora first")?;
+            params.lora_rank = to_u32(d.rank, "lora rank")?;
+        }
         let scores = storage_zeros(&self.ctx, "attention scores", rows * heads * capacity);
         let interleaved = rope == RopeStyle::Interleaved;
         let pairs = to_u32((heads + kv_heads) * rows * head_dim / 2, "rope pairs")?;
@@ -629,10 +656,18 @@ impl Kernels {
             &[b.qkv, b.k_cache, b.v_cache, b.pos, b.inv_freq],
             pairs.div_ceil(WG),
         );
+        let mut buffers = vec![b.qkv, b.k_cache, b.v_cache, b.pos, &scores, b.out];
+        let shader = match &b.o_lora {
+            Some(d) => {
+                buffers.extend([d.a, d.t]);
+                "attention_lora"
+            }
+            None => "attention",
+        };
         let attend = self.dispatch(
-            self.pipeline::<AttentionParams>("attention", Self::defines(None, "")),
+            self.pipeline::<AttentionParams>(shader, Self::defines(None, "")),
             &params,
-            &[b.qkv, b.k_cache, b.v_cache, b.pos, &scores, b.out],
+            &buffers,
             params.rows * params.heads,
         );
         Ok(Op {

@@ -33,6 +33,9 @@ pub struct LoraUp<'a> {
     pub rank: usize,
     pub t_offset: usize,
     pub t_stride: usize,
+    /// The down half as this many consecutive `rank`-wide partial sums, added up here
+    /// (one per attention head for o_proj, see [`Kernels::attention`]; else 1).
+    pub parts: usize,
 }
 
 /// Buffers of the guided pick.

@@ -29,7 +29,8 @@ macro_rules! uniform {
 uniform!(
     /// `y[r, row_offset + i] = Σ_c W[i, c] · x[r, c]` for one row chunk of W, plus (in
     /// the LoRA variant) the low-rank delta of rows `lora_first..`: rank `lora_rank`,
-    /// their down-projections at `lora_t_offset` of `lora_t_stride`-wide rows of `t`.
+    /// their down-projections at `lora_t_offset` of `lora_t_stride`-wide rows of `t`,
+    /// as `lora_parts` consecutive partial sums (1 unless split per attention head).
     MatVecParams {
         rows: u32,
         cols: u32,
@@ -39,6 +40,10 @@ uniform!(
         lora_rank: u32,
         lora_t_offset: u32,
         lora_t_stride: u32,
+        lora_parts: u32,
+        _pad0: u32,
+        _pad1: u32,
+        _pad2: u32,
     }
 );
 
@@ -94,7 +99,8 @@ uniform!(
 
 uniform!(
     /// One-query attention over a `[rows, kv_heads, capacity, head_dim]` KV cache at
-    /// position `pos[pos_index]`.
+    /// position `pos[pos_index]`; in the LoRA variant also each head's part of the o
+    /// projection's down half for rows `lora_first..`, rank `lora_rank`.
     AttentionParams {
         rows: u32,
         heads: u32,
@@ -103,7 +109,11 @@ uniform!(
         capacity: u32,
         pos_index: u32,
         scale: f32,
-        _pad: u32,
+        lora_first: u32,
+        lora_rank: u32,
+        _pad0: u32,
+        _pad1: u32,
+        _pad2: u32,
     }
 );
 

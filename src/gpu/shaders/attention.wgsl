@@ -2,7 +2,8 @@
 // g = h / (heads / kv_heads) (grouped-query attention); q is read from the stacked
 // q/k/v rows, `[heads + 2·kv_heads, head_dim]` each. One workgroup per (row, head):
 // scores go to a scratch buffer (the context can exceed workgroup memory), max and
-// sum are tree reductions. Defines: WG (power of two).
+// sum are tree reductions. Calls o_lora_down from the prelude at the end.
+// Defines: WG (power of two).
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> qkv: array<f32>;
@@ -79,4 +80,6 @@ fn main(
         }
         out[ob + d] = acc / sum;
     }
+    // A no-op unless ARM rows adapt o_proj (attention_lora.wgsl).
+    o_lora_down(r, h, tid, ob, live);
 }

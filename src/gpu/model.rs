@@ -229,7 +229,6 @@ impl GpuLlama {
             b.weight("lm_head.weight", cfg.vocab_size, h)?
         };
         b.ops.push(kernels.matvec(&head, &s.xn, &logits, m)?);
-        // The embedding reads one row per token, not the table.
         let weight_bytes = b.weight_bytes;
         Ok(Self {
             cfg: cfg.clone(),
@@ -284,12 +283,7 @@ impl Builder<'_> {
     /// Uploads a `[rows, cols]` weight: Q4_0/Q4_1/Q8_0 blocks as stored, anything else
     /// (F16, BF16, K-quants) dequantised to f32, which the f32 kernels read exactly.
     fn weight(&mut self, name: &str, rows: usize, cols: usize) -> Result<QuantWeight> {
-        let (format, bytes) = self.weight_data(name, rows, cols, false)?;
-        let w = self.upload(name, format, rows, cols, &bytes)?;
-        if name != "model.embed_tokens.weight" {
-            self.weight_bytes += weight_size(&w);
-        }
-        Ok(w)
+        self.stacked_weight(name, &[(name, rows)], cols)
     }
 
     /// Projections that read one input, stacked into one `[Σ rows, cols]` weight so one
@@ -313,8 +307,13 @@ impl Builder<'_> {
         }
         let bytes: Vec<u8> = data.iter().flat_map(|(_, b)| b.iter().copied()).collect();
         let rows = parts.iter().map(|p| p.1).sum();
-        let w = self.upload(label, data[0].0, rows, cols, &bytes)?;
-        self.weight_bytes += weight_size(&w);
+        let ctx = self.kernels.context();
+        let w = QuantWeight::upload(ctx, label, data[0].0, rows, cols, &bytes, u64::MAX)
+            .map_err(|e| gpu_error(format!("{}: {e}", self.src.path().display())))?;
+        // The embedding reads one row per token, not the table.
+        if label != "model.embed_tokens.weight" {
+            self.weight_bytes += weight_size(&w);
+        }
         Ok(w)
     }
 
@@ -337,26 +336,6 @@ impl Builder<'_> {
             },
             Weight::Dense(t) => (WeightFormat::F32, f32_bytes(t)?),
         })
-    }
-
-    fn upload(
-        &self,
-        label: &str,
-        format: WeightFormat,
-        rows: usize,
-        cols: usize,
-        bytes: &[u8],
-    ) -> Result<QuantWeight> {
-        QuantWeight::upload(
-            self.kernels.context(),
-            label,
-            format,
-            rows,
-            cols,
-            bytes,
-            u64::MAX,
-        )
-        .map_err(|e| gpu_error(format!("{}: {e}", self.src.path().display())))
     }
 
     /// A 1-D f32 weight (norms, biases).

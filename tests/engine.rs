@@ -219,15 +219,13 @@ fn arm_with_larger_vocabulary_is_cut_to_the_base() {
     let step = engine.step(&TOKENS[..3]).unwrap();
     assert_eq!(step.base.len(), cfg.vocab_size);
     assert_eq!(step.arms[0].len(), cfg.vocab_size);
-    // The cut row is the ARM's own log-softmax over its full vocabulary, not renormalised.
-    let full = log_softmax(&reference_logits(&big, &TOKENS[..3])[2]);
-    assert_close(
-        &step.arms[0],
-        &full[..cfg.vocab_size],
-        F32_ATOL,
-        0.0,
-        "cut arm row",
-    );
+    // The official rule: the ARM's logits are cut to the base vocabulary, then
+    // normalised over it (not its full log-softmax cut afterwards).
+    let logits = &reference_logits(&big, &TOKENS[..3])[2];
+    let cut = log_softmax(&logits[..cfg.vocab_size]);
+    assert_close(&step.arms[0], &cut, F32_ATOL, 0.0, "cut arm row");
+    let teacher = engine.teacher_forced(&TOKENS[..3]).unwrap();
+    assert_close(&teacher[1][2], &cut, F32_ATOL, 0.0, "cut arm row, teacher-forced");
 }
 
 #[test]

@@ -14,7 +14,7 @@ use candle_core::{DType, Device, Module, Tensor, D};
 use super::lowrank::{BlockLoraMatMul, LowRank, PartDeltas};
 use super::quant::{BlockMatMul, BlockMatrix};
 use crate::error::{Error, Result};
-use crate::model::config::{LlamaConfig, RopeLayout};
+use crate::model::config::{Activation, LlamaConfig, RopeLayout};
 use crate::model::lora::{LoraAdapter, LoraPair};
 use crate::model::weights::{Weight, WeightSource};
 
@@ -327,7 +327,7 @@ impl Loader<'_> {
         pair: &LoraPair,
         inp: usize,
     ) -> Result<RowDelta> {
-        let r = adapter.config.r;
+        let r = pair.rank();
         let shape_err = |name: &str, got: &Tensor, want: Vec<usize>| Error::TensorShape {
             path: adapter.path.clone(),
             name: format!("{}.{name}", m.path),
@@ -493,7 +493,7 @@ impl Llama {
                         },
                     ],
                     h,
-                    cfg.attention_bias,
+                    cfg.qkv_bias,
                 )?,
                 o: ld.linear(
                     &[ModuleSpec {
@@ -502,7 +502,7 @@ impl Llama {
                         qk_heads: None,
                     }],
                     cfg.num_heads * hd,
-                    false,
+                    cfg.o_bias,
                 )?,
             };
             let (gate, up, down) = (
@@ -526,7 +526,7 @@ impl Llama {
                         },
                     ],
                     h,
-                    false,
+                    cfg.mlp_bias,
                 )?,
                 down: ld.linear(
                     &[ModuleSpec {
@@ -535,7 +535,7 @@ impl Llama {
                         qk_heads: None,
                     }],
                     inter,
-                    false,
+                    cfg.mlp_bias,
                 )?,
             };
             blocks.push(Block {
@@ -761,13 +761,25 @@ impl Llama {
         let mut x = self.embed.forward(&ids)?;
         let cos = self.cos.narrow(0, self.pos, seq)?;
         let sin = self.sin.narrow(0, self.pos, seq)?;
-        let mask = causal_mask(
-            seq,
-            self.pos,
-            self.cfg.num_heads / self.cfg.num_kv_heads,
-            &self.device,
-        )?;
-        for (block, cache) in self.blocks.iter().zip(self.caches.iter_mut()).take(layers) {
+        let n_rep = self.cfg.num_heads / self.cfg.num_kv_heads;
+        let full_mask = causal_mask(seq, self.pos, n_rep, None, &self.device)?;
+        for (layer, (block, cache)) in self
+            .blocks
+            .iter()
+            .zip(self.caches.iter_mut())
+            .take(layers)
+            .enumerate()
+        {
+            let window = self.cfg.sliding_window(layer);
+            let window_mask = match window {
+                Some(_) => causal_mask(seq, self.pos, n_rep, window, &self.device)?,
+                None => None,
+            };
+            let mask = if window.is_some() {
+                window_mask.as_ref()
+            } else {
+                full_mask.as_ref()
+            };
             let residual = &x;
             let h = candle_nn::ops::rms_norm(&x, &block.input_norm, self.cfg.rms_norm_eps as f32)?;
             let h = attention(
@@ -778,12 +790,12 @@ impl Llama {
                 self.pos,
                 &cos,
                 &sin,
-                mask.as_ref(),
+                mask,
             )?;
             x = (residual + h)?;
             let residual = &x;
             let h = candle_nn::ops::rms_norm(&x, &block.post_norm, self.cfg.rms_norm_eps as f32)?;
-            let h = mlp(&block.mlp, &h)?;
+            let h = mlp(&block.mlp, &h, self.cfg.hidden_act)?;
             x = (residual + h)?;
         }
         self.pos += seq;
@@ -839,24 +851,44 @@ pub(crate) fn rope_tables(
 
 /// Additive mask for `seq` new queries after `past` cached tokens, laid out for the
 /// grouped query rows (`n_rep` query heads per KV head, head-major): `[n_rep·seq, past+seq]`.
-/// `None` for a single query, which may attend to everything.
+/// Query `i` (position `past + i`) sees keys `j ≤ past + i`, and with a sliding `window`
+/// only `j > past + i − window` (transformers' rule: the last `window` positions).
+/// `None` when nothing is masked (a single query within its window).
 pub(crate) fn causal_mask(
     seq: usize,
     past: usize,
     n_rep: usize,
+    window: Option<usize>,
     device: &Device,
 ) -> Result<Option<Tensor>> {
-    if seq == 1 {
+    let total = past + seq;
+    let window = window.unwrap_or(usize::MAX);
+    if seq == 1 && total <= window {
         return Ok(None);
     }
-    let total = past + seq;
     let mut m = Vec::with_capacity(n_rep * seq * total);
     for _ in 0..n_rep {
         for i in 0..seq {
-            m.extend((0..total).map(|j| if j > past + i { f32::NEG_INFINITY } else { 0.0 }));
+            let q = past + i;
+            m.extend((0..total).map(|j| {
+                if j > q || q - j >= window {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            }));
         }
     }
     Ok(Some(Tensor::from_vec(m, (n_rep * seq, total), device)?))
+}
+
+/// The gate activation of the MLP, elementwise.
+pub(crate) fn activate(x: &Tensor, act: Activation) -> candle_core::Result<Tensor> {
+    match act {
+        Activation::Silu => candle_nn::ops::silu(x),
+        Activation::Gelu => x.gelu_erf(),
+        Activation::GeluTanh => x.gelu(),
+    }
 }
 
 fn apply_rope(
@@ -921,15 +953,22 @@ fn attention(
     attn.o.forward1(&out)
 }
 
-fn mlp(mlp: &Mlp, x: &Tensor) -> Result<Tensor> {
+fn mlp(mlp: &Mlp, x: &Tensor, act: Activation) -> Result<Tensor> {
     let mut gate_up = mlp.gate_up.forward(x)?.into_iter();
     let (Some(gate), Some(up)) = (gate_up.next(), gate_up.next()) else {
         return Err(Error::Request("the MLP needs gate and up".into()));
     };
-    mlp.down.forward1(&(candle_nn::ops::silu(&gate)? * up)?)
+    mlp.down.forward1(&(activate(&gate, act)? * up)?)
 }
 
 /// Log-softmax over the last dimension, in f32.
 pub fn log_softmax(logits: &Tensor) -> Result<Tensor> {
     Ok(candle_nn::ops::log_softmax(logits, D::Minus1)?)
+}
+
+/// Log-softmax over the first `vocab` logits of the last dimension: an ARM whose
+/// vocabulary extends the base's is cut to the base's tokens before normalising, the
+/// official GenARM rule.
+pub fn log_softmax_over(logits: &Tensor, vocab: usize) -> Result<Tensor> {
+    log_softmax(&logits.narrow(D::Minus1, 0, vocab)?)
 }

@@ -161,9 +161,11 @@ impl CpuEngine {
         &self.device
     }
 
-    /// Log-softmax of each group's logits, as host rows.
-    fn log_probs(logits: &Tensor) -> Result<Vec<Vec<f32>>> {
-        Ok(llama::log_softmax(logits)?.to_vec2::<f32>()?)
+    /// Log-softmax of each group's logits over the base vocabulary, as host rows: an
+    /// ARM with a longer vocabulary has its logits cut before normalising (the
+    /// official rule), so its log-probs are those of a model over the base's tokens.
+    fn log_probs(logits: &Tensor, vocab: usize) -> Result<Vec<Vec<f32>>> {
+        Ok(llama::log_softmax_over(logits, vocab)?.to_vec2::<f32>()?)
     }
 
     fn slots(&self) -> impl Iterator<Item = Slot> + '_ {
@@ -171,15 +173,10 @@ impl CpuEngine {
     }
 
     /// Moves each model's result out of the per-group results (base first, then the
-    /// ARMs) and lets `cut` trim it to the base vocabulary. Each slot is a distinct
-    /// (group, row), so nothing is copied.
-    fn take_slots<T: Default>(&self, mut per_group: Vec<Vec<T>>, cut: impl Fn(&mut T)) -> Vec<T> {
+    /// ARMs). Each slot is a distinct (group, row), so nothing is copied.
+    fn take_slots<T: Default>(&self, mut per_group: Vec<Vec<T>>) -> Vec<T> {
         self.slots()
-            .map(|s| {
-                let mut rows = std::mem::take(&mut per_group[s.group][s.row]);
-                cut(&mut rows);
-                rows
-            })
+            .map(|s| std::mem::take(&mut per_group[s.group][s.row]))
             .collect()
     }
 }
@@ -214,15 +211,16 @@ impl Engine for CpuEngine {
     }
 
     fn step(&mut self, tokens: &[u32]) -> Result<StepLogProbs> {
+        let vocab = self.vocab;
         let per_group = self
             .groups
             .iter_mut()
-            .map(|g| g.forward(tokens, false).and_then(|l| Self::log_probs(&l)))
+            .map(|g| {
+                g.forward(tokens, false)
+                    .and_then(|l| Self::log_probs(&l, vocab))
+            })
             .collect::<Result<Vec<_>>>()?;
-        let vocab = self.vocab;
-        let mut rows = self
-            .take_slots(per_group, |row: &mut Vec<f32>| row.truncate(vocab))
-            .into_iter();
+        let mut rows = self.take_slots(per_group).into_iter();
         let base = rows.next().unwrap_or_default();
         Ok(StepLogProbs {
             base,
@@ -232,18 +230,16 @@ impl Engine for CpuEngine {
 
     fn teacher_forced(&mut self, tokens: &[u32]) -> Result<Vec<Vec<Vec<f32>>>> {
         self.reset();
+        let vocab = self.vocab;
         let per_group = self
             .groups
             .iter_mut()
             .map(|g| {
                 let logits = g.forward(tokens, true)?;
-                Ok(llama::log_softmax(&logits)?.to_vec3::<f32>()?)
+                Ok(llama::log_softmax_over(&logits, vocab)?.to_vec3::<f32>()?)
             })
             .collect::<Result<Vec<_>>>()?;
         self.reset();
-        let vocab = self.vocab;
-        Ok(self.take_slots(per_group, |positions: &mut Vec<Vec<f32>>| {
-            positions.iter_mut().for_each(|row| row.truncate(vocab))
-        }))
+        Ok(self.take_slots(per_group))
     }
 }

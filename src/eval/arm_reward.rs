@@ -9,7 +9,7 @@ use std::path::Path;
 
 use candle_core::Device;
 
-use crate::cpu::llama::{log_softmax, Llama};
+use crate::cpu::llama::{log_softmax_over, Llama};
 use crate::engine::ArmSpec;
 use crate::error::{Error, Result};
 use crate::model::arm_plan::{check_compatible, plan_arm, ArmPlan};
@@ -25,6 +25,8 @@ struct WeightedArm {
 pub struct ArmRewardModel {
     arms: Vec<WeightedArm>,
     prompt_len: usize,
+    /// The base vocabulary: ARM logits are cut to it before normalising.
+    vocab: usize,
 }
 
 impl ArmRewardModel {
@@ -71,6 +73,7 @@ impl ArmRewardModel {
         Ok(Self {
             arms,
             prompt_len: 0,
+            vocab: base_ckpt.config.vocab_size,
         })
     }
 
@@ -83,7 +86,9 @@ impl ArmRewardModel {
         for arm in &mut self.arms {
             arm.model.reset();
             let logits = arm.model.forward(prompt, false)?;
-            arm.after_prompt = log_softmax(&logits)?.flatten_all()?.to_vec1::<f32>()?;
+            arm.after_prompt = log_softmax_over(&logits, self.vocab)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
         }
         self.prompt_len = prompt.len();
         Ok(())
@@ -103,7 +108,7 @@ impl ArmRewardModel {
             if response.len() > 1 {
                 arm.model.rewind(self.prompt_len)?;
                 let fed = &response[..response.len() - 1];
-                let rows = log_softmax(&arm.model.forward(fed, true)?)?
+                let rows = log_softmax_over(&arm.model.forward(fed, true)?, self.vocab)?
                     .squeeze(0)?
                     .to_vec2::<f32>()?;
                 sum += rows

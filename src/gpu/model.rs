@@ -86,12 +86,19 @@ impl GpuLlama {
         for adapter in rows.iter().flatten() {
             check_adapter_modules(adapter, cfg)?;
         }
+        check_supported(cfg, src.path())?;
         let ctx = kernels.context();
         let (h, hd) = (cfg.hidden_size, cfg.head_dim);
         let (q_out, kv_out) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
         let inter = cfg.intermediate_size;
         let capacity = capacity.min(cfg.max_position_embeddings).max(1);
-        let max_rank = rows.iter().flatten().map(|a| a.config.r).max().unwrap_or(1);
+        let max_rank = rows
+            .iter()
+            .flatten()
+            .map(|a| a.max_rank())
+            .max()
+            .unwrap_or(1)
+            .max(1);
         let s = Scratch {
             x: storage_zeros(ctx, "x", m * h),
             xn: storage_zeros(ctx, "xn", m * h),
@@ -396,7 +403,7 @@ impl Builder<'_> {
             .kernels
             .matvec_with(&w, x, y, m, lora.as_ref(), MatVecStore::Write)?;
         self.ops.push(op);
-        if self.cfg.attention_bias {
+        if self.cfg.qkv_bias {
             let mut bias = Vec::with_capacity(w.rows);
             for p in parts {
                 let name = format!("{}.bias", p.module);
@@ -465,7 +472,7 @@ impl Builder<'_> {
                 else {
                     continue;
                 };
-                let r = adapter.config.r;
+                let r = pair.rank();
                 let shape_err = |name: &str, got: &Tensor, want: Vec<usize>| Error::TensorShape {
                     path: adapter.path.clone(),
                     name: format!("{}.{name}", p.module),
@@ -664,4 +671,28 @@ fn f32_bytes(t: &Tensor) -> Result<Vec<u8>> {
         .to_dtype(candle_core::DType::F32)?
         .to_vec1::<f32>()?;
     Ok(bytemuck::cast_slice(&v).to_vec())
+}
+
+/// The config features the GPU kernels do not compute yet, refused by name rather than
+/// run as something else.
+fn check_supported(cfg: &LlamaConfig, path: &std::path::Path) -> Result<()> {
+    let missing = [
+        (cfg.o_bias, "an o_proj bias (attention_bias)".to_string()),
+        (cfg.mlp_bias, "MLP biases (mlp_bias)".to_string()),
+        (
+            cfg.hidden_act != crate::model::config::Activation::Silu,
+            format!("hidden_act `{}`", cfg.hidden_act.hf_name()),
+        ),
+        (
+            !cfg.sliding_windows.is_empty(),
+            "sliding-window attention (sliding_window)".to_string(),
+        ),
+    ];
+    match missing.into_iter().find(|(m, _)| *m) {
+        Some((_, what)) => Err(Error::unsupported(
+            path,
+            format!("{what} on the webgpu backend (the cpu backend runs it)"),
+        )),
+        None => Ok(()),
+    }
 }

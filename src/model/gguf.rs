@@ -11,7 +11,7 @@ use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::GgmlDType;
 use candle_core::Device;
 
-use super::config::{Arch, Llama3RopeScaling, LlamaConfig, RopeLayout};
+use super::config::{Activation, Arch, Llama3RopeScaling, LlamaConfig, RopeLayout, RopeScaling};
 use super::weights::{missing, Bytes, Weight, WeightSource};
 use crate::error::{Error, Result};
 
@@ -115,6 +115,88 @@ impl GgufFile {
         }
     }
 
+    /// `rope_freqs.weight` as f64 divisors, if the file has one.
+    fn rope_freq_factors(&self) -> Result<Option<Vec<f64>>> {
+        const NAME: &str = "rope_freqs.weight";
+        if !self.content.tensor_infos.contains_key(NAME) {
+            return Ok(None);
+        }
+        let t = self
+            .content
+            .tensor(&mut Cursor::new(&self.bytes[..]), NAME, &Device::Cpu)
+            .and_then(|q| q.dequantize(&Device::Cpu))
+            .and_then(|t| t.flatten_all()?.to_vec1::<f32>())
+            .map_err(|e| Error::format(&self.path, format!("tensor `{NAME}`: {e}")))?;
+        Ok(Some(t.into_iter().map(f64::from).collect()))
+    }
+
+    /// Every `{arch}.*` key must be one genarm reads or one that cannot change the
+    /// math; an unknown one (experts, partial rotary, logit soft-capping…) is refused
+    /// rather than ignored.
+    fn check_arch_keys(&self, arch_name: &str, head_dim: usize) -> Result<()> {
+        const READ: &[&str] = &[
+            "context_length",
+            "embedding_length",
+            "block_count",
+            "feed_forward_length",
+            "vocab_size",
+            "attention.head_count",
+            "attention.head_count_kv",
+            "attention.key_length",
+            "attention.value_length",
+            "attention.layer_norm_rms_epsilon",
+            "attention.sliding_window",
+            "rope.freq_base",
+            "rope.dimension_count",
+            "rope.scaling.type",
+            "rope.scaling.factor",
+            "rope.scaling.original_context_length",
+            "rope.scaling.finetuned",
+            "expert_count",
+            "expert_used_count",
+        ];
+        let prefix = format!("{arch_name}.");
+        for key in self.content.metadata.keys() {
+            let Some(rest) = key.strip_prefix(&prefix) else {
+                continue;
+            };
+            if !READ.contains(&rest) {
+                return Err(Error::unsupported(
+                    &self.path,
+                    format!("GGUF key `{key}`: genarm does not implement it and it may change the model's outputs"),
+                ));
+            }
+        }
+        let key = |k: &str| format!("{prefix}{k}");
+        for (k, want) in [
+            ("attention.value_length", head_dim),
+            ("rope.dimension_count", head_dim),
+        ] {
+            if let Some(got) = self.optional(&key(k), Self::usize)? {
+                if got != want {
+                    return Err(Error::unsupported(
+                        &self.path,
+                        format!(
+                            "{} = {got} (genarm needs it equal to the head dimension {want})",
+                            key(k)
+                        ),
+                    ));
+                }
+            }
+        }
+        if self
+            .optional(&key("expert_count"), Self::usize)?
+            .unwrap_or(0)
+            > 0
+        {
+            return Err(Error::unsupported(
+                &self.path,
+                format!("{} > 0 (mixture-of-experts models)", key("expert_count")),
+            ));
+        }
+        Ok(())
+    }
+
     /// The runtime config from `{arch}.*` metadata keys.
     pub fn config(&self) -> Result<LlamaConfig> {
         let arch_name = self.architecture()?;
@@ -146,28 +228,45 @@ impl GgufFile {
             None
         };
         let rope_scaling = match scaling {
-            Some("llama3") => Some(Llama3RopeScaling {
+            Some("llama3") => Some(RopeScaling::Llama3(Llama3RopeScaling {
                 factor: self.float(&key("rope.scaling.factor"))?,
                 low_freq_factor: 1.0,
                 high_freq_factor: 4.0,
                 original_max_position_embeddings: self
                     .usize(&key("rope.scaling.original_context_length"))?,
+            })),
+            Some("linear") => Some(RopeScaling::Linear {
+                factor: self.float(&key("rope.scaling.factor"))?,
             }),
             Some("none") | None => None,
             Some(other) => {
                 return Err(Error::unsupported(
                     &self.path,
-                    format!("rope scaling `{other}`"),
+                    format!("{scaling_key} `{other}` (genarm implements none, linear, llama3)"),
                 ))
             }
         };
+        // llama.cpp's converter stores Llama 3.1's scaling as per-frequency divisors.
+        let rope_scaling = match (self.rope_freq_factors()?, rope_scaling) {
+            (None, s) => s,
+            (Some(f), None) => Some(RopeScaling::FreqFactors(f)),
+            (Some(_), Some(_)) => {
+                return Err(Error::unsupported(
+                    &self.path,
+                    format!("both {scaling_key} and a rope_freqs.weight tensor"),
+                ))
+            }
+        };
+        self.check_arch_keys(&arch_name, head_dim)?;
+        let sliding_window = self.optional(&key("attention.sliding_window"), Self::usize)?;
+        let num_layers = self.usize(&key("block_count"))?;
         let eos = self.optional("tokenizer.ggml.eos_token_id", Self::usize)?;
         let cfg = LlamaConfig {
             arch,
             vocab_size,
             hidden_size,
             intermediate_size: self.usize(&key("feed_forward_length"))?,
-            num_layers: self.usize(&key("block_count"))?,
+            num_layers,
             num_heads,
             num_kv_heads,
             head_dim,
@@ -184,7 +283,14 @@ impl GgufFile {
             rms_norm_eps: self.float(&key("attention.layer_norm_rms_epsilon"))?,
             max_position_embeddings: self.usize(&key("context_length"))?,
             tie_word_embeddings: !self.content.tensor_infos.contains_key("output.weight"),
-            attention_bias: self.contains("model.layers.0.self_attn.q_proj.bias"),
+            qkv_bias: self.contains("model.layers.0.self_attn.q_proj.bias"),
+            o_bias: self.contains("model.layers.0.self_attn.o_proj.bias"),
+            mlp_bias: self.contains("model.layers.0.mlp.up_proj.bias"),
+            hidden_act: Activation::Silu,
+            sliding_windows: match sliding_window {
+                Some(w) => vec![Some(w); num_layers],
+                None => Vec::new(),
+            },
             bos_token_id: self
                 .optional("tokenizer.ggml.bos_token_id", Self::usize)?
                 .map(|x| x as u32),

@@ -62,6 +62,181 @@ pub struct AdapterConfig {
     pub use_rslora: bool,
     #[serde(default)]
     pub fan_in_fan_out: bool,
+    /// Per-module ranks, keyed by a regex PEFT matches against the module path's end.
+    #[serde(default)]
+    pub rank_pattern: BTreeMap<String, usize>,
+    /// Per-module alphas, matched the same way.
+    #[serde(default)]
+    pub alpha_pattern: BTreeMap<String, f64>,
+    /// The patterns in the file's order: PEFT takes the first that matches.
+    #[serde(skip)]
+    rank_keys: Vec<String>,
+    #[serde(skip)]
+    alpha_keys: Vec<String>,
+}
+
+/// `adapter_config.json` keys that do not change what a loaded LoRA computes (how it
+/// was trained or initialised, which modules it targets — the tensors say that).
+const INERT_ADAPTER_KEYS: &[&str] = &[
+    "task_type",
+    "revision",
+    "inference_mode",
+    "lora_dropout",
+    "init_lora_weights",
+    "target_modules",
+    "exclude_modules",
+    "layers_to_transform",
+    "layers_pattern",
+    "megatron_config",
+    "megatron_core",
+    "loftq_config",
+    "eva_config",
+    "corda_config",
+    "runtime_config",
+    "auto_mapping",
+    "peft_version",
+    "qalora_group_size",
+    "ensure_weight_tying",
+];
+
+/// Keys read into `AdapterConfig`.
+const READ_ADAPTER_KEYS: &[&str] = &[
+    "peft_type",
+    "r",
+    "lora_alpha",
+    "base_model_name_or_path",
+    "use_rslora",
+    "fan_in_fan_out",
+    "rank_pattern",
+    "alpha_pattern",
+];
+
+/// Keys PEFT acts on that genarm does not implement: accepted only at the value that
+/// means "off".
+fn is_off(key: &str, v: &serde_json::Value) -> Option<bool> {
+    use serde_json::Value;
+    let empty = |v: &Value| match v {
+        Value::Null => true,
+        Value::Array(a) => a.is_empty(),
+        Value::Object(o) => o.is_empty(),
+        Value::String(s) => s.is_empty(),
+        _ => false,
+    };
+    Some(match key {
+        "bias" => v.is_null() || v.as_str() == Some("none"),
+        "use_dora" | "lora_bias" | "use_qalora" => v.is_null() || v.as_bool() == Some(false),
+        "modules_to_save"
+        | "trainable_token_indices"
+        | "layer_replication"
+        | "target_parameters"
+        | "alora_invocation_tokens"
+        | "arrow_config" => empty(v),
+        _ => return None,
+    })
+}
+
+impl AdapterConfig {
+    /// Parses `adapter_config.json`, refusing by name every field PEFT would act on
+    /// that genarm does not implement.
+    pub fn from_json(bytes: &[u8], path: &Path) -> Result<Self> {
+        let map: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(bytes)
+            .map_err(|e| Error::format(path, format!("invalid adapter config: {e}")))?;
+        for (key, value) in &map {
+            if READ_ADAPTER_KEYS.contains(&key.as_str())
+                || INERT_ADAPTER_KEYS.contains(&key.as_str())
+                || key.starts_with('_')
+            {
+                continue;
+            }
+            let shown = value.to_string().chars().take(60).collect::<String>();
+            match is_off(key, value) {
+                Some(true) => {}
+                Some(false) => {
+                    return Err(Error::unsupported(
+                        path,
+                        format!("adapter field `{key}` = {shown} (genarm implements plain LoRA)"),
+                    ))
+                }
+                None => {
+                    return Err(Error::unsupported(
+                        path,
+                        format!(
+                            "adapter field `{key}` = {shown}: genarm does not implement it and \
+                             it may change the adapter's outputs"
+                        ),
+                    ))
+                }
+            }
+        }
+        let keys = |name: &str| -> Vec<String> {
+            map.get(name)
+                .and_then(|v| v.as_object())
+                .map(|o| o.keys().cloned().collect())
+                .unwrap_or_default()
+        };
+        let (rank_keys, alpha_keys) = (keys("rank_pattern"), keys("alpha_pattern"));
+        let mut config: Self = serde_json::from_value(serde_json::Value::Object(map))
+            .map_err(|e| Error::format(path, format!("invalid adapter config: {e}")))?;
+        config.rank_keys = rank_keys;
+        config.alpha_keys = alpha_keys;
+        if let Some(t) = config.peft_type.as_deref().filter(|t| *t != "LORA") {
+            return Err(Error::unsupported(path, format!("peft_type `{t}`")));
+        }
+        if config.r == 0 {
+            return Err(Error::field(path, "r", "must be > 0"));
+        }
+        if !config.lora_alpha.is_finite() {
+            return Err(Error::field(path, "lora_alpha", "must be a finite number"));
+        }
+        for (key, &r) in &config.rank_pattern {
+            if r == 0 {
+                return Err(Error::field(
+                    path,
+                    format!("rank_pattern.{key}"),
+                    "must be > 0",
+                ));
+            }
+        }
+        for (key, a) in &config.alpha_pattern {
+            if !a.is_finite() {
+                return Err(Error::field(
+                    path,
+                    format!("alpha_pattern.{key}"),
+                    "must be a finite number",
+                ));
+            }
+        }
+        for key in config.rank_keys.iter().chain(&config.alpha_keys) {
+            pattern_regex(key).map_err(|e| {
+                Error::field(path, "rank_pattern/alpha_pattern", format!("`{key}`: {e}"))
+            })?;
+        }
+        Ok(config)
+    }
+
+    /// The rank and alpha of `module` (e.g. `model.layers.3.self_attn.q_proj`): the
+    /// first pattern key that matches the end of the path at a dot boundary, as PEFT
+    /// matches them, else the adapter's `r` and `lora_alpha`.
+    pub fn module_rank_alpha(&self, module: &str) -> (usize, f64) {
+        let first_match = |keys: &[String]| {
+            keys.iter()
+                .find(|k| pattern_regex(k).is_ok_and(|re| re.is_match(module)))
+                .cloned()
+        };
+        let r = first_match(&self.rank_keys)
+            .and_then(|k| self.rank_pattern.get(&k).copied())
+            .unwrap_or(self.r);
+        let alpha = first_match(&self.alpha_keys)
+            .and_then(|k| self.alpha_pattern.get(&k).copied())
+            .unwrap_or(self.lora_alpha);
+        (r, alpha)
+    }
+}
+
+/// PEFT's rule: pattern `key` matches a module path that is `key` or ends in `.key`,
+/// with `key` a regular expression.
+fn pattern_regex(key: &str) -> std::result::Result<regex::Regex, regex::Error> {
+    regex::Regex::new(&format!(r"^(?:.*\.)?(?:{key})$"))
 }
 
 /// What `genarm.json` says about an ARM.
@@ -90,8 +265,15 @@ impl ArmInfo {
 pub struct LoraPair {
     /// `[r, in]`.
     pub a: Tensor,
-    /// `[out, r]`, already multiplied by the adapter's scale.
+    /// `[out, r]`, already multiplied by the module's scale.
     pub b_scaled: Tensor,
+}
+
+impl LoraPair {
+    /// This module's rank (PEFT's `rank_pattern` may differ from the adapter's `r`).
+    pub fn rank(&self) -> usize {
+        self.a.dims().first().copied().unwrap_or(0)
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -108,12 +290,18 @@ impl LoraAdapter {
         path.join(ADAPTER_CONFIG).is_file()
     }
 
-    pub fn scale(config: &AdapterConfig) -> f64 {
-        if config.use_rslora {
-            config.lora_alpha / (config.r as f64).sqrt()
+    /// The factor PEFT multiplies `B·A` by, for a module of rank `r` and alpha `alpha`.
+    pub fn scale(use_rslora: bool, r: usize, alpha: f64) -> f64 {
+        if use_rslora {
+            alpha / (r as f64).sqrt()
         } else {
-            config.lora_alpha / config.r as f64
+            alpha / r as f64
         }
+    }
+
+    /// The largest rank of any module (rank_pattern may give modules their own).
+    pub fn max_rank(&self) -> usize {
+        self.modules.values().map(LoraPair::rank).max().unwrap_or(0)
     }
 
     /// Reads an adapter directory.
@@ -140,14 +328,7 @@ impl LoraAdapter {
         device: &Device,
     ) -> Result<Self> {
         let cfg_path = dir.join(ADAPTER_CONFIG);
-        let config: AdapterConfig = serde_json::from_slice(config_json)
-            .map_err(|e| Error::format(&cfg_path, format!("invalid adapter config: {e}")))?;
-        if let Some(t) = config.peft_type.as_deref().filter(|t| *t != "LORA") {
-            return Err(Error::unsupported(&cfg_path, format!("peft_type `{t}`")));
-        }
-        if config.r == 0 {
-            return Err(Error::field(&cfg_path, "r", "must be > 0"));
-        }
+        let config = AdapterConfig::from_json(config_json, &cfg_path)?;
         let info = match info_json {
             Some(bytes) => serde_json::from_slice(bytes)
                 .map_err(|e| Error::format(dir.join(ARM_INFO), format!("invalid ARM info: {e}")))?,
@@ -156,45 +337,84 @@ impl LoraAdapter {
         let weights_path = dir.join(ADAPTER_WEIGHTS);
         let files =
             SafetensorsFiles::from_shards(&weights_path, vec![(weights_path.clone(), weights)])?;
-        let scale = Self::scale(&config);
         let mut modules = BTreeMap::new();
         let names: Vec<String> = files.names().map(str::to_owned).collect();
-        for name in names {
-            let Some(module) = name.strip_suffix(".lora_A.weight") else {
-                if name.ends_with(".lora_B.weight") {
-                    continue;
-                }
+        for name in &names {
+            if !name.ends_with(".lora_A.weight") && !name.ends_with(".lora_B.weight") {
                 return Err(Error::unsupported(
                     &weights_path,
                     format!("adapter tensor `{name}` (only lora_A/lora_B pairs are supported)"),
                 ));
+            }
+        }
+        for name in &names {
+            let Some(full) = name.strip_suffix(".lora_A.weight") else {
+                let a_name = name.replace(".lora_B.weight", ".lora_A.weight");
+                if !files.contains(&a_name) {
+                    return Err(Error::format(
+                        &weights_path,
+                        format!("`{name}` has no matching `{a_name}`"),
+                    ));
+                }
+                continue;
             };
-            let b_name = format!("{module}.lora_B.weight");
-            let module = module.strip_prefix("base_model.model.").unwrap_or(module);
-            if !TARGETS.iter().any(|t| module.ends_with(t)) {
+            let b_name = format!("{full}.lora_B.weight");
+            let module = full.strip_prefix("base_model.model.").unwrap_or(full);
+            if !TARGETS.iter().any(|t| module.ends_with(&format!(".{t}"))) {
                 return Err(Error::unsupported(
                     &weights_path,
                     format!("LoRA on module `{module}`"),
                 ));
             }
-            let a = files.load(&name, device)?.dense(device)?;
+            if !files.contains(&b_name) {
+                return Err(Error::format(
+                    &weights_path,
+                    format!("`{name}` has no matching `{b_name}`"),
+                ));
+            }
+            let a = files.load(name, device)?.dense(device)?;
             let b = files.load(&b_name, device)?.dense(device)?;
+            for (t, tname) in [(&a, name), (&b, &b_name)] {
+                if t.rank() != 2 {
+                    return Err(Error::format(
+                        &weights_path,
+                        format!(
+                            "tensor `{tname}` has shape {:?}, expected a matrix",
+                            t.dims()
+                        ),
+                    ));
+                }
+            }
             let (a, b) = if config.fan_in_fan_out {
                 (a.t()?.contiguous()?, b.t()?.contiguous()?)
             } else {
                 (a, b)
             };
-            let (r_a, _) = a.dims2()?;
-            let (_, r_b) = b.dims2()?;
-            if r_a != config.r || r_b != config.r {
-                return Err(Error::TensorShape {
-                    path: weights_path.clone(),
-                    name: b_name,
-                    got: b.dims().to_vec(),
-                    want: vec![b.dims()[0], config.r],
-                });
+            let (r, alpha) = config.module_rank_alpha(module);
+            let why = if config.rank_pattern.is_empty() {
+                "r"
+            } else {
+                "r / rank_pattern"
+            };
+            if a.dims()[0] != r {
+                return Err(Error::format(
+                    &weights_path,
+                    format!(
+                        "tensor `{name}` has shape {:?}, but {why} in {ADAPTER_CONFIG} gives module `{module}` rank {r}",
+                        a.dims()
+                    ),
+                ));
             }
-            let b_scaled = (b * scale)?;
+            if b.dims()[1] != r {
+                return Err(Error::format(
+                    &weights_path,
+                    format!(
+                        "tensor `{b_name}` has shape {:?}, but {why} in {ADAPTER_CONFIG} gives module `{module}` rank {r}",
+                        b.dims()
+                    ),
+                ));
+            }
+            let b_scaled = (b * Self::scale(config.use_rslora, r, alpha))?;
             modules.insert(module.to_string(), LoraPair { a, b_scaled });
         }
         if modules.is_empty() {

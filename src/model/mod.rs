@@ -4,6 +4,7 @@
 pub mod arm_plan;
 pub mod config;
 pub mod gguf;
+pub mod hf_config;
 pub mod lora;
 pub mod safetensors;
 pub mod tokenizer;
@@ -12,8 +13,9 @@ pub mod weights;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
-use config::{HfConfig, LlamaConfig};
+use config::LlamaConfig;
 use gguf::GgufFile;
+use hf_config::HfConfig;
 use safetensors::SafetensorsFiles;
 use tokenizer::TextTokenizer;
 use weights::WeightSource;

@@ -10,7 +10,7 @@
 
 use candle_core::{DType, Device, Tensor, Var, D};
 
-use crate::cpu::llama::{causal_mask, rope_tables, unpermute_interleaved_rows, Llama};
+use crate::cpu::llama::{activate, causal_mask, rope_tables, unpermute_interleaved_rows, Llama};
 use crate::error::{Error, Result};
 use crate::guide::uniform;
 use crate::model::config::{LlamaConfig, RopeLayout};
@@ -360,12 +360,21 @@ impl TrainableArm {
             });
         }
         let mut x = Tensor::cat(&hidden, 0)?;
-        // One query row per position, no KV groups, nothing cached before: `[t, t]`.
-        let mask = causal_mask(t_max, 0, 1, &self.device)?
-            .map(|m| m.to_dtype(self.dtype))
-            .transpose()?;
+        // One query row per position, no KV groups, nothing cached before: `[t, t]`;
+        // a sliding-window layer gets its own.
+        let mask_for = |window: Option<usize>| -> Result<Option<Tensor>> {
+            causal_mask(t_max, 0, 1, window, &self.device)?
+                .map(|m| m.to_dtype(self.dtype))
+                .transpose()
+                .map_err(Error::from)
+        };
+        let full_mask = mask_for(None)?;
         for (i, block) in self.top.iter().enumerate() {
             let key = dropout.map(|k| (k, i));
+            let mask = match self.cfg.sliding_window(self.first_trainable + i) {
+                Some(w) => mask_for(Some(w))?,
+                None => full_mask.clone(),
+            };
             x = self.block_forward(block, &x, mask.as_ref(), key)?;
         }
         Ok(candle_nn::ops::rms_norm_slow(
@@ -419,7 +428,7 @@ impl TrainableArm {
             .reshape((bsz, t, nh * hd))?;
         let x = (x + lin(&b.o, &att, 3)?)?;
         let h = candle_nn::ops::rms_norm_slow(&x, &b.post_norm, eps)?;
-        let gate = candle_nn::ops::silu(&lin(&b.gate, &h, 4)?)?;
+        let gate = activate(&lin(&b.gate, &h, 4)?, cfg.hidden_act)?;
         let up = lin(&b.up, &h, 5)?;
         Ok((&x + lin(&b.down, &(gate * up)?, 6)?)?)
     }

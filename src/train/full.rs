@@ -104,7 +104,7 @@ pub fn write_model_dir(
     }
     save_safetensors_atomic(&tensors, &out.join(MODEL_WEIGHTS))?;
     write_tokenizer(base, out)?;
-    let config = base.config.to_hf_json(!own_head, torch_dtype);
+    let config = base.config.to_hf_json(!own_head, torch_dtype, &base.path)?;
     write_atomic(
         &out.join(MODEL_CONFIG),
         serde_json::to_string_pretty(&config)?.as_bytes(),

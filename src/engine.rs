@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 
 use crate::error::{Error, Result};
-use crate::guide::{combine, Sampler};
+use crate::guide::{combine, Sampler, SamplingParams};
 
 /// An ARM on the command line: `PATH[:ALPHA]` (alpha defaults to 1).
 #[derive(Clone, Debug, PartialEq)]
@@ -58,6 +58,44 @@ pub struct Chosen {
     pub arm_logprobs: Vec<f32>,
 }
 
+/// The input contract every engine's entry points check before any work, so that a
+/// rule holds on every backend alike: at least one token, every id inside the base
+/// vocabulary, and room for them in the context after `position` tokens.
+pub fn check_feed(tokens: &[u32], vocab: usize, position: usize, context: usize) -> Result<()> {
+    if tokens.is_empty() {
+        return Err(Error::Request("no tokens to feed".into()));
+    }
+    if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
+        return Err(Error::Request(format!(
+            "token id {bad} is outside the vocabulary of {vocab} tokens"
+        )));
+    }
+    if position.saturating_add(tokens.len()) > context {
+        return Err(Error::Request(format!(
+            "{} tokens after {position} do not fit the context of {context} tokens",
+            tokens.len()
+        )));
+    }
+    Ok(())
+}
+
+/// The guidance contract: one finite weight per ARM and valid sampling settings.
+pub fn check_guidance(alphas: &[f32], arms: usize, sampling: &SamplingParams) -> Result<()> {
+    if alphas.len() != arms {
+        return Err(Error::Request(format!(
+            "{} ARM weights given for {arms} ARMs",
+            alphas.len()
+        )));
+    }
+    if let Some((i, a)) = alphas.iter().enumerate().find(|(_, a)| !a.is_finite()) {
+        return Err(Error::Request(format!(
+            "the weight of ARM {} is {a}; weights must be finite",
+            i + 1
+        )));
+    }
+    sampling.validate().map_err(Error::Request)
+}
+
 pub trait Engine {
     /// Which backend runs the models, for humans ("cpu", "cuda:0", "webgpu (…)").
     fn backend(&self) -> String;
@@ -87,6 +125,7 @@ pub trait Engine {
         alphas: &[f32],
         sampler: &mut Sampler,
     ) -> Result<Chosen> {
+        check_guidance(alphas, self.arm_labels().len(), sampler.params())?;
         let lp = self.step(tokens)?;
         let arm_rows: Vec<&[f32]> = lp.arms.iter().map(Vec::as_slice).collect();
         let scores = combine(&lp.base, &arm_rows, alphas);

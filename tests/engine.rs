@@ -225,7 +225,13 @@ fn arm_with_larger_vocabulary_is_cut_to_the_base() {
     let cut = log_softmax(&logits[..cfg.vocab_size]);
     assert_close(&step.arms[0], &cut, F32_ATOL, 0.0, "cut arm row");
     let teacher = engine.teacher_forced(&TOKENS[..3]).unwrap();
-    assert_close(&teacher[1][2], &cut, F32_ATOL, 0.0, "cut arm row, teacher-forced");
+    assert_close(
+        &teacher[1][2],
+        &cut,
+        F32_ATOL,
+        0.0,
+        "cut arm row, teacher-forced",
+    );
 }
 
 #[test]

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 
-use crate::engine::{Engine, StepLogProbs};
+use crate::engine::{check_feed, Engine, StepLogProbs};
 use crate::error::Result;
 use crate::model::arm_plan::{check_compatible, plan_arm, ArmPlan};
 use crate::model::lora::LoraAdapter;
@@ -211,6 +211,7 @@ impl Engine for CpuEngine {
     }
 
     fn step(&mut self, tokens: &[u32]) -> Result<StepLogProbs> {
+        check_feed(tokens, self.vocab, self.position(), self.context_len())?;
         let vocab = self.vocab;
         let per_group = self
             .groups
@@ -229,6 +230,7 @@ impl Engine for CpuEngine {
     }
 
     fn teacher_forced(&mut self, tokens: &[u32]) -> Result<Vec<Vec<Vec<f32>>>> {
+        check_feed(tokens, self.vocab, 0, self.context_len())?;
         self.reset();
         let vocab = self.vocab;
         let per_group = self

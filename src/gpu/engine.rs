@@ -11,7 +11,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::engine::{Chosen, Engine, StepLogProbs};
+use crate::engine::{check_feed, check_guidance, Chosen, Engine, StepLogProbs};
 use crate::error::{Error, Result};
 use crate::gpu::buffers::{storage_u32, storage_zeros};
 use crate::gpu::model::GpuLlama;
@@ -271,18 +271,7 @@ impl GpuEngine {
     }
 
     fn check_room(&self, tokens: &[u32]) -> Result<()> {
-        if tokens.is_empty() {
-            return Err(Error::Request("no tokens to feed".into()));
-        }
-        if self.pos + tokens.len() > self.capacity {
-            return Err(Error::Request(format!(
-                "{} tokens after {} do not fit the context of {}",
-                tokens.len(),
-                self.pos,
-                self.capacity
-            )));
-        }
-        Ok(())
+        check_feed(tokens, self.vocab, self.pos, self.capacity)
     }
 
     /// Encodes the forward passes of `tokens` from the current position; after each
@@ -454,13 +443,7 @@ impl GpuEngine {
         sampler: &mut Sampler,
     ) -> Result<Chosen> {
         self.ctx().check_lost()?;
-        if alphas.len() != self.labels.len() {
-            return Err(Error::Request(format!(
-                "{} ARM weights given for {} ARMs",
-                alphas.len(),
-                self.labels.len()
-            )));
-        }
+        check_guidance(alphas, self.labels.len(), sampler.params())?;
         let spec = self.speculative.take();
         let continues = tokens.len() == 1 && self.last_chosen == Some(tokens[0]);
         let words = match spec {
@@ -544,6 +527,7 @@ impl GpuEngine {
 
     /// [`Engine::teacher_forced`] without blocking.
     pub async fn teacher_forced_async(&mut self, tokens: &[u32]) -> Result<Vec<Vec<Vec<f32>>>> {
+        check_feed(tokens, self.vocab, 0, self.capacity)?;
         self.reset();
         self.ctx().check_lost()?;
         self.check_room(tokens)?;

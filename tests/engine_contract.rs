@@ -1,0 +1,145 @@
+//! The engine contract, written once over `&mut dyn Engine` and run for every engine
+//! (candle on the CPU, wgpu on the first Vulkan adapter — lavapipe in CI): bad input is
+//! refused with a clear error before any work, and a refused call leaves the engine as
+//! it was, so a rule cannot hold on one backend and not on the other.
+#![cfg(not(target_arch = "wasm32"))]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::GgmlDType;
+use candle_core::Device;
+use common::*;
+use genarm::cpu::CpuEngine;
+use genarm::gpu::{GpuContext, GpuEngine};
+use genarm::guide::{Sampler, SamplingParams};
+use genarm::model::arm_plan::plan_arm;
+use genarm::model::Checkpoint;
+use genarm::Engine;
+
+const CONTEXT: usize = 16;
+
+/// A tiny base with one LoRA ARM, written once per test binary run.
+fn model_files() -> (PathBuf, Vec<PathBuf>) {
+    let cfg = TinyConfig::default();
+    let dir = temp_dir("engine-contract");
+    let base = dir.join("base.gguf");
+    TinyModel::random(&cfg, 71).write_gguf(&base, GgmlDType::F32);
+    let arm = dir.join("arm");
+    let lora = TinyLora::random(&cfg, 4, 8.0, &genarm::model::lora::TARGETS, 72);
+    write_lora_dir(&arm, &lora, "hub/name");
+    (base, vec![arm])
+}
+
+fn cpu_engine(base: &Path, arms: &[PathBuf]) -> Box<dyn Engine> {
+    Box::new(CpuEngine::load(base, arms, Some(CONTEXT), &Device::Cpu).expect("CPU engine loads"))
+}
+
+fn gpu_engine(base: &Path, arms: &[PathBuf]) -> Box<dyn Engine> {
+    let ctx = GpuContext::new_blocking().unwrap_or_else(|e| {
+        panic!("{e}\n(no GPU here? install lavapipe: apt-get install -y mesa-vulkan-drivers libvulkan1)")
+    });
+    let plans = arms
+        .iter()
+        .map(|p| plan_arm(p, base, &Device::Cpu))
+        .collect::<genarm::Result<Vec<_>>>()
+        .expect("ARMs open");
+    let ckpt = Checkpoint::open(base).expect("base opens");
+    Box::new(GpuEngine::new(ctx.into(), ckpt, plans, Some(CONTEXT)).expect("GPU engine loads"))
+}
+
+fn refused<T: std::fmt::Debug>(r: genarm::Result<T>, needle: &str, what: &str) {
+    let err = r.expect_err(what).to_string();
+    assert!(err.contains(needle), "{what}: `{err}` lacks `{needle}`");
+}
+
+/// Every rule of the contract, then proof that the engine still works unchanged.
+fn contract(engine: &mut dyn Engine) {
+    let vocab = engine.vocab_size() as u32;
+    assert_eq!(engine.context_len(), CONTEXT);
+    let before = engine.step(&[1, 2, 3]).expect("a valid step");
+    assert_eq!(engine.position(), 3);
+
+    refused(engine.step(&[]), "no tokens", "empty feed");
+    refused(
+        engine.step(&[4, vocab]),
+        &format!("token id {vocab}"),
+        "id = vocab",
+    );
+    refused(
+        engine.step(&[u32::MAX]),
+        "outside the vocabulary",
+        "id = u32::MAX",
+    );
+    refused(
+        engine.step(&vec![1; CONTEXT]),
+        "do not fit the context",
+        "context overflow",
+    );
+    refused(
+        engine.teacher_forced(&vec![1; CONTEXT + 1]),
+        "do not fit the context",
+        "teacher-forced overflow",
+    );
+    refused(
+        engine.teacher_forced(&[vocab + 7]),
+        "outside the vocabulary",
+        "teacher-forced id",
+    );
+    let mut sampler = Sampler::new(SamplingParams::default());
+    refused(
+        engine.guided_step(&[5], &[], &mut sampler),
+        "0 ARM weights given for 1 ARMs",
+        "alpha count",
+    );
+    refused(
+        engine.guided_step(&[5], &[f32::NAN], &mut sampler),
+        "must be finite",
+        "NaN alpha",
+    );
+    let mut hot = Sampler::new(SamplingParams {
+        temperature: 0.0,
+        ..SamplingParams::default()
+    });
+    refused(
+        engine.guided_step(&[5], &[1.0], &mut hot),
+        "temperature",
+        "zero temperature",
+    );
+    let mut wide = Sampler::new(SamplingParams {
+        top_p: 1.5,
+        ..SamplingParams::default()
+    });
+    refused(
+        engine.guided_step(&[5], &[1.0], &mut wide),
+        "top-p",
+        "top-p 1.5",
+    );
+
+    // Nothing refused moved the engine: the same prefix gives the same numbers.
+    assert_eq!(engine.position(), 3, "a refused call moved the position");
+    engine.reset();
+    let again = engine
+        .step(&[1, 2, 3])
+        .expect("a valid step after refusals");
+    for (a, b) in before.base.iter().zip(&again.base) {
+        assert!((a - b).abs() < 1e-6, "state changed by a refused call");
+    }
+    let chosen = engine
+        .guided_step(&[7], &[1.0], &mut sampler)
+        .expect("a valid guided step");
+    assert!(chosen.id < vocab);
+}
+
+#[test]
+fn cpu_engine_keeps_the_contract() {
+    let (base, arms) = model_files();
+    contract(cpu_engine(&base, &arms).as_mut());
+}
+
+#[test]
+fn gpu_engine_keeps_the_contract() {
+    let (base, arms) = model_files();
+    contract(gpu_engine(&base, &arms).as_mut());
+}

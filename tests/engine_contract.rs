@@ -73,12 +73,12 @@ fn contract(engine: &mut dyn Engine) {
         "id = u32::MAX",
     );
     refused(
-        engine.step(&vec![1; CONTEXT]),
+        engine.step(&[1; CONTEXT]),
         "do not fit the context",
         "context overflow",
     );
     refused(
-        engine.teacher_forced(&vec![1; CONTEXT + 1]),
+        engine.teacher_forced(&[1; CONTEXT + 1]),
         "do not fit the context",
         "teacher-forced overflow",
     );

@@ -12,6 +12,9 @@ use super::Checkpoint;
 use crate::error::{Error, Result};
 
 /// An ARM resolved to what must be loaded for it.
+// A few plans exist per load, moved once: their size does not matter, boxing would
+// only complicate the matches over them.
+#[allow(clippy::large_enum_variant)]
 pub enum ArmPlan {
     /// A LoRA on the base's own weights: an extra row of the base's batch.
     SharedLora(LoraAdapter),

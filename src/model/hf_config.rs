@@ -576,10 +576,7 @@ mod tests {
 
     #[test]
     fn refuses_what_it_does_not_implement_by_name() {
-        let err = |extra: Value| {
-            let e = parse(&with(base("llama"), extra)).unwrap_err().to_string();
-            e
-        };
+        let err = |extra: Value| parse(&with(base("llama"), extra)).unwrap_err().to_string();
         assert!(err(serde_json::json!({"quantization_config": {"bits": 4}}))
             .contains("quantization_config"));
         assert!(err(serde_json::json!({"hidden_act": "relu"})).contains("hidden_act `relu`"));

@@ -62,17 +62,43 @@ pub struct AdapterConfig {
     pub use_rslora: bool,
     #[serde(default)]
     pub fan_in_fan_out: bool,
-    /// Per-module ranks, keyed by a regex PEFT matches against the module path's end.
-    #[serde(default)]
-    pub rank_pattern: BTreeMap<String, usize>,
+    /// Per-module ranks, keyed by a regex PEFT matches against the module path's end,
+    /// in the file's order (PEFT takes the first key that matches).
+    #[serde(default, deserialize_with = "in_file_order")]
+    pub rank_pattern: Vec<(String, usize)>,
     /// Per-module alphas, matched the same way.
-    #[serde(default)]
-    pub alpha_pattern: BTreeMap<String, f64>,
-    /// The patterns in the file's order: PEFT takes the first that matches.
-    #[serde(skip)]
-    rank_keys: Vec<String>,
-    #[serde(skip)]
-    alpha_keys: Vec<String>,
+    #[serde(default, deserialize_with = "in_file_order")]
+    pub alpha_pattern: Vec<(String, f64)>,
+}
+
+/// A JSON object's entries in the order the file lists them (serde_json's own map
+/// sorts its keys).
+fn in_file_order<'de, D, V>(d: D) -> std::result::Result<Vec<(String, V)>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    V: Deserialize<'de>,
+{
+    struct Entries<V>(std::marker::PhantomData<V>);
+    impl<'de, V: Deserialize<'de>> serde::de::Visitor<'de> for Entries<V> {
+        type Value = Vec<(String, V)>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("an object of pattern: value")
+        }
+        fn visit_unit<E>(self) -> std::result::Result<Self::Value, E> {
+            Ok(Vec::new())
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> std::result::Result<Self::Value, A::Error> {
+            let mut entries = Vec::new();
+            while let Some(entry) = map.next_entry()? {
+                entries.push(entry);
+            }
+            Ok(entries)
+        }
+    }
+    d.deserialize_any(Entries(std::marker::PhantomData))
 }
 
 /// `adapter_config.json` keys that do not change what a loaded LoRA computes (how it
@@ -168,17 +194,9 @@ impl AdapterConfig {
                 }
             }
         }
-        let keys = |name: &str| -> Vec<String> {
-            map.get(name)
-                .and_then(|v| v.as_object())
-                .map(|o| o.keys().cloned().collect())
-                .unwrap_or_default()
-        };
-        let (rank_keys, alpha_keys) = (keys("rank_pattern"), keys("alpha_pattern"));
-        let mut config: Self = serde_json::from_value(serde_json::Value::Object(map))
+        // From the bytes again, not the map: the patterns' order matters.
+        let config: Self = serde_json::from_slice(bytes)
             .map_err(|e| Error::format(path, format!("invalid adapter config: {e}")))?;
-        config.rank_keys = rank_keys;
-        config.alpha_keys = alpha_keys;
         if let Some(t) = config.peft_type.as_deref().filter(|t| *t != "LORA") {
             return Err(Error::unsupported(path, format!("peft_type `{t}`")));
         }
@@ -188,8 +206,8 @@ impl AdapterConfig {
         if !config.lora_alpha.is_finite() {
             return Err(Error::field(path, "lora_alpha", "must be a finite number"));
         }
-        for (key, &r) in &config.rank_pattern {
-            if r == 0 {
+        for (key, r) in &config.rank_pattern {
+            if *r == 0 {
                 return Err(Error::field(
                     path,
                     format!("rank_pattern.{key}"),
@@ -206,7 +224,8 @@ impl AdapterConfig {
                 ));
             }
         }
-        for key in config.rank_keys.iter().chain(&config.alpha_keys) {
+        let keys = config.rank_pattern.iter().map(|(k, _)| k);
+        for key in keys.chain(config.alpha_pattern.iter().map(|(k, _)| k)) {
             pattern_regex(key).map_err(|e| {
                 Error::field(path, "rank_pattern/alpha_pattern", format!("`{key}`: {e}"))
             })?;
@@ -218,17 +237,14 @@ impl AdapterConfig {
     /// first pattern key that matches the end of the path at a dot boundary, as PEFT
     /// matches them, else the adapter's `r` and `lora_alpha`.
     pub fn module_rank_alpha(&self, module: &str) -> (usize, f64) {
-        let first_match = |keys: &[String]| {
-            keys.iter()
-                .find(|k| pattern_regex(k).is_ok_and(|re| re.is_match(module)))
-                .cloned()
-        };
-        let r = first_match(&self.rank_keys)
-            .and_then(|k| self.rank_pattern.get(&k).copied())
-            .unwrap_or(self.r);
-        let alpha = first_match(&self.alpha_keys)
-            .and_then(|k| self.alpha_pattern.get(&k).copied())
-            .unwrap_or(self.lora_alpha);
+        fn first_match<V: Copy>(entries: &[(String, V)], module: &str) -> Option<V> {
+            entries
+                .iter()
+                .find(|(k, _)| pattern_regex(k).is_ok_and(|re| re.is_match(module)))
+                .map(|(_, v)| *v)
+        }
+        let r = first_match(&self.rank_pattern, module).unwrap_or(self.r);
+        let alpha = first_match(&self.alpha_pattern, module).unwrap_or(self.lora_alpha);
         (r, alpha)
     }
 }

@@ -270,26 +270,27 @@ def hf_cases(manifest):
             dtype=torch.bfloat16, note="BF16 safetensors")
     hf_case(manifest, "llama_sharded", LlamaForCausalLM, LlamaConfig, small(**rope(1e4)), 24,
             save_kwargs={"max_shard_size": "20KB"}, note="sharded: model.safetensors.index.json")
-    v4_layout_case(manifest)
+    v4_layout_case(manifest, "llama_v4_config", 25, dict(LLAMA3_SCALING),
+                   "transformers-4 config layout: rope_theta + rope_scaling llama3")
+    v4_layout_case(manifest, "llama_v4_config_type_key", 26, {"type": "linear", "factor": 4.0},
+                   "transformers-4 config layout, rope_scaling with the old `type` key")
 
 
-def v4_layout_case(manifest):
+def v4_layout_case(manifest, name, seed, scaling, note):
     """A config.json in transformers-4 layout (top-level rope_theta and rope_scaling),
     written by hand: what most checkpoints on the Hub still carry."""
-    name = "llama_v4_config"
     case = OUT / name
-    model = build(LlamaForCausalLM, LlamaConfig, small(**rope(5e5, LLAMA3_SCALING)), 25)
+    model = build(LlamaForCausalLM, LlamaConfig, small(**rope(5e5)), seed)
     save(model, case / "model")
     config = json.loads((case / "model" / "config.json").read_text())
     config.pop("rope_parameters", None)
     config["rope_theta"] = 5e5
-    config["rope_scaling"] = {k: v for k, v in LLAMA3_SCALING.items()}
+    config["rope_scaling"] = scaling
     config["transformers_version"] = "4.46.0"
     (case / "model" / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     # The reference comes from transformers reading that file back.
     write_reference(case, [log_probs(reread(LlamaForCausalLM, case / "model"))])
-    manifest.add(name, "hf", model="model", tolerance=F32_TOL,
-                 note="transformers-4 config layout: rope_theta + rope_scaling llama3")
+    manifest.add(name, "hf", model="model", tolerance=F32_TOL, note=note)
 
 
 # Cases genarm is known to get wrong today: (why, engines it fails on; None = all).
@@ -571,6 +572,11 @@ def llama_cpp_commit(llama_cpp):
 
 
 def main():
+    # PEFT stores target_modules as a set: fix the hash seed so that its order in
+    # adapter_config.json, and so the fixtures, are the same on every run.
+    if os.environ.get("PYTHONHASHSEED") != "0":
+        env = dict(os.environ, PYTHONHASHSEED="0")
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--llama-cpp", type=Path, default=None,
                         help="llama.cpp checkout with convert_hf_to_gguf.py and gguf-py/")

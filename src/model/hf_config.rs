@@ -189,8 +189,10 @@ impl HfConfig {
         };
         let arch = Arch::parse(model_type)
             .ok_or_else(|| Error::unsupported(path, format!("model_type `{model_type}`")))?;
-        for key in map.keys() {
-            let known = key.starts_with('_')
+        for (key, value) in &map {
+            // A null setting is an absent one, in transformers as here.
+            let known = value.is_null()
+                || key.starts_with('_')
                 || INERT_KEYS.contains(&key.as_str())
                 || COMMON_KEYS.contains(&key.as_str())
                 || arch_keys(arch).contains(&key.as_str());
@@ -200,7 +202,7 @@ impl HfConfig {
                     format!(
                         "config field `{key}` (= {}) for model_type `{model_type}`: genarm does \
                          not implement it and it may change the model's outputs",
-                        short(&map[key])
+                        short(value)
                     ),
                 ));
             }

@@ -137,28 +137,20 @@ const READ_ADAPTER_KEYS: &[&str] = &[
     "alpha_pattern",
 ];
 
-/// Keys PEFT acts on that genarm does not implement: accepted only at the value that
-/// means "off".
-fn is_off(key: &str, v: &serde_json::Value) -> Option<bool> {
+/// Whether a field PEFT would act on is at its "off" value, the only value genarm
+/// accepts for what it does not implement. PEFT's features are off when their flag is
+/// false or their setting null or empty — so a feature added in a later PEFT, written
+/// as `"new_config": null`, loads, and the same feature switched on is refused.
+fn is_off(key: &str, v: &serde_json::Value) -> bool {
     use serde_json::Value;
-    let empty = |v: &Value| match v {
-        Value::Null => true,
-        Value::Array(a) => a.is_empty(),
-        Value::Object(o) => o.is_empty(),
-        Value::String(s) => s.is_empty(),
+    match (key, v) {
+        ("bias", Value::String(s)) => s == "none",
+        (_, Value::Null | Value::Bool(false)) => true,
+        (_, Value::Array(a)) => a.is_empty(),
+        (_, Value::Object(o)) => o.is_empty(),
+        (_, Value::String(s)) => s.is_empty(),
         _ => false,
-    };
-    Some(match key {
-        "bias" => v.is_null() || v.as_str() == Some("none"),
-        "use_dora" | "lora_bias" | "use_qalora" => v.is_null() || v.as_bool() == Some(false),
-        "modules_to_save"
-        | "trainable_token_indices"
-        | "layer_replication"
-        | "target_parameters"
-        | "alora_invocation_tokens"
-        | "arrow_config" => empty(v),
-        _ => return None,
-    })
+    }
 }
 
 impl AdapterConfig {
@@ -174,24 +166,15 @@ impl AdapterConfig {
             {
                 continue;
             }
-            let shown = value.to_string().chars().take(60).collect::<String>();
-            match is_off(key, value) {
-                Some(true) => {}
-                Some(false) => {
-                    return Err(Error::unsupported(
-                        path,
-                        format!("adapter field `{key}` = {shown} (genarm implements plain LoRA)"),
-                    ))
-                }
-                None => {
-                    return Err(Error::unsupported(
-                        path,
-                        format!(
-                            "adapter field `{key}` = {shown}: genarm does not implement it and \
-                             it may change the adapter's outputs"
-                        ),
-                    ))
-                }
+            if !is_off(key, value) {
+                let shown = value.to_string().chars().take(60).collect::<String>();
+                return Err(Error::unsupported(
+                    path,
+                    format!(
+                        "adapter field `{key}` = {shown}: genarm implements plain LoRA \
+                         (with rsLoRA, rank_pattern and alpha_pattern), not this"
+                    ),
+                ));
             }
         }
         // From the bytes again, not the map: the patterns' order matters.
@@ -546,4 +529,84 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(json: serde_json::Value) -> Result<AdapterConfig> {
+        AdapterConfig::from_json(
+            json.to_string().as_bytes(),
+            Path::new("adapter_config.json"),
+        )
+    }
+
+    #[test]
+    fn patterns_match_like_peft_first_key_in_file_order() {
+        // Raw text: serde_json's own map would sort the keys.
+        let text = r#"{"r": 8, "lora_alpha": 16,
+            "rank_pattern": {"q_proj": 4, "layers.1.self_attn.q_proj": 2},
+            "alpha_pattern": {"layers\\.[01]\\.mlp\\.down_proj": 3.0}}"#;
+        let c =
+            AdapterConfig::from_json(text.as_bytes(), Path::new("adapter_config.json")).unwrap();
+        // Both keys match layer 1's q_proj: the first in the file wins, as in PEFT.
+        assert_eq!(
+            c.module_rank_alpha("model.layers.1.self_attn.q_proj"),
+            (4, 16.0)
+        );
+        assert_eq!(
+            c.module_rank_alpha("model.layers.0.mlp.down_proj"),
+            (8, 3.0)
+        );
+        assert_eq!(
+            c.module_rank_alpha("model.layers.2.mlp.down_proj"),
+            (8, 16.0)
+        );
+        // A key matches at a dot boundary only.
+        assert_eq!(
+            c.module_rank_alpha("model.layers.0.self_attn.xq_proj"),
+            (8, 16.0)
+        );
+    }
+
+    #[test]
+    fn features_peft_acts_on_are_refused_unless_off() {
+        let base = |extra: serde_json::Value| {
+            let mut v = serde_json::json!({"r": 8, "lora_alpha": 16});
+            for (k, x) in extra.as_object().unwrap() {
+                v[k] = x.clone();
+            }
+            config(v)
+        };
+        for off in [
+            serde_json::json!({"use_dora": false, "bias": "none", "modules_to_save": null}),
+            serde_json::json!({"kasa_config": null, "use_bdlora": null, "layer_replication": []}),
+        ] {
+            base(off).unwrap();
+        }
+        for (on, name) in [
+            (serde_json::json!({"use_dora": true}), "use_dora"),
+            (serde_json::json!({"bias": "lora_only"}), "bias"),
+            (
+                serde_json::json!({"modules_to_save": ["lm_head"]}),
+                "modules_to_save",
+            ),
+            (
+                serde_json::json!({"some_future_config": {"k": 1}}),
+                "some_future_config",
+            ),
+            (
+                serde_json::json!({"rank_pattern": {"q_proj": 0}}),
+                "rank_pattern.q_proj",
+            ),
+            (
+                serde_json::json!({"alpha_pattern": {"(": 1.0}}),
+                "alpha_pattern",
+            ),
+        ] {
+            let err = base(on).unwrap_err().to_string();
+            assert!(err.contains(name), "`{err}` lacks `{name}`");
+        }
+    }
 }

@@ -818,9 +818,14 @@ fn cmd_generate(args: GenerateArgs) -> Result<()> {
             "arms": engine.arm_labels(),
             "alphas": opts.alphas,
         });
-        writeln!(stdout, "{out}")?;
+        writeln!(stdout, "{out}")
+            .and_then(|()| stdout.flush())
+            .context("writing to stdout")?;
     } else {
-        writeln!(stdout)?;
+        // A failed streamed write stopped generation; this write reports it.
+        writeln!(stdout)
+            .and_then(|()| stdout.flush())
+            .context("writing to stdout")?;
         eprintln!(
             "[{} prompt tokens, {} new, {:.1} tokens/s decode, stop: {:?}, backend {}]",
             gen.prompt_tokens,
@@ -1420,6 +1425,10 @@ fn cmd_eval(args: EvalArgs) -> Result<()> {
     )?;
     if args.reward_model.is_some() && baselines.is_empty() {
         bail!("--reward-model is used only by baselines: add --baseline bon-rm:N or args:K:W");
+    }
+    // The baselines run after the whole sweep: a wrong reward model is found now.
+    if let Some(dir) = &args.reward_model {
+        genarm::eval::reward_model::ScalarRewardModel::open_adapter(dir, &Device::Cpu)?;
     }
     let scorers = args
         .scorers

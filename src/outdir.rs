@@ -92,8 +92,12 @@ impl OutputLock {
         Self::at(dir.join(LOCK_FILE))
     }
 
-    /// Locks the output file `file` with `file.lock` next to it.
+    /// Locks the output file `file` with `file.lock` next to it (its folder is created
+    /// if needed, as the writers do).
     pub fn file(file: &Path) -> Result<Self> {
+        if let Some(parent) = file.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+        }
         let mut name = file.as_os_str().to_owned();
         name.push(".lock");
         Self::at(PathBuf::from(name))

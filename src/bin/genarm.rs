@@ -359,7 +359,7 @@ struct PrefsArgs {
     /// Wrap prompts in the chat template.
     #[arg(long)]
     chat: bool,
-    /// New tokens per continuation, 1..=1024 (the sampling context holds 1024 tokens).
+    /// New tokens per continuation, 1..=1023 (prompt and continuation share 1024 tokens).
     #[arg(long, default_value_t = 48, value_parser = int_in(1, PREFS_CONTEXT - 1))]
     max_new_tokens: usize,
     /// Sampling temperature, > 0.

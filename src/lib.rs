@@ -14,6 +14,7 @@ pub mod generate;
 pub mod gpu;
 pub mod guide;
 pub mod model;
+pub mod outdir;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod train;
 #[cfg(target_arch = "wasm32")]

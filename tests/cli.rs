@@ -463,8 +463,56 @@ fn prefs_pairs_resume_after_a_kill() {
         [first, second, ..] => format!("{first}\n{}", half(second)),
         [] => unreachable!(),
     };
-    std::fs::write(resumed.with_extension("jsonl.part"), part).unwrap();
+    let part_path = resumed.with_extension("jsonl.part");
+    std::fs::write(&part_path, part).unwrap();
+    // The record the killed run left next to its part (what a fresh run writes first).
+    let fingerprint = |p: &Path| genarm::outdir::FileFingerprint::stat(p).unwrap();
+    let record = genarm::train::prefs::PrefsRun {
+        model: fingerprint(&model),
+        prompts: genarm::outdir::FileFingerprint::of(&prompts).unwrap(),
+        seed: 5,
+        samples: 3,
+        scorer: "concise".into(),
+        template: "{}".into(),
+        chat: true,
+        max_new_tokens: 32,
+        temperature: 1.0,
+        top_p: 1.0,
+    };
+    record.write(&part_path).unwrap();
+    // Another seed does not continue it.
+    let mut other_seed = vec![
+        "prefs",
+        "--model",
+        s(&model),
+        "--prompts",
+        s(&prompts),
+        "--samples",
+        "3",
+        "--scorer",
+        "concise",
+        "--chat",
+        "--max-new-tokens",
+        "32",
+        "--seed",
+        "6",
+        "--out",
+        s(&resumed),
+        "--resume",
+    ];
+    assert_refused(
+        &genarm(&other_seed),
+        &["seed: was 5, now 6"],
+        "prefs resume, other seed",
+    );
+    other_seed.pop();
+    assert_refused(
+        &genarm(&other_seed),
+        &["--resume", "--overwrite"],
+        "prefs over a part",
+    );
     run(&resumed, true);
+    assert!(!genarm::train::prefs::PrefsRun::record_path(&part_path).exists());
     assert_eq!(std::fs::read_to_string(&resumed).unwrap(), text);
 }
 
@@ -495,4 +543,500 @@ fn unsupported_embedded_tokenizer_still_runs_on_token_ids() {
     let o = genarm(&["generate", "--model", s(&path), "--prompt", "hello"]);
     assert_clean_error(&o, "tokenizer.ggml.model");
     assert!(stderr(&o).contains("--prompt-tokens"), "{}", stderr(&o));
+}
+
+// ---------------------------------------------------------------------------
+// Malformed flags, closed pipes, full disks and existing outputs
+// ---------------------------------------------------------------------------
+
+/// A tiny GGUF model with a character vocabulary (so it has a tokenizer), in `dir`.
+fn tiny_text_model(dir: &Path) -> std::path::PathBuf {
+    let cfg = TinyConfig::default();
+    let path = dir.join("tiny-text.gguf");
+    let vocab = char_vocabulary(cfg.vocab_size);
+    TinyModel::random(&cfg, 40).write_gguf_with_tokens(&path, GgmlDType::F32, Some(&vocab));
+    path
+}
+
+/// Preference pairs in TRL's JSONL form, lower-case text the character vocabulary encodes.
+fn write_pairs(path: &Path, n: usize) {
+    let words = ["good", "bad", "fine", "poor", "nice", "dull"];
+    let lines: Vec<String> = (0..n)
+        .map(|i| {
+            serde_json::json!({
+                "prompt": format!("say {}", words[i % 6]),
+                "chosen": format!(" {} day", words[(i + 1) % 6]),
+                "rejected": format!(" {} night", words[(i + 2) % 6]),
+            })
+            .to_string()
+        })
+        .collect();
+    std::fs::write(path, lines.join("\n")).unwrap();
+}
+
+/// The run failed with exit code 1, did not panic, and its message contains every needle.
+fn assert_refused(o: &std::process::Output, needles: &[&str], what: &str) {
+    let err = stderr(o);
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "{what}: exit status, stderr: {err}"
+    );
+    assert!(!err.contains("panicked"), "{what} panicked: {err}");
+    for needle in needles {
+        assert!(
+            err.contains(needle),
+            "{what}: stderr lacks {needle:?}: {err}"
+        );
+    }
+}
+
+#[test]
+fn bad_flag_values_name_the_flag_and_its_range() {
+    let dir = temp_dir("cli-flags");
+    let model = tiny_text_model(&dir);
+    let m = s(&model);
+    let out = dir.join("out");
+    let o = s(&out);
+    let (data, prompts) = (dir.join("pairs.jsonl"), dir.join("prompts.txt"));
+    write_pairs(&data, 4);
+    std::fs::write(&prompts, "say good\n").unwrap();
+    let (d, p) = (s(&data), s(&prompts));
+    let train = ["train", "--model", m, "--data", d, "--out", o];
+    let prefs = [
+        "prefs",
+        "--model",
+        m,
+        "--prompts",
+        p,
+        "--scorer",
+        "length",
+        "--out",
+        o,
+    ];
+    let eval = [
+        "eval",
+        "--model",
+        m,
+        "--prompts",
+        p,
+        "--scorer",
+        "length",
+        "--out",
+        o,
+    ];
+    let prompts_cmd = ["prompts", "--corpus", p, "--out-train", o, "--out-eval", o];
+    let gen = ["generate", "--model", m, "--prompt-tokens", "1"];
+    let bench = ["bench", "--model", m];
+    let init = ["init-lora", "--model", m, "--out", o];
+    // (command, flag, bad value, the range its message must state)
+    let table: Vec<(&[&str], &str, &str, &str)> = vec![
+        (&gen, "--context", "0", "1..=1048576"),
+        (&gen, "--max-new-tokens", "0", "1..=1048576"),
+        (&gen, "--temperature", "NaN", "> 0"),
+        (&gen, "--temperature", "-1", "> 0"),
+        (&gen, "--top-p", "0", "(0, 1]"),
+        (&gen, "--top-k", "0", "1..=1048576"),
+        (&bench, "--runs", "1000000000000", "1..=10000"),
+        (&bench, "--runs", "0", "1..=10000"),
+        (&bench, "--tokens", "1", "2..=1048576"),
+        (&bench, "--prompt-len", "5000000000", "1..=1048576"),
+        (&bench, "--context", "99999999999", "1..=1048576"),
+        (&init, "--rank", "0", "1..="),
+        (&init, "--rank", "1000000000000", "1..="),
+        (&init, "--alpha", "NaN", "> 0"),
+        (&init, "--b-std", "-1", "≥ 0"),
+        (&train, "--lr", "NaN", "> 0"),
+        (&train, "--lr", "inf", "> 0"),
+        (&train, "--lr", "-1", "> 0"),
+        (&train, "--beta-r", "NaN", "> 0"),
+        (&train, "--gamma", "inf", "finite"),
+        (&train, "--weight-decay", "NaN", "≥ 0"),
+        (&train, "--lora-dropout", "1", "[0, 1)"),
+        (&train, "--eval-frac", "1.5", "[0, 1)"),
+        (&train, "--eval-frac", "-0.1", "[0, 1)"),
+        (&train, "--layers", "0", "1..="),
+        (&train, "--lora-alpha", "NaN", "> 0"),
+        (&train, "--lora-rank", "1000000", "1..=64"),
+        (&train, "--layers", "3", "1..=2"),
+        (&train, "--epochs", "0", "1..=10000"),
+        (&train, "--batch-size", "0", "1..="),
+        (&train, "--max-len", "0", "2..="),
+        (&train, "--checkpoint-every", "0", "1..="),
+        (&prefs, "--samples", "100000", "2..=256"),
+        (&prefs, "--samples", "1", "2..=256"),
+        (&prefs, "--temperature", "0", "> 0"),
+        (&prefs, "--top-p", "2", "(0, 1]"),
+        (&prefs, "--max-new-tokens", "5000", "1..=1023"),
+        (&prefs, "--limit", "0", "1..="),
+        (&eval, "--samples", "0", "1..=256"),
+        (&eval, "--limit", "0", "1..="),
+        (&eval, "--alphas", "0,NaN", "finite"),
+        (&eval, "--hv-ref", "1,2,3", "X,Y"),
+        (&eval, "--top-p", "-1", "(0, 1]"),
+        (&prompts_cmd, "--eval-frac", "2", "[0, 1]"),
+        (&prompts_cmd, "--n", "0", "1..=10000000"),
+    ];
+    for (cmd, flag, value, range) in table {
+        let mut args = cmd.to_vec();
+        // FLAG=VALUE so that negative numbers read as values.
+        let pair = format!("{flag}={value}");
+        args.push(&pair);
+        let what = format!("{} {flag} {value}", cmd[0]);
+        assert_refused(&genarm(&args), &[flag, range], &what);
+        assert!(!out.exists(), "{what} wrote {}", out.display());
+    }
+    // Runtime limits that depend on the model: an id outside its vocabulary, a prompt and
+    // continuation longer than the context.
+    let o = genarm(&["logits", "--model", m, "--tokens", "1,61"]);
+    assert_refused(&o, &["--tokens", "0..61"], "logits out-of-vocabulary id");
+    let o = genarm(&["bench", "--model", m, "--context", "8", "--prompt-len", "8"]);
+    assert_refused(
+        &o,
+        &["--prompt-len", "context of 8"],
+        "bench longer than the context",
+    );
+    // The syntax --help shows for --hv-ref is accepted (the run then stops at the prompts).
+    std::fs::write(&prompts, "\n\n").unwrap();
+    let mut args = eval.to_vec();
+    args.extend(["--hv-ref", "-1,2.5"]);
+    assert_refused(
+        &genarm(&args),
+        &["no prompts"],
+        "eval with an empty prompt file",
+    );
+    assert!(
+        !out.exists(),
+        "eval without prompts wrote {}",
+        out.display()
+    );
+}
+
+/// Runs genarm with stdout closed by its reader before anything is written, or sent to
+/// /dev/full.
+fn genarm_to(args: &[&str], stdout: &str) -> std::process::Output {
+    use std::process::{Command, Stdio};
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_genarm"));
+    cmd.args(args).stderr(Stdio::piped());
+    if stdout == "closed" {
+        let mut child = cmd.stdout(Stdio::piped()).spawn().unwrap();
+        drop(child.stdout.take());
+        return child.wait_with_output().unwrap();
+    }
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(stdout)
+        .unwrap();
+    cmd.stdout(file).output().unwrap()
+}
+
+#[test]
+fn closed_pipes_and_full_disks_end_without_a_panic() {
+    let dir = temp_dir("cli-pipes");
+    let model = tiny_text_model(&dir);
+    let m = s(&model);
+    let prompts = dir.join("prompts.txt");
+    std::fs::write(&prompts, "say good\n").unwrap();
+    let eval_out = dir.join("eval");
+    let ids: Vec<String> = (1..40).map(|i| i.to_string()).collect();
+    let ids = ids.join(",");
+    let logits = vec!["logits", "--model", m, "--tokens", &ids];
+    let bench = vec!["bench", "--model", m, "--tokens", "2", "--runs", "1"];
+    let eval = vec![
+        "eval",
+        "--model",
+        m,
+        "--prompts",
+        s(&prompts),
+        "--scorer",
+        "length",
+        "--alphas",
+        "0",
+        "--max-new-tokens",
+        "2",
+        "--overwrite",
+        "--out",
+        s(&eval_out),
+    ];
+    for cmd in [&logits, &bench, &eval] {
+        let o = genarm_to(cmd, "closed");
+        let err = stderr(&o);
+        assert!(
+            !err.contains("panicked"),
+            "{} to a closed pipe panicked: {err}",
+            cmd[0]
+        );
+        assert_eq!(
+            o.status.code(),
+            Some(0),
+            "{} to a closed pipe: {err}",
+            cmd[0]
+        );
+        if Path::new("/dev/full").exists() {
+            let o = genarm_to(cmd, "/dev/full");
+            let what = format!("{} to /dev/full", cmd[0]);
+            assert_refused(&o, &["writing to stdout", "No space left"], &what);
+        }
+    }
+}
+
+#[test]
+fn existing_outputs_and_inputs_are_not_overwritten_without_overwrite() {
+    let dir = temp_dir("cli-overwrite");
+    let model = tiny_text_model(&dir);
+    let m = s(&model);
+    let arm = dir.join("arm");
+    let init = |extra: &[&str]| {
+        let mut a = vec!["init-lora", "--model", m, "--rank", "2", "--out", s(&arm)];
+        a.extend(extra);
+        genarm(&a)
+    };
+    assert!(init(&[]).status.success());
+    let weights = arm.join("adapter_model.safetensors");
+    let first = std::fs::read(&weights).unwrap();
+    assert_refused(
+        &init(&["--seed", "1"]),
+        &[s(&arm), "--overwrite"],
+        "init-lora again",
+    );
+    assert_eq!(
+        std::fs::read(&weights).unwrap(),
+        first,
+        "refused run changed the adapter"
+    );
+    assert!(init(&["--seed", "1", "--overwrite"]).status.success());
+    assert_ne!(
+        std::fs::read(&weights).unwrap(),
+        first,
+        "--overwrite kept the old adapter"
+    );
+    // train into an existing ARM folder.
+    let data = dir.join("pairs.jsonl");
+    write_pairs(&data, 4);
+    let o = genarm(&["train", "--model", m, "--data", s(&data), "--out", s(&arm)]);
+    assert_refused(
+        &o,
+        &["--resume", "--overwrite"],
+        "train into an existing ARM",
+    );
+    assert!(!arm.join("train_log.jsonl").exists());
+    // Outputs equal to inputs, compared by resolved path.
+    let corpus = dir.join("corpus.txt");
+    std::fs::write(&corpus, "the cat sat on the mat\n").unwrap();
+    let same = dir.join(".").join("corpus.txt");
+    let o = genarm(&[
+        "prompts",
+        "--corpus",
+        s(&corpus),
+        "--out-train",
+        s(&same),
+        "--out-eval",
+        s(&dir.join("e.txt")),
+        "--overwrite",
+    ]);
+    assert_refused(&o, &["--out-train", "--corpus"], "prompts over its corpus");
+    assert_eq!(
+        std::fs::read_to_string(&corpus).unwrap(),
+        "the cat sat on the mat\n"
+    );
+    let o = genarm(&[
+        "prefs",
+        "--model",
+        m,
+        "--prompts",
+        s(&corpus),
+        "--scorer",
+        "length",
+        "--out",
+        s(&corpus),
+        "--overwrite",
+    ]);
+    assert_refused(&o, &["--out", "--prompts"], "prefs over its prompts");
+    let o = genarm(&[
+        "train",
+        "--model",
+        m,
+        "--data",
+        s(&data),
+        "--out",
+        s(&data),
+        "--overwrite",
+    ]);
+    assert_refused(&o, &["--out", "--data"], "train over its data");
+    // An existing output file of prompts.
+    let (train_txt, eval_txt) = (dir.join("t.txt"), dir.join("e.txt"));
+    std::fs::write(&train_txt, "keep me\n").unwrap();
+    let o = genarm(&[
+        "prompts",
+        "--corpus",
+        s(&corpus),
+        "--n",
+        "1",
+        "--out-train",
+        s(&train_txt),
+        "--out-eval",
+        s(&eval_txt),
+    ]);
+    assert_refused(
+        &o,
+        &[s(&train_txt), "--overwrite"],
+        "prompts over an existing file",
+    );
+    assert_eq!(std::fs::read_to_string(&train_txt).unwrap(), "keep me\n");
+}
+
+#[test]
+fn a_lock_file_stops_a_second_writer_and_a_stale_one_says_how_to_clear_it() {
+    let dir = temp_dir("cli-lock");
+    let model = tiny_text_model(&dir);
+    let arm = dir.join("arm");
+    std::fs::create_dir_all(&arm).unwrap();
+    let lock = arm.join(".genarm.lock");
+    let init = || {
+        genarm(&[
+            "init-lora",
+            "--model",
+            s(&model),
+            "--rank",
+            "2",
+            "--out",
+            s(&arm),
+        ])
+    };
+    // A live writer: this test process.
+    std::fs::write(&lock, format!("{}\n", std::process::id())).unwrap();
+    let o = init();
+    assert_refused(
+        &o,
+        &[s(&lock), &std::process::id().to_string(), "another genarm"],
+        "lock",
+    );
+    assert!(!arm.join("adapter_model.safetensors").exists());
+    // A writer that died: a process that has exited.
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    let dead = child.id();
+    child.wait().unwrap();
+    std::fs::write(&lock, format!("{dead}\n")).unwrap();
+    assert_refused(
+        &init(),
+        &["stale lock", &dead.to_string(), "remove"],
+        "stale lock",
+    );
+    std::fs::remove_file(&lock).unwrap();
+    assert!(init().status.success(), "{}", stderr(&init()));
+    assert!(!lock.exists(), "the lock outlived its run");
+}
+
+/// Step numbers of a train log, in order.
+fn logged_steps(log: &Path) -> Vec<u64> {
+    std::fs::read_to_string(log)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.contains("eval_accuracy"))
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn resume_refuses_another_seed_and_leaves_one_log_line_per_step() {
+    let dir = temp_dir("cli-resume");
+    let model = tiny_text_model(&dir);
+    let data = dir.join("pairs.jsonl");
+    write_pairs(&data, 8);
+    let out = dir.join("arm");
+    let train = |extra: &[&str]| {
+        let mut a = vec![
+            "train",
+            "--model",
+            s(&model),
+            "--data",
+            s(&data),
+            "--out",
+            s(&out),
+            "--lora-rank",
+            "2",
+            "--batch-size",
+            "2",
+            "--micro-batch",
+            "2",
+            "--eval-frac",
+            "0",
+            "--warmup",
+            "1",
+            "--checkpoint-every",
+            "1",
+        ];
+        a.extend(extra);
+        let o = genarm(&a);
+        (o.status.success(), o)
+    };
+    let (ok, o) = train(&["--max-steps", "2"]);
+    assert!(ok, "{}", stderr(&o));
+    let (_, o) = train(&["--resume", "--seed", "1"]);
+    assert_refused(
+        &o,
+        &["seed: was 0, now 1", "--overwrite"],
+        "resume with another seed",
+    );
+    // The same path and size with other contents is another data set.
+    let pairs = std::fs::read_to_string(&data).unwrap();
+    std::fs::write(&data, pairs.replacen("good", "goop", 1)).unwrap();
+    let (_, o) = train(&["--resume"]);
+    assert_refused(&o, &["another data", "fnv1a64"], "resume on other data");
+    std::fs::write(&data, pairs).unwrap();
+    // A kill after step 3 was logged but before its checkpoint: step 2's checkpoint back.
+    let saved = dir.join("checkpoint-2");
+    std::fs::rename(out.join("checkpoint"), &saved).unwrap();
+    std::fs::create_dir_all(out.join("checkpoint")).unwrap();
+    for f in std::fs::read_dir(&saved).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, out.join("checkpoint").join(f.file_name().unwrap())).unwrap();
+    }
+    let (ok, o) = train(&["--resume", "--max-steps", "3"]);
+    assert!(ok, "{}", stderr(&o));
+    std::fs::remove_dir_all(out.join("checkpoint")).unwrap();
+    std::fs::rename(&saved, out.join("checkpoint")).unwrap();
+    let (ok, o) = train(&["--resume"]);
+    assert!(ok, "{}", stderr(&o));
+    assert_eq!(logged_steps(&out.join("train_log.jsonl")), vec![1, 2, 3, 4]);
+}
+
+#[cfg(unix)]
+#[test]
+fn written_files_follow_the_umask() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = temp_dir("cli-umask");
+    let model = tiny_text_model(&dir);
+    let data = dir.join("pairs.jsonl");
+    write_pairs(&data, 4);
+    let (arm, trained) = (dir.join("arm"), dir.join("trained"));
+    let bin = env!("CARGO_BIN_EXE_genarm");
+    let script = format!(
+        "umask 027 && {bin} init-lora --model {m} --rank 2 --out {a} && \
+         {bin} train --model {m} --data {d} --out {t} --lora-rank 2 --batch-size 4 \
+         --eval-frac 0 --warmup 1",
+        m = s(&model),
+        a = s(&arm),
+        d = s(&data),
+        t = s(&trained),
+    );
+    let o = std::process::Command::new("sh")
+        .args(["-c", &script])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    for file in [
+        arm.join("adapter_model.safetensors"),
+        arm.join("adapter_config.json"),
+        trained.join("adapter_model.safetensors"),
+        trained.join("train_log.jsonl"),
+        trained.join("checkpoint/state.safetensors"),
+    ] {
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o640, "{}: mode {mode:o}", file.display());
+    }
 }

@@ -14,6 +14,7 @@ use genarm::cpu::{CpuEngine, DEFAULT_CONTEXT};
 use genarm::engine::{Chosen, StepLogProbs};
 use genarm::gpu::GpuEngine;
 use genarm::model::tokenizer::TextTokenizer;
+use genarm::outdir::{refuse_existing, refuse_input_as_output, OutputLock};
 use genarm::{ArmSpec, Engine, GenerateOptions, SamplingParams};
 
 /// GenARM: reward-guided generation with autoregressive reward models.
@@ -71,8 +72,8 @@ struct ModelArgs {
     /// Which engine runs the models.
     #[arg(long, value_enum, default_value = "cpu")]
     backend: Backend,
-    /// KV-cache length in tokens (capped at the model's context).
-    #[arg(long, value_name = "N", default_value_t = DEFAULT_CONTEXT)]
+    /// KV-cache length in tokens, 1..=1048576 (capped at the model's context).
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_CONTEXT, value_parser = int_in(1, MAX_TOKENS))]
     context: usize,
 }
 
@@ -98,16 +99,16 @@ struct PromptArgs {
 #[derive(Args)]
 struct SamplingArgs {
     /// Maximum number of new tokens.
-    #[arg(long, value_name = "N", default_value_t = 128)]
+    #[arg(long, value_name = "N", default_value_t = 128, value_parser = int_in(1, MAX_TOKENS))]
     max_new_tokens: usize,
-    /// Softmax temperature of the guided scores.
-    #[arg(long, value_name = "T", default_value_t = 1.0)]
+    /// Softmax temperature of the guided scores (> 0).
+    #[arg(long, value_name = "T", default_value_t = 1.0, value_parser = temperature)]
     temperature: f32,
     /// Sample from the K most likely tokens only [default: all].
-    #[arg(long, value_name = "K")]
+    #[arg(long, value_name = "K", value_parser = int_in(1, MAX_TOKENS))]
     top_k: Option<usize>,
-    /// Nucleus sampling mass.
-    #[arg(long, value_name = "P", default_value_t = 1.0)]
+    /// Nucleus sampling mass, in (0, 1].
+    #[arg(long, value_name = "P", default_value_t = 1.0, value_parser = probability)]
     top_p: f32,
     /// Random seed: the same seed gives the same text.
     #[arg(long, value_name = "S", default_value_t = 0)]
@@ -158,14 +159,14 @@ struct LogitsArgs {
 struct BenchArgs {
     #[command(flatten)]
     models: ModelArgs,
-    /// New tokens per run.
-    #[arg(long, value_name = "N", default_value_t = 128)]
+    /// New tokens per run (≥ 2).
+    #[arg(long, value_name = "N", default_value_t = 128, value_parser = int_in(2, MAX_TOKENS))]
     tokens: usize,
-    /// Timed runs per configuration (the median is reported).
-    #[arg(long, value_name = "R", default_value_t = 3)]
+    /// Timed runs per configuration, 1..=10000 (the median is reported).
+    #[arg(long, value_name = "R", default_value_t = 3, value_parser = int_in(1, MAX_RUNS))]
     runs: usize,
     /// Prompt length in tokens (a fixed synthetic prompt).
-    #[arg(long, value_name = "N", default_value_t = 16)]
+    #[arg(long, value_name = "N", default_value_t = 16, value_parser = int_in(1, MAX_TOKENS))]
     prompt_len: usize,
     /// Print JSON.
     #[arg(long)]
@@ -177,17 +178,20 @@ struct InitLoraArgs {
     /// The model the adapter is for (GGUF or HF dir).
     #[arg(long, value_name = "PATH")]
     model: PathBuf,
-    /// Output directory.
+    /// Output directory (refused when it exists and is not empty, unless --overwrite).
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
-    /// LoRA rank.
-    #[arg(long, default_value_t = 8)]
+    /// Replace the files of an existing output directory.
+    #[arg(long)]
+    overwrite: bool,
+    /// LoRA rank, 1..=the model's hidden size.
+    #[arg(long, default_value_t = 8, value_parser = int_in(1, MAX_TOKENS))]
     rank: usize,
-    /// LoRA alpha (scale = alpha / rank).
-    #[arg(long, default_value_t = 16.0)]
+    /// LoRA alpha (scale = alpha / rank), > 0.
+    #[arg(long, default_value_t = 16.0, value_parser = finite_positive)]
     alpha: f64,
-    /// Standard deviation of B's entries (A is Kaiming-uniform as in PEFT).
-    #[arg(long, default_value_t = 0.01)]
+    /// Standard deviation of B's entries (A is Kaiming-uniform as in PEFT), ≥ 0.
+    #[arg(long, default_value_t = 0.01, value_parser = finite_non_negative)]
     b_std: f64,
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -205,17 +209,21 @@ struct TrainArgs {
     #[arg(long)]
     format: Option<String>,
     /// Output directory: the PEFT adapter (with --full an HF model), genarm.json,
-    /// train_log.jsonl and checkpoint/.
+    /// train_log.jsonl and checkpoint/. Refused when it exists and is not empty, unless
+    /// --resume or --overwrite.
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
+    /// Start a new run in an existing output directory, replacing its files.
+    #[arg(long, conflicts_with = "resume")]
+    overwrite: bool,
     /// Apply the model's chat template to prompts (needed for conversational data).
     #[arg(long)]
     chat: bool,
-    /// β_r of the loss −log σ(β_r·(Σ log π(y_w) − Σ log π(y_l)) − γ).
-    #[arg(long, default_value_t = 0.05)]
+    /// β_r of the loss −log σ(β_r·(Σ log π(y_w) − Σ log π(y_l)) − γ), > 0.
+    #[arg(long, default_value_t = 0.05, value_parser = finite_positive)]
     beta_r: f64,
-    /// Margin γ of the loss.
-    #[arg(long, default_value_t = 0.0)]
+    /// Margin γ of the loss (finite).
+    #[arg(long, default_value_t = 0.0, value_parser = finite)]
     gamma: f64,
     /// λ of an anchor term λ·(−Σ log π(y_w) / |y_w|), the chosen response's mean NLL, added
     /// to the loss (0: the plain GenARM loss). Use it when rejected responses are
@@ -225,14 +233,18 @@ struct TrainArgs {
         long,
         default_value_t = 0.0,
         value_name = "λ",
-        conflicts_with = "scalar_head"
+        conflicts_with = "scalar_head",
+        value_parser = finite_non_negative
     )]
     sft_weight: f64,
-    #[arg(long, default_value_t = 8, conflicts_with = "full")]
+    /// LoRA rank, 1..=the model's hidden size.
+    #[arg(long, default_value_t = 8, conflicts_with = "full", value_parser = int_in(1, MAX_TOKENS))]
     lora_rank: usize,
-    #[arg(long, default_value_t = 16.0, conflicts_with = "full")]
+    /// LoRA alpha (scale = alpha / rank), > 0.
+    #[arg(long, default_value_t = 16.0, conflicts_with = "full", value_parser = finite_positive)]
     lora_alpha: f64,
-    #[arg(long, default_value_t = 0.05, conflicts_with = "full")]
+    /// LoRA dropout probability, in [0, 1).
+    #[arg(long, default_value_t = 0.05, conflicts_with = "full", value_parser = fraction_below_one)]
     lora_dropout: f64,
     /// Projections with LoRA (short names).
     #[arg(
@@ -244,8 +256,8 @@ struct TrainArgs {
     lora_targets: Vec<String>,
     /// Train the top N layers only (LoRA on them, or all their weights with --full); the
     /// layers below stay frozen and run without autograd on the fast kernels
-    /// [default: all layers].
-    #[arg(long = "layers", visible_alias = "lora-layers", value_name = "N")]
+    /// [default: all layers]. 1..=the model's layer count.
+    #[arg(long = "layers", visible_alias = "lora-layers", value_name = "N", value_parser = int_in(1, MAX_TOKENS))]
     layers: Option<usize>,
     /// Full fine-tuning instead of LoRA: every weight of the top --layers N blocks
     /// (projections, biases, norms) and the final norm trains, with AdamW moments for
@@ -270,44 +282,46 @@ struct TrainArgs {
     /// `genarm eval --reward-model OUT`. LoRA only (not with --full).
     #[arg(long, conflicts_with = "full")]
     scalar_head: bool,
-    /// Peak learning rate [default: 5e-4 for LoRA, 2e-5 with --full].
-    #[arg(long)]
+    /// Peak learning rate, > 0 [default: 5e-4 for LoRA, 2e-5 with --full].
+    #[arg(long, value_parser = finite_positive)]
     lr: Option<f64>,
-    #[arg(long, default_value_t = 1)]
+    /// Passes over the training pairs, 1..=10000.
+    #[arg(long, default_value_t = 1, value_parser = int_in(1, 10_000))]
     epochs: usize,
     /// Pairs per optimizer step.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = int_in(1, MAX_TOKENS))]
     batch_size: usize,
     /// Pairs per forward/backward pass (gradients accumulate over a batch).
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = int_in(1, MAX_TOKENS))]
     micro_batch: usize,
     /// Warmup steps.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 100, value_parser = int_in(0, 1_000_000_000))]
     warmup: usize,
     /// Learning-rate decay after warmup: cosine or linear.
     #[arg(long, default_value = "cosine")]
     schedule: String,
-    #[arg(long, default_value_t = 0.05)]
+    /// AdamW weight decay, ≥ 0.
+    #[arg(long, default_value_t = 0.05, value_parser = finite_non_negative)]
     weight_decay: f64,
     /// Prompt tokens kept (the prompt's end is kept).
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 512, value_parser = int_in(1, MAX_TOKENS))]
     max_prompt_len: usize,
     /// Prompt + response tokens kept (responses are cut on the right).
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = 1024, value_parser = int_in(2, MAX_TOKENS))]
     max_len: usize,
-    /// Fraction of pairs held out for the per-epoch pairwise accuracy.
-    #[arg(long, default_value_t = 0.05)]
+    /// Fraction of pairs held out for the per-epoch pairwise accuracy, in [0, 1).
+    #[arg(long, default_value_t = 0.05, value_parser = fraction_below_one)]
     eval_frac: f64,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Continue from OUT/checkpoint if present.
+    /// Continue from OUT/checkpoint if present (same model, data, seed and settings).
     #[arg(long)]
     resume: bool,
     /// Stop after this many optimizer steps (the run stays resumable).
-    #[arg(long)]
+    #[arg(long, value_parser = int_in(1, usize::MAX))]
     max_steps: Option<usize>,
     /// Optimizer steps between checkpoints.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 10, value_parser = int_in(1, usize::MAX))]
     checkpoint_every: usize,
     /// The ARM's short name (the playground's slider label).
     #[arg(long)]
@@ -329,28 +343,35 @@ struct PrefsArgs {
     /// Prompts, one per line.
     #[arg(long, value_name = "FILE")]
     prompts: PathBuf,
-    /// Continuations sampled per prompt (the best and worst make the pair).
-    #[arg(long, value_name = "K", default_value_t = 4)]
+    /// Continuations sampled per prompt, 2..=256 (the best and worst make the pair).
+    #[arg(long, value_name = "K", default_value_t = 4, value_parser = int_in(2, MAX_SAMPLES))]
     samples: usize,
     /// sentiment, sentiment-afinn, concise or wordlist:FILE.
     #[arg(long)]
     scorer: String,
-    /// Output JSONL (TRL style: prompt, chosen, rejected, plus the scores).
+    /// Output JSONL (TRL style: prompt, chosen, rejected, plus the scores). Refused when
+    /// it exists, unless --overwrite.
     #[arg(long, value_name = "FILE")]
     out: PathBuf,
+    /// Replace an existing output file.
+    #[arg(long, conflicts_with = "resume")]
+    overwrite: bool,
     /// Wrap prompts in the chat template.
     #[arg(long)]
     chat: bool,
-    #[arg(long, default_value_t = 48)]
+    /// New tokens per continuation, 1..=1023 (prompt and continuation share 1024 tokens).
+    #[arg(long, default_value_t = 48, value_parser = int_in(1, PREFS_CONTEXT - 1))]
     max_new_tokens: usize,
-    #[arg(long, default_value_t = 1.0)]
+    /// Sampling temperature, > 0.
+    #[arg(long, default_value_t = 1.0, value_parser = temperature)]
     temperature: f32,
-    #[arg(long, default_value_t = 1.0)]
+    /// Nucleus sampling mass, in (0, 1].
+    #[arg(long, default_value_t = 1.0, value_parser = probability)]
     top_p: f32,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Use only the first N prompts.
-    #[arg(long)]
+    /// Use only the first N prompts (≥ 1).
+    #[arg(long, value_parser = int_in(1, usize::MAX))]
     limit: Option<usize>,
     /// Wrap each prompt line, `{}` standing for the line (e.g. "Complete this sentence: {}").
     #[arg(long, default_value = "{}")]
@@ -358,7 +379,7 @@ struct PrefsArgs {
     /// Where the scorers' lexicons are (`./build.sh fetch-data`).
     #[arg(long, default_value = "models/data")]
     data_dir: PathBuf,
-    /// Continue an interrupted run from OUT.part.
+    /// Continue an interrupted run from OUT.part (same model, prompts, seed and settings).
     #[arg(long)]
     resume: bool,
 }
@@ -368,18 +389,23 @@ struct PromptsArgs {
     /// Sentences, one per line.
     #[arg(long, value_name = "FILE")]
     corpus: PathBuf,
-    /// Number of prompts.
-    #[arg(long, default_value_t = 800)]
+    /// Number of prompts, 1..=10000000.
+    #[arg(long, default_value_t = 800, value_parser = int_in(1, 10_000_000))]
     n: usize,
-    /// Fraction held out for evaluation.
-    #[arg(long, default_value_t = 0.25)]
+    /// Fraction held out for evaluation, in [0, 1].
+    #[arg(long, default_value_t = 0.25, value_parser = fraction)]
     eval_frac: f64,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// The training prompts (refused when it exists, unless --overwrite).
     #[arg(long, value_name = "FILE")]
     out_train: PathBuf,
+    /// The held-out prompts (refused when it exists, unless --overwrite).
     #[arg(long, value_name = "FILE")]
     out_eval: PathBuf,
+    /// Replace existing output files.
+    #[arg(long)]
+    overwrite: bool,
 }
 
 #[derive(Args)]
@@ -392,22 +418,25 @@ struct EvalArgs {
     /// Scorers (repeatable): sentiment, sentiment-afinn, concise, length, wordlist:FILE.
     #[arg(long = "scorer", required = true)]
     scorers: Vec<String>,
-    /// α values; every ARM takes each (the full grid), base-only first.
-    #[arg(long, value_delimiter = ',', default_value = "0,0.5,1,2")]
+    /// α values (finite); every ARM takes each (the full grid), base-only first.
+    #[arg(long, value_delimiter = ',', default_value = "0,0.5,1,2", value_parser = alpha)]
     alphas: Vec<f32>,
-    /// Samples per prompt and setting.
-    #[arg(long, default_value_t = 1)]
+    /// Samples per prompt and setting, 1..=256.
+    #[arg(long, default_value_t = 1, value_parser = int_in(1, MAX_SAMPLES))]
     samples: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Use only the first N prompts.
-    #[arg(long)]
+    /// Use only the first N prompts (≥ 1).
+    #[arg(long, value_parser = int_in(1, usize::MAX))]
     limit: Option<usize>,
-    #[arg(long, default_value_t = 32)]
+    /// New tokens per response.
+    #[arg(long, default_value_t = 32, value_parser = int_in(1, MAX_TOKENS))]
     max_new_tokens: usize,
-    #[arg(long, default_value_t = 1.0)]
+    /// Sampling temperature, > 0.
+    #[arg(long, default_value_t = 1.0, value_parser = temperature)]
     temperature: f32,
-    #[arg(long, default_value_t = 1.0)]
+    /// Nucleus sampling mass, in (0, 1].
+    #[arg(long, default_value_t = 1.0, value_parser = probability)]
     top_p: f32,
     /// Wrap prompts in the chat template.
     #[arg(long)]
@@ -421,8 +450,12 @@ struct EvalArgs {
     /// Output directory: samples.jsonl, summary.json, summary.csv, results.md,
     /// reward_vs_alpha.svg, and with two or more scorers
     /// pareto.json + pareto.svg (the front over the first two, in --scorer order).
+    /// Refused when it exists and is not empty, unless --overwrite.
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
+    /// Replace the files of an existing output directory.
+    #[arg(long)]
+    overwrite: bool,
     /// A baseline to compare with (repeatable), on the same prompts, seeds and scorers:
     /// bon-rm:N — best of N base samples by the scalar reward model; bon-arm:N — by the
     /// ARMs' trajectory reward Σ_i α_i·Σ_t log π_arm_i (α from --arm PATH:ALPHA);
@@ -437,8 +470,98 @@ struct EvalArgs {
     #[arg(long, value_name = "DIR")]
     reward_model: Option<PathBuf>,
     /// Hypervolume reference point X,Y for two scorers [default: base-only's mean scores].
-    #[arg(long, value_delimiter = ',', num_args = 2)]
-    hv_ref: Option<Vec<f64>>,
+    #[arg(long, value_name = "X,Y", value_parser = point, allow_hyphen_values = true)]
+    hv_ref: Option<(f64, f64)>,
+}
+
+// Value parsers: each flag is checked when parsed, and a bad value's message (clap adds
+// the flag's name) says the allowed range.
+
+/// Upper bound of token counts and lengths: far above any context this crate serves,
+/// low enough that no buffer sized by it aborts on allocation.
+const MAX_TOKENS: usize = 1 << 20;
+/// Samples per prompt (each a row of one batch) in `prefs` and `eval`.
+const MAX_SAMPLES: usize = 256;
+/// Timed runs of `bench`.
+const MAX_RUNS: usize = 10_000;
+
+/// An integer in `lo..=hi`.
+fn int_in(lo: usize, hi: usize) -> impl Fn(&str) -> Result<usize, String> + Clone {
+    move |s| match s.trim().parse::<usize>() {
+        Ok(v) if (lo..=hi).contains(&v) => Ok(v),
+        _ => Err(format!("must be an integer in {lo}..={hi}")),
+    }
+}
+
+fn float(s: &str) -> Result<f64, String> {
+    s.trim()
+        .parse::<f64>()
+        .map_err(|_| "not a number".to_string())
+}
+
+fn finite(s: &str) -> Result<f64, String> {
+    float(s)
+        .ok()
+        .filter(|v| v.is_finite())
+        .ok_or_else(|| "must be a finite number".into())
+}
+
+fn finite_positive(s: &str) -> Result<f64, String> {
+    finite(s)
+        .ok()
+        .filter(|&v| v > 0.0)
+        .ok_or_else(|| "must be a finite number > 0".into())
+}
+
+fn finite_non_negative(s: &str) -> Result<f64, String> {
+    finite(s)
+        .ok()
+        .filter(|&v| v >= 0.0)
+        .ok_or_else(|| "must be a finite number ≥ 0".into())
+}
+
+/// A sampling temperature: finite and > 0.
+fn temperature(s: &str) -> Result<f32, String> {
+    finite_positive(s).map(|v| v as f32)
+}
+
+/// A probability mass in (0, 1] (top-p).
+fn probability(s: &str) -> Result<f32, String> {
+    float(s)
+        .ok()
+        .filter(|&v| v > 0.0 && v <= 1.0)
+        .map(|v| v as f32)
+        .ok_or_else(|| "must be in (0, 1]".into())
+}
+
+/// A fraction in [0, 1].
+fn fraction(s: &str) -> Result<f64, String> {
+    float(s)
+        .ok()
+        .filter(|v| (0.0..=1.0).contains(v))
+        .ok_or_else(|| "must be in [0, 1]".into())
+}
+
+/// A fraction in [0, 1) (dropout, a held-out share that leaves pairs to train on).
+fn fraction_below_one(s: &str) -> Result<f64, String> {
+    float(s)
+        .ok()
+        .filter(|v| (0.0..1.0).contains(v))
+        .ok_or_else(|| "must be in [0, 1)".into())
+}
+
+/// An ARM weight: any finite number.
+fn alpha(s: &str) -> Result<f32, String> {
+    finite(s).map(|v| v as f32)
+}
+
+/// A point X,Y of two finite numbers.
+fn point(s: &str) -> Result<(f64, f64), String> {
+    let parts: Vec<&str> = s.split(',').collect();
+    match parts.as_slice() {
+        [x, y] => Ok((finite(x)?, finite(y)?)),
+        _ => Err("must be two finite numbers X,Y".into()),
+    }
 }
 
 fn main() -> ExitCode {
@@ -448,7 +571,18 @@ fn main() -> ExitCode {
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
     }
-    let cli = Cli::parse();
+    // A bad flag exits with 1 like every other error (clap's own default is 2).
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
     let result = match cli.command {
         Command::Generate(a) => cmd_generate(a),
         Command::Logits(a) => cmd_logits(a),
@@ -461,11 +595,32 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // A reader that closed the pipe (`genarm … | head`) wanted no more: success, as
+        // for Unix tools. Any other failed write (a full disk) is an error.
+        Err(e) if is_closed_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
     }
+}
+
+fn is_closed_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+/// Prints a line to stdout; a failed write (a closed pipe, a full disk) ends the command
+/// with an error instead of `println!`'s panic.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        let mut out = std::io::stdout().lock();
+        writeln!(out, $($arg)*)
+            .and_then(|()| out.flush())
+            .context("writing to stdout")?
+    }};
 }
 
 fn device(backend: Backend) -> Result<Device> {
@@ -663,9 +818,14 @@ fn cmd_generate(args: GenerateArgs) -> Result<()> {
             "arms": engine.arm_labels(),
             "alphas": opts.alphas,
         });
-        writeln!(stdout, "{out}")?;
+        writeln!(stdout, "{out}")
+            .and_then(|()| stdout.flush())
+            .context("writing to stdout")?;
     } else {
-        writeln!(stdout)?;
+        // A failed streamed write stopped generation; this write reports it.
+        writeln!(stdout)
+            .and_then(|()| stdout.flush())
+            .context("writing to stdout")?;
         eprintln!(
             "[{} prompt tokens, {} new, {:.1} tokens/s decode, stop: {:?}, backend {}]",
             gen.prompt_tokens,
@@ -683,6 +843,10 @@ fn cmd_logits(args: LogitsArgs) -> Result<()> {
         bail!("--tokens is empty");
     }
     let mut engine = load_engine(&args.models, &args.models.arms)?;
+    let vocab = engine.vocab_size();
+    if let Some(&id) = args.tokens.iter().find(|&&id| id as usize >= vocab) {
+        bail!("--tokens: id {id} is outside the vocabulary (ids 0..{vocab})");
+    }
     if args.tokens.len() > engine.context_len() {
         bail!(
             "{} tokens exceed the context of {} tokens",
@@ -723,7 +887,7 @@ fn cmd_logits(args: LogitsArgs) -> Result<()> {
                 .collect();
             out["combined_last_scores"] = combined.into();
         }
-        println!("{out}");
+        outln!("{out}");
         return Ok(());
     }
     let tok = engine.tokenizer();
@@ -731,23 +895,20 @@ fn cmd_logits(args: LogitsArgs) -> Result<()> {
         Some(s) => format!("{id} {s:?}"),
         None => id.to_string(),
     };
-    println!("position  next token  log p (base)");
+    outln!("position  next token  log p (base)");
     for (i, lp) in next_token(&per_model[0]).iter().enumerate() {
-        println!("{:>8}  {:<28}  {lp:.6}", i, show(args.tokens[i + 1]));
+        outln!("{:>8}  {:<28}  {lp:.6}", i, show(args.tokens[i + 1]));
     }
-    println!("top 10 guided scores at the last position:");
+    outln!("top 10 guided scores at the last position:");
     let mut order: Vec<usize> = (0..combined.len()).collect();
     order.sort_unstable_by(|&a, &b| combined[b].total_cmp(&combined[a]));
     for &i in order.iter().take(10) {
-        println!("  {:<28}  {:.6}", show(i as u32), combined[i]);
+        outln!("  {:<28}  {:.6}", show(i as u32), combined[i]);
     }
     Ok(())
 }
 
 fn cmd_bench(args: BenchArgs) -> Result<()> {
-    if args.runs == 0 || args.tokens < 2 {
-        bail!("--runs must be ≥ 1 and --tokens ≥ 2");
-    }
     // One engine per configuration (base, +1 ARM, +2 ARMs, …), timed round-robin so a
     // slow spell on a shared machine hits every configuration alike.
     let configs = (0..=args.models.arms.len())
@@ -767,11 +928,19 @@ fn cmd_bench(args: BenchArgs) -> Result<()> {
             Ok((engine, opts))
         })
         .collect::<Result<Vec<_>>>()?;
+    let context = configs[0].0.context_len();
+    if args.prompt_len + args.tokens > context {
+        bail!(
+            "--prompt-len {} + --tokens {} exceed the context of {context} tokens (see --context)",
+            args.prompt_len,
+            args.tokens
+        );
+    }
     let vocab = configs[0].0.vocab_size() as u32;
     // A fixed prompt of ordinary ids; greedy with EOS ignored so every run decodes
     // exactly `tokens` tokens.
-    let prompt: Vec<u32> = (0..args.prompt_len as u32)
-        .map(|i| (i * 7 + 100) % vocab)
+    let prompt: Vec<u32> = (0..args.prompt_len as u64)
+        .map(|i| ((i * 7 + 100) % u64::from(vocab)) as u32)
         .collect();
     let mut configs = configs;
     let mut speeds = vec![Vec::with_capacity(args.runs); configs.len()];
@@ -812,7 +981,7 @@ fn cmd_bench(args: BenchArgs) -> Result<()> {
                 })
             })
             .collect();
-        println!(
+        outln!(
             "{}",
             serde_json::json!({
                 "backend": configs[0].0.backend(),
@@ -822,7 +991,7 @@ fn cmd_bench(args: BenchArgs) -> Result<()> {
             })
         );
     } else {
-        println!(
+        outln!(
             "decode tokens/s on {}, median of {} runs of {} tokens ({} CPU threads)",
             configs[0].0.backend(),
             args.runs,
@@ -832,14 +1001,14 @@ fn cmd_bench(args: BenchArgs) -> Result<()> {
         for (label, median, _, dispatches) in &rows {
             let dispatches =
                 dispatches.map_or(String::new(), |d| format!("   {d} dispatches/token"));
-            println!(
+            outln!(
                 "  {label:<16} {median:>8.1} tok/s   {:.2}× base time/token{dispatches}",
                 base_speed / median
             );
         }
         if let Some(bytes) = configs[0].0.weight_bytes {
             // Divide by the card's memory bandwidth for the fraction achieved.
-            println!(
+            outln!(
                 "  weights read per base token: {:.1} MB → {:.2} GB/s at the base-only speed",
                 bytes as f64 / 1e6,
                 bytes as f64 * base_speed / 1e9
@@ -850,7 +1019,18 @@ fn cmd_bench(args: BenchArgs) -> Result<()> {
 }
 
 fn cmd_init_lora(args: InitLoraArgs) -> Result<()> {
+    use genarm::model::lora::{ADAPTER_CONFIG, ADAPTER_WEIGHTS};
+    refuse_input_as_output(&args.out, "--out", &[("--model", &args.model)])?;
+    refuse_existing(&args.out, args.overwrite, "pass --overwrite to replace it")?;
     let ckpt = genarm::model::Checkpoint::open(&args.model)?;
+    let hidden = ckpt.config.hidden_size;
+    if args.rank > hidden {
+        bail!(
+            "--rank must be in 1..={hidden} (the model's hidden size), got {}",
+            args.rank
+        );
+    }
+    let _lock = OutputLock::directory(&args.out)?;
     genarm::model::lora::write_random_adapter(
         &args.out,
         &ckpt.config,
@@ -860,6 +1040,10 @@ fn cmd_init_lora(args: InitLoraArgs) -> Result<()> {
         args.b_std,
         args.seed,
     )?;
+    // The weights go through a private temporary file (mode 0600).
+    for name in [ADAPTER_WEIGHTS, ADAPTER_CONFIG] {
+        genarm::outdir::follow_umask(&args.out.join(name))?;
+    }
     eprintln!("wrote {}", args.out.display());
     Ok(())
 }
@@ -878,8 +1062,28 @@ const DEFAULT_FULL_LR: f64 = 2e-5;
 
 fn cmd_train(args: TrainArgs) -> Result<()> {
     use genarm::train::data::{read_pairs, tokenize_pair, LengthLimits, PrefFormat};
-    use genarm::train::trainer::{split_pairs, ArmLabel, Event, TrainConfig, Trainer};
+    use genarm::train::trainer::{split_pairs, ArmLabel, Event, RunInputs, TrainConfig, Trainer};
+    refuse_input_as_output(
+        &args.out,
+        "--out",
+        &[("--model", &args.model), ("--data", &args.data)],
+    )?;
+    refuse_existing(
+        &args.out,
+        args.resume || args.overwrite,
+        "pass --resume to continue its run or --overwrite to start a new one there",
+    )?;
     let base = genarm::model::Checkpoint::open(&args.model)?;
+    let (hidden, n_layers) = (base.config.hidden_size, base.config.num_layers);
+    if !args.full && args.lora_rank > hidden {
+        bail!(
+            "--lora-rank must be in 1..={hidden} (the model's hidden size), got {}",
+            args.lora_rank
+        );
+    }
+    if let Some(n) = args.layers.filter(|&n| n > n_layers) {
+        bail!("--layers must be in 1..={n_layers} (the model's layers), got {n}");
+    }
     let tok = base
         .tokenizer
         .clone()
@@ -952,7 +1156,9 @@ fn cmd_train(args: TrainArgs) -> Result<()> {
         train.len(),
         eval.len()
     );
+    let _lock = OutputLock::directory(&args.out)?;
     let mut trainer = Trainer::new(&base, config, &args.out, max_len, &Device::Cpu)?;
+    trainer.inputs = Some(RunInputs::new(&args.model, &args.data)?);
     if args.save_dtype == "bf16" {
         trainer.save_dtype = candle_core::DType::BF16;
     }
@@ -1005,14 +1211,40 @@ fn cmd_train(args: TrainArgs) -> Result<()> {
     Ok(())
 }
 
+/// The KV-cache length `prefs` samples with (prompt and continuation).
+const PREFS_CONTEXT: usize = 1024;
+
 fn cmd_prefs(args: PrefsArgs) -> Result<()> {
     use genarm::cpu::llama::Llama;
     use genarm::eval::prompts::read_lines;
     use genarm::eval::scorers::scorer_from_spec;
-    use genarm::train::prefs::{best_and_worst, sample_rows};
-    if args.samples < 2 {
-        bail!("--samples must be ≥ 2 (the best and the worst make a pair)");
-    }
+    use genarm::outdir::FileFingerprint;
+    use genarm::train::prefs::{best_and_worst, sample_rows, PrefsRun};
+    let part = args.out.with_extension("jsonl.part");
+    refuse_input_as_output(
+        &args.out,
+        "--out",
+        &[("--model", &args.model), ("--prompts", &args.prompts)],
+    )?;
+    refuse_existing(&args.out, args.overwrite, "pass --overwrite to replace it")?;
+    refuse_existing(
+        &part,
+        args.resume || args.overwrite,
+        "an interrupted run left it: pass --resume to continue it or --overwrite to start over",
+    )?;
+    let _lock = OutputLock::file(&args.out)?;
+    let run = PrefsRun {
+        model: FileFingerprint::stat(&args.model)?,
+        prompts: FileFingerprint::of(&args.prompts)?,
+        seed: args.seed,
+        samples: args.samples,
+        scorer: args.scorer.clone(),
+        template: args.template.clone(),
+        chat: args.chat,
+        max_new_tokens: args.max_new_tokens,
+        temperature: args.temperature,
+        top_p: args.top_p,
+    };
     let scorer = scorer_from_spec(&args.scorer, &args.data_dir)?;
     let base = genarm::model::Checkpoint::open(&args.model)?;
     let tok = base
@@ -1028,15 +1260,15 @@ fn cmd_prefs(args: PrefsArgs) -> Result<()> {
         base.source.as_ref(),
         &base.config,
         &rows,
-        1024,
+        PREFS_CONTEXT,
         &Device::Cpu,
     )?;
     let eos = genarm::model::stop_token_ids(&base.config, Some(&tok));
     // Pairs go to OUT.part as they are made (each line tagged with its prompt index), so
     // `--resume` after a kill continues after the last prompt written.
-    let part = args.out.with_extension("jsonl.part");
     let (mut written, mut ties, mut first) = (0usize, 0usize, 0usize);
     if args.resume && part.is_file() {
+        run.check_continues(&part)?;
         let done = std::fs::read_to_string(&part)?;
         let mut kept = String::new();
         for line in done.lines() {
@@ -1055,6 +1287,7 @@ fn cmd_prefs(args: PrefsArgs) -> Result<()> {
         eprintln!("resuming after prompt {first} with {written} pairs");
     } else {
         std::fs::File::create(&part).with_context(|| format!("creating {}", part.display()))?;
+        run.write(&part)?;
     }
     let mut out = std::io::BufWriter::new(
         std::fs::OpenOptions::new()
@@ -1105,6 +1338,7 @@ fn cmd_prefs(args: PrefsArgs) -> Result<()> {
     out.flush()?;
     drop(out);
     std::fs::rename(&part, &args.out).with_context(|| format!("writing {}", args.out.display()))?;
+    let _ = std::fs::remove_file(PrefsRun::record_path(&part));
     eprintln!(
         "wrote {written} pairs to {} ({ties} ties skipped)",
         args.out.display()
@@ -1114,6 +1348,23 @@ fn cmd_prefs(args: PrefsArgs) -> Result<()> {
 
 fn cmd_prompts(args: PromptsArgs) -> Result<()> {
     use genarm::eval::prompts::{build_prompt_set, read_lines, split_train_eval, write_lines};
+    refuse_input_as_output(
+        &args.out_train,
+        "--out-train",
+        &[("--corpus", &args.corpus)],
+    )?;
+    refuse_input_as_output(
+        &args.out_eval,
+        "--out-eval",
+        &[("--corpus", &args.corpus), ("--out-train", &args.out_train)],
+    )?;
+    let how = "pass --overwrite to replace it";
+    refuse_existing(&args.out_train, args.overwrite, how)?;
+    refuse_existing(&args.out_eval, args.overwrite, how)?;
+    let _locks = (
+        OutputLock::file(&args.out_train)?,
+        OutputLock::file(&args.out_eval)?,
+    );
     let sentences = read_lines(&args.corpus)?;
     let prompts = build_prompt_set(&sentences, args.n, args.seed);
     if prompts.len() < args.n {
@@ -1141,6 +1392,32 @@ fn cmd_eval(args: EvalArgs) -> Result<()> {
     use genarm::eval::prompts::read_lines;
     use genarm::eval::run::{alpha_grid, run_sweep, summarise, write_summary, Setting, SweepSpec};
     use genarm::eval::scorers::scorer_from_spec;
+    let mut inputs: Vec<(&str, &Path)> = vec![
+        ("--model", &args.models.model),
+        ("--prompts", &args.prompts),
+    ];
+    inputs.extend(args.models.arms.iter().map(|a| ("--arm", a.path.as_path())));
+    inputs.extend(
+        args.reward_model
+            .iter()
+            .map(|p| ("--reward-model", p.as_path())),
+    );
+    refuse_input_as_output(&args.out, "--out", &inputs)?;
+    refuse_existing(
+        &args.out,
+        args.overwrite,
+        "pass --overwrite to replace its files",
+    )?;
+    let mut prompts = read_lines(&args.prompts)?;
+    if let Some(n) = args.limit {
+        prompts.truncate(n);
+    }
+    if prompts.is_empty() {
+        bail!(
+            "{}: no prompts (the file has no non-empty line)",
+            args.prompts.display()
+        );
+    }
     let baselines = expand_baselines(
         &args.baselines,
         args.reward_model.is_some(),
@@ -1148,6 +1425,10 @@ fn cmd_eval(args: EvalArgs) -> Result<()> {
     )?;
     if args.reward_model.is_some() && baselines.is_empty() {
         bail!("--reward-model is used only by baselines: add --baseline bon-rm:N or args:K:W");
+    }
+    // The baselines run after the whole sweep: a wrong reward model is found now.
+    if let Some(dir) = &args.reward_model {
+        genarm::eval::reward_model::ScalarRewardModel::open_adapter(dir, &Device::Cpu)?;
     }
     let scorers = args
         .scorers
@@ -1159,10 +1440,6 @@ fn cmd_eval(args: EvalArgs) -> Result<()> {
         .tokenizer()
         .cloned()
         .with_context(|| format!("{} has no tokenizer", args.models.model.display()))?;
-    let mut prompts = read_lines(&args.prompts)?;
-    if let Some(n) = args.limit {
-        prompts.truncate(n);
-    }
     let settings = alpha_grid(&args.alphas, args.models.arms.len());
     let spec = SweepSpec {
         settings: settings.clone(),
@@ -1175,19 +1452,22 @@ fn cmd_eval(args: EvalArgs) -> Result<()> {
         template: args.template.clone(),
     };
     let eos = engine.stop_token_ids();
-    std::fs::create_dir_all(&args.out)
-        .with_context(|| format!("creating {}", args.out.display()))?;
+    let _lock = OutputLock::directory(&args.out)?;
     let samples_path = args.out.join("samples.jsonl");
-    let mut samples_file = std::io::BufWriter::new(std::fs::File::create(&samples_path)?);
+    let mut samples_file = std::io::BufWriter::new(
+        std::fs::File::create(&samples_path)
+            .with_context(|| format!("creating {}", samples_path.display()))?,
+    );
+    // The first failed write of a sample (a full disk) ends the command after the sweep.
+    let mut write_error: Option<std::io::Error> = None;
     let total = (prompts.len() * (settings.len() + baselines.len()) * args.samples) as u64;
     let bar = progress_bar(total, "responses");
     let mut done = 0u64;
     let mut on_sample = |r: &genarm::eval::run::SampleRecord| {
-        let _ = writeln!(
-            samples_file,
-            "{}",
-            serde_json::to_string(r).unwrap_or_default()
-        );
+        if write_error.is_none() {
+            let line = serde_json::to_string(r).unwrap_or_default();
+            write_error = writeln!(samples_file, "{line}").err();
+        }
         done += 1;
         match &bar {
             Some(pb) => pb.set_position(done),
@@ -1220,7 +1500,12 @@ fn cmd_eval(args: EvalArgs) -> Result<()> {
             &mut on_sample,
         )?);
     }
-    samples_file.flush()?;
+    if let Some(e) = write_error {
+        return Err(e).with_context(|| format!("writing {}", samples_path.display()));
+    }
+    samples_file
+        .flush()
+        .with_context(|| format!("writing {}", samples_path.display()))?;
     if let Some(pb) = bar {
         pb.finish_and_clear();
     }
@@ -1249,7 +1534,7 @@ fn cmd_eval(args: EvalArgs) -> Result<()> {
                 )
             })
             .collect();
-        println!(
+        outln!(
             "{} (α = {:?}): {}  | {:.1} tokens, {:.2} s/response, {:.1} forward passes/token",
             s.method,
             s.alphas,
@@ -1387,10 +1672,7 @@ fn write_eval_plots(
             .iter()
             .map(|s| (s.scores[&names[0]].mean, s.scores[&names[1]].mean))
             .collect();
-        let reference = match &args.hv_ref {
-            Some(r) => (r[0], r[1]),
-            None => points[0],
-        };
+        let reference = args.hv_ref.unwrap_or(points[0]);
         let front = pareto_front(&points);
         let hv = hypervolume(&points, reference);
         let labelled: Vec<((f64, f64), String)> = points
@@ -1419,7 +1701,7 @@ fn write_eval_plots(
             args.out.join("pareto.json"),
             serde_json::to_string_pretty(&out)?,
         )?;
-        println!(
+        outln!(
             "Pareto front of {} settings, hypervolume {hv:.4} over {reference:?}",
             front.len()
         );

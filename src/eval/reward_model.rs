@@ -25,16 +25,9 @@ pub struct ScalarRewardModel {
 }
 
 impl ScalarRewardModel {
-    /// Loads the reward model in `dir` on `base` (or on the checkpoint its
-    /// `base_model_name_or_path` names, which must share the base's vocabulary), with
-    /// `candidate_rows` rows for candidate scoring (0 for none).
-    pub fn load(
-        base: &Path,
-        dir: &Path,
-        candidate_rows: usize,
-        context: usize,
-        device: &Device,
-    ) -> Result<Self> {
+    /// Opens `dir`'s adapter after checking that it is a scalar reward model with its
+    /// head; callers that run long before loading the model check it up front with this.
+    pub fn open_adapter(dir: &Path, device: &Device) -> Result<LoraAdapter> {
         if !LoraAdapter::is_adapter_dir(dir) {
             return Err(Error::format(
                 dir,
@@ -57,6 +50,21 @@ impl ScalarRewardModel {
                 "the reward model's head is missing",
             ));
         }
+        Ok(adapter)
+    }
+
+    /// Loads the reward model in `dir` on `base` (or on the checkpoint its
+    /// `base_model_name_or_path` names, which must share the base's vocabulary), with
+    /// `candidate_rows` rows for candidate scoring (0 for none).
+    pub fn load(
+        base: &Path,
+        dir: &Path,
+        candidate_rows: usize,
+        context: usize,
+        device: &Device,
+    ) -> Result<Self> {
+        let adapter = Self::open_adapter(dir, device)?;
+        let head_path = dir.join(SCORE_HEAD_WEIGHTS);
         let base_ckpt = Checkpoint::open(base)?;
         let label = adapter.label();
         let own_base = lora_own_base(&adapter, base)?;

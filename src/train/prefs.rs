@@ -104,3 +104,57 @@ mod tests {
         assert_eq!(best_and_worst(&[2.0]), None);
     }
 }
+
+/// What a `prefs` run is made from, kept next to its partial output (`OUT.part`) so that
+/// `--resume` continues only the same run: pairs from another model, prompt file, seed
+/// or sampling setting would silently mix two data sets.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct PrefsRun {
+    pub model: crate::outdir::FileFingerprint,
+    pub prompts: crate::outdir::FileFingerprint,
+    pub seed: u64,
+    pub samples: usize,
+    pub scorer: String,
+    pub template: String,
+    pub chat: bool,
+    pub max_new_tokens: usize,
+    pub temperature: f32,
+    pub top_p: f32,
+}
+
+impl PrefsRun {
+    /// Where the record of the run writing `part` is kept.
+    pub fn record_path(part: &std::path::Path) -> std::path::PathBuf {
+        let mut name = part.as_os_str().to_owned();
+        name.push(".run.json");
+        name.into()
+    }
+
+    pub fn write(&self, part: &std::path::Path) -> Result<()> {
+        let path = Self::record_path(part);
+        crate::model::lora::write_atomic(&path, serde_json::to_string_pretty(self)?.as_bytes())
+    }
+
+    /// Refuses to continue `part` unless its record is this run's, naming what differs.
+    pub fn check_continues(&self, part: &std::path::Path) -> Result<()> {
+        use crate::error::Error;
+        let path = Self::record_path(part);
+        let fix = "resume with the same flags, or start over with --overwrite";
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            Error::Request(format!(
+                "{}: no record of the run that wrote {} ({e}); {fix}",
+                path.display(),
+                part.display()
+            ))
+        })?;
+        let was: PrefsRun = serde_json::from_str(&text)
+            .map_err(|e| Error::format(&path, format!("invalid run record: {e}")))?;
+        match crate::outdir::first_difference(&was, self) {
+            None => Ok(()),
+            Some(diff) => Err(Error::Request(format!(
+                "{} was written by another run ({diff}); {fix}",
+                part.display()
+            ))),
+        }
+    }
+}

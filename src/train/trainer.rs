@@ -23,10 +23,11 @@ use super::score_head::ScoreHead;
 use crate::error::{Error, Result};
 use crate::guide::uniform;
 use crate::model::lora::{
-    save_safetensors_atomic, write_atomic, AdapterKind, ArmInfo, ADAPTER_CONFIG, ADAPTER_WEIGHTS,
-    ARM_INFO, SCORE_HEAD_TENSOR, SCORE_HEAD_WEIGHTS,
+    write_atomic, AdapterKind, ArmInfo, ADAPTER_CONFIG, ADAPTER_WEIGHTS, ARM_INFO,
+    SCORE_HEAD_TENSOR, SCORE_HEAD_WEIGHTS,
 };
 use crate::model::Checkpoint;
+use crate::outdir::{first_difference, follow_umask, save_safetensors, FileFingerprint};
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct TrainConfig {
@@ -65,6 +66,79 @@ pub struct TrainConfig {
     /// λ of the anchor term `λ·(−Σ log π(y_w) / |y_w|)` added to the GenARM loss (0: off).
     #[serde(default)]
     pub sft_weight: f64,
+}
+
+impl TrainConfig {
+    /// Refuses values that would train nothing or write NaN weights, naming the flag and
+    /// its range.
+    pub fn check_ranges(&self) -> Result<()> {
+        let finite_positive = |v: f64| v.is_finite() && v > 0.0;
+        let finite_non_negative = |v: f64| v.is_finite() && v >= 0.0;
+        let checks = [
+            (
+                "--beta-r",
+                finite_positive(self.beta_r),
+                "a finite number > 0",
+                self.beta_r,
+            ),
+            (
+                "--gamma",
+                self.gamma.is_finite(),
+                "a finite number",
+                self.gamma,
+            ),
+            (
+                "--lr",
+                finite_positive(self.lr),
+                "a finite number > 0",
+                self.lr,
+            ),
+            (
+                "--weight-decay",
+                finite_non_negative(self.weight_decay),
+                "a finite number ≥ 0",
+                self.weight_decay,
+            ),
+            (
+                "--lora-alpha",
+                finite_positive(self.lora_alpha),
+                "a finite number > 0",
+                self.lora_alpha,
+            ),
+            (
+                "--lora-dropout",
+                (0.0..1.0).contains(&self.lora_dropout),
+                "in [0, 1)",
+                self.lora_dropout,
+            ),
+            (
+                "--eval-frac",
+                (0.0..1.0).contains(&self.eval_frac),
+                "in [0, 1)",
+                self.eval_frac,
+            ),
+            (
+                "--lora-rank",
+                self.lora_rank >= 1,
+                "≥ 1",
+                self.lora_rank as f64,
+            ),
+            (
+                "--layers",
+                self.lora_layers >= 1,
+                "≥ 1",
+                self.lora_layers as f64,
+            ),
+        ];
+        for (flag, ok, range, value) in checks {
+            if !ok {
+                return Err(Error::Request(format!(
+                    "{flag} must be {range}, got {value}"
+                )));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Default for TrainConfig {
@@ -153,6 +227,26 @@ struct CheckpointMeta {
     adam_t: usize,
     config: TrainConfig,
     train_pairs: usize,
+    /// The model and data the run trains on (absent in checkpoints of older versions).
+    #[serde(default)]
+    inputs: Option<RunInputs>,
+}
+
+/// What a resumed run must continue with besides its settings: the base model (path and
+/// size) and the preference data (path, size and hash).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct RunInputs {
+    pub model: FileFingerprint,
+    pub data: FileFingerprint,
+}
+
+impl RunInputs {
+    pub fn new(model: &Path, data: &Path) -> Result<Self> {
+        Ok(Self {
+            model: FileFingerprint::stat(model)?,
+            data: FileFingerprint::of(data)?,
+        })
+    }
 }
 
 const CHECKPOINT: &str = "checkpoint";
@@ -201,6 +295,8 @@ pub struct Trainer {
     /// The dtype of a fully tuned model's saved weights (F32 or BF16); LoRA adapters
     /// are always saved in F32.
     pub save_dtype: DType,
+    /// The model and data, recorded in checkpoints and checked on resume when set.
+    pub inputs: Option<RunInputs>,
 }
 
 impl Trainer {
@@ -227,6 +323,7 @@ impl Trainer {
                 "batch size, micro batch and epochs must be ≥ 1".into(),
             ));
         }
+        config.check_ranges()?;
         config
             .schedule
             .parse::<Schedule>()
@@ -281,6 +378,7 @@ impl Trainer {
             head,
             base_path: base.path.clone(),
             save_dtype: DType::F32,
+            inputs: None,
         })
     }
 
@@ -437,6 +535,8 @@ impl Trainer {
                 start_step = step;
                 resumed_from = Some(step);
             }
+            // Steps logged after the checkpoint are done again: drop their lines.
+            self.truncate_log(start_step)?;
         } else {
             let _ = std::fs::remove_file(self.out.join(LOG));
         }
@@ -519,6 +619,29 @@ impl Trainer {
         })
     }
 
+    /// Keeps the log's lines up to `step` (the checkpoint a resumed run starts from); a
+    /// line cut by a kill is dropped too.
+    fn truncate_log(&self, step: usize) -> Result<()> {
+        let path = self.out.join(LOG);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(Error::io(&path, e)),
+        };
+        let kept: String = text
+            .lines()
+            .map_while(|line| {
+                let v: serde_json::Value = serde_json::from_str(line).ok()?;
+                let logged = v["step"].as_u64()? as usize;
+                (logged <= step).then(|| format!("{line}\n"))
+            })
+            .collect();
+        if kept.len() != text.len() {
+            write_atomic(&path, kept.as_bytes())?;
+        }
+        Ok(())
+    }
+
     fn append_log<T: Serialize>(&self, entry: &T) -> Result<()> {
         let path = self.out.join(LOG);
         let mut f = std::fs::OpenOptions::new()
@@ -572,12 +695,12 @@ impl Trainer {
             "use_rslora": false,
             "inference_mode": true,
         });
-        save_safetensors_atomic(
+        save_safetensors(
             &self.trained_tensors(DType::F32)?,
             &self.out.join(ADAPTER_WEIGHTS),
         )?;
         if self.head.is_some() {
-            save_safetensors_atomic(&self.head_tensors()?, &self.out.join(SCORE_HEAD_WEIGHTS))?;
+            save_safetensors(&self.head_tensors()?, &self.out.join(SCORE_HEAD_WEIGHTS))?;
         }
         write_atomic(
             &self.out.join(ADAPTER_CONFIG),
@@ -630,6 +753,8 @@ impl Trainer {
         let base = Checkpoint::open(&self.base_path)?;
         let trained = self.trained_tensors(self.save_dtype)?;
         super::full::write_model_dir(&base, &trained, &self.out, self.save_dtype)?;
+        // The model's weights are written through a private temporary file.
+        follow_umask(&self.out.join(super::full::MODEL_WEIGHTS))?;
         self.write_info(label, Some(self.base_name(label)))
     }
 
@@ -647,12 +772,13 @@ impl Trainer {
             tensors.insert(format!("adam.m.{i}"), m.clone());
             tensors.insert(format!("adam.v.{i}"), v.clone());
         }
-        candle_core::safetensors::save(&tensors, tmp.join("state.safetensors"))?;
+        save_safetensors(&tensors, &tmp.join("state.safetensors"))?;
         let meta = CheckpointMeta {
             step,
             adam_t: opt.t,
             config: self.config.clone(),
             train_pairs,
+            inputs: self.inputs.clone(),
         };
         std::fs::write(tmp.join("state.json"), serde_json::to_vec_pretty(&meta)?)
             .map_err(|e| Error::io(&tmp, e))?;
@@ -679,10 +805,33 @@ impl Trainer {
         let bytes = std::fs::read(&meta_path).map_err(|e| Error::io(&meta_path, e))?;
         let meta: CheckpointMeta = serde_json::from_slice(&bytes)
             .map_err(|e| Error::format(&meta_path, format!("invalid checkpoint: {e}")))?;
-        if meta.config != self.config || meta.train_pairs != train_pairs {
+        let fix = "resume with the same settings and inputs, or start over with --overwrite";
+        if let (Some(was), Some(now)) = (&meta.inputs, &self.inputs) {
+            for (what, a, b) in [
+                ("model", &was.model, &now.model),
+                ("data", &was.data, &now.data),
+            ] {
+                if let Some(diff) = first_difference(a, b) {
+                    return Err(Error::format(
+                        &meta_path,
+                        format!("the checkpoint's run had another {what} ({diff}); {fix}"),
+                    ));
+                }
+            }
+        }
+        if let Some(diff) = first_difference(&meta.config, &self.config) {
             return Err(Error::format(
                 &meta_path,
-                "the checkpoint was made with other settings or data; remove it or drop --resume",
+                format!("the checkpoint's run had other settings ({diff}); {fix}"),
+            ));
+        }
+        if meta.train_pairs != train_pairs {
+            return Err(Error::format(
+                &meta_path,
+                format!(
+                    "the checkpoint's run had {} training pairs, this one {train_pairs}; {fix}",
+                    meta.train_pairs
+                ),
             ));
         }
         let state_path = dir.join("state.safetensors");

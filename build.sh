@@ -305,7 +305,7 @@ train_demo_arms() {
   $bin eval --model "$DEMO_MODEL" --arm www/arms/positive --prompts "$dir/sent-eval.txt" --limit 120 \
     --scorer sentiment --scorer sentiment-afinn --alphas 0,0.5,1,2 --max-new-tokens 24 --seed 7 \
     --data-dir "$DATA_DIR" --reward-model "$dir/rm-positive" --baseline bon:4 --baseline bon:16 \
-    --baseline args:10:1 --baseline args:10:3 --out "$dir/eval-positive"
+    --baseline args:10:1 --baseline args:10:3 --overwrite --out "$dir/eval-positive"
   # The second objective: shorter complete answers (about 30 min of sampling on 2 cores).
   [ -s "$dir/concise-pairs.jsonl" ] || $bin prefs --model "$DEMO_MODEL" --prompts "$dir/sent-train.txt" \
     --chat --template "Complete this sentence: {}" --samples 4 --scorer concise --max-new-tokens 40 \
@@ -320,7 +320,7 @@ train_demo_arms() {
   $bin eval --model "$DEMO_MODEL" --arm www/arms/positive --arm www/arms/concise \
     --prompts "$dir/sent-eval.txt" --limit 100 --chat --template "Complete this sentence: {}" \
     --scorer length --scorer sentiment --scorer sentiment-afinn --alphas 0,0.5,1,2 \
-    --max-new-tokens 40 --seed 7 --data-dir "$DATA_DIR" --out "$dir/eval-2d"
+    --max-new-tokens 40 --seed 7 --data-dir "$DATA_DIR" --overwrite --out "$dir/eval-2d"
 }
 
 cmd="${1:-run}"

@@ -599,10 +599,24 @@ fn main() -> ExitCode {
         // for Unix tools. Any other failed write (a full disk) is an error.
         Err(e) if is_closed_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_text(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes, each cause once: genarm's own errors already quote their
+/// source (`path: reason`), which `{:#}` would print a second time.
+fn error_text(e: &anyhow::Error) -> String {
+    let mut text = e.to_string();
+    for cause in e.chain().skip(1) {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+    }
+    text
 }
 
 fn is_closed_pipe(e: &anyhow::Error) -> bool {
@@ -1019,7 +1033,6 @@ fn cmd_bench(args: BenchArgs) -> Result<()> {
 }
 
 fn cmd_init_lora(args: InitLoraArgs) -> Result<()> {
-    use genarm::model::lora::{ADAPTER_CONFIG, ADAPTER_WEIGHTS};
     refuse_input_as_output(&args.out, "--out", &[("--model", &args.model)])?;
     refuse_existing(&args.out, args.overwrite, "pass --overwrite to replace it")?;
     let ckpt = genarm::model::Checkpoint::open(&args.model)?;
@@ -1040,10 +1053,6 @@ fn cmd_init_lora(args: InitLoraArgs) -> Result<()> {
         args.b_std,
         args.seed,
     )?;
-    // The weights go through a private temporary file (mode 0600).
-    for name in [ADAPTER_WEIGHTS, ADAPTER_CONFIG] {
-        genarm::outdir::follow_umask(&args.out.join(name))?;
-    }
     eprintln!("wrote {}", args.out.display());
     Ok(())
 }

@@ -507,21 +507,11 @@ pub fn write_random_adapter(
         "fan_in_fan_out": false,
         "use_rslora": false,
     });
-    save_safetensors_atomic(&tensors, &dir.join(ADAPTER_WEIGHTS))?;
+    crate::outdir::save_safetensors(&tensors, &dir.join(ADAPTER_WEIGHTS))?;
     write_atomic(
         &dir.join(ADAPTER_CONFIG),
         serde_json::to_string_pretty(&config)?.as_bytes(),
     )
-}
-
-/// Saves tensors as safetensors through a temporary file and a rename.
-pub fn save_safetensors_atomic(
-    tensors: &std::collections::HashMap<String, Tensor>,
-    path: &Path,
-) -> Result<()> {
-    let tmp = path.with_extension("safetensors.tmp");
-    candle_core::safetensors::save(tensors, &tmp)?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
 
 /// Writes `bytes` to `path` through a temporary file and a rename.

@@ -23,9 +23,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::arm::load_hf_order;
 use crate::error::{Error, Result};
-use crate::model::lora::{
-    save_safetensors_atomic, write_atomic, ADAPTER_CONFIG, ADAPTER_WEIGHTS, SCORE_HEAD_WEIGHTS,
-};
+use crate::model::lora::{write_atomic, ADAPTER_CONFIG, ADAPTER_WEIGHTS, SCORE_HEAD_WEIGHTS};
 use crate::model::Checkpoint;
 
 pub const MODEL_WEIGHTS: &str = "model.safetensors";
@@ -102,7 +100,7 @@ pub fn write_model_dir(
             _ => {}
         }
     }
-    save_safetensors_atomic(&tensors, &out.join(MODEL_WEIGHTS))?;
+    crate::outdir::save_safetensors(&tensors, &out.join(MODEL_WEIGHTS))?;
     write_tokenizer(base, out)?;
     let config = base.config.to_hf_json(!own_head, torch_dtype, &base.path)?;
     write_atomic(

@@ -27,7 +27,7 @@ use crate::model::lora::{
     SCORE_HEAD_TENSOR, SCORE_HEAD_WEIGHTS,
 };
 use crate::model::Checkpoint;
-use crate::outdir::{first_difference, follow_umask, save_safetensors, FileFingerprint};
+use crate::outdir::{first_difference, save_safetensors, FileFingerprint};
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct TrainConfig {
@@ -753,8 +753,6 @@ impl Trainer {
         let base = Checkpoint::open(&self.base_path)?;
         let trained = self.trained_tensors(self.save_dtype)?;
         super::full::write_model_dir(&base, &trained, &self.out, self.save_dtype)?;
-        // The model's weights are written through a private temporary file.
-        follow_umask(&self.out.join(super::full::MODEL_WEIGHTS))?;
         self.write_info(label, Some(self.base_name(label)))
     }
 

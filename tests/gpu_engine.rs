@@ -220,7 +220,6 @@ fn full_weight_arm_with_a_larger_vocabulary_is_cut_to_the_base() {
     }
 }
 
-
 /// max |a − b| over two engines' `[model][position][token]` log-probs.
 fn max_diff(a: &[Vec<Vec<f32>>], b: &[Vec<Vec<f32>>]) -> f64 {
     assert_eq!(a.len(), b.len(), "models");
@@ -257,7 +256,10 @@ fn gpu_matches_cpu_and_reference(cfg: &TinyConfig, without: TinyConfig, seed: u6
         .zip(want.iter().flatten())
         .map(|(a, b)| (a - b).abs())
         .fold(0.0, f64::max);
-    assert!(moved > 100.0 * F32_ATOL, "{label}: the features move logits by {moved}");
+    assert!(
+        moved > 100.0 * F32_ATOL,
+        "{label}: the features move logits by {moved}"
+    );
     let cpu_lp = cpu(&dir, &[], None).teacher_forced(&TOKENS).unwrap();
     let mut gpu_engine = gpu(&dir, &[], None);
     let gpu_lp = gpu_engine.teacher_forced(&TOKENS).unwrap();
@@ -387,7 +389,10 @@ fn larger_vocabulary_arm_log_probs_match_the_cpu_engine() {
         let w: Vec<f64> = want[1][pos].iter().map(|&v| f64::from(v)).collect();
         assert_close(&got[1][pos], &w, F32_ATOL, 0.0, &format!("arm {pos}"));
     }
-    assert!(shift > 100.0 * F32_ATOL, "the extra tokens shift by {shift}");
+    assert!(
+        shift > 100.0 * F32_ATOL,
+        "the extra tokens shift by {shift}"
+    );
     let teacher = max_diff(&got, &want);
     let params = SamplingParams {
         greedy: true,
@@ -400,9 +405,15 @@ fn larger_vocabulary_arm_log_probs_match_the_cpu_engine() {
         let gc = g.guided_step(&[token], &[0.7], &mut gs).unwrap();
         let cc = c.guided_step(&[token], &[0.7], &mut cs).unwrap();
         assert_eq!(gc.id, cc.id, "guided step {step}");
-        let pairs = [(gc.base_logprob, cc.base_logprob), (gc.arm_logprobs[0], cc.arm_logprobs[0])];
+        let pairs = [
+            (gc.base_logprob, cc.base_logprob),
+            (gc.arm_logprobs[0], cc.arm_logprobs[0]),
+        ];
         for (a, b) in pairs {
-            assert!((a - b).abs() <= F32_ATOL as f32, "step {step}: gpu {a} cpu {b}");
+            assert!(
+                (a - b).abs() <= F32_ATOL as f32,
+                "step {step}: gpu {a} cpu {b}"
+            );
             guided = guided.max(f64::from((a - b).abs()));
         }
         token = gc.id;

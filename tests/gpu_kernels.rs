@@ -511,19 +511,30 @@ fn gate_activations_match_f64() {
     )
     .unwrap();
     let xb = storage_f32(ctx(), "ones", &vec![1.0; n]);
-    let g: Vec<f32> = (0..n).map(|i| -12.0 + 24.0 * i as f32 / (n - 1) as f32).collect();
+    let g: Vec<f32> = (0..n)
+        .map(|i| -12.0 + 24.0 * i as f32 / (n - 1) as f32)
+        .collect();
     for act in [Activation::Silu, Activation::Gelu, Activation::GeluTanh] {
         let yb = storage_f32(ctx(), "gate", &g);
         let epilogue = MatVecEpilogue {
             store: MatVecStore::Gate(act),
             ..Default::default()
         };
-        run(&[&kernels().matvec_with(&weight, &xb, &yb, 1, &epilogue).unwrap()]);
-        let want: Vec<f32> = g.iter().map(|&v| act.apply_f64(f64::from(v)) as f32).collect();
+        run(&[&kernels()
+            .matvec_with(&weight, &xb, &yb, 1, &epilogue)
+            .unwrap()]);
+        let want: Vec<f32> = g
+            .iter()
+            .map(|&v| act.apply_f64(f64::from(v)) as f32)
+            .collect();
         let got = read(&yb, n);
         let max = check(&format!("{act:?}"), &got, &want, |i| {
             let (gi, w) = (g[i].abs(), want[i].abs());
-            let exp_ulps = if act == Activation::Gelu { 0.0 } else { 3.0 + 2.0 * gi };
+            let exp_ulps = if act == Activation::Gelu {
+                0.0
+            } else {
+                3.0 + 2.0 * gi
+            };
             (2.0 + exp_ulps) * 1.2e-7 * w + 2e-7 * gi.max(1.0) + 1e-30
         });
         eprintln!("{act:?}: max |Δ| {max:e} over g in [-12, 12]");

@@ -335,9 +335,7 @@ impl GpuEngine {
         }
         self.slots
             .iter()
-            .map(|&row| {
-                log_softmax(&rows[row][..self.vocab])
-            })
+            .map(|&row| log_softmax(&rows[row][..self.vocab]))
             .collect()
     }
 

@@ -200,11 +200,15 @@ fn full_weight_arm_with_a_larger_vocabulary_is_cut_to_the_base() {
     // ARM order: full, LoRA — the LoRA row lives in group 0, the full ARM in group 1.
     let mut engine = gpu(&base_path, &[big_path, lora_dir], None);
     let got = engine.teacher_forced(&TOKENS).unwrap();
-    let want_big = reference_logprobs(&big, &TOKENS);
+    // GenARM's rule: the ARM's logits cut to the base vocabulary, then normalised.
+    let want_big: Vec<Vec<f64>> = reference_logits(&big, &TOKENS)
+        .iter()
+        .map(|l| log_softmax(&l[..cfg.vocab_size]))
+        .collect();
     let want_lora = reference_logprobs(&base.with_lora_merged(&lora), &TOKENS);
     for pos in 0..TOKENS.len() {
         assert_eq!(got[1][pos].len(), cfg.vocab_size);
-        let cut = &want_big[pos][..cfg.vocab_size];
+        let cut = &want_big[pos];
         assert_close(&got[1][pos], cut, F32_ATOL, 0.0, &format!("full arm {pos}"));
         assert_close(
             &got[2][pos],
@@ -214,6 +218,210 @@ fn full_weight_arm_with_a_larger_vocabulary_is_cut_to_the_base() {
             &format!("lora {pos}"),
         );
     }
+}
+
+/// max |a − b| over two engines' `[model][position][token]` log-probs.
+fn max_diff(a: &[Vec<Vec<f32>>], b: &[Vec<Vec<f32>>]) -> f64 {
+    assert_eq!(a.len(), b.len(), "models");
+    let mut max = 0f64;
+    for (ma, mb) in a.iter().zip(b) {
+        assert_eq!(ma.len(), mb.len(), "positions");
+        for (pa, pb) in ma.iter().zip(mb) {
+            assert_eq!(pa.len(), pb.len(), "vocabulary");
+            for (x, y) in pa.iter().zip(pb) {
+                max = max.max(f64::from((x - y).abs()));
+            }
+        }
+    }
+    max
+}
+
+/// A tiny model with config features beyond the plain Llama: the GPU engine
+/// (teacher-forced, and prefilled by single steps) against the candle engine, and the
+/// candle engine against the f64 reference, all within F32_ATOL. Prints the max |Δ|.
+/// `without` is the config minus the features under test: the reference must move by
+/// far more than the tolerance when they are dropped, or the test would prove nothing.
+fn gpu_matches_cpu_and_reference(cfg: &TinyConfig, without: TinyConfig, seed: u64, label: &str) {
+    let model = TinyModel::random(cfg, seed);
+    let dir = temp_dir(label);
+    model.write_hf_dir(&dir, DType::F32, 1);
+    let want = reference_logprobs(&model, &TOKENS);
+    let plain = TinyModel {
+        config: without,
+        ..model.clone()
+    };
+    let moved = reference_logprobs(&plain, &TOKENS)
+        .iter()
+        .flatten()
+        .zip(want.iter().flatten())
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max);
+    assert!(
+        moved > 100.0 * F32_ATOL,
+        "{label}: the features move logits by {moved}"
+    );
+    let cpu_lp = cpu(&dir, &[], None).teacher_forced(&TOKENS).unwrap();
+    let mut gpu_engine = gpu(&dir, &[], None);
+    let gpu_lp = gpu_engine.teacher_forced(&TOKENS).unwrap();
+    eprintln!(
+        "{label}: {} dispatches per token",
+        gpu_engine.dispatches_per_token()
+    );
+    let mut stepped = vec![Vec::new()];
+    for &t in &TOKENS {
+        stepped[0].push(gpu_engine.step(&[t]).unwrap().base);
+    }
+    let mut vs_ref = [0f64; 2];
+    for pos in 0..TOKENS.len() {
+        for (k, (engine, lp)) in [("cpu", &cpu_lp), ("gpu", &gpu_lp)].iter().enumerate() {
+            let what = format!("{label}: {engine} vs f64, position {pos}");
+            assert_close(&lp[0][pos], &want[pos], F32_ATOL, 0.0, &what);
+            for (g, w) in lp[0][pos].iter().zip(&want[pos]) {
+                vs_ref[k] = vs_ref[k].max((f64::from(*g) - w).abs());
+            }
+        }
+        let what = format!("{label}: gpu stepped vs cpu, position {pos}");
+        let w: Vec<f64> = cpu_lp[0][pos].iter().map(|&v| f64::from(v)).collect();
+        assert_close(&stepped[0][pos], &w, F32_ATOL, 0.0, &what);
+    }
+    eprintln!(
+        "{label}: max |Δ| gpu−cpu teacher-forced {:e}, gpu stepped−cpu {:e}, cpu−f64 {:e}, \
+         gpu−f64 {:e}",
+        max_diff(&gpu_lp, &cpu_lp),
+        max_diff(&stepped, &cpu_lp),
+        vs_ref[0],
+        vs_ref[1]
+    );
+}
+
+#[test]
+fn llama_attention_and_mlp_biases_with_gelu() {
+    let cfg = TinyConfig {
+        o_bias: true,
+        mlp_bias: true,
+        hidden_act: "gelu",
+        ..Default::default()
+    };
+    let without = TinyConfig {
+        o_bias: false,
+        mlp_bias: false,
+        hidden_act: "silu",
+        ..cfg.clone()
+    };
+    gpu_matches_cpu_and_reference(&cfg, without, 34, "llama-bias-gelu");
+}
+
+#[test]
+fn llama_mlp_bias_with_tanh_gelu_and_linear_rope_scaling() {
+    let cfg = TinyConfig {
+        mlp_bias: true,
+        hidden_act: "gelu_pytorch_tanh",
+        rope_linear_factor: Some(2.5),
+        ..Default::default()
+    };
+    let without = TinyConfig {
+        mlp_bias: false,
+        hidden_act: "silu",
+        rope_linear_factor: None,
+        ..cfg.clone()
+    };
+    gpu_matches_cpu_and_reference(&cfg, without, 35, "llama-tanh-gelu-rope-linear");
+}
+
+/// Window 4 over 12 tokens: positions 4.. see only their last 4 keys.
+#[test]
+fn mistral_sliding_window_shorter_than_the_sequence() {
+    let cfg = TinyConfig {
+        sliding_window: Some(4),
+        ..Default::default()
+    };
+    assert!(TOKENS.len() >= 2 * 4);
+    let without = TinyConfig {
+        sliding_window: None,
+        ..cfg.clone()
+    };
+    gpu_matches_cpu_and_reference(&cfg, without, 36, "mistral-window-4");
+}
+
+#[test]
+fn qwen2_sliding_window_shorter_than_the_sequence() {
+    let cfg = TinyConfig {
+        attention_bias: true,
+        sliding_window: Some(5),
+        ..Default::default()
+    };
+    assert!(TOKENS.len() >= 2 * 5);
+    let without = TinyConfig {
+        sliding_window: None,
+        ..cfg.clone()
+    };
+    gpu_matches_cpu_and_reference(&cfg, without, 37, "qwen2-window-5");
+}
+
+/// A full-weight ARM with 3 tokens more than the base: its GPU log-probs, teacher-forced
+/// and in guided steps (the on-device pick), equal the candle engine's, which cuts the
+/// logits to the base vocabulary before normalising. The extra tokens carry enough
+/// mass that normalising first would differ by far more than the tolerance.
+#[test]
+fn larger_vocabulary_arm_log_probs_match_the_cpu_engine() {
+    let cfg = TinyConfig::default();
+    let base = TinyModel::random(&cfg, 38);
+    let big_cfg = TinyConfig {
+        vocab_size: cfg.vocab_size + 3,
+        ..cfg.clone()
+    };
+    let big = TinyModel::random(&big_cfg, 39);
+    let dir = temp_dir("gpu-big-vocab-arm");
+    let (base_dir, big_dir) = (dir.join("base"), dir.join("big"));
+    base.write_hf_dir(&base_dir, DType::F32, 1);
+    big.write_hf_dir(&big_dir, DType::F32, 1);
+    let arms = [big_dir];
+    let (mut g, mut c) = (gpu(&base_dir, &arms, None), cpu(&base_dir, &arms, None));
+    let (got, want) = (
+        g.teacher_forced(&TOKENS).unwrap(),
+        c.teacher_forced(&TOKENS).unwrap(),
+    );
+    let mut shift = 0f64;
+    for (pos, logits) in reference_logits(&big, &TOKENS).iter().enumerate() {
+        let full = log_softmax(logits);
+        let cut = log_softmax(&logits[..cfg.vocab_size]);
+        shift = shift.max((full[0] - cut[0]).abs());
+        let w: Vec<f64> = want[1][pos].iter().map(|&v| f64::from(v)).collect();
+        assert_close(&got[1][pos], &w, F32_ATOL, 0.0, &format!("arm {pos}"));
+    }
+    assert!(
+        shift > 100.0 * F32_ATOL,
+        "the extra tokens shift by {shift}"
+    );
+    let teacher = max_diff(&got, &want);
+    let params = SamplingParams {
+        greedy: true,
+        ..Default::default()
+    };
+    let (mut gs, mut cs) = (Sampler::new(params.clone()), Sampler::new(params));
+    let mut guided = 0f64;
+    let mut token = TOKENS[0];
+    for step in 0..8 {
+        let gc = g.guided_step(&[token], &[0.7], &mut gs).unwrap();
+        let cc = c.guided_step(&[token], &[0.7], &mut cs).unwrap();
+        assert_eq!(gc.id, cc.id, "guided step {step}");
+        let pairs = [
+            (gc.base_logprob, cc.base_logprob),
+            (gc.arm_logprobs[0], cc.arm_logprobs[0]),
+        ];
+        for (a, b) in pairs {
+            assert!(
+                (a - b).abs() <= F32_ATOL as f32,
+                "step {step}: gpu {a} cpu {b}"
+            );
+            guided = guided.max(f64::from((a - b).abs()));
+        }
+        token = gc.id;
+    }
+    eprintln!(
+        "big-vocab ARM: normalise-then-cut would shift by {shift:e}; max |Δ| gpu−cpu \
+         teacher-forced {teacher:e}, guided picks {guided:e}"
+    );
 }
 
 fn greedy(engine: &mut dyn Engine, prompt: &[u32], alphas: &[f32], n: usize) -> Vec<u32> {

@@ -9,7 +9,10 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use genarm::gpu::buffers::{storage_f32, storage_u32, storage_zeros};
 use genarm::gpu::ops::{AttentionBuffers, AttentionShape, Op, RopeStyle};
-use genarm::gpu::{GpuContext, Kernels, MatVecKind, MatVecStore, QuantWeight, WeightFormat};
+use genarm::gpu::{
+    GpuContext, Kernels, MatVecEpilogue, MatVecKind, MatVecStore, QuantWeight, WeightFormat,
+};
+use genarm::model::config::Activation;
 
 fn shared_ctx() -> Arc<GpuContext> {
     static CTX: OnceLock<Arc<GpuContext>> = OnceLock::new();
@@ -413,20 +416,29 @@ fn rms_norm_with_lora_down() {
     });
 }
 
-/// The stores matvec folds in: `Add` (the residual add) and `SiluGate` (SwiGLU over
-/// the gate projection's output), both kinds, a chunked weight, m = 1..=4. Tolerance:
-/// matvec's, scaled by |silu(g)| for the gate, plus the final add's or product's
-/// rounding and Vulkan's exp (≤ 3 + 2|g| ulp, |g| ≤ 12 here: 1e-5 relative).
+/// The stores matvec folds in: `Add` (the residual add) and `Gate(act)` (the gated MLP
+/// over the gate projection's output, for each activation), with and without a bias
+/// (m = 2, 4: with), both kinds, a chunked weight, m = 1..=4. Tolerance: matvec's,
+/// scaled by |act(g)| for the gate, plus the final add's or product's rounding and
+/// Vulkan's exp (≤ 3 + 2|g| ulp, |g| ≤ 12 here: 1e-5 relative).
 #[test]
-fn matvec_store_add_and_silu_gate() {
+fn matvec_store_add_and_gate_with_bias() {
     let (rows, cols) = (301, 96);
     let mut rng = Rng(500);
     let (bytes, deq) = quantize(&rng.vec(rows * cols), rows, cols, WeightFormat::Q4_1);
     let weight =
         QuantWeight::upload(ctx(), "w", WeightFormat::Q4_1, rows, cols, &bytes, 1000).unwrap();
     assert!(weight.chunks.len() > 1, "chunking was not forced");
-    let silu = |g: f64| g / (1.0 + (-g).exp());
+    let bias = rng.vec(rows);
+    let bias_buf = storage_f32(ctx(), "bias", &bias);
+    let stores = [
+        MatVecStore::Add,
+        MatVecStore::Gate(Activation::Silu),
+        MatVecStore::Gate(Activation::Gelu),
+        MatVecStore::Gate(Activation::GeluTanh),
+    ];
     for m in 1..=4 {
+        let with_bias = m % 2 == 0;
         let x = rng.vec(m * cols);
         let y0: Vec<f32> = rng.vec(m * rows).iter().map(|v| v * 12.0).collect();
         let xb = storage_f32(ctx(), "x", &x);
@@ -438,30 +450,107 @@ fn matvec_store_add_and_silu_gate() {
                     wx[r * rows + i] += p;
                     mag[r * rows + i] += p.abs();
                 }
+                if with_bias {
+                    wx[r * rows + i] += f64::from(bias[i]);
+                    mag[r * rows + i] += f64::from(bias[i]).abs();
+                }
             }
         }
         for kind in [MatVecKind::RowPerWorkgroup, MatVecKind::RowPerInvocation] {
-            for store in [MatVecStore::Add, MatVecStore::SiluGate] {
+            for store in stores {
                 let yb = storage_f32(ctx(), "y", &y0);
+                let epilogue = MatVecEpilogue {
+                    bias: with_bias.then_some(&bias_buf),
+                    store,
+                    ..Default::default()
+                };
                 let op = kernels_with(kind)
-                    .matvec_with(&weight, &xb, &yb, m, None, store)
+                    .matvec_with(&weight, &xb, &yb, m, &epilogue)
                     .unwrap();
                 run(&[&op]);
                 let (want, tol): (Vec<f32>, Vec<f32>) = (0..m * rows)
                     .map(|i| {
                         let g = f64::from(y0[i]);
                         let (v, scale) = match store {
-                            MatVecStore::Add => (g + wx[i], 1.0),
-                            _ => (silu(g) * wx[i], silu(g).abs()),
+                            MatVecStore::Gate(act) => {
+                                (act.apply_f64(g) * wx[i], act.apply_f64(g).abs())
+                            }
+                            _ => (g + wx[i], 1.0),
                         };
                         let tol = 1e-5 * mag[i] * scale + 1e-5 * v.abs() + 1e-6;
                         (v as f32, tol as f32)
                     })
                     .unzip();
-                let what = format!("matvec {store:?} {kind:?} m={m}");
+                let what = format!("matvec {store:?} bias={with_bias} {kind:?} m={m}");
                 check(&what, &read(&yb, m * rows), &want, |i| tol[i]);
             }
         }
+    }
+}
+
+/// Each gate activation alone, against `Activation::apply_f64` on a dense grid of
+/// g ∈ [−12, 12] (an identity weight and x = 1, so the store writes act(g) · 1).
+/// Budget: 2 ulp of the result (f32 rounding of the series or of 1 − erfc/2 and of
+/// the product) plus 2e-7·|g| absolute (the erf approximation's error near 1, times
+/// g/2) plus Vulkan's exp for SiLU and tanh-GELU (≤ 3 + 2|u| ulp).
+#[test]
+fn gate_activations_match_f64() {
+    let n = 2048;
+    let mut eye = vec![0f32; n * n];
+    for i in 0..n {
+        eye[i * n + i] = 1.0;
+    }
+    let weight = QuantWeight::upload(
+        ctx(),
+        "eye",
+        WeightFormat::F32,
+        n,
+        n,
+        bytemuck::cast_slice(&eye),
+        u64::MAX,
+    )
+    .unwrap();
+    let xb = storage_f32(ctx(), "ones", &vec![1.0; n]);
+    let g: Vec<f32> = (0..n)
+        .map(|i| -12.0 + 24.0 * i as f32 / (n - 1) as f32)
+        .collect();
+    for act in [Activation::Silu, Activation::Gelu, Activation::GeluTanh] {
+        let yb = storage_f32(ctx(), "gate", &g);
+        let epilogue = MatVecEpilogue {
+            store: MatVecStore::Gate(act),
+            ..Default::default()
+        };
+        run(&[&kernels()
+            .matvec_with(&weight, &xb, &yb, 1, &epilogue)
+            .unwrap()]);
+        let want: Vec<f32> = g
+            .iter()
+            .map(|&v| act.apply_f64(f64::from(v)) as f32)
+            .collect();
+        let got = read(&yb, n);
+        let max = check(&format!("{act:?}"), &got, &want, |i| {
+            let (gi, w) = (g[i].abs(), want[i].abs());
+            let exp_ulps = if act == Activation::Gelu {
+                0.0
+            } else {
+                3.0 + 2.0 * gi
+            };
+            (2.0 + exp_ulps) * 1.2e-7 * w + 2e-7 * gi.max(1.0) + 1e-30
+        });
+        // The error in units of the result's last place, where the result is not lost
+        // to the f64 reference's own cancellation (1 + erf(x) for very negative x).
+        let ulps = got
+            .iter()
+            .zip(&want)
+            .filter(|(_, w)| w.abs() > 1e-6)
+            .map(|(g, w)| (g - w).abs() / (f32::EPSILON * w.abs()))
+            .fold(0f32, f32::max);
+        let near = (0..n).filter(|&i| g[i].abs() <= 3.0);
+        let max_near = near.map(|i| (got[i] - want[i]).abs()).fold(0f32, f32::max);
+        eprintln!(
+            "{act:?}: max |Δ| {max:e} over g in [-12, 12], {max_near:e} for |g| ≤ 3, \
+             {ulps:.1} ulp of the result at most"
+        );
     }
 }
 
@@ -544,6 +633,18 @@ fn rope_ref(x: &[f32], hd: usize, inv_freq: &[f32], pos: u32, style: RopeStyle) 
 /// few ulp, and the output a convex combination of v (|v| ≤ 1): 2e-5 absolute.
 #[test]
 fn rope_and_attention_gqa_over_positions() {
+    attention_over_positions(None);
+}
+
+/// [`rope_and_attention_gqa_over_positions`] with a sliding window of 5: the query at p
+/// sees keys p − 5 < t ≤ p only (checked before, at and well past the window's
+/// length), the cache still filled at every position.
+#[test]
+fn sliding_window_attention_over_positions() {
+    attention_over_positions(Some(5));
+}
+
+fn attention_over_positions(window: Option<usize>) {
     let (rows, heads, kvh, hd, cap) = (2, 9, 3, 64, 40);
     let nq = rows * heads * hd;
     let nkv = rows * kvh * hd;
@@ -559,6 +660,7 @@ fn rope_and_attention_gqa_over_positions() {
             head_dim: hd,
             capacity: cap,
             rope,
+            window,
         };
         // Each row's q, k and v side by side, as the stacked q/k/v matvec stores them.
         let row_len = (heads + 2 * kvh) * hd;
@@ -613,10 +715,10 @@ fn rope_and_attention_gqa_over_positions() {
                 key_mag[at..at + hd].copy_from_slice(&k_mag[from..from + hd]);
                 vals[at..at + hd].copy_from_slice(&vv[from..from + hd]);
             }
-            if ![0, 1, 37].contains(&p) {
+            if ![0, 1, 4, 5, 6, 37].contains(&p) {
                 continue;
             }
-            let what = format!("{rope:?} pos={p}");
+            let what = format!("{rope:?} window={window:?} pos={p}");
             let qkv_now = read(&qkv, rows * row_len);
             let (q_rot, unrotated): (Vec<f32>, Vec<f32>) = (
                 qkv_now
@@ -658,7 +760,9 @@ fn rope_and_attention_gqa_over_positions() {
                     let g = h / (heads / kvh);
                     let qh = &q_rot[(r * heads + h) * hd..][..hd];
                     let base = (r * kvh + g) * cap * hd;
-                    let s: Vec<f64> = (0..=p)
+                    // The keys the query sees: the last `window` positions, or all.
+                    let first = p + 1 - window.unwrap_or(p + 1).min(p + 1);
+                    let s: Vec<f64> = (first..=p)
                         .map(|t| {
                             let k = &k_gpu[base + t * hd..][..hd];
                             qh.iter()
@@ -672,8 +776,8 @@ fn rope_and_attention_gqa_over_positions() {
                     let e: Vec<f64> = s.iter().map(|v| (v - mx).exp()).collect();
                     let z: f64 = e.iter().sum();
                     for d in 0..hd {
-                        let acc: f64 = (0..=p)
-                            .map(|t| e[t] * f64::from(vals[base + t * hd + d]))
+                        let acc: f64 = (first..=p)
+                            .map(|t| e[t - first] * f64::from(vals[base + t * hd + d]))
                             .sum();
                         want[(r * heads + h) * hd + d] = (acc / z) as f32;
                     }
@@ -712,6 +816,7 @@ fn attention_o_lora_parts_and_their_sum_in_matvec() {
         head_dim: hd,
         capacity: cap,
         rope: RopeStyle::HalfSplit,
+        window: None,
     };
     let bufs = AttentionBuffers {
         qkv: &qkv,

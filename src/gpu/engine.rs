@@ -4,9 +4,10 @@
 //! Models are grouped by weights as in the candle engine: the base and its LoRA ARMs
 //! are rows of group 0; an ARM with weights of its own is a group of its own. All
 //! groups read the token and position from one `cur` buffer. Group 0 writes its logits
-//! straight into the shared `[rows, vocab]` logits buffer; other groups' rows are
-//! normalised over their own vocabulary and then copied in, cut to the base's. Only the
-//! chosen id and its log-probs (a few words) come back per token.
+//! straight into the shared `[rows, vocab]` logits buffer; other groups' rows are copied
+//! in cut to the base's vocabulary, and every row is then normalised over the base's
+//! tokens (GenARM's rule: an ARM's extra tokens take no probability). Only the chosen id
+//! and its log-probs (a few words) come back per token.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -64,7 +65,8 @@ pub struct GpuEngine {
     speculative: Option<Speculative>,
     /// The id the last guided step returned (what a speculative step embeds).
     last_chosen: Option<u32>,
-    stats_ops: Vec<Op>,
+    /// Max and log-sum-exp of every row of `logits`, over the base vocabulary.
+    stats: Op,
     sample: Op,
     capacity: usize,
     pos: usize,
@@ -172,17 +174,7 @@ impl GpuEngine {
             "slots",
             &slots.iter().map(|&s| s as u32).collect::<Vec<_>>(),
         );
-        let mut stats_ops = Vec::with_capacity(groups.len());
-        for (g, group) in groups.iter().enumerate() {
-            let cfg = group.config();
-            stats_ops.push(kernels.logit_stats(
-                group.logits(),
-                group.rows(),
-                cfg.vocab_size,
-                &stats,
-                row_base[g],
-            )?);
-        }
+        let stats_op = kernels.logit_stats(&logits, rows_total, vocab, &stats, 0)?;
         let sample = kernels.guide_sample(
             &SampleBuffers {
                 logits: &logits,
@@ -229,7 +221,7 @@ impl GpuEngine {
             next_pos,
             speculative: None,
             last_chosen: None,
-            stats_ops,
+            stats: stats_op,
             sample,
             capacity,
             pos: 0,
@@ -266,8 +258,7 @@ impl GpuEngine {
     /// guided pick. On a GPU a small model's step is bound by these as much as by bytes.
     pub fn dispatches_per_token(&self) -> usize {
         let forward: usize = self.groups.iter().map(GpuLlama::dispatch_count).sum();
-        let stats: usize = self.stats_ops.iter().map(Op::dispatch_count).sum();
-        forward + stats + self.sample.dispatch_count()
+        forward + self.stats.dispatch_count() + self.sample.dispatch_count()
     }
 
     fn check_room(&self, tokens: &[u32]) -> Result<()> {
@@ -318,8 +309,9 @@ impl GpuEngine {
         logits_floats(&self.groups)
     }
 
-    /// Log-probs per model (base, then ARMs; cut to the base vocabulary) from one
-    /// position's host copy of every group's logits.
+    /// Log-probs per model (base, then ARMs) over the base vocabulary, from one
+    /// position's host copy of every group's logits: an ARM's row is cut to the base's
+    /// tokens before it is normalised.
     fn log_probs_of(&self, floats: &[f32]) -> Vec<Vec<f32>> {
         let mut rows = Vec::new();
         let mut at = 0;
@@ -332,11 +324,7 @@ impl GpuEngine {
         }
         self.slots
             .iter()
-            .map(|&row| {
-                let mut lp = log_softmax(rows[row]);
-                lp.truncate(self.vocab);
-                lp
-            })
+            .map(|&row| log_softmax(&rows[row][..self.vocab]))
             .collect()
     }
 
@@ -372,15 +360,10 @@ impl GpuEngine {
         u
     }
 
-    /// Encodes the pick after a forward pass: normalisers, other groups' rows into the
-    /// shared logits, the sample, and a copy of the choice to readback buffer `slot`.
+    /// Encodes the pick after a forward pass: other groups' rows into the shared
+    /// logits (cut to the base vocabulary), the normalisers of every row over it, the
+    /// sample, and a copy of the choice to readback buffer `slot`.
     fn encode_pick(&self, encoder: &mut wgpu::CommandEncoder, slot: usize) {
-        {
-            let mut pass = encoder.begin_compute_pass(&Default::default());
-            for op in &self.stats_ops {
-                op.encode_in(&mut pass);
-            }
-        }
         for (g, group) in self.groups.iter().enumerate().skip(1) {
             let v = group.config().vocab_size;
             for r in 0..group.rows() {
@@ -393,6 +376,7 @@ impl GpuEngine {
                 );
             }
         }
+        self.stats.encode(encoder);
         self.sample.encode(encoder);
         let staging = &self.chosen_staging[slot];
         encoder.copy_buffer_to_buffer(&self.chosen, 0, staging, 0, self.chosen.size());

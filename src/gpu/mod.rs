@@ -14,7 +14,7 @@ pub mod uniforms;
 pub use buffers::{QuantWeight, WeightFormat};
 pub use device::GpuContext;
 pub use engine::GpuEngine;
-pub use ops::{Kernels, MatVecKind, MatVecStore};
+pub use ops::{Kernels, MatVecEpilogue, MatVecKind, MatVecStore};
 
 /// A failure of the GPU engine (no adapter, device lost, out of memory, a bad shape).
 pub(crate) fn gpu_error(message: impl std::fmt::Display) -> crate::error::Error {

@@ -14,7 +14,8 @@ use crate::cpu::llama::{check_adapter_modules, permute_for_interleaved_rope};
 use crate::error::{Error, Result};
 use crate::gpu::buffers::{storage_f32, storage_zeros};
 use crate::gpu::ops::{
-    need, AttentionBuffers, AttentionShape, MatVecStore, Op, RopeStyle, MAX_BATCH_ROWS,
+    need, AttentionBuffers, AttentionShape, MatVecEpilogue, MatVecStore, Op, RopeStyle,
+    MAX_BATCH_ROWS,
 };
 use crate::gpu::ops_guide::{LoraDown, LoraUp};
 use crate::gpu::{gpu_error, Kernels, QuantWeight, WeightFormat};
@@ -45,7 +46,7 @@ struct Scratch {
     /// q, k and v of each row side by side: `[rows, (heads + 2·kv_heads)·head_dim]`.
     qkv: wgpu::Buffer,
     attn: wgpu::Buffer,
-    /// The gate projection, then silu(gate)·up stored over it (`MatVecStore::SiluGate`).
+    /// The gate projection, then act(gate)·up stored over it (`MatVecStore::Gate`).
     act: wgpu::Buffer,
     lora_t: wgpu::Buffer,
 }
@@ -86,7 +87,6 @@ impl GpuLlama {
         for adapter in rows.iter().flatten() {
             check_adapter_modules(adapter, cfg)?;
         }
-        check_supported(cfg, src.path())?;
         let ctx = kernels.context();
         let (h, hd) = (cfg.hidden_size, cfg.head_dim);
         let (q_out, kv_out) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
@@ -159,6 +159,7 @@ impl GpuLlama {
                 head_dim: hd,
                 capacity,
                 rope: style,
+                window: cfg.sliding_window(i),
             };
             let buffers = AttentionBuffers {
                 qkv: &s.qkv,
@@ -174,7 +175,8 @@ impl GpuLlama {
             b.ops.push(kernels.attention(shape, &buffers, CUR_POS)?);
             // The residual add is o_proj's store.
             let o_lora = o.up_per_head(&s.lora_t, cfg.num_heads);
-            b.linear(&o_proj, q_out, h, &s.attn, &s.x, o_lora, MatVecStore::Add)?;
+            let o_store = Store::new(MatVecStore::Add, cfg.o_bias);
+            b.linear(&o_proj, q_out, h, &s.attn, &s.x, o_lora, o_store)?;
 
             let norm = b.vector(&format!("{p}.post_attention_layernorm.weight"), h)?;
             let mlp = format!("{p}.mlp");
@@ -192,8 +194,9 @@ impl GpuLlama {
                 false,
             )?;
             b.norm_and_lora_down(&s.x, &norm, &s.xn, &gate_up, &s.lora_t)?;
-            // up_proj stores silu(gate) · up over gate_proj's output, and down_proj adds
-            // into the residual stream: SwiGLU and the add cost no dispatch of their own.
+            // up_proj stores act(gate) · up over gate_proj's output, and down_proj adds
+            // into the residual stream: the gating, the add and the biases cost no
+            // dispatch of their own.
             let gate_lora = gate_up.up(0, &s.lora_t);
             b.linear(
                 &gate_proj,
@@ -202,7 +205,7 @@ impl GpuLlama {
                 &s.xn,
                 &s.act,
                 gate_lora,
-                MatVecStore::Write,
+                Store::new(MatVecStore::Write, cfg.mlp_bias),
             )?;
             let up_lora = gate_up.up(1, &s.lora_t);
             b.linear(
@@ -212,7 +215,7 @@ impl GpuLlama {
                 &s.xn,
                 &s.act,
                 up_lora,
-                MatVecStore::SiluGate,
+                Store::new(MatVecStore::Gate(cfg.hidden_act), cfg.mlp_bias),
             )?;
             let down = b.lora_group(&[Projection::new(&down_proj, inter, h)], &s.lora_t, false)?;
             b.lora_down(&down, &s.act, &s.lora_t)?;
@@ -224,7 +227,7 @@ impl GpuLlama {
                 &s.act,
                 &s.x,
                 down_lora,
-                MatVecStore::Add,
+                Store::new(MatVecStore::Add, cfg.mlp_bias),
             )?;
         }
         let norm = b.vector("model.norm.weight", h)?;
@@ -357,7 +360,7 @@ impl Builder<'_> {
     }
 
     /// `y = W · x` for every row, plus each ARM row's LoRA delta (`lora`, from the
-    /// projection's group), stored as `store` says.
+    /// projection's group) and the module's bias if `store` has one, stored as it says.
     #[allow(clippy::too_many_arguments)]
     fn linear(
         &mut self,
@@ -367,12 +370,21 @@ impl Builder<'_> {
         x: &wgpu::Buffer,
         y: &wgpu::Buffer,
         lora: Option<LoraUp<'_>>,
-        store: MatVecStore,
+        store: Store,
     ) -> Result<()> {
         let w = self.weight(&format!("{module}.weight"), out, inp)?;
+        let bias = match store.bias {
+            true => Some(self.vector(&format!("{module}.bias"), out)?),
+            false => None,
+        };
+        let epilogue = MatVecEpilogue {
+            lora: lora.as_ref(),
+            bias: bias.as_ref(),
+            store: store.mode,
+        };
         let op = self
             .kernels
-            .matvec_with(&w, x, y, self.rows.len(), lora.as_ref(), store)?;
+            .matvec_with(&w, x, y, self.rows.len(), &epilogue)?;
         self.ops.push(op);
         Ok(())
     }
@@ -398,12 +410,8 @@ impl Builder<'_> {
             .zip(parts.iter().map(|p| p.out))
             .collect();
         let w = self.stacked_weight(&names.join(" + "), &shapes, parts[0].inp)?;
-        let m = self.rows.len();
-        let op = self
-            .kernels
-            .matvec_with(&w, x, y, m, lora.as_ref(), MatVecStore::Write)?;
-        self.ops.push(op);
-        if self.cfg.qkv_bias {
+        // The biases stacked as the weights are, added by the matvec's store.
+        let bias = if self.cfg.qkv_bias {
             let mut bias = Vec::with_capacity(w.rows);
             for p in parts {
                 let name = format!("{}.bias", p.module);
@@ -413,12 +421,20 @@ impl Builder<'_> {
                         .to_vec1::<f32>()?,
                 );
             }
-            // One copy per row, so the add kernel applies it to every row.
-            let per_row = bias.repeat(m);
-            let bias = storage_f32(self.kernels.context(), "bias", &per_row);
-            self.ops
-                .push(self.kernels.add_assign(y, &bias, per_row.len())?);
-        }
+            self.weight_bytes += (bias.len() * 4) as u64;
+            Some(storage_f32(self.kernels.context(), "bias", &bias))
+        } else {
+            None
+        };
+        let epilogue = MatVecEpilogue {
+            lora: lora.as_ref(),
+            bias: bias.as_ref(),
+            store: MatVecStore::Write,
+        };
+        let op = self
+            .kernels
+            .matvec_with(&w, x, y, self.rows.len(), &epilogue)?;
+        self.ops.push(op);
         Ok(())
     }
 
@@ -673,26 +689,15 @@ fn f32_bytes(t: &Tensor) -> Result<Vec<u8>> {
     Ok(bytemuck::cast_slice(&v).to_vec())
 }
 
-/// The config features the GPU kernels do not compute yet, refused by name rather than
-/// run as something else.
-fn check_supported(cfg: &LlamaConfig, path: &std::path::Path) -> Result<()> {
-    let missing = [
-        (cfg.o_bias, "an o_proj bias (attention_bias)".to_string()),
-        (cfg.mlp_bias, "MLP biases (mlp_bias)".to_string()),
-        (
-            cfg.hidden_act != crate::model::config::Activation::Silu,
-            format!("hidden_act `{}`", cfg.hidden_act.hf_name()),
-        ),
-        (
-            !cfg.sliding_windows.is_empty(),
-            "sliding-window attention (sliding_window)".to_string(),
-        ),
-    ];
-    match missing.into_iter().find(|(m, _)| *m) {
-        Some((_, what)) => Err(Error::unsupported(
-            path,
-            format!("{what} on the webgpu backend (the cpu backend runs it)"),
-        )),
-        None => Ok(()),
+/// How a [`Builder::linear`] stores, and whether its module has a bias to add.
+#[derive(Clone, Copy)]
+struct Store {
+    mode: MatVecStore,
+    bias: bool,
+}
+
+impl Store {
+    fn new(mode: MatVecStore, bias: bool) -> Self {
+        Self { mode, bias }
     }
 }

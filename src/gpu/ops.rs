@@ -15,6 +15,7 @@ use crate::gpu::uniforms::{
     RmsNormParams, Uniform,
 };
 use crate::gpu::{gpu_error, GpuContext};
+use crate::model::config::Activation;
 
 /// Threads per workgroup for row reductions and elementwise ops. 64 is the widest
 /// size every WebGPU adapter accepts with room to spare and a power of two for the
@@ -35,7 +36,7 @@ pub enum RopeStyle {
 }
 
 /// What a matvec does with each value `v = (W · x)[i]` it computes (plus any LoRA
-/// delta): the ops that would otherwise follow it, folded into its store.
+/// delta and bias): the ops that would otherwise follow it, folded into its store.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum MatVecStore {
     /// `y[i] = v`.
@@ -43,18 +44,36 @@ pub enum MatVecStore {
     Write,
     /// `y[i] += v`: the residual add.
     Add,
-    /// `y[i] = silu(y[i]) · v`: SwiGLU, stored over the gate projection's output.
-    SiluGate,
+    /// `y[i] = act(y[i]) · v`: the gated MLP (SwiGLU for SiLU, GeGLU for the GELUs),
+    /// stored over the gate projection's output.
+    Gate(Activation),
 }
 
 impl MatVecStore {
-    fn shader_id(self) -> u32 {
-        match self {
-            Self::Write => 0,
-            Self::Add => 1,
-            Self::SiluGate => 2,
-        }
+    /// The store's and the activation's compile-time constants.
+    fn defines(self) -> String {
+        let (store, act) = match self {
+            Self::Write => (0, Activation::Silu),
+            Self::Add => (1, Activation::Silu),
+            Self::Gate(act) => (2, act),
+        };
+        let act = match act {
+            Activation::Silu => 0,
+            Activation::Gelu => 1,
+            Activation::GeluTanh => 2,
+        };
+        format!("const STORE: u32 = {store}u;\nconst ACT: u32 = {act}u;\n")
     }
+}
+
+/// What matvec folds into each value it stores, beyond `W · x`.
+#[derive(Clone, Copy, Default)]
+pub struct MatVecEpilogue<'a> {
+    /// ARM rows' LoRA delta.
+    pub lora: Option<&'a LoraUp<'a>>,
+    /// `[W rows]`, added to every batch row (the projection's bias).
+    pub bias: Option<&'a wgpu::Buffer>,
+    pub store: MatVecStore,
 }
 
 /// One compute dispatch.
@@ -108,6 +127,8 @@ pub struct AttentionShape {
     pub capacity: usize,
     /// How RoPE pairs the dimensions of a head.
     pub rope: RopeStyle,
+    /// `Some(w)`: the query at `p` attends only to positions `p − w < t ≤ p`.
+    pub window: Option<usize>,
 }
 
 /// Buffers of one attention step.
@@ -187,13 +208,15 @@ fn prelude(name: &str) -> String {
     match name {
         "embedding" => quant.to_string(),
         "matvec" | "matvec_rows" => format!(
-            "{quant}\n{}\nfn lora_delta(r: u32, i: u32) -> f32 {{ return 0.0; }}\n",
+            "{quant}\n{}\n{}\nfn lora_delta(r: u32, i: u32) -> f32 {{ return 0.0; }}\n",
+            include_str!("shaders/activation.wgsl"),
             include_str!("shaders/matvec_store.wgsl")
         ),
         "attention" => "fn o_lora_down(r: u32, h: u32, tid: u32, ob: u32, live: bool) {}\n".into(),
         "attention_lora" => include_str!("shaders/attention_lora.wgsl").into(),
         "matvec_lora" | "matvec_rows_lora" => format!(
-            "{quant}\n{}\n{}",
+            "{quant}\n{}\n{}\n{}",
+            include_str!("shaders/activation.wgsl"),
             include_str!("shaders/matvec_store.wgsl"),
             include_str!("shaders/lora_epilogue.wgsl")
         ),
@@ -242,7 +265,8 @@ impl Kernels {
         self.matvec_kind
     }
 
-    /// The pipeline for `name` compiled with `defines` (WGSL `const` lines).
+    /// The pipeline for `name` compiled with `defines` (WGSL `const` lines, and any
+    /// other text that varies per pipeline, such as matvec's bias binding).
     pub(super) fn pipeline<P: Uniform>(
         &self,
         name: &'static str,
@@ -333,7 +357,7 @@ impl Kernels {
         y: &wgpu::Buffer,
         m: usize,
     ) -> Result<Op> {
-        self.matvec_with(w, x, y, m, None, MatVecStore::Write)
+        self.matvec_with(w, x, y, m, &MatVecEpilogue::default())
     }
 
     /// [`Kernels::matvec`] plus the LoRA delta of rows `up.first..m`, added as each
@@ -346,20 +370,24 @@ impl Kernels {
         m: usize,
         up: &LoraUp<'_>,
     ) -> Result<Op> {
-        self.matvec_with(w, x, y, m, Some(up), MatVecStore::Write)
+        let epilogue = MatVecEpilogue {
+            lora: Some(up),
+            ..Default::default()
+        };
+        self.matvec_with(w, x, y, m, &epilogue)
     }
 
-    /// [`Kernels::matvec`], with the LoRA delta of [`Kernels::matvec_lora`] if `up` is
-    /// given, stored as `store` says.
+    /// [`Kernels::matvec`], with the LoRA delta of [`Kernels::matvec_lora`] and the
+    /// bias `[W rows]` if the epilogue has them, stored as it says.
     pub fn matvec_with(
         &self,
         w: &QuantWeight,
         x: &wgpu::Buffer,
         y: &wgpu::Buffer,
         m: usize,
-        up: Option<&LoraUp<'_>>,
-        store: MatVecStore,
+        epilogue: &MatVecEpilogue<'_>,
     ) -> Result<Op> {
+        let up = epilogue.lora;
         if !(1..=MAX_BATCH_ROWS).contains(&m) {
             return Err(gpu_error(format!(
                 "matvec: batch of {m} rows, want 1..={MAX_BATCH_ROWS}"
@@ -382,19 +410,25 @@ impl Kernels {
             need(up.b, arms * w.rows * up.rank, "lora b", "matvec")?;
             need(up.t, arms * up.t_stride, "lora t", "matvec")?;
         }
+        if let Some(bias) = epilogue.bias {
+            need(bias, w.rows, "bias", "matvec")?;
+        }
         let (shader, per_group) = match (self.matvec_kind, up.is_some()) {
             (MatVecKind::RowPerWorkgroup, false) => ("matvec", 1),
             (MatVecKind::RowPerWorkgroup, true) => ("matvec_lora", 1),
             (MatVecKind::RowPerInvocation, false) => ("matvec_rows", WG),
             (MatVecKind::RowPerInvocation, true) => ("matvec_rows_lora", WG),
         };
+        // The bias binding follows the others (3 for the product, 2 for LoRA's).
+        let bias_binding = 4 + 2 * u32::from(up.is_some());
         let pipeline = self.pipeline::<MatVecParams>(
             shader,
             Self::defines(
                 Some(w.format),
                 &format!(
-                    "const M: u32 = {m}u;\nconst STORE: u32 = {}u;\n",
-                    store.shader_id()
+                    "const M: u32 = {m}u;\n{}{}",
+                    epilogue.store.defines(),
+                    bias_source(epilogue.bias.map(|_| bias_binding))
                 ),
             ),
         );
@@ -416,6 +450,7 @@ impl Kernels {
                 params.lora_parts = to_u32(up.parts, "lora parts")?;
                 buffers.extend([up.b, up.t]);
             }
+            buffers.extend(epilogue.bias);
             dispatches.push(self.dispatch(
                 pipeline.clone(),
                 &params,
@@ -582,7 +617,7 @@ impl Kernels {
 
     /// Rotates q and k by RoPE at `pos[pos_index]` and writes k/v there into the caches
     /// (one dispatch), then attends one query per (row, head) over positions `0..=pos`
-    /// and, with `o_lora`, computes each head's part of the o projection's down half.
+    /// (the last `window` of them with a sliding window) and, with `o_lora`, computes each head's part of the o projection's down half.
     /// Owns a `[rows, heads, capacity]` scratch buffer for the scores. The caller keeps
     /// `pos < capacity`.
     pub fn attention(
@@ -598,11 +633,13 @@ impl Kernels {
             head_dim,
             capacity,
             rope,
+            window,
         } = shape;
         if kv_heads == 0
             || !heads.is_multiple_of(kv_heads)
             || capacity == 0
             || !head_dim.is_multiple_of(2)
+            || window == Some(0)
         {
             return Err(gpu_error(format!("attention: bad shape {shape:?}")));
         }
@@ -626,6 +663,8 @@ impl Kernels {
             capacity: to_u32(capacity, "capacity")?,
             pos_index: to_u32(pos_index, "pos_index")?,
             scale: 1.0 / (head_dim as f32).sqrt(),
+            // A window covering the whole cache changes nothing.
+            window: to_u32(window.unwrap_or(0).min(capacity), "window")?,
             ..Default::default()
         };
         if let Some(d) = &b.o_lora {
@@ -674,5 +713,16 @@ impl Kernels {
             label: "attention",
             dispatches: vec![write, attend],
         })
+    }
+}
+
+/// matvec's `bias_at(i)`: the bias buffer's value, read through `binding`, or 0.
+fn bias_source(binding: Option<u32>) -> String {
+    match binding {
+        Some(b) => format!(
+            "@group(0) @binding({b}) var<storage, read> bias: array<f32>;\n\
+             fn bias_at(i: u32) -> f32 {{ return bias[i]; }}\n"
+        ),
+        None => "fn bias_at(i: u32) -> f32 { return 0.0; }\n".into(),
     }
 }

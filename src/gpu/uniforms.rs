@@ -99,8 +99,9 @@ uniform!(
 
 uniform!(
     /// One-query attention over a `[rows, kv_heads, capacity, head_dim]` KV cache at
-    /// position `pos[pos_index]`; in the LoRA variant also each head's part of the o
-    /// projection's down half for rows `lora_first..`, rank `lora_rank`.
+    /// position `pos[pos_index]`, over the last `window` positions only when it is
+    /// not 0; in the LoRA variant also each head's part of the o projection's down half
+    /// for rows `lora_first..`, rank `lora_rank`.
     AttentionParams {
         rows: u32,
         heads: u32,
@@ -111,7 +112,7 @@ uniform!(
         scale: f32,
         lora_first: u32,
         lora_rank: u32,
-        _pad0: u32,
+        window: u32,
         _pad1: u32,
         _pad2: u32,
     }

@@ -34,7 +34,19 @@ pub struct TinyConfig {
     pub rms_norm_eps: f64,
     pub max_position_embeddings: usize,
     pub tie_word_embeddings: bool,
+    /// q/k/v biases: written as Qwen2 unless `o_bias` (Llama) or a sliding window.
     pub attention_bias: bool,
+    /// Llama's `attention_bias`: biases on q/k/v and o_proj (written as Llama).
+    pub o_bias: bool,
+    /// Llama's `mlp_bias`: biases on gate/up/down.
+    pub mlp_bias: bool,
+    /// `hidden_act` as config.json spells it (`silu`, `gelu`, `gelu_pytorch_tanh`).
+    pub hidden_act: &'static str,
+    /// Every layer attends to the last `w` positions only: written as Mistral, or as
+    /// Qwen2 with `attention_bias`.
+    pub sliding_window: Option<usize>,
+    /// Linear RoPE scaling (`rope_scaling: {rope_type: linear, factor}`).
+    pub rope_linear_factor: Option<f64>,
 }
 
 impl Default for TinyConfig {
@@ -53,6 +65,11 @@ impl Default for TinyConfig {
             max_position_embeddings: 96,
             tie_word_embeddings: false,
             attention_bias: false,
+            o_bias: false,
+            mlp_bias: false,
+            hidden_act: "silu",
+            sliding_window: None,
+            rope_linear_factor: None,
         }
     }
 }
@@ -60,6 +77,17 @@ impl Default for TinyConfig {
 impl TinyConfig {
     pub fn head_dim(&self) -> usize {
         self.hidden_size / self.num_heads
+    }
+
+    /// Whether q/k/v carry biases (Qwen2's, or Llama's `attention_bias`).
+    pub fn qkv_bias(&self) -> bool {
+        self.attention_bias || self.o_bias
+    }
+
+    /// The gate activation, as the engine parses it.
+    pub fn activation(&self) -> genarm::model::config::Activation {
+        genarm::model::config::Activation::parse(self.hidden_act)
+            .unwrap_or_else(|| panic!("unknown hidden_act {}", self.hidden_act))
     }
 
     /// (out_features, in_features) of a linear module given by its short name.
@@ -184,7 +212,7 @@ fn hf_tensor_specs(cfg: &TinyConfig) -> Vec<(String, Vec<usize>, Init)> {
                     gain: 1.5,
                 },
             ));
-            if cfg.attention_bias && m != "o_proj" {
+            if (cfg.qkv_bias() && m != "o_proj") || (cfg.o_bias && m == "o_proj") {
                 specs.push((format!("{prefix}.bias"), vec![out], Init::Bias));
             }
         }
@@ -199,6 +227,10 @@ fn hf_tensor_specs(cfg: &TinyConfig) -> Vec<(String, Vec<usize>, Init)> {
                     gain: 1.5,
                 },
             ));
+            if cfg.mlp_bias {
+                let name = format!("{}.bias", hf_linear_prefix(i, m));
+                specs.push((name, vec![out], Init::Bias));
+            }
         }
     }
     specs.push(("model.norm.weight".to_string(), vec![h], Init::Norm));
@@ -331,13 +363,18 @@ impl TinyModel {
             DType::BF16 => "bfloat16",
             other => panic!("unsupported HF dtype {other:?}"),
         };
-        // Qwen2 is the usual Llama-like architecture with q/k/v biases.
-        let (arch, model_type) = if cfg.attention_bias {
+        // Qwen2 is the usual Llama-like architecture with q/k/v biases; Mistral slides
+        // without them; Llama has o/MLP biases.
+        let qwen2 = cfg.attention_bias && !cfg.o_bias && !cfg.mlp_bias;
+        let (arch, model_type) = if qwen2 {
             ("Qwen2ForCausalLM", "qwen2")
+        } else if cfg.sliding_window.is_some() {
+            assert!(!cfg.qkv_bias() && !cfg.mlp_bias, "Mistral has no biases");
+            ("MistralForCausalLM", "mistral")
         } else {
             ("LlamaForCausalLM", "llama")
         };
-        let config = serde_json::json!({
+        let mut config = serde_json::json!({
             "architectures": [arch],
             "model_type": model_type,
             "vocab_size": cfg.vocab_size,
@@ -350,12 +387,33 @@ impl TinyModel {
             "rope_theta": cfg.rope_theta,
             "max_position_embeddings": cfg.max_position_embeddings,
             "tie_word_embeddings": cfg.tie_word_embeddings,
-            "attention_bias": cfg.attention_bias,
-            "hidden_act": "silu",
+            "hidden_act": cfg.hidden_act,
             "bos_token_id": 0,
             "eos_token_id": 1,
             "torch_dtype": torch_dtype,
         });
+        match model_type {
+            "llama" => {
+                config["attention_bias"] = cfg.o_bias.into();
+                config["mlp_bias"] = cfg.mlp_bias.into();
+            }
+            "qwen2" => {
+                config["attention_bias"] = true.into();
+                if let Some(w) = cfg.sliding_window {
+                    config["use_sliding_window"] = true.into();
+                    config["sliding_window"] = w.into();
+                    config["max_window_layers"] = 0.into();
+                }
+            }
+            _ => config["sliding_window"] = cfg.sliding_window.into(),
+        }
+        assert!(
+            model_type != "llama" || cfg.sliding_window.is_none(),
+            "a sliding window is written as Mistral or Qwen2"
+        );
+        if let Some(factor) = cfg.rope_linear_factor {
+            config["rope_scaling"] = serde_json::json!({"rope_type": "linear", "factor": factor});
+        }
         std::fs::create_dir_all(dir).expect("create HF dir");
         write_json(&dir.join("config.json"), &config);
 
@@ -443,6 +501,14 @@ impl TinyModel {
         tokenizer_model: &str,
     ) {
         let cfg = &self.config;
+        assert!(
+            !cfg.o_bias
+                && !cfg.mlp_bias
+                && cfg.hidden_act == "silu"
+                && cfg.sliding_window.is_none()
+                && cfg.rope_linear_factor.is_none(),
+            "the GGUF writer does not write o/MLP biases, activations, windows or RoPE scaling"
+        );
         let mut metadata: Vec<(&str, gguf_file::Value)> = vec![
             (
                 "general.architecture",
@@ -755,10 +821,15 @@ fn rms_norm(x: &[f64], w: &[f64], eps: f64) -> Vec<f64> {
 
 /// HF "rotate_half" RoPE applied in place to one head vector at position `pos`.
 pub fn rope_rotate_half(x: &mut [f64], pos: usize, theta: f64) {
+    rope_rotate_half_scaled(x, pos, theta, 1.0);
+}
+
+/// [`rope_rotate_half`] with linear RoPE scaling: every frequency divided by `factor`.
+pub fn rope_rotate_half_scaled(x: &mut [f64], pos: usize, theta: f64, factor: f64) {
     let hd = x.len();
     let half = hd / 2;
     for i in 0..half {
-        let inv_freq = theta.powf(-2.0 * i as f64 / hd as f64);
+        let inv_freq = theta.powf(-2.0 * i as f64 / hd as f64) / factor;
         let angle = pos as f64 * inv_freq;
         let (sin, cos) = angle.sin_cos();
         let a = x[i];
@@ -795,12 +866,16 @@ pub fn reference_logits(model: &TinyModel, tokens: &[u32]) -> Vec<Vec<f64>> {
     let group = n_heads / n_kv;
     let eps = cfg.rms_norm_eps;
     let bias = move |name: String| {
-        if cfg.attention_bias {
+        if cfg.qkv_bias() {
             Some(model.get(&name))
         } else {
             None
         }
     };
+    let o_bias = |name: String| cfg.o_bias.then(|| model.get(&name));
+    let mlp_bias = |name: String| cfg.mlp_bias.then(|| model.get(&name));
+    let act = cfg.activation();
+    let rope_factor = cfg.rope_linear_factor.unwrap_or(1.0);
 
     // Embedding lookup.
     let embed = model.get("model.embed_tokens.weight");
@@ -834,44 +909,52 @@ pub fn reference_logits(model: &TinyModel, tokens: &[u32]) -> Vec<Vec<f64>> {
             let mut k = linear(&xn, wk, bk, n_kv * hd);
             let v = linear(&xn, wv, bv, n_kv * hd);
             for head in 0..n_heads {
-                rope_rotate_half(&mut q[head * hd..(head + 1) * hd], pos, cfg.rope_theta);
+                let q = &mut q[head * hd..(head + 1) * hd];
+                rope_rotate_half_scaled(q, pos, cfg.rope_theta, rope_factor);
             }
             for head in 0..n_kv {
-                rope_rotate_half(&mut k[head * hd..(head + 1) * hd], pos, cfg.rope_theta);
+                let k = &mut k[head * hd..(head + 1) * hd];
+                rope_rotate_half_scaled(k, pos, cfg.rope_theta, rope_factor);
             }
             qs.push(q);
             ks.push(k);
             vs.push(v);
         }
 
-        // Causal attention; query head `head` reads kv head `head / group`.
+        // Causal attention; query head `head` reads kv head `head / group`; with a
+        // sliding window w, only keys t − w < s ≤ t.
         let scale = 1.0 / (hd as f64).sqrt();
+        let wo_b = o_bias(p("self_attn.o_proj.bias"));
         for t in 0..xs.len() {
+            let first = match cfg.sliding_window {
+                Some(w) => (t + 1).saturating_sub(w),
+                None => 0,
+            };
             let mut attn_out = vec![0.0; n_heads * hd];
             for head in 0..n_heads {
                 let kv = head / group;
                 let q = &qs[t][head * hd..(head + 1) * hd];
                 let mut scores = Vec::new();
-                for s in 0..=t {
+                for s in first..=t {
                     let k = &ks[s][kv * hd..(kv + 1) * hd];
                     let dot: f64 = q.iter().zip(k).map(|(a, b)| a * b).sum();
                     scores.push(dot * scale);
                 }
                 let probs = softmax(&scores);
-                for s in 0..=t {
+                for s in first..=t {
                     let v = &vs[s][kv * hd..(kv + 1) * hd];
                     for d in 0..hd {
-                        attn_out[head * hd + d] += probs[s] * v[d];
+                        attn_out[head * hd + d] += probs[s - first] * v[d];
                     }
                 }
             }
-            let o = linear(&attn_out, wo, None, h);
+            let o = linear(&attn_out, wo, wo_b, h);
             for d in 0..h {
                 xs[t][d] += o[d];
             }
         }
 
-        // MLP: down(silu(gate(x)) * up(x)).
+        // MLP: down(act(gate(x)) * up(x)), each with its bias if the config has them.
         let mlp_norm = model.get(&p("post_attention_layernorm.weight"));
         let wg = model.get(&p("mlp.gate_proj.weight"));
         let wu = model.get(&p("mlp.up_proj.weight"));
@@ -879,10 +962,14 @@ pub fn reference_logits(model: &TinyModel, tokens: &[u32]) -> Vec<Vec<f64>> {
         let inter = cfg.intermediate_size;
         for x in xs.iter_mut() {
             let xn = rms_norm(x, mlp_norm, eps);
-            let gate = linear(&xn, wg, None, inter);
-            let up = linear(&xn, wu, None, inter);
-            let act: Vec<f64> = gate.iter().zip(&up).map(|(g, u)| silu(*g) * u).collect();
-            let down = linear(&act, wd, None, h);
+            let gate = linear(&xn, wg, mlp_bias(p("mlp.gate_proj.bias")), inter);
+            let up = linear(&xn, wu, mlp_bias(p("mlp.up_proj.bias")), inter);
+            let gated: Vec<f64> = gate
+                .iter()
+                .zip(&up)
+                .map(|(g, u)| act.apply_f64(*g) * u)
+                .collect();
+            let down = linear(&gated, wd, mlp_bias(p("mlp.down_proj.bias")), h);
             for d in 0..h {
                 x[d] += down[d];
             }

@@ -1,4 +1,5 @@
 // out[r, h, :] = softmax_t(q[r, h]·k[r, g, t] · scale) · v[r, g, t, :] over t = 0..=pos,
+// or with a sliding window w > 0 over pos − w < t ≤ pos (transformers' mask),
 // g = h / (heads / kv_heads) (grouped-query attention); q is read from the stacked
 // q/k/v rows, `[heads + 2·kv_heads, head_dim]` each. One workgroup per (row, head):
 // scores go to a scratch buffer (the context can exceed workgroup memory), max and
@@ -27,6 +28,8 @@ fn main(
     let h = idx % p.heads;
     let g = h / (p.heads / p.kv_heads);
     let n = select(0u, min(pos[p.pos_index], p.capacity - 1u) + 1u, live);
+    // The first key the query sees: the cache stays full-size, older keys are skipped.
+    let first = select(0u, n - min(p.window, n), p.window > 0u);
     let hd = p.head_dim;
     let qb = r * (p.heads + 2u * p.kv_heads) * hd + h * hd;
     let ob = idx * hd;
@@ -34,7 +37,7 @@ fn main(
     let sb = idx * p.capacity;
 
     var m = -3.0e38;
-    for (var t = tid; t < n; t += WG) {
+    for (var t = first + tid; t < n; t += WG) {
         var s = 0.0;
         for (var d = 0u; d < hd; d++) {
             s += qkv[qb + d] * k_cache[cb + t * hd + d];
@@ -55,7 +58,7 @@ fn main(
     workgroupBarrier();
 
     var l = 0.0;
-    for (var t = tid; t < n; t += WG) {
+    for (var t = first + tid; t < n; t += WG) {
         let e = exp(scores[sb + t] - mx);
         scores[sb + t] = e;
         l += e;
@@ -75,7 +78,7 @@ fn main(
     let nd = select(0u, hd, live);
     for (var d = tid; d < nd; d += WG) {
         var acc = 0.0;
-        for (var t = 0u; t < n; t++) {
+        for (var t = first; t < n; t++) {
             acc += scores[sb + t] * v_cache[cb + t * hd + d];
         }
         out[ob + d] = acc / sum;

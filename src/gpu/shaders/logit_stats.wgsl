@@ -1,6 +1,7 @@
-// Per logits row: its max and log-sum-exp over the row's whole vocabulary (an ARM's
-// may be longer than the base's; it is normalised over all of it, then cut), written
-// to stats[2·(row_base + r)] and stats[2·(row_base + r) + 1]. One workgroup per row.
+// Per logits row: its max and log-sum-exp over its `vocab` logits (the engine passes
+// rows already cut to the base vocabulary: an ARM is normalised over the base's tokens
+// only), written to stats[2·(row_base + r)] and stats[2·(row_base + r) + 1]. One
+// workgroup per row.
 // Defines: WG (power of two).
 
 @group(0) @binding(0) var<uniform> p: Params;

@@ -5,8 +5,9 @@
 // reduction in workgroup memory sums the WG partials.
 // The LoRA variant adds each ARM row's low-rank delta as it stores (lora_delta, from
 // lora_epilogue.wgsl; the plain variant's returns 0).
-// Stores through store_y (matvec_store.wgsl).
-// Defines: WG (power of two), M (1..4), FMT, STORE.
+// Adds the projection's bias (bias_at: 0 without one) and stores through store_y
+// (matvec_store.wgsl).
+// Defines: WG (power of two), M (1..4), FMT, STORE, ACT.
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> w: array<u32>;
@@ -64,7 +65,7 @@ fn main(
     if (tid == 0u && live) {
         for (var r = 0u; r < M; r++) {
             let i = p.row_offset + row;
-            store_y(r * p.y_stride + i, partial[r * WG] + lora_delta(r, i));
+            store_y(r * p.y_stride + i, partial[r * WG] + lora_delta(r, i) + bias_at(i));
         }
     }
 }

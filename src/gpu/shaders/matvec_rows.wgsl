@@ -3,8 +3,9 @@
 // SwiftShader), which run a workgroup's invocations as SIMD lanes and pay dearly for
 // every barrier; GPUs take `matvec.wgsl`, whose reads are coalesced.
 // Adds the LoRA delta as matvec.wgsl does.
-// Stores through store_y (matvec_store.wgsl).
-// Defines: WG, M (1..4), FMT, STORE.
+// Adds the projection's bias (bias_at: 0 without one) and stores through store_y
+// (matvec_store.wgsl).
+// Defines: WG, M (1..4), FMT, STORE, ACT.
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> w: array<u32>;
@@ -47,6 +48,6 @@ fn main(
     }
     for (var r = 0u; r < M; r++) {
         let i = p.row_offset + row;
-        store_y(r * p.y_stride + i, acc[r] + lora_delta(r, i));
+        store_y(r * p.y_stride + i, acc[r] + lora_delta(r, i) + bias_at(i));
     }
 }

@@ -516,3 +516,239 @@ fn fuzz_preference_jsonl() {
         genarm::train::data::parse_pairs(&text, path, None).is_ok()
     });
 }
+
+// ---------------------------------------------------------------------------
+// The reported findings, one test each (each panicked or aborted before)
+// ---------------------------------------------------------------------------
+
+const GGUF_U32: u32 = 4;
+const GGUF_STRING: u32 = 8;
+const GGUF_ARRAY: u32 = 9;
+const GGUF_U64: u32 = 10;
+
+/// A GGUF v3 file written byte by byte, so fields can hold what no writer would put
+/// there. Tensors: (name, dims innermost first, ggml type id, data offset).
+fn raw_gguf(kvs: &[(&str, u32, Vec<u8>)], tensors: &[(&str, &[u64], u32, u64)], data_len: usize) -> Vec<u8> {
+    let mut b = b"GGUF".to_vec();
+    b.extend(3u32.to_le_bytes());
+    b.extend((tensors.len() as u64).to_le_bytes());
+    b.extend((kvs.len() as u64).to_le_bytes());
+    let string = |b: &mut Vec<u8>, s: &str| {
+        b.extend((s.len() as u64).to_le_bytes());
+        b.extend(s.as_bytes());
+    };
+    for (key, ty, value) in kvs {
+        string(&mut b, key);
+        b.extend(ty.to_le_bytes());
+        b.extend(value);
+    }
+    for (name, dims, ty, offset) in tensors {
+        string(&mut b, name);
+        b.extend((dims.len() as u32).to_le_bytes());
+        for d in *dims {
+            b.extend(d.to_le_bytes());
+        }
+        b.extend(ty.to_le_bytes());
+        b.extend(offset.to_le_bytes());
+    }
+    b.resize(b.len().next_multiple_of(32) + data_len, 0);
+    b
+}
+
+fn gguf_string(s: &str) -> Vec<u8> {
+    [(s.len() as u64).to_le_bytes().to_vec(), s.as_bytes().to_vec()].concat()
+}
+
+/// Reads `bytes` as a GGUF checkpoint and returns its error message.
+fn gguf_error(bytes: Vec<u8>) -> String {
+    match Checkpoint::from_gguf_bytes(bytes, Path::new("bad.gguf")) {
+        Ok(_) => panic!("a malformed GGUF was accepted"),
+        Err(e) => e.to_string(),
+    }
+}
+
+fn assert_mentions(message: &str, needle: &str) {
+    assert!(message.contains(needle), "expected `{needle}` in: {message}");
+}
+
+#[test]
+fn gguf_alignment_zero_is_refused() {
+    let kvs = [("general.alignment", GGUF_U32, 0u32.to_le_bytes().to_vec())];
+    let err = gguf_error(raw_gguf(&kvs, &[("output_norm.weight", &[32], 0, 0)], 128));
+    assert_mentions(&err, "general.alignment = 0");
+}
+
+#[test]
+fn gguf_embedding_without_dims_is_refused() {
+    let kvs = [("general.architecture", GGUF_STRING, gguf_string("llama"))];
+    let err = gguf_error(raw_gguf(&kvs, &[("token_embd.weight", &[], 0, 0)], 64));
+    assert_mentions(&err, "token_embd.weight");
+    assert_mentions(&err, "0 dimensions");
+}
+
+#[test]
+fn gguf_dims_that_wrap_or_overflow_are_refused() {
+    for dims in [&[1u64 << 32, 1 << 32][..], &[(1 << 56) + 64, 32], &[32, 0], &[u64::MAX]] {
+        let err = gguf_error(raw_gguf(&[], &[("blk.0.attn_q.weight", dims, 0, 0)], 64));
+        assert_mentions(&err, "blk.0.attn_q.weight");
+    }
+}
+
+#[test]
+fn gguf_huge_string_and_array_lengths_are_refused() {
+    let huge_string = u64::MAX.to_le_bytes().to_vec();
+    let err = gguf_error(raw_gguf(&[("general.name", GGUF_STRING, huge_string)], &[], 64));
+    assert_mentions(&err, "general.name");
+    let huge_array = [GGUF_U64.to_le_bytes().to_vec(), (1u64 << 40).to_le_bytes().to_vec()].concat();
+    let err = gguf_error(raw_gguf(&[("tokenizer.ggml.tokens", GGUF_ARRAY, huge_array)], &[], 64));
+    assert_mentions(&err, "tokenizer.ggml.tokens");
+}
+
+#[test]
+fn gguf_unsupported_types_are_named() {
+    let err = gguf_error(raw_gguf(&[], &[("blk.0.attn_q.weight", &[32, 4], 20, 0)], 4096));
+    assert_mentions(
+        &err,
+        "tensor `blk.0.attn_q.weight` has type IQ4_NL, which genarm does not support",
+    );
+    let err = gguf_error(raw_gguf(&[], &[("blk.0.attn_q.weight", &[32, 4], 39, 0)], 4096));
+    assert_mentions(&err, "MXFP4");
+    let err = gguf_error(raw_gguf(&[], &[("blk.0.attn_q.weight", &[32, 4], 999, 0)], 4096));
+    assert_mentions(&err, "unknown ggml type id 999");
+}
+
+#[test]
+fn gguf_block_count_the_file_cannot_back_is_refused() {
+    use candle_core::quantized::gguf_file;
+    let dir = temp_dir("fuzz-block-count");
+    let path = dir.join("m.gguf");
+    tiny_model().write_gguf(&path, GgmlDType::F32);
+    let bytes = std::fs::read(&path).unwrap();
+    let content = gguf_file::Content::read(&mut std::io::Cursor::new(&bytes)).unwrap();
+    let mut metadata = content.metadata.clone();
+    metadata.insert("llama.block_count".into(), gguf_file::Value::U64(1 << 40));
+    let tensors: Vec<(String, candle_core::quantized::QTensor)> = content
+        .tensor_infos
+        .keys()
+        .map(|n| {
+            let t = content.tensor(&mut std::io::Cursor::new(&bytes), n, &Device::Cpu).unwrap();
+            (n.clone(), t)
+        })
+        .collect();
+    let mut out = Vec::new();
+    let meta: Vec<(&str, &gguf_file::Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let ts: Vec<(&str, &candle_core::quantized::QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    gguf_file::write(&mut std::io::Cursor::new(&mut out), &meta, &ts).unwrap();
+    let err = gguf_error(out);
+    assert_mentions(&err, "llama.block_count = 1099511627776");
+}
+
+#[test]
+fn hf_layer_count_the_weights_cannot_back_is_refused() {
+    let mut files = hf_files(1);
+    let config = files.iter_mut().find(|(n, _)| n == "config.json").unwrap();
+    let mut json: serde_json::Value = serde_json::from_slice(&config.1).unwrap();
+    json["num_hidden_layers"] = (1u64 << 40).into();
+    config.1 = json.to_string().into_bytes();
+    let err = match Checkpoint::from_hf_files(Path::new("m"), files) {
+        Ok(_) => panic!("accepted"),
+        Err(e) => e.to_string(),
+    };
+    assert_mentions(&err, "declares 1099511627776 layers");
+}
+
+#[test]
+fn index_shards_must_stay_inside_the_model_folder() {
+    let outside = temp_dir("fuzz-outside");
+    let dir = temp_dir("fuzz-index");
+    tiny_model().write_hf_dir(&dir, DType::F32, 3);
+    let index_path = dir.join("model.safetensors.index.json");
+    let index: serde_json::Value = serde_json::from_slice(&std::fs::read(&index_path).unwrap()).unwrap();
+    let first_shard = dir.join("model-00001-of-00003.safetensors");
+    std::fs::copy(&first_shard, outside.join("shard.safetensors")).unwrap();
+    std::os::unix::fs::symlink(outside.join("shard.safetensors"), dir.join("link.safetensors")).unwrap();
+    for shard in [
+        "../shard.safetensors".to_string(),
+        outside.join("shard.safetensors").display().to_string(),
+        "link.safetensors".to_string(),
+    ] {
+        let mut bad = index.clone();
+        for v in bad["weight_map"].as_object_mut().unwrap().values_mut() {
+            if v == "model-00001-of-00003.safetensors" {
+                *v = shard.clone().into();
+            }
+        }
+        std::fs::write(&index_path, bad.to_string()).unwrap();
+        let err = match Checkpoint::open(&dir) {
+            Ok(_) => panic!("shard `{shard}` was opened"),
+            Err(e) => e.to_string(),
+        };
+        assert_mentions(&err, "weight_map");
+        assert_mentions(&err, "inside the model folder");
+    }
+}
+
+#[test]
+fn a_fifo_is_refused_not_waited_on() {
+    let dir = temp_dir("fuzz-fifo");
+    tiny_model().write_hf_dir(&dir, DType::F32, 1);
+    for name in ["tokenizer.json", "model.safetensors"] {
+        let path = dir.join(name);
+        let _ = std::fs::remove_file(&path);
+        let made = std::process::Command::new("mkfifo").arg(&path).status().unwrap();
+        assert!(made.success());
+        let err = match Checkpoint::open(&dir) {
+            Ok(_) => panic!("a FIFO {name} was read"),
+            Err(e) => e.to_string(),
+        };
+        assert_mentions(&err, "not a regular file");
+        assert_mentions(&err, name);
+        std::fs::remove_file(&path).unwrap();
+    }
+}
+
+#[test]
+fn an_adapter_base_path_is_reported_without_its_contents() {
+    let dir = temp_dir("fuzz-passwd");
+    let base = dir.join("base.gguf");
+    tiny_model().write_gguf(&base, GgmlDType::F32);
+    let secret = dir.join("secret.txt");
+    std::fs::write(&secret, "root:x:0:0:secret-bytes").unwrap();
+    let lora = TinyLora::random(&tiny_config(), 2, 4.0, &["q_proj"], 1);
+    let adapter = dir.join("adapter");
+    for named in [secret.display().to_string(), "../secret.txt".into()] {
+        common::write_lora_dir(&adapter, &lora, &named);
+        let err = match genarm::model::arm_plan::plan_arm(&adapter, &base, &Device::Cpu) {
+            Ok(_) => panic!("a text file was taken for a base model"),
+            Err(e) => e.to_string(),
+        };
+        assert!(!err.contains("root") && !err.contains("72 6f"), "{err}");
+        assert_mentions(&err, "is not a model");
+    }
+}
+
+#[test]
+fn malformed_lora_tensors_name_the_file() {
+    use candle_core::Tensor;
+    let config = br#"{"peft_type": "LORA", "r": 2, "lora_alpha": 4}"#;
+    let prefix = "base_model.model.model.layers.0.self_attn.q_proj";
+    let save = |tensors: Vec<(String, Tensor)>| {
+        let dir = temp_dir("fuzz-lora-shape");
+        let path = dir.join("w.safetensors");
+        candle_core::safetensors::save(&tensors.into_iter().collect(), &path).unwrap();
+        std::fs::read(path).unwrap()
+    };
+    let t = |dims: &[usize]| Tensor::zeros(dims, DType::F32, &Device::Cpu).unwrap();
+    let cases = [
+        save(vec![(format!("{prefix}.lora_A.weight"), t(&[2])), (format!("{prefix}.lora_B.weight"), t(&[32, 2]))]),
+        save(vec![(format!("{prefix}.lora_A.weight"), t(&[2, 32, 1])), (format!("{prefix}.lora_B.weight"), t(&[32, 2]))]),
+        save(vec![(format!("{prefix}.lora_B.weight"), t(&[32, 2]))]),
+        b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":".to_vec(),
+    ];
+    for weights in cases {
+        let err = LoraAdapter::from_bytes(Path::new("ad"), config, None, Bytes::Owned(weights), &Device::Cpu)
+            .unwrap_err()
+            .to_string();
+        assert_mentions(&err, "adapter_model.safetensors");
+    }
+}

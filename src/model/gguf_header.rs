@@ -282,16 +282,17 @@ impl<'a> Reader<'a> {
 
     /// Skips one value of `value_type`, checking every nested length.
     fn skip_value(&mut self, value_type: u32, key: &str, depth: usize) -> Result<()> {
+        let what = format!("metadata `{key}`");
         match value_type {
-            TYPE_U8 | TYPE_I8 => self.take(1, "value").map(drop),
-            TYPE_BOOL => match self.take(1, "bool value")?[0] {
+            TYPE_U8 | TYPE_I8 => self.take(1, &what).map(drop),
+            TYPE_BOOL => match self.take(1, &what)?[0] {
                 0 | 1 => Ok(()),
-                b => Err(self.error(format!("metadata `{}`: bool byte {b}", key))),
+                b => Err(self.error(format!("{what}: bool byte {b}"))),
             },
-            TYPE_U16 | TYPE_I16 => self.take(2, "value").map(drop),
-            TYPE_U32 | TYPE_I32 | TYPE_F32 => self.take(4, "value").map(drop),
-            TYPE_U64 | TYPE_I64 | TYPE_F64 => self.take(8, "value").map(drop),
-            TYPE_STRING => self.string("string value").map(drop),
+            TYPE_U16 | TYPE_I16 => self.take(2, &what).map(drop),
+            TYPE_U32 | TYPE_I32 | TYPE_F32 => self.take(4, &what).map(drop),
+            TYPE_U64 | TYPE_I64 | TYPE_F64 => self.take(8, &what).map(drop),
+            TYPE_STRING => self.string(&what).map(drop),
             TYPE_ARRAY => {
                 if depth >= MAX_ARRAY_DEPTH {
                     return Err(self.error(format!(
@@ -299,8 +300,8 @@ impl<'a> Reader<'a> {
                         key
                     )));
                 }
-                let item_type = self.u32("array item type")?;
-                let len = self.u64("array length")?;
+                let item_type = self.u32(&what)?;
+                let len = self.u64(&what)?;
                 let min_size = match item_type {
                     TYPE_U8 | TYPE_I8 | TYPE_BOOL => 1,
                     TYPE_U16 | TYPE_I16 => 2,

@@ -528,7 +528,11 @@ const GGUF_U64: u32 = 10;
 
 /// A GGUF v3 file written byte by byte, so fields can hold what no writer would put
 /// there. Tensors: (name, dims innermost first, ggml type id, data offset).
-fn raw_gguf(kvs: &[(&str, u32, Vec<u8>)], tensors: &[(&str, &[u64], u32, u64)], data_len: usize) -> Vec<u8> {
+fn raw_gguf(
+    kvs: &[(&str, u32, Vec<u8>)],
+    tensors: &[(&str, &[u64], u32, u64)],
+    data_len: usize,
+) -> Vec<u8> {
     let mut b = b"GGUF".to_vec();
     b.extend(3u32.to_le_bytes());
     b.extend((tensors.len() as u64).to_le_bytes());
@@ -556,7 +560,11 @@ fn raw_gguf(kvs: &[(&str, u32, Vec<u8>)], tensors: &[(&str, &[u64], u32, u64)], 
 }
 
 fn gguf_string(s: &str) -> Vec<u8> {
-    [(s.len() as u64).to_le_bytes().to_vec(), s.as_bytes().to_vec()].concat()
+    [
+        (s.len() as u64).to_le_bytes().to_vec(),
+        s.as_bytes().to_vec(),
+    ]
+    .concat()
 }
 
 /// Reads `bytes` as a GGUF checkpoint and returns its error message.
@@ -568,7 +576,10 @@ fn gguf_error(bytes: Vec<u8>) -> String {
 }
 
 fn assert_mentions(message: &str, needle: &str) {
-    assert!(message.contains(needle), "expected `{needle}` in: {message}");
+    assert!(
+        message.contains(needle),
+        "expected `{needle}` in: {message}"
+    );
 }
 
 #[test]
@@ -588,7 +599,12 @@ fn gguf_embedding_without_dims_is_refused() {
 
 #[test]
 fn gguf_dims_that_wrap_or_overflow_are_refused() {
-    for dims in [&[1u64 << 32, 1 << 32][..], &[(1 << 56) + 64, 32], &[32, 0], &[u64::MAX]] {
+    for dims in [
+        &[1u64 << 32, 1 << 32][..],
+        &[(1 << 56) + 64, 32],
+        &[32, 0],
+        &[u64::MAX],
+    ] {
         let err = gguf_error(raw_gguf(&[], &[("blk.0.attn_q.weight", dims, 0, 0)], 64));
         assert_mentions(&err, "blk.0.attn_q.weight");
     }
@@ -597,23 +613,47 @@ fn gguf_dims_that_wrap_or_overflow_are_refused() {
 #[test]
 fn gguf_huge_string_and_array_lengths_are_refused() {
     let huge_string = u64::MAX.to_le_bytes().to_vec();
-    let err = gguf_error(raw_gguf(&[("general.name", GGUF_STRING, huge_string)], &[], 64));
+    let err = gguf_error(raw_gguf(
+        &[("general.name", GGUF_STRING, huge_string)],
+        &[],
+        64,
+    ));
     assert_mentions(&err, "general.name");
-    let huge_array = [GGUF_U64.to_le_bytes().to_vec(), (1u64 << 40).to_le_bytes().to_vec()].concat();
-    let err = gguf_error(raw_gguf(&[("tokenizer.ggml.tokens", GGUF_ARRAY, huge_array)], &[], 64));
+    let huge_array = [
+        GGUF_U64.to_le_bytes().to_vec(),
+        (1u64 << 40).to_le_bytes().to_vec(),
+    ]
+    .concat();
+    let err = gguf_error(raw_gguf(
+        &[("tokenizer.ggml.tokens", GGUF_ARRAY, huge_array)],
+        &[],
+        64,
+    ));
     assert_mentions(&err, "tokenizer.ggml.tokens");
 }
 
 #[test]
 fn gguf_unsupported_types_are_named() {
-    let err = gguf_error(raw_gguf(&[], &[("blk.0.attn_q.weight", &[32, 4], 20, 0)], 4096));
+    let err = gguf_error(raw_gguf(
+        &[],
+        &[("blk.0.attn_q.weight", &[32, 4], 20, 0)],
+        4096,
+    ));
     assert_mentions(
         &err,
         "tensor `blk.0.attn_q.weight` has type IQ4_NL, which genarm does not support",
     );
-    let err = gguf_error(raw_gguf(&[], &[("blk.0.attn_q.weight", &[32, 4], 39, 0)], 4096));
+    let err = gguf_error(raw_gguf(
+        &[],
+        &[("blk.0.attn_q.weight", &[32, 4], 39, 0)],
+        4096,
+    ));
     assert_mentions(&err, "MXFP4");
-    let err = gguf_error(raw_gguf(&[], &[("blk.0.attn_q.weight", &[32, 4], 999, 0)], 4096));
+    let err = gguf_error(raw_gguf(
+        &[],
+        &[("blk.0.attn_q.weight", &[32, 4], 999, 0)],
+        4096,
+    ));
     assert_mentions(&err, "unknown ggml type id 999");
 }
 
@@ -631,13 +671,17 @@ fn gguf_block_count_the_file_cannot_back_is_refused() {
         .tensor_infos
         .keys()
         .map(|n| {
-            let t = content.tensor(&mut std::io::Cursor::new(&bytes), n, &Device::Cpu).unwrap();
+            let t = content
+                .tensor(&mut std::io::Cursor::new(&bytes), n, &Device::Cpu)
+                .unwrap();
             (n.clone(), t)
         })
         .collect();
     let mut out = Vec::new();
-    let meta: Vec<(&str, &gguf_file::Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let ts: Vec<(&str, &candle_core::quantized::QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let meta: Vec<(&str, &gguf_file::Value)> =
+        metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let ts: Vec<(&str, &candle_core::quantized::QTensor)> =
+        tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
     gguf_file::write(&mut std::io::Cursor::new(&mut out), &meta, &ts).unwrap();
     let err = gguf_error(out);
     assert_mentions(&err, "llama.block_count = 1099511627776");
@@ -663,10 +707,15 @@ fn index_shards_must_stay_inside_the_model_folder() {
     let dir = temp_dir("fuzz-index");
     tiny_model().write_hf_dir(&dir, DType::F32, 3);
     let index_path = dir.join("model.safetensors.index.json");
-    let index: serde_json::Value = serde_json::from_slice(&std::fs::read(&index_path).unwrap()).unwrap();
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&index_path).unwrap()).unwrap();
     let first_shard = dir.join("model-00001-of-00003.safetensors");
     std::fs::copy(&first_shard, outside.join("shard.safetensors")).unwrap();
-    std::os::unix::fs::symlink(outside.join("shard.safetensors"), dir.join("link.safetensors")).unwrap();
+    std::os::unix::fs::symlink(
+        outside.join("shard.safetensors"),
+        dir.join("link.safetensors"),
+    )
+    .unwrap();
     for shard in [
         "../shard.safetensors".to_string(),
         outside.join("shard.safetensors").display().to_string(),
@@ -695,7 +744,10 @@ fn a_fifo_is_refused_not_waited_on() {
     for name in ["tokenizer.json", "model.safetensors"] {
         let path = dir.join(name);
         let _ = std::fs::remove_file(&path);
-        let made = std::process::Command::new("mkfifo").arg(&path).status().unwrap();
+        let made = std::process::Command::new("mkfifo")
+            .arg(&path)
+            .status()
+            .unwrap();
         assert!(made.success());
         let err = match Checkpoint::open(&dir) {
             Ok(_) => panic!("a FIFO {name} was read"),
@@ -740,15 +792,27 @@ fn malformed_lora_tensors_name_the_file() {
     };
     let t = |dims: &[usize]| Tensor::zeros(dims, DType::F32, &Device::Cpu).unwrap();
     let cases = [
-        save(vec![(format!("{prefix}.lora_A.weight"), t(&[2])), (format!("{prefix}.lora_B.weight"), t(&[32, 2]))]),
-        save(vec![(format!("{prefix}.lora_A.weight"), t(&[2, 32, 1])), (format!("{prefix}.lora_B.weight"), t(&[32, 2]))]),
+        save(vec![
+            (format!("{prefix}.lora_A.weight"), t(&[2])),
+            (format!("{prefix}.lora_B.weight"), t(&[32, 2])),
+        ]),
+        save(vec![
+            (format!("{prefix}.lora_A.weight"), t(&[2, 32, 1])),
+            (format!("{prefix}.lora_B.weight"), t(&[32, 2])),
+        ]),
         save(vec![(format!("{prefix}.lora_B.weight"), t(&[32, 2]))]),
         b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":".to_vec(),
     ];
     for weights in cases {
-        let err = LoraAdapter::from_bytes(Path::new("ad"), config, None, Bytes::Owned(weights), &Device::Cpu)
-            .unwrap_err()
-            .to_string();
+        let err = LoraAdapter::from_bytes(
+            Path::new("ad"),
+            config,
+            None,
+            Bytes::Owned(weights),
+            &Device::Cpu,
+        )
+        .unwrap_err()
+        .to_string();
         assert_mentions(&err, "adapter_model.safetensors");
     }
 }

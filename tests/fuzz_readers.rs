@@ -96,7 +96,7 @@ fn mutate(seed: &[u8], rng: &mut SplitMix64, header: usize, text: bool) -> Vec<u
     let rounds = 1 + (rng.next_u64() % 3) as usize;
     for _ in 0..rounds {
         let len = b.len().max(1);
-        let span = if rng.next_u64() % 5 != 0 {
+        let span = if !rng.next_u64().is_multiple_of(5) {
             header.clamp(1, len)
         } else {
             len
@@ -122,9 +122,9 @@ fn mutate(seed: &[u8], rng: &mut SplitMix64, header: usize, text: bool) -> Vec<u
                 // A huge little-endian integer over a 4- or 8-byte field; aligned
                 // most of the time, as GGUF and safetensors fields are.
                 let v = HUGE[(rng.next_u64() as usize) % HUGE.len()];
-                let wide = rng.next_u64() % 2 == 0;
+                let wide = rng.next_u64().is_multiple_of(2);
                 let width = if wide { 8 } else { 4 };
-                let at = if rng.next_u64() % 4 != 0 {
+                let at = if !rng.next_u64().is_multiple_of(4) {
                     at & !(width - 1)
                 } else {
                     at

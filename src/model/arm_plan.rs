@@ -13,6 +13,9 @@ use super::Checkpoint;
 use crate::error::{Error, Result};
 
 /// An ARM resolved to what must be loaded for it.
+// One plan per ARM, built once at load: the size difference between variants costs
+// nothing, and boxing would change every engine's match on it.
+#[allow(clippy::large_enum_variant)]
 pub enum ArmPlan {
     /// A LoRA on the base's own weights: an extra row of the base's batch.
     SharedLora(LoraAdapter),

@@ -467,3 +467,53 @@ fn gguf_sentencepiece_errors_name_the_key() {
         "{err}"
     );
 }
+
+/// A tokenizer whose chat template is `template`.
+fn with_template(template: &str) -> TextTokenizer {
+    let config = serde_json::json!({ "chat_template": template });
+    TextTokenizer::from_bytes(
+        TINY_TOKENIZER_JSON.as_bytes(),
+        Some(config.to_string().as_bytes()),
+    )
+    .unwrap()
+}
+
+fn one_user_turn() -> Vec<ChatMessage> {
+    vec![ChatMessage {
+        role: "user".into(),
+        content: "hello".into(),
+    }]
+}
+
+#[test]
+fn runaway_chat_template_loops_run_out_of_fuel() {
+    let tok = with_template(
+        "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+    );
+    let err = tok.apply_chat_template(&one_user_turn(), true).unwrap_err();
+    assert!(matches!(err, Error::Template(_)), "{err}");
+    assert!(err.to_string().contains("loops without bound"), "{err}");
+}
+
+#[test]
+fn chat_template_output_is_capped() {
+    // 2 MiB of output from a cheap loop: the cap, not the fuel, stops it.
+    let tok = with_template("{% for i in range(2048) %}{{ 'x' * 1024 }}{% endfor %}");
+    let err = tok.apply_chat_template(&one_user_turn(), true).unwrap_err();
+    assert!(matches!(err, Error::Template(_)), "{err}");
+    assert!(err.to_string().contains("exceeds 1048576 bytes"), "{err}");
+    // Just under the cap renders in full.
+    let tok = with_template("{% for i in range(1000) %}{{ 'x' * 1024 }}{% endfor %}");
+    let text = tok.apply_chat_template(&one_user_turn(), true).unwrap();
+    assert_eq!(text.len(), 1000 * 1024);
+}
+
+#[test]
+fn malformed_tokenizer_json_is_an_error_naming_the_file() {
+    // tokenizers 0.22 panics ("Helper") on a syntax error inside `decoder`.
+    let json = TINY_TOKENIZER_JSON.replace(r#""decoder": null"#, r#""decoder": {"type": "Fuse""#);
+    assert_ne!(json, TINY_TOKENIZER_JSON, "the fixture changed");
+    let err = TextTokenizer::from_bytes(json.as_bytes(), None).unwrap_err();
+    assert!(err.to_string().contains("tokenizer.json"), "{err}");
+    assert!(err.to_string().contains("invalid JSON"), "{err}");
+}

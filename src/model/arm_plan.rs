@@ -8,12 +8,13 @@ use candle_core::Device;
 
 use super::lora::{ArmInfo, LoraAdapter, ARM_INFO};
 use super::tokenizer::same_vocabulary;
+use super::weights::{read_regular_file, MAX_JSON_FILE_LEN};
 use super::Checkpoint;
 use crate::error::{Error, Result};
 
 /// An ARM resolved to what must be loaded for it.
-// A few plans exist per load, moved once: their size does not matter, boxing would
-// only complicate the matches over them.
+// One plan per ARM, built once at load: the size difference between variants costs
+// nothing, and boxing would change every engine's match on it.
 #[allow(clippy::large_enum_variant)]
 pub enum ArmPlan {
     /// A LoRA on the base's own weights: an extra row of the base's batch.
@@ -40,7 +41,7 @@ impl ArmPlan {
 /// `genarm.json` of a model directory, if it has a readable one (the browser has no
 /// files to read: there the label falls back to the name).
 fn full_info(path: &Path) -> Option<ArmInfo> {
-    let bytes = std::fs::read(path.join(ARM_INFO)).ok()?;
+    let bytes = read_regular_file(&path.join(ARM_INFO), MAX_JSON_FILE_LEN).ok()?;
     serde_json::from_slice(&bytes).ok()
 }
 
@@ -76,15 +77,43 @@ pub fn plan_arm(path: &Path, base: &Path, device: &Device) -> Result<(PathBuf, A
 /// The checkpoint a LoRA runs on when it is not `base`: the local checkpoint its
 /// `base_model_name_or_path` names, if that exists and is another file; `None` means
 /// the base's own weights.
+///
+/// The path comes from a file the user downloaded, not from the user, so it is opened
+/// only when it looks like a model they could have named (a `.gguf` file or a
+/// directory with `config.json`), and a failure names the path without quoting the
+/// file: `/etc/passwd` must not end up in an error message.
 pub fn lora_own_base(adapter: &LoraAdapter, base: &Path) -> Result<Option<Checkpoint>> {
-    adapter
-        .config
-        .base_model_name_or_path
-        .as_deref()
-        .map(|p| resolve_relative(&adapter.path, p))
-        .filter(|p| p.exists() && !same_file(p, base))
-        .map(|p| Checkpoint::open(&p))
-        .transpose()
+    let Some(named) = adapter.config.base_model_name_or_path.as_deref() else {
+        return Ok(None);
+    };
+    let p = resolve_relative(&adapter.path, named);
+    if !p.exists() || same_file(&p, base) {
+        return Ok(None);
+    }
+    let refuse = |why: &str| Error::Incompatible {
+        arm: adapter.path.display().to_string(),
+        message: format!(
+            "its base_model_name_or_path `{}` {why}; pass the base with --model, or open \
+             that path directly to see what is wrong with it",
+            p.display()
+        ),
+    };
+    if !looks_like_model(&p) {
+        return Err(refuse(
+            "exists but is not a model (a .gguf file or a directory with config.json)",
+        ));
+    }
+    Checkpoint::open(&p)
+        .map(Some)
+        .map_err(|_| refuse("does not open as a model"))
+}
+
+/// A `.gguf` regular file, or a directory holding `config.json`.
+fn looks_like_model(p: &Path) -> bool {
+    let is_gguf = p
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
+    (is_gguf && p.is_file()) || (p.is_dir() && p.join("config.json").is_file())
 }
 
 /// A relative base path in an adapter config is relative to the adapter's directory.

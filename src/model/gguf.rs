@@ -12,7 +12,8 @@ use candle_core::quantized::GgmlDType;
 use candle_core::Device;
 
 use super::config::{Activation, Arch, Llama3RopeScaling, LlamaConfig, RopeLayout, RopeScaling};
-use super::weights::{missing, Bytes, Weight, WeightSource};
+use super::gguf_header::check_header;
+use super::weights::{count_layers, missing, Bytes, Weight, WeightSource};
 use crate::error::{Error, Result};
 
 pub const GGUF_MAGIC: &[u8; 4] = b"GGUF";
@@ -30,15 +31,17 @@ impl GgufFile {
 
     /// Parses a GGUF held in memory; `path` only names it in errors.
     pub fn from_bytes(bytes: Bytes, path: &Path) -> Result<Self> {
-        if bytes.len() < 4 || &bytes[..4] != GGUF_MAGIC {
-            let got = &bytes[..bytes.len().min(4)];
-            return Err(Error::format(
-                path,
-                format!("not a GGUF file: magic {got:02x?}, expected \"GGUF\""),
-            ));
-        }
+        // candle's reader trusts fields a damaged file can set (alignment 0, dims whose
+        // product wraps, unknown type ids): it only sees a header that passed this walk.
+        let header = check_header(&bytes, path)?;
         let content = Content::read(&mut Cursor::new(&bytes[..]))
             .map_err(|e| Error::format(path, format!("malformed or truncated GGUF header: {e}")))?;
+        if content.tensor_data_offset != header.tensor_data_offset {
+            return Err(Error::format(
+                path,
+                "GGUF header: tensor data offset disagrees with candle's reader",
+            ));
+        }
         check_tensor_table(&content, bytes.len() as u64, path)?;
         Ok(Self {
             path: path.into(),
@@ -301,29 +304,71 @@ impl GgufFile {
     }
 }
 
-/// Every tensor's bytes must lie inside the file.
+/// Every tensor's bytes must lie inside the file (`check_header` has bounded each
+/// size); the embedding must be a matrix (the config reads the vocabulary from it);
+/// and `{arch}.block_count` may not exceed the `blk.N` layers the file has, since the
+/// loader sizes per-layer state from it before it reaches a missing tensor.
 fn check_tensor_table(content: &Content, file_len: u64, path: &Path) -> Result<()> {
     for (name, info) in &content.tensor_infos {
-        let elems = info.shape.elem_count();
+        let dims = info.shape.dims();
         let block = info.ggml_dtype.block_size();
-        if elems % block != 0 {
+        let size = (!dims.is_empty() && dims.iter().all(|&d| d > 0))
+            .then(|| dims.iter().try_fold(1usize, |n, &d| n.checked_mul(d)))
+            .flatten()
+            .filter(|elems| elems % block == 0)
+            .and_then(|elems| (elems / block).checked_mul(info.ggml_dtype.type_size()));
+        let Some(size) = size else {
             return Err(Error::format(
                 path,
                 format!(
-                    "tensor `{name}`: {elems} elements is not a whole number of {:?} blocks",
+                    "tensor `{name}`: shape {dims:?} is not a whole number of {:?} blocks",
                     info.ggml_dtype
                 ),
             ));
-        }
-        let size = (elems / block * info.ggml_dtype.type_size()) as u64;
+        };
         let start = content.tensor_data_offset.saturating_add(info.offset);
-        let end = start.saturating_add(size);
+        let end = start.saturating_add(size as u64);
         if end > file_len {
             return Err(Error::format(
                 path,
                 format!(
                     "truncated: tensor `{name}` needs bytes {start}..{end} but the file has {file_len}"
                 ),
+            ));
+        }
+    }
+    if let Some(embd) = content.tensor_infos.get("token_embd.weight") {
+        if embd.shape.rank() != 2 {
+            return Err(Error::format(
+                path,
+                format!(
+                    "tensor `token_embd.weight` has shape {:?}, expected [vocab, hidden]",
+                    embd.shape.dims()
+                ),
+            ));
+        }
+    }
+    let arch = match content.metadata.get("general.architecture") {
+        Some(Value::String(a)) => a.as_str(),
+        _ => return Ok(()),
+    };
+    let key = format!("{arch}.block_count");
+    let declared = match content.metadata.get(&key) {
+        Some(Value::U8(x)) => Some(*x as u64),
+        Some(Value::U16(x)) => Some(*x as u64),
+        Some(Value::U32(x)) => Some(*x as u64),
+        Some(Value::U64(x)) => Some(*x),
+        Some(Value::I32(x)) => u64::try_from(*x).ok(),
+        Some(Value::I64(x)) => u64::try_from(*x).ok(),
+        // Other types are refused by name when the config is read.
+        _ => None,
+    };
+    if let Some(declared) = declared {
+        let layers = count_layers(content.tensor_infos.keys().map(String::as_str), "blk.");
+        if declared > layers as u64 {
+            return Err(Error::format(
+                path,
+                format!("{key} = {declared} but the file has tensors for {layers} layers"),
             ));
         }
     }
@@ -363,6 +408,10 @@ impl WeightSource for GgufFile {
 
     fn contains(&self, name: &str) -> bool {
         gguf_name(name).is_some_and(|n| self.content.tensor_infos.contains_key(&n))
+    }
+
+    fn layer_count(&self) -> usize {
+        count_layers(self.content.tensor_infos.keys().map(String::as_str), "blk.")
     }
 
     fn load(&self, name: &str, device: &Device) -> Result<Weight> {

@@ -10,7 +10,7 @@ use candle_core::{Device, Tensor};
 use serde::Deserialize;
 
 use super::safetensors::SafetensorsFiles;
-use super::weights::{Bytes, WeightSource};
+use super::weights::{read_regular_file, Bytes, WeightSource, MAX_JSON_FILE_LEN};
 use crate::error::{Error, Result};
 
 pub const ADAPTER_CONFIG: &str = "adapter_config.json";
@@ -306,12 +306,12 @@ impl LoraAdapter {
     /// Reads an adapter directory.
     pub fn open(dir: &Path, device: &Device) -> Result<Self> {
         let cfg_path = dir.join(ADAPTER_CONFIG);
-        let cfg_bytes = std::fs::read(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+        let cfg_bytes = read_regular_file(&cfg_path, MAX_JSON_FILE_LEN)?;
         let info_path = dir.join(ARM_INFO);
-        let info = match std::fs::read(&info_path) {
+        let info = match read_regular_file(&info_path, MAX_JSON_FILE_LEN) {
             Ok(bytes) => Some(bytes),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(e) => return Err(Error::io(&info_path, e)),
+            Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(e),
         };
         let weights_path = dir.join(ADAPTER_WEIGHTS);
         let weights = Bytes::open(&weights_path)?;

@@ -4,6 +4,7 @@
 pub mod arm_plan;
 pub mod config;
 pub mod gguf;
+pub mod gguf_header;
 pub mod hf_config;
 pub mod lora;
 pub mod safetensors;
@@ -121,9 +122,11 @@ impl Checkpoint {
                 config.eos_token_ids = t.eos_ids().to_vec();
             }
         }
+        let source = SafetensorsFiles::from_shards(dir, shards)?;
+        source.check_layer_count(config.num_layers)?;
         Ok(Self {
             path: dir.into(),
-            source: Box::new(SafetensorsFiles::from_shards(dir, shards)?),
+            source: Box::new(source),
             config,
             tokenizer,
             tokenizer_note: None,
@@ -140,9 +143,11 @@ impl Checkpoint {
                 config.eos_token_ids = t.eos_ids().to_vec();
             }
         }
+        let source = SafetensorsFiles::open(dir)?;
+        source.check_layer_count(config.num_layers)?;
         Ok(Self {
             path: dir.into(),
-            source: Box::new(SafetensorsFiles::open(dir)?),
+            source: Box::new(source),
             config,
             tokenizer,
             tokenizer_note: None,

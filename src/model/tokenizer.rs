@@ -27,6 +27,7 @@ use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
 
+use super::weights::{read_regular_file, MAX_JSON_FILE_LEN};
 use crate::error::{Error, Result};
 
 /// GGUF token types (llama.cpp's `llama_token_type`, SentencePiece's piece types).
@@ -200,8 +201,7 @@ impl TextTokenizer {
         dir: &Path,
         config_path: &Path,
     ) -> Result<Self> {
-        let inner = Tokenizer::from_bytes(tokenizer_json)
-            .map_err(|e| Error::format(dir.join("tokenizer.json"), e.to_string()))?;
+        let inner = build_tokenizer(tokenizer_json, &dir.join("tokenizer.json"))?;
         let mut tokenizer = Self {
             inner: Arc::new(inner),
             bos_id: None,
@@ -395,8 +395,54 @@ impl TextTokenizer {
             bos_token => token(self.bos_id),
             eos_token => token(self.eos_ids.first().copied()),
         };
-        env.render_str(template, context)
-            .map_err(|e| Error::Template(render_error(&e)))
+        env.set_fuel(Some(CHAT_TEMPLATE_FUEL));
+        let mut out = CappedOutput::default();
+        let rendered = env
+            .template_from_str(template)
+            .and_then(|t| t.render_captured_to(context, &mut out).map(drop));
+        match rendered {
+            Ok(_) => String::from_utf8(out.bytes)
+                .map_err(|_| Error::Template("rendered text is not valid UTF-8".into())),
+            Err(_) if out.overflowed => Err(Error::Template(format!(
+                "the rendered prompt exceeds {CHAT_TEMPLATE_MAX_OUTPUT} bytes; the template \
+                 loops or repeats text without bound"
+            ))),
+            Err(e) if e.kind() == minijinja::ErrorKind::OutOfFuel => Err(Error::Template(format!(
+                "the template ran more than {CHAT_TEMPLATE_FUEL} steps without finishing; it \
+                 loops without bound"
+            ))),
+            Err(e) => Err(Error::Template(render_error(&e))),
+        }
+    }
+}
+
+/// How many minijinja instructions one chat-template render may run. Real templates
+/// take a few hundred per message; a template with nested loops over large ranges
+/// would otherwise run for hours.
+const CHAT_TEMPLATE_FUEL: u64 = 2_000_000;
+/// The largest rendered prompt accepted: far beyond any context window, so only a
+/// runaway template reaches it.
+const CHAT_TEMPLATE_MAX_OUTPUT: usize = 1 << 20;
+
+/// The render's output, which refuses to grow past `CHAT_TEMPLATE_MAX_OUTPUT`.
+#[derive(Default)]
+struct CappedOutput {
+    bytes: Vec<u8>,
+    overflowed: bool,
+}
+
+impl std::io::Write for CappedOutput {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.bytes.len() + buf.len() > CHAT_TEMPLATE_MAX_OUTPUT {
+            self.overflowed = true;
+            return Err(std::io::Error::other("chat template output too large"));
+        }
+        self.bytes.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -506,12 +552,31 @@ impl TokenOutputStream {
     }
 }
 
+/// `Tokenizer::from_bytes` made safe against malformed files. tokenizers 0.22 panics
+/// instead of returning an error on some of them: its decoder deserializer calls
+/// `expect("Helper")` on a JSON syntax error inside `decoder`, and its normalizer
+/// deserializer `expect`s a valid `Precompiled` charsmap. Checking the JSON syntax
+/// first turns the common case into a clean error with line and column; the
+/// `catch_unwind` is the last resort for the panics a well-formed file can still
+/// reach (the panic message is printed by the hook, then reported here as an error).
+fn build_tokenizer(json: &[u8], path: &Path) -> Result<Tokenizer> {
+    serde_json::from_slice::<serde::de::IgnoredAny>(json)
+        .map_err(|e| Error::format(path, format!("invalid JSON: {e}")))?;
+    let built = std::panic::catch_unwind(|| Tokenizer::from_bytes(json)).map_err(|_| {
+        Error::format(
+            path,
+            "the tokenizers library panicked while reading this file; it is malformed",
+        )
+    })?;
+    built.map_err(|e| Error::format(path, e.to_string()))
+}
+
 /// Reads a file that may legitimately be absent.
 fn read_optional(path: &Path) -> Result<Option<Vec<u8>>> {
-    match std::fs::read(path) {
+    match read_regular_file(path, MAX_JSON_FILE_LEN) {
         Ok(bytes) => Ok(Some(bytes)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(Error::io(path, e)),
+        Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
     }
 }
 

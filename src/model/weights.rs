@@ -22,7 +22,7 @@ impl Bytes {
     pub fn open(path: &Path) -> Result<Self> {
         #[cfg(not(target_arch = "wasm32"))]
         {
-            let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+            let file = open_regular_file(path)?;
             // SAFETY: the mapping is read-only; a checkpoint modified while we run is
             // outside what any loader can defend against.
             let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
@@ -30,12 +30,58 @@ impl Bytes {
         }
         #[cfg(target_arch = "wasm32")]
         {
-            std::fs::read(path)
-                .map(Self::Owned)
-                .map_err(|e| Error::io(path, e))
+            read_regular_file(path, u64::MAX).map(Self::Owned)
         }
     }
 }
+
+/// Opens `path` for reading only if it is a regular file (after following links).
+/// Opening a FIFO blocks until a writer appears and a device may never end, so a
+/// model directory whose `tokenizer.json` or shard is one must fail, not hang. Every
+/// reader of model, adapter and tokenizer files goes through here.
+pub fn open_regular_file(path: &Path) -> Result<std::fs::File> {
+    let not_regular = || {
+        Error::io(
+            path,
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file"),
+        )
+    };
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if !meta.file_type().is_file() {
+        return Err(not_regular());
+    }
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    // The path may have been swapped between the two calls.
+    match file.metadata() {
+        Ok(m) if m.file_type().is_file() => Ok(file),
+        Ok(_) => Err(not_regular()),
+        Err(e) => Err(Error::io(path, e)),
+    }
+}
+
+/// Reads a whole regular file (see `open_regular_file`) of at most `max_len` bytes:
+/// JSON side files are read into memory, and a size is checked before it is allocated.
+pub fn read_regular_file(path: &Path, max_len: u64) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let file = open_regular_file(path)?;
+    let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    if len > max_len {
+        return Err(Error::format(
+            path,
+            format!("{len} bytes, more than the {max_len} this file may have"),
+        ));
+    }
+    let mut bytes = Vec::new();
+    // `take` bounds the read even if the file grows after the size check.
+    file.take(max_len)
+        .read_to_end(&mut bytes)
+        .map_err(|e| Error::io(path, e))?;
+    Ok(bytes)
+}
+
+/// The size cap for JSON side files (configs, tokenizers, indexes): the largest real
+/// `tokenizer.json` files are tens of MiB.
+pub const MAX_JSON_FILE_LEN: u64 = 1 << 30;
 
 impl std::ops::Deref for Bytes {
     type Target = [u8];
@@ -79,6 +125,24 @@ pub trait WeightSource {
     fn path(&self) -> &Path;
     fn contains(&self, name: &str) -> bool;
     fn load(&self, name: &str, device: &Device) -> Result<Weight>;
+    /// How many distinct decoder layers (`model.layers.N.*`) the source has tensors for.
+    fn layer_count(&self) -> usize;
+
+    /// The config's layer count must be one the file backs: the loader sizes
+    /// per-layer state from it before it reaches a missing tensor, so a corrupt count
+    /// (2^40) would otherwise abort on allocation instead of failing cleanly.
+    fn check_layer_count(&self, num_layers: usize) -> Result<()> {
+        let present = self.layer_count();
+        if num_layers > present {
+            return Err(Error::format(
+                self.path(),
+                format!(
+                    "the config declares {num_layers} layers but the weights have tensors for {present}"
+                ),
+            ));
+        }
+        Ok(())
+    }
 
     /// Loads a tensor and checks its shape.
     fn load_shaped(&self, name: &str, dims: &[usize], device: &Device) -> Result<Weight> {
@@ -98,6 +162,20 @@ pub trait WeightSource {
     fn load_dense(&self, name: &str, dims: &[usize], device: &Device) -> Result<Tensor> {
         self.load_shaped(name, dims, device)?.dense(device)
     }
+}
+
+/// The number of distinct `N` in names `{prefix}N.…`.
+pub(crate) fn count_layers<'a>(names: impl Iterator<Item = &'a str>, prefix: &str) -> usize {
+    names
+        .filter_map(|n| {
+            n.strip_prefix(prefix)?
+                .split_once('.')?
+                .0
+                .parse::<u64>()
+                .ok()
+        })
+        .collect::<std::collections::BTreeSet<u64>>()
+        .len()
 }
 
 pub(crate) fn missing(path: &Path, name: &str) -> Error {

@@ -306,3 +306,23 @@ fn k_quant_gguf_runs_through_candle_kernels() {
         }
     }
 }
+
+#[test]
+fn a_kv_cache_larger_than_memory_is_refused_before_allocating() {
+    // The config claims a context of 2^40 positions and the caller asks for all of it:
+    // the cache would need terabytes, and a failed allocation would abort the process.
+    let cfg = TinyConfig {
+        max_position_embeddings: 1 << 40,
+        ..TinyConfig::default()
+    };
+    let dir = temp_dir("huge-context");
+    TinyModel::random(&cfg, 5).write_hf_dir(&dir.join("m"), DType::F32, 1);
+    let err = CpuEngine::load(&dir.join("m"), &[], Some(1 << 40), &Device::Cpu)
+        .err()
+        .expect("a terabyte cache is refused")
+        .to_string();
+    assert!(
+        err.contains("KV cache") && err.contains("--context"),
+        "{err}"
+    );
+}

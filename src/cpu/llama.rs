@@ -562,6 +562,17 @@ impl Llama {
         )?;
 
         let capacity = capacity.min(cfg.max_position_embeddings).max(1);
+        let cache_floats = [
+            2,
+            cfg.num_layers,
+            rows.len(),
+            cfg.num_kv_heads,
+            capacity,
+            hd,
+        ]
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d));
+        check_fits_in_memory(cache_floats.and_then(|n| n.checked_mul(4)), capacity)?;
         let (cos, sin) = rope_tables(cfg, capacity, DType::F32, device)?;
         let caches = (0..cfg.num_layers)
             .map(|_| -> Result<LayerCache> {
@@ -801,6 +812,43 @@ impl Llama {
         self.pos += seq;
         Ok(x)
     }
+}
+
+/// Refuses a KV cache larger than the machine's memory before allocating it (an
+/// allocation that fails aborts the process): a `--context` or a config's context
+/// length can ask for terabytes.
+fn check_fits_in_memory(bytes: Option<usize>, capacity: usize) -> Result<()> {
+    let total = host_memory_bytes();
+    match (bytes, total) {
+        (Some(b), Some(total)) if (b as u64) <= total => Ok(()),
+        (Some(_), None) => Ok(()),
+        (b, _) => Err(Error::Request(format!(
+            "a KV cache of {capacity} positions needs {} of memory, more than this machine has{}; \
+             choose a smaller --context",
+            b.map_or("more than 2^64 bytes".to_string(), |b| format!(
+                "{:.1} GiB",
+                b as f64 / (1u64 << 30) as f64
+            )),
+            total.map_or(String::new(), |t| format!(
+                " ({:.1} GiB)",
+                t as f64 / (1u64 << 30) as f64
+            )),
+        ))),
+    }
+}
+
+/// Physical memory from /proc/meminfo (Linux); `None` where there is none to read.
+fn host_memory_bytes() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u64 = info
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    kib.checked_mul(1024)
 }
 
 /// Every LoRA module must be one this architecture has.

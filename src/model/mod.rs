@@ -135,7 +135,7 @@ impl Checkpoint {
 
     pub fn open_hf_dir(dir: &Path) -> Result<Self> {
         let cfg_path = dir.join("config.json");
-        let bytes = std::fs::read(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+        let bytes = weights::read_regular_file(&cfg_path, weights::MAX_JSON_FILE_LEN)?;
         let mut config = HfConfig::from_json(&bytes, &cfg_path)?.into_runtime(&cfg_path)?;
         let tokenizer = TextTokenizer::from_hf_dir(dir)?;
         if config.eos_token_ids.is_empty() {

@@ -271,6 +271,53 @@ async fn bad_files_are_errors() {
     assert_contains(&err, "999");
 }
 
+/// Mutated model and adapter files through the wasm API: every one opens or is a JS
+/// `Error` with genarm's message — never a wasm trap (a Rust panic or an aborted
+/// allocation reaches JS as a `RuntimeError: unreachable`). The native harness
+/// (`tests/fuzz_readers.rs`) runs 20,000 mutants per reader; this checks the same
+/// readers behave the same behind the browser API.
+#[wasm_bindgen_test]
+async fn mutated_files_are_errors_never_traps() {
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        // SplitMix64.
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    };
+    let huge = [u64::MAX, 1 << 40, (1 << 56) + 64, 0];
+    for i in 0..48 {
+        let mut gguf = BASE.to_vec();
+        let mut config = ARM_CONFIG.to_vec();
+        // Header bytes (counts, lengths, dims, type ids) are where readers get tricked.
+        let at = (next() % 2048) as usize;
+        match i % 3 {
+            0 => gguf[at] ^= 1 << (next() % 8),
+            1 => gguf[at..at + 8].copy_from_slice(&huge[(next() % 4) as usize].to_le_bytes()),
+            _ => {
+                let c = (next() as usize) % config.len();
+                let junk = b"{}[]\"0-9e";
+                config[c] = junk[(next() as usize) % junk.len()];
+            }
+        }
+        let mut base = ModelFiles::new("m");
+        base.add("base.gguf", &gguf).unwrap();
+        let mut arm = ModelFiles::new("arm");
+        arm.add("adapter_config.json", &config).unwrap();
+        arm.add("adapter_model.safetensors", ARM_WEIGHTS).unwrap();
+        // A trap would not return at all: it fails the test from inside `open`.
+        if let Err(e) = Session::open(base, vec![arm], JsValue::UNDEFINED).await {
+            let text = message(e);
+            assert!(
+                text.contains("base.gguf") || text.contains("adapter") || text.contains("arm"),
+                "mutant {i}: the error names no file: {text}"
+            );
+        }
+    }
+}
+
 /// With `preferGpu` the session runs on WebGPU where the browser has an adapter
 /// (SwiftShader here, through `webdriver.json`), and gives the native engine's tokens;
 /// elsewhere it falls back to the CPU and says why.

@@ -414,7 +414,8 @@ fn prefs_pairs_resume_after_a_kill() {
         "What colour is the sky? One word.\nName a fruit.\nWhat is 2 + 2?\nName an animal.\n",
     )
     .unwrap();
-    let run = |out: &Path, resume: bool| {
+    // `prefs` on these prompts with `seed` into `out`, plus `extra` flags.
+    let prefs = |out: &Path, seed: &str, extra: &[&str]| {
         let mut a = vec![
             "prefs",
             "--model",
@@ -429,14 +430,15 @@ fn prefs_pairs_resume_after_a_kill() {
             "--max-new-tokens",
             "32",
             "--seed",
-            "5",
+            seed,
             "--out",
             s(out),
         ];
-        if resume {
-            a.push("--resume");
-        }
-        let o = genarm(&a);
+        a.extend_from_slice(extra);
+        genarm(&a)
+    };
+    let run = |out: &Path, resume: bool| {
+        let o = prefs(out, "5", if resume { &["--resume"] } else { &[] });
         assert!(o.status.success(), "prefs failed: {}", stderr(&o));
     };
     let full = dir.join("full.jsonl");
@@ -481,33 +483,13 @@ fn prefs_pairs_resume_after_a_kill() {
     };
     record.write(&part_path).unwrap();
     // Another seed does not continue it.
-    let mut other_seed = vec![
-        "prefs",
-        "--model",
-        s(&model),
-        "--prompts",
-        s(&prompts),
-        "--samples",
-        "3",
-        "--scorer",
-        "concise",
-        "--chat",
-        "--max-new-tokens",
-        "32",
-        "--seed",
-        "6",
-        "--out",
-        s(&resumed),
-        "--resume",
-    ];
     assert_refused(
-        &genarm(&other_seed),
+        &prefs(&resumed, "6", &["--resume"]),
         &["seed: was 5, now 6"],
         "prefs resume, other seed",
     );
-    other_seed.pop();
     assert_refused(
-        &genarm(&other_seed),
+        &prefs(&resumed, "6", &[]),
         &["--resume", "--overwrite"],
         "prefs over a part",
     );

@@ -12,10 +12,8 @@ use candle_core::quantized::GgmlDType;
 use candle_core::Device;
 use common::*;
 use genarm::cpu::CpuEngine;
-use genarm::gpu::{GpuContext, GpuEngine};
+use genarm::gpu::GpuContext;
 use genarm::guide::{Sampler, SamplingParams};
-use genarm::model::arm_plan::plan_arm;
-use genarm::model::Checkpoint;
 use genarm::Engine;
 
 const CONTEXT: usize = 16;
@@ -40,13 +38,7 @@ fn gpu_engine(base: &Path, arms: &[PathBuf]) -> Box<dyn Engine> {
     let ctx = GpuContext::new_blocking().unwrap_or_else(|e| {
         panic!("{e}\n(no GPU here? install lavapipe: apt-get install -y mesa-vulkan-drivers libvulkan1)")
     });
-    let plans = arms
-        .iter()
-        .map(|p| plan_arm(p, base, &Device::Cpu))
-        .collect::<genarm::Result<Vec<_>>>()
-        .expect("ARMs open");
-    let ckpt = Checkpoint::open(base).expect("base opens");
-    Box::new(GpuEngine::new(ctx.into(), ckpt, plans, Some(CONTEXT)).expect("GPU engine loads"))
+    Box::new(gpu_engine_on(ctx.into(), base, arms, Some(CONTEXT)))
 }
 
 fn refused<T: std::fmt::Debug>(r: genarm::Result<T>, needle: &str, what: &str) {

@@ -15,7 +15,6 @@ use common::*;
 use genarm::cpu::CpuEngine;
 use genarm::gpu::{GpuContext, GpuEngine};
 use genarm::guide::{combine, Sampler, SamplingParams};
-use genarm::model::arm_plan::plan_arm;
 use genarm::model::Checkpoint;
 use genarm::{Engine, GenerateOptions};
 
@@ -38,13 +37,7 @@ fn ctx() -> Arc<GpuContext> {
 }
 
 fn gpu(base: &Path, arms: &[PathBuf], context: Option<usize>) -> GpuEngine {
-    let plans = arms
-        .iter()
-        .map(|p| plan_arm(p, base, &Device::Cpu))
-        .collect::<genarm::Result<Vec<_>>>()
-        .expect("ARMs open");
-    let ckpt = Checkpoint::open(base).expect("base opens");
-    GpuEngine::new(ctx(), ckpt, plans, context).expect("GPU engine loads")
+    gpu_engine_on(ctx(), base, arms, context)
 }
 
 fn cpu(base: &Path, arms: &[PathBuf], context: Option<usize>) -> CpuEngine {

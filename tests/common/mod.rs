@@ -1239,3 +1239,19 @@ pub fn tiny_train_config(layers: usize) -> genarm::train::trainer::TrainConfig {
         ..Default::default()
     }
 }
+
+/// The WebGPU engine on `ctx` for a base and its ARMs, opened as the CLI opens them.
+pub fn gpu_engine_on(
+    ctx: std::sync::Arc<genarm::gpu::GpuContext>,
+    base: &Path,
+    arms: &[PathBuf],
+    context: Option<usize>,
+) -> genarm::gpu::GpuEngine {
+    let plans = arms
+        .iter()
+        .map(|p| genarm::model::arm_plan::plan_arm(p, base, &Device::Cpu))
+        .collect::<genarm::Result<Vec<_>>>()
+        .expect("ARMs open");
+    let ckpt = genarm::model::Checkpoint::open(base).expect("base opens");
+    genarm::gpu::GpuEngine::new(ctx, ckpt, plans, context).expect("GPU engine loads")
+}

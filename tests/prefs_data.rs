@@ -344,6 +344,16 @@ fn raw_mode_encodes_text_and_rejects_chat_prompts() {
         tokenize_pair(&empty, &tok, false, WIDE).expect("tokenizes"),
         None
     );
+
+    // An empty prompt leaves the first response token nothing to be scored after.
+    let no_prompt = pair(Prompt::Text(String::new()), "Hi!", "No.");
+    let e = tokenize_pair(&no_prompt, &tok, false, WIDE).expect_err("empty prompt");
+    assert!(e.to_string().contains("prompt is empty"), "{e}");
+    // The chat template gives it tokens.
+    let chat_empty = pair(Prompt::Chat(vec![msg("user", "")]), "Hi!", "No.");
+    assert!(tokenize_pair(&chat_empty, &tok, true, WIDE)
+        .expect("tokenizes")
+        .is_some());
 }
 
 #[test]

@@ -1070,7 +1070,7 @@ const DEFAULT_LORA_LR: f64 = 5e-4;
 const DEFAULT_FULL_LR: f64 = 2e-5;
 
 fn cmd_train(args: TrainArgs) -> Result<()> {
-    use genarm::train::data::{read_pairs, tokenize_pair, LengthLimits, PrefFormat};
+    use genarm::train::data::{read_numbered_pairs, tokenize_pair, LengthLimits, PrefFormat};
     use genarm::train::trainer::{split_pairs, ArmLabel, Event, RunInputs, TrainConfig, Trainer};
     refuse_input_as_output(
         &args.out,
@@ -1102,16 +1102,16 @@ fn cmd_train(args: TrainArgs) -> Result<()> {
         .as_deref()
         .map(|f| f.parse::<PrefFormat>().map_err(anyhow::Error::msg))
         .transpose()?;
-    let pairs = read_pairs(&args.data, format)?;
+    let pairs = read_numbered_pairs(&args.data, format)?;
     let limits = LengthLimits {
         max_prompt_len: args.max_prompt_len,
         max_len: args.max_len,
     };
     let mut tokenized = Vec::with_capacity(pairs.len());
-    for p in &pairs {
-        if let Some(t) = tokenize_pair(p, &tok, args.chat, limits)? {
-            tokenized.push(t);
-        }
+    for (line, p) in &pairs {
+        let t = tokenize_pair(p, &tok, args.chat, limits)
+            .with_context(|| format!("{}: line {line}", args.data.display()))?;
+        tokenized.extend(t);
     }
     let skipped = pairs.len() - tokenized.len();
     let max_len = tokenized

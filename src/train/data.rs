@@ -195,8 +195,19 @@ pub struct PreferencePair {
 
 /// Reads a JSONL preference file; `format: None` detects it from the first record.
 pub fn read_pairs(path: &Path, format: Option<PrefFormat>) -> Result<Vec<PreferencePair>> {
+    Ok(read_numbered_pairs(path, format)?
+        .into_iter()
+        .map(|(_, pair)| pair)
+        .collect())
+}
+
+/// Like `read_pairs`, each pair with its 1-based line number, for errors found later.
+pub fn read_numbered_pairs(
+    path: &Path,
+    format: Option<PrefFormat>,
+) -> Result<Vec<(usize, PreferencePair)>> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    parse_pairs(&text, path, format)
+    parse_numbered_pairs(&text, path, format)
 }
 
 /// Parses JSONL text; `path` only names the file in errors. `format: None` detects
@@ -206,6 +217,17 @@ pub fn parse_pairs(
     path: &Path,
     format: Option<PrefFormat>,
 ) -> Result<Vec<PreferencePair>> {
+    Ok(parse_numbered_pairs(text, path, format)?
+        .into_iter()
+        .map(|(_, pair)| pair)
+        .collect())
+}
+
+fn parse_numbered_pairs(
+    text: &str,
+    path: &Path,
+    format: Option<PrefFormat>,
+) -> Result<Vec<(usize, PreferencePair)>> {
     let mut format = format;
     let mut pairs = Vec::new();
     for (index, line) in text.lines().enumerate() {
@@ -219,7 +241,10 @@ pub fn parse_pairs(
             Some(f) => f,
             None => *format.insert(detect(&value).ok_or_else(|| at_line(undetected(&value)))?),
         };
-        pairs.push(parse_record(&value, record_format).map_err(at_line)?);
+        pairs.push((
+            index + 1,
+            parse_record(&value, record_format).map_err(at_line)?,
+        ));
     }
     Ok(pairs)
 }
@@ -513,6 +538,14 @@ pub fn tokenize_pair(
         )));
     }
     let mut prompt = encode_prompt(&pair.prompt, tok, chat)?;
+    if prompt.is_empty() {
+        // The first response token is scored given the tokens before it.
+        return Err(Error::Request(
+            "the prompt is empty (no tokens): an ARM scores each response token given the \
+             tokens before it, so a pair needs a prompt (or --chat, whose template adds some)"
+                .into(),
+        ));
+    }
     keep_last(&mut prompt, limits.max_prompt_len);
     let budget = limits.max_len - prompt.len();
     let end_of_turn = if chat { Some(end_of_turn(tok)?) } else { None };

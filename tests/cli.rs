@@ -1022,3 +1022,83 @@ fn written_files_follow_the_umask() {
         assert_eq!(mode, 0o640, "{}: mode {mode:o}", file.display());
     }
 }
+
+/// The flags a text mentions: `--name` words.
+fn flags_in(text: &str) -> std::collections::BTreeSet<String> {
+    text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))
+        .filter(|w| w.starts_with("--") && w.len() > 2)
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn readme_cli_synopsis_lists_exactly_the_flags_of_help() {
+    // The README's synopsis is written by hand; this keeps it in step with `--help`.
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .expect("README.md");
+    let block = readme
+        .split("## The CLI")
+        .nth(1)
+        .and_then(|r| r.split("```sh").nth(1))
+        .and_then(|r| r.split("```").next())
+        .expect("README has a ```sh block under ## The CLI");
+    let mut sections: Vec<(String, String)> = Vec::new();
+    for line in block.lines().filter(|l| !l.trim().is_empty()) {
+        match line.strip_prefix("genarm ") {
+            Some(rest) => {
+                let cmd = rest.split_whitespace().next().unwrap_or_default();
+                sections.push((cmd.to_owned(), line.to_owned()));
+            }
+            None => sections.last_mut().expect("a genarm line first").1 += line,
+        }
+    }
+    let commands: Vec<&str> = sections.iter().map(|(c, _)| c.as_str()).collect();
+    assert_eq!(
+        commands,
+        [
+            "generate",
+            "logits",
+            "bench",
+            "init-lora",
+            "train",
+            "prompts",
+            "prefs",
+            "eval"
+        ]
+    );
+    let mut drift = Vec::new();
+    for (cmd, synopsis) in &sections {
+        let help = stdout(&genarm(&[cmd, "--help"]));
+        let mut from_help: std::collections::BTreeSet<String> = help
+            .lines()
+            .filter_map(|l| {
+                l.trim_start()
+                    .strip_prefix("--")
+                    .or_else(|| l.trim_start().split_once(", --").map(|(_, f)| f))
+            })
+            .map(|f| {
+                format!(
+                    "--{}",
+                    f.split(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))
+                        .next()
+                        .unwrap_or_default()
+                )
+            })
+            .collect();
+        from_help.remove("--help");
+        from_help.remove("--version");
+        let in_readme = flags_in(synopsis);
+        let missing: Vec<_> = from_help.difference(&in_readme).collect();
+        let stale: Vec<_> = in_readme.difference(&from_help).collect();
+        if !missing.is_empty() || !stale.is_empty() {
+            drift.push(format!(
+                "genarm {cmd}: missing {missing:?}, not in --help {stale:?}"
+            ));
+        }
+    }
+    assert!(
+        drift.is_empty(),
+        "README's CLI synopsis drifted:\n{}",
+        drift.join("\n")
+    );
+}

@@ -43,10 +43,14 @@ const MIME = {
   '.png': 'image/png',
 };
 
+// Requests the server answered, by path (to count downloads).
+const hits = new Map();
+
 // A static server for www/ on 127.0.0.1, as any static host would serve it.
 function serve() {
   const server = createServer((req, res) => {
     const path = normalize(decodeURIComponent(new URL(req.url, 'http://x').pathname));
+    hits.set(path, (hits.get(path) || 0) + 1);
     let file = join(www, path);
     if (!file.startsWith(www)) {
       res.writeHead(403).end();
@@ -228,6 +232,25 @@ async function withWebGpu(url, metrics) {
     const onGpu = await generate(page);
     check(onGpu.guided.length > 0, `the WebGPU engine generates: ${JSON.stringify(onGpu.guided)}`);
     metrics.webgpu = onGpu.guidedStats;
+
+    // A model that passed the check when added but 404s when loaded on WebGPU: the
+    // error names it on its row, and it is not downloaded again for the CPU.
+    await page.route('**/models/vanishing.gguf', (route) =>
+      route.request().headers().range
+        ? route.fulfill({ status: 206, headers: { 'content-range': 'bytes 0-3/64' }, body: 'GGUF' })
+        : route.continue(),
+    );
+    while ((await page.locator('#staged li').count()) > 0) await page.locator('#staged li button').first().click();
+    await page.fill('#url', `${url}models/vanishing.gguf`);
+    await page.selectOption('#url-role', 'base');
+    await page.click('#add-url');
+    await page.waitForFunction(() => document.querySelectorAll('#staged li').length === 1);
+    await page.click('#load');
+    await page.waitForFunction(() => document.body.dataset.state === 'error', null, { timeout: LOAD_TIMEOUT });
+    const rowError = await page.locator('#staged li .item-error').innerText();
+    const notices = await page.locator('#notices').innerText();
+    check(/not found/.test(rowError) && !/CPU/.test(notices), `a 404 on load is reported on its row, not retried on the CPU: ${JSON.stringify(rowError)}`);
+    check(hits.get('/models/vanishing.gguf') === 1, `the missing model was requested once (${hits.get('/models/vanishing.gguf')})`);
   } finally {
     await browser.close();
     check(!log.some((l) => l.startsWith('[pageerror]') || l.startsWith('[offsite]')), 'no page errors, no off-site requests');

@@ -13,29 +13,62 @@ const state = {
   loading: false,
   running: false,
   runs: {},
+  // The staged sources in the loaded session and the role each was loaded in.
+  loadedRoles: new Map(),
+  pendingRoles: new Map(),
 };
 
 // Files the loaders read; anything else in a picked folder stays on disk.
 const MODEL_FILES = /(\.gguf|\.safetensors|^(config|tokenizer|tokenizer_config|generation_config|adapter_config|genarm|model\.safetensors\.index)\.json)$/i;
 
+// Generate is enabled only while a base is loaded and nothing runs; the model list
+// cannot change under a load or a run.
 function setState(s) {
   document.body.dataset.state = s;
-  $('generate').disabled = s !== 'ready';
+  const busy = s === 'loading' || s === 'generating';
+  $('generate').disabled = s !== 'ready' || !state.info;
   $('stop').disabled = s !== 'generating';
-  $('load').disabled = s === 'loading' || s === 'generating';
-  $('demo').disabled = s === 'loading' || s === 'generating';
+  $('load').disabled = busy;
+  $('demo').disabled = busy;
+  renderStaged();
+}
+
+const isBusy = () => ['loading', 'generating'].includes(document.body.dataset.state);
+
+// An error shown next to the control that caused it; empty text hides it.
+function fieldError(id, text) {
+  const el = $(id);
+  el.textContent = text || '';
+  el.hidden = !text;
 }
 
 function mb(bytes) {
   return `${(bytes / 1e6).toFixed(bytes < 1e7 ? 1 : 0)} MB`;
 }
 
-function notice(level, text) {
+// General notices; those of a scope ('load') are cleared when that action next succeeds.
+function notice(level, text, scope = 'general') {
   const li = document.createElement('li');
   li.className = level;
+  li.dataset.scope = scope;
   li.textContent = text;
   $('notices').append(li);
   while ($('notices').children.length > 6) $('notices').firstElementChild.remove();
+}
+
+function clearNotices(scope) {
+  for (const li of Array.from($('notices').children)) if (li.dataset.scope === scope) li.remove();
+}
+
+// The engine's messages are written for developers ("x.gguf/x.gguf: not a GGUF file:
+// magic [..]"); the visitor gets what happened and what to do.
+function inVisitorWords(message) {
+  let m = String(message).replace(/([^\s/:]+)\/\1:/g, '$1:');
+  m = m.replace(/not a GGUF file: magic \[[^\]]*\][^.;)]*/, 'is not a GGUF model file (it does not start with "GGUF"); choose a .gguf model file');
+  m = m.replace(/^(\S+): HTTP 404\b.*$/, '$1 was not found on the server (HTTP 404): check the address');
+  m = m.replace(/^(\S+): HTTP (\d+)\b ?(.*)$/, '$1: the server answered HTTP $2 $3: check the address or try again later');
+  m = m.replace(/;? ?natively install a Vulkan driver.*?in a browser enable WebGPU/, '; turn on WebGPU or hardware acceleration in the browser settings');
+  return m;
 }
 
 // ---------------------------------------------------------------------------
@@ -60,8 +93,10 @@ function renderStaged() {
       role.append(o);
     }
     role.value = s.role;
+    role.disabled = isBusy();
     role.addEventListener('change', () => {
       s.role = role.value;
+      listChanged();
     });
     const name = document.createElement('span');
     name.className = 'name';
@@ -74,13 +109,47 @@ function renderStaged() {
     remove.type = 'button';
     remove.textContent = '×';
     remove.title = `remove ${s.name}`;
+    remove.disabled = isBusy();
     remove.addEventListener('click', () => {
       state.staged.splice(i, 1);
-      renderStaged();
+      listChanged();
     });
-    li.append(role, name, detail, remove);
+    const status = document.createElement('span');
+    const loaded = state.loadedRoles.get(s) === s.role;
+    status.className = `state${loaded ? ' loaded' : ''}`;
+    status.textContent = loaded ? 'loaded' : 'not loaded (press Load)';
+    li.dataset.loaded = String(loaded);
+    li.append(role, name, detail, status, remove);
+    if (s.error) {
+      const error = document.createElement('span');
+      error.className = 'item-error';
+      error.setAttribute('role', 'alert');
+      error.textContent = s.error;
+      li.append(error);
+    }
     ul.append(li);
   });
+}
+
+// A loaded model removed from the list, or given another role, is unloaded: Generate
+// never runs something the list no longer shows.
+function listChanged() {
+  const stillLoaded = [...state.loadedRoles].every(([s, role]) => state.staged.includes(s) && s.role === role);
+  if (state.info && !stillLoaded) unload();
+  renderStaged();
+}
+
+function unload() {
+  worker.postMessage({ type: 'unload' });
+  state.info = null;
+  state.loadedRoles = new Map();
+  $('sliders').replaceChildren();
+  $('progress').value = 0;
+  $('progress-text').textContent = 'nothing loaded: press Load to load the models listed above';
+  delete $('progress-text').dataset.fromCache;
+  delete $('progress-text').dataset.loadSeconds;
+  $('backend').textContent = '—';
+  setState('idle');
 }
 
 function stage(source) {
@@ -100,7 +169,7 @@ async function demoManifest() {
   } catch (_) {
     /* fall through */
   }
-  notice('warn', 'No demo models on this server: run ./build.sh web to put them in www/models/, or add a model below.');
+  notice('warn', 'No demo models on this server: add a model by URL or from your files above.');
   return null;
 }
 
@@ -116,12 +185,19 @@ async function stageDemo() {
 }
 
 function load() {
+  for (const s of state.staged) delete s.error;
+  fieldError('load-error', '');
   const bases = state.staged.filter((s) => s.role === 'base');
   if (bases.length !== 1) {
-    notice('error', bases.length ? 'Several models are marked "base": keep one.' : 'Add a base model first.');
+    fieldError('load-error', bases.length ? 'Several models are marked "base": keep one (the role menu or ×).' : 'Add a base model first (a URL, your files, or Demo models).');
+    renderStaged();
     return;
   }
   const strip = (s) => ({ name: s.name, files: s.files });
+  state.pendingRoles = new Map(state.staged.map((s) => [s, s.role]));
+  // The worker frees the loaded session before it reads the new models.
+  state.info = null;
+  state.loadedRoles = new Map();
   state.loading = true;
   setState('loading');
   $('progress').value = 0;
@@ -145,11 +221,38 @@ async function exists(url) {
   }
 }
 
+// A .gguf URL is checked before it is listed: its first bytes (a Range request) must
+// be GGUF's magic. Returns the file's size when the server tells it.
+async function checkGguf(url, name) {
+  let r;
+  try {
+    r = await fetch(url, { headers: { Range: 'bytes=0-3' } });
+  } catch (_) {
+    throw new Error(`${url} could not be reached: the server is down, you are offline, or it does not let other sites read its files (CORS).`);
+  }
+  if (r.status === 404) throw new Error(`${url} was not found on the server (HTTP 404): check the address.`);
+  if (!r.ok) throw new Error(`${url}: the server answered HTTP ${r.status} ${r.statusText}: check the address or try again later.`);
+  const total = r.status === 206 ? Number((r.headers.get('content-range') || '').split('/')[1]) : Number(r.headers.get('content-length'));
+  const reader = r.body.getReader();
+  let head = new Uint8Array(0);
+  while (head.length < 4) {
+    const { done, value } = await reader.read();
+    if (done) break;
+    head = new Uint8Array([...head, ...value.subarray(0, 4 - head.length)]);
+  }
+  reader.cancel().catch(() => {});
+  const magic = String.fromCharCode(...head);
+  if (magic !== 'GGUF') {
+    throw new Error(`${name} at this address is not a GGUF model file (it starts with ${JSON.stringify(magic)}, not "GGUF"): check the address.`);
+  }
+  return total || 0;
+}
+
 async function resolveUrl(url) {
   const clean = url.split(/[?#]/)[0];
   const last = decodeURIComponent(clean.split('/').filter(Boolean).pop() || 'model');
   if (/\.gguf$/i.test(clean)) {
-    return { name: last, origin: 'url', files: [{ name: last, url, size: (await exists(url)) || 0 }] };
+    return { name: last, origin: 'url', files: [{ name: last, url, size: await checkGguf(url, last) }] };
   }
   const dir = url.endsWith('/') ? url : `${url}/`;
   const file = async (name, optional = false) => {
@@ -171,17 +274,24 @@ async function resolveUrl(url) {
     }
     return { name: last, origin: 'url', files: files.filter(Boolean) };
   }
-  throw new Error(`${url}: not a .gguf file, a LoRA adapter folder or an HF model folder (no adapter_config.json or config.json there)`);
+  throw new Error(`${url} is not a .gguf file, a LoRA adapter folder or a Hugging Face model folder (no adapter_config.json or config.json found there): check the address.`);
 }
 
 // Local files: each .gguf is a model; other loose files together are one folder.
-function stageLocal(files, folderName) {
+async function stageLocal(files, folderName) {
+  fieldError('url-error', '');
   const wanted = files.filter((f) => MODEL_FILES.test(f.name));
   if (!wanted.length) {
-    notice('error', `No model files among ${files.map((f) => f.name).join(', ') || 'the dropped items'}: expected .gguf, .safetensors or the config JSON files.`);
+    fieldError('url-error', `No model files among ${files.map((f) => f.name).join(', ') || 'the dropped items'}: expected .gguf, .safetensors or the config JSON files.`);
     return;
   }
-  const ggufs = wanted.filter((f) => /\.gguf$/i.test(f.name));
+  let ggufs = wanted.filter((f) => /\.gguf$/i.test(f.name));
+  const magics = await Promise.all(ggufs.map(async (f) => String.fromCharCode(...new Uint8Array(await f.slice(0, 4).arrayBuffer()))));
+  const notGguf = ggufs.filter((_, i) => magics[i] !== 'GGUF');
+  if (notGguf.length) {
+    fieldError('url-error', `${notGguf.map((f) => f.name).join(', ')}: not a GGUF model file (it does not start with "GGUF"), so it was not added.`);
+    ggufs = ggufs.filter((_, i) => magics[i] === 'GGUF');
+  }
   const rest = wanted.filter((f) => !/\.gguf$/i.test(f.name));
   for (const f of ggufs) stage({ name: f.name, origin: 'local', files: [{ name: f.name, file: f }] });
   if (rest.length) {
@@ -189,7 +299,7 @@ function stageLocal(files, folderName) {
   }
 }
 
-function pickedFolder(fileList) {
+async function pickedFolder(fileList) {
   // Only the folder's own files: a trained ARM keeps an older copy in checkpoint/.
   const groups = new Map();
   for (const f of fileList) {
@@ -198,7 +308,7 @@ function pickedFolder(fileList) {
     if (!groups.has(parts[0])) groups.set(parts[0], []);
     groups.get(parts[0]).push(f);
   }
-  for (const [name, files] of groups) stageLocal(files, name);
+  for (const [name, files] of groups) await stageLocal(files, name);
 }
 
 const fileOf = (entry) => new Promise((resolve, reject) => entry.file(resolve, reject));
@@ -219,15 +329,15 @@ async function dropped(dataTransfer) {
     .map((item) => item.webkitGetAsEntry && item.webkitGetAsEntry())
     .filter(Boolean);
   if (!entries.length) {
-    stageLocal(Array.from(dataTransfer.files || []));
+    await stageLocal(Array.from(dataTransfer.files || []));
     return;
   }
   const loose = [];
   for (const e of entries) {
-    if (e.isDirectory) stageLocal(await folderFiles(e), e.name);
+    if (e.isDirectory) await stageLocal(await folderFiles(e), e.name);
     else loose.push(await fileOf(e));
   }
-  if (loose.length) stageLocal(loose);
+  if (loose.length) await stageLocal(loose);
 }
 
 // ---------------------------------------------------------------------------
@@ -271,11 +381,32 @@ function renderSliders(info) {
   }
 }
 
+// The number fields are checked by the browser's constraint validation (min, max, step,
+// required in index.html); an invalid value is refused with its message next to the
+// field, never clamped.
+const NUMBER_FIELDS = ['seed', 'max-tokens'];
+
+function validateField(id) {
+  const input = $(id);
+  const valid = input.checkValidity();
+  input.setAttribute('aria-invalid', String(!valid));
+  fieldError(`${id}-error`, valid ? '' : input.validationMessage || 'invalid value');
+  return valid;
+}
+
+function validInputs() {
+  const invalid = NUMBER_FIELDS.filter((id) => !validateField(id));
+  if (invalid.length) $(invalid[0]).focus();
+  return invalid.length === 0;
+}
+
+for (const id of NUMBER_FIELDS) $(id).addEventListener('input', () => validateField(id));
+
 function samplingFromControls() {
   return {
     temperature: Number($('temperature').value),
     topP: Number($('top-p').value),
-    seed: Math.max(0, Math.floor(Number($('seed').value) || 0)),
+    seed: Number($('seed').value),
   };
 }
 
@@ -287,7 +418,17 @@ for (const [id, key] of [['temperature', 'temperature'], ['top-p', 'topP']]) {
 }
 
 function generate() {
-  if (!state.info || state.running) return;
+  if (state.running || state.loading) return;
+  fieldError('generate-error', '');
+  if (!state.info) {
+    fieldError('generate-error', 'Load a model first.');
+    return;
+  }
+  if (!validInputs()) {
+    fieldError('generate-error', 'Fix the marked field first.');
+    return;
+  }
+  state.runs = {};
   const chat = $('mode-chat').checked;
   const compare = $('compare').checked && state.info.arms.length > 0;
   $('base-column').hidden = !compare;
@@ -302,7 +443,7 @@ function generate() {
     prompt: $('prompt').value,
     chat,
     system: chat ? $('system').value : '',
-    maxNewTokens: Math.max(1, Math.floor(Number($('max-tokens').value) || 48)),
+    maxNewTokens: Number($('max-tokens').value),
     alphas: [...state.alphas],
     sampling: samplingFromControls(),
     compare,
@@ -376,12 +517,13 @@ function runStats(run, summary, firstTokenMs) {
 }
 
 function showBackend(info) {
+  const reason = inVisitorWords(info.reason);
   const text =
     info.backend === 'WebGPU'
       ? `WebGPU — ${info.adapter || 'adapter'}`
-      : `${info.backend} — ${info.reason}`;
+      : `${info.backend} — ${reason}`;
   $('backend').textContent = text;
-  $('backend').title = info.reason;
+  $('backend').title = reason;
 }
 
 worker.onmessage = ({ data: msg }) => {
@@ -392,11 +534,23 @@ worker.onmessage = ({ data: msg }) => {
       break;
     }
     case 'notice':
-      notice(msg.level, msg.text);
+      notice(msg.level, msg.text, msg.scope);
       break;
+    case 'cacheCleared': {
+      const text = $('progress-text');
+      if (text.dataset.fromCache === 'true') {
+        text.textContent = `${text.textContent.replace(/ from the browser cache$/, '')}; the browser cache has been cleared since`;
+        text.dataset.fromCache = 'false';
+      }
+      notice('info', 'Model cache cleared: the next load downloads the models again.');
+      break;
+    }
     case 'ready': {
       state.info = msg.info;
       state.loading = false;
+      state.loadedRoles = state.pendingRoles;
+      clearNotices('load');
+      fieldError('load-error', '');
       showBackend(msg.info);
       showMemory(msg.memory);
       renderSliders(msg.info);
@@ -418,25 +572,55 @@ worker.onmessage = ({ data: msg }) => {
       appendToken(msg.run, msg.token, msg.count, msg.seconds);
       break;
     case 'runEnd':
+      state.runs[msg.run].ended = true;
       runStats(msg.run, msg.summary, msg.firstTokenMs);
       showMemory(msg.memory);
       break;
     case 'done':
-      state.running = false;
-      setState('ready');
+      endRun(msg.stopped ? 'not run: stopped' : 'not run');
       break;
     case 'error':
-      notice('error', msg.message);
-      if (state.loading) {
-        state.loading = false;
-        $('progress-text').textContent = 'loading failed';
-        setState(state.info ? 'ready' : 'error');
-      }
+      if (msg.during === 'load') loadFailed(msg);
+      else if (msg.during === 'generate') {
+        fieldError('generate-error', inVisitorWords(msg.message));
+        endRun('not run: the guided run failed');
+      } else notice('error', inVisitorWords(msg.message));
       break;
     default:
       break;
   }
 };
+
+// Every run ends here (finished, stopped or failed): no column keeps waiting.
+function endRun(unfinished) {
+  if (!state.running) return;
+  state.running = false;
+  for (const run of ['guided', 'base']) {
+    const column = run === 'base' ? $('base-column') : null;
+    if (column && column.hidden) continue;
+    if (!(state.runs[run] && state.runs[run].ended)) $(`stats-${run}`).textContent = unfinished;
+  }
+  setState(state.info ? 'ready' : 'idle');
+}
+
+// A failed load leaves nothing loaded (the worker freed the old session first). The
+// error goes next to the model it names, else under Load.
+function loadFailed(msg) {
+  state.loading = false;
+  state.info = null;
+  state.loadedRoles = new Map();
+  $('sliders').replaceChildren();
+  const text = inVisitorWords(msg.message);
+  const culprit =
+    state.staged.find((s) => s.name === msg.source) ||
+    [...state.staged].sort((a, b) => b.name.length - a.name.length).find((s) => msg.message.includes(s.name));
+  if (culprit) culprit.error = text;
+  else fieldError('load-error', text);
+  $('progress').value = 0;
+  $('progress-text').textContent = `loading failed${culprit ? ` (${culprit.name}, see the model list)` : ''}: nothing is loaded`;
+  delete $('progress-text').dataset.fromCache;
+  setState('error');
+}
 
 worker.onerror = (e) => {
   notice('error', `The worker failed: ${e.message || 'could not start (is www/pkg built? run ./build.sh web)'}`);
@@ -459,24 +643,30 @@ $('demo').addEventListener('click', async () => {
 $('clear-cache').addEventListener('click', () => worker.postMessage({ type: 'clearCache' }));
 $('add-url').addEventListener('click', async () => {
   const url = $('url').value.trim();
-  if (!url) return;
+  fieldError('url-error', '');
+  if (!url) {
+    fieldError('url-error', 'Type the address of a .gguf file or a model folder first.');
+    return;
+  }
+  $('add-url').disabled = true;
   try {
     const source = await resolveUrl(url);
     if (!source.role) source.role = $('url-role').value;
     stage(source);
     $('url').value = '';
   } catch (e) {
-    notice('error', e.message);
+    fieldError('url-error', inVisitorWords(e.message));
+  } finally {
+    $('add-url').disabled = false;
   }
 });
-$('pick-files').addEventListener('change', (e) => {
-  stageLocal(Array.from(e.target.files));
+const picked = (stageFiles) => (e) => {
+  const files = Array.from(e.target.files);
   e.target.value = '';
-});
-$('pick-folder').addEventListener('change', (e) => {
-  pickedFolder(Array.from(e.target.files));
-  e.target.value = '';
-});
+  stageFiles(files).catch((err) => fieldError('url-error', inVisitorWords(err.message)));
+};
+$('pick-files').addEventListener('change', picked((files) => stageLocal(files)));
+$('pick-folder').addEventListener('change', picked(pickedFolder));
 const drop = $('drop');
 drop.addEventListener('dragover', (e) => {
   e.preventDefault();
@@ -486,7 +676,7 @@ drop.addEventListener('dragleave', () => drop.classList.remove('over'));
 drop.addEventListener('drop', (e) => {
   e.preventDefault();
   drop.classList.remove('over');
-  dropped(e.dataTransfer).catch((err) => notice('error', err.message));
+  dropped(e.dataTransfer).catch((err) => fieldError('url-error', inVisitorWords(err.message)));
 });
 
 setState('idle');

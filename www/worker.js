@@ -3,11 +3,12 @@
 // Protocol (every message has a `type`):
 //   page → worker  load {base, arms, backend: 'auto' | 'webgpu' | 'cpu', context} | generate {prompt, chat, system,
 //                  maxNewTokens, alphas, sampling, compare} | setAlphas {alphas} |
-//                  setSampling {sampling} | stop | clearCache
-//   worker → page  progress {label, loaded, total, fromCache} | notice {level, text} |
+//                  setSampling {sampling} | stop | unload | clearCache
+//   worker → page  progress {label, loaded, total, fromCache} | notice {level, text, scope} |
 //                  ready {info, loadSeconds, memory} | runStart {run, promptTokens} |
 //                  token {run, token, count, seconds} | runEnd {run, summary, firstTokenMs,
-//                  memory} | done {stopped} | error {message}
+//                  memory} | done {stopped} | cacheCleared |
+//                  error {message, during: the request's type, source: the model it concerns}
 // A source is {name, files: [{name, url, size, optional} | {name, file: File}]}.
 
 import init, { ModelFiles, Session, wasmMemoryBytes } from './pkg/genarm.js';
@@ -26,7 +27,8 @@ const post = (msg) => self.postMessage(msg);
 const errorText = (e) => (e && e.message) || String(e);
 
 self.onmessage = (event) => {
-  handle(event.data).catch((e) => post({ type: 'error', message: errorText(e) }));
+  const during = event.data && event.data.type;
+  handle(event.data).catch((e) => post({ type: 'error', message: errorText(e), during, source: e && e.source }));
 };
 
 async function handle(msg) {
@@ -46,6 +48,12 @@ async function handle(msg) {
     case 'stop':
       stopRequested = true;
       if (session && running) session.cancel();
+      return;
+    case 'unload':
+      if (running) throw new Error('stop the generation before unloading');
+      if (session) session.free();
+      session = null;
+      info = null;
       return;
     case 'clearCache':
       return clearCache();
@@ -80,7 +88,15 @@ async function load({ base, arms, backend, context }) {
   const open = async (options) => {
     const collected = [];
     try {
-      for (const source of all) collected.push(await collect(source, cache, progress));
+      for (const source of all) {
+        try {
+          collected.push(await collect(source, cache, progress));
+        } catch (e) {
+          // Reading or downloading failed: the model's fault, not the engine's.
+          if (e && typeof e === 'object') e.source = source.name;
+          throw e;
+        }
+      }
       post({ type: 'progress', label: 'building the engine', loaded: progress.loaded, total: progress.total });
       const [baseFiles, ...armFiles] = collected;
       // Session.open consumes the ModelFiles (their memory moves into the engine).
@@ -93,6 +109,11 @@ async function load({ base, arms, backend, context }) {
   const adapter = backend === 'cpu' ? null : await probeAdapter();
   if (backend === 'cpu') {
     session = await open({ preferGpu: false, cpuReason: 'CPU chosen on the page' });
+  } else if (!adapter && self.navigator.gpu) {
+    session = await open({
+      preferGpu: false,
+      cpuReason: 'this browser has WebGPU but offered no GPU (hardware acceleration off, or this GPU is blocked)',
+    });
   } else if (backend === 'auto' && adapter && adapter.software) {
     session = await open({
       preferGpu: false,
@@ -102,8 +123,12 @@ async function load({ base, arms, backend, context }) {
     try {
       session = await open({ preferGpu: true, adapterLabel: adapter ? adapter.label : undefined });
     } catch (e) {
+      // A download or a file the engine rejects (its message names the file) fails on
+      // the CPU too: only an engine failure is retried there.
+      const namesFile = all.some((s) => s.files.some((f) => errorText(e).includes(`${s.name}/${f.name}`)));
+      if ((e && e.source) || namesFile) throw e;
       // The WebGPU engine took the files; read them again (from the cache) for the CPU.
-      post({ type: 'notice', level: 'warn', text: `Loading on WebGPU failed (${errorText(e)}); trying the CPU.` });
+      post({ type: 'notice', level: 'warn', scope: 'load', text: `The WebGPU engine failed (${errorText(e)}); loading on the CPU instead.` });
       progress = { loaded: 0, total };
       session = await open({ preferGpu: false, cpuReason: `the WebGPU engine failed: ${errorText(e)}` });
     }
@@ -136,6 +161,7 @@ async function openCache() {
     post({
       type: 'notice',
       level: 'warn',
+      scope: 'load',
       text: 'Browser storage (Cache API) is unavailable here — it needs https:// or localhost — so models are downloaded again on every visit.',
     });
     return null;
@@ -251,7 +277,7 @@ async function readStream(files, name, size, stream, sourceName, progress, fromC
 
 async function clearCache() {
   if (self.caches) await caches.delete(CACHE_NAME);
-  post({ type: 'notice', level: 'info', text: 'Model cache cleared.' });
+  post({ type: 'cacheCleared' });
 }
 
 function mb(bytes) {
@@ -274,8 +300,11 @@ const nextTask = () =>
   });
 
 async function generate(req) {
-  if (!session) throw new Error('load a model first');
   if (running) throw new Error('a generation is already running');
+  if (!session) {
+    post({ type: 'done', stopped: false });
+    throw new Error('no model is loaded: press Load first');
+  }
   running = true;
   stopRequested = false;
   alphas = req.alphas;

@@ -7,9 +7,15 @@
 //      artifacts/playground.png, timings in artifacts/playground.json;
 //   2. without the WebGPU flag: the page says why it runs on the CPU, and generates; the
 //      base loaded again from a URL and the positive ARM from local files through the
-//      file picker (any other demo ARM was at α = 0) give the same text.
+//      file picker (any other demo ARM was at α = 0) give the same text;
+//   3. no dead ends: invalid max tokens / seed are refused next to the field, Stop
+//      leaves no column waiting, removing the loaded base disables Generate, a URL that
+//      404s or is no GGUF is refused next to the URL field, a failed load leaves Generate
+//      disabled (Ctrl+Enter says "load a model first") and Load working, the demo loads
+//      again and clears the errors, and Clear cache updates the status.
 //
-//   node tests/e2e/playground.mjs   (CHROMIUM=path overrides the browser)
+//   node tests/e2e/playground.mjs [PART...]   (parts: webgpu, cpu, deadends; default all;
+//                                              CHROMIUM=path overrides the browser)
 
 import { createServer } from 'node:http';
 import { createReadStream, mkdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
@@ -37,10 +43,14 @@ const MIME = {
   '.png': 'image/png',
 };
 
+// Requests the server answered, by path (to count downloads).
+const hits = new Map();
+
 // A static server for www/ on 127.0.0.1, as any static host would serve it.
 function serve() {
   const server = createServer((req, res) => {
     const path = normalize(decodeURIComponent(new URL(req.url, 'http://x').pathname));
+    hits.set(path, (hits.get(path) || 0) + 1);
     let file = join(www, path);
     if (!file.startsWith(www)) {
       res.writeHead(403).end();
@@ -222,6 +232,25 @@ async function withWebGpu(url, metrics) {
     const onGpu = await generate(page);
     check(onGpu.guided.length > 0, `the WebGPU engine generates: ${JSON.stringify(onGpu.guided)}`);
     metrics.webgpu = onGpu.guidedStats;
+
+    // A model that passed the check when added but 404s when loaded on WebGPU: the
+    // error names it on its row, and it is not downloaded again for the CPU.
+    await page.route('**/models/vanishing.gguf', (route) =>
+      route.request().headers().range
+        ? route.fulfill({ status: 206, headers: { 'content-range': 'bytes 0-3/64' }, body: 'GGUF' })
+        : route.continue(),
+    );
+    while ((await page.locator('#staged li').count()) > 0) await page.locator('#staged li button').first().click();
+    await page.fill('#url', `${url}models/vanishing.gguf`);
+    await page.selectOption('#url-role', 'base');
+    await page.click('#add-url');
+    await page.waitForFunction(() => document.querySelectorAll('#staged li').length === 1);
+    await page.click('#load');
+    await page.waitForFunction(() => document.body.dataset.state === 'error', null, { timeout: LOAD_TIMEOUT });
+    const rowError = await page.locator('#staged li .item-error').innerText();
+    const notices = await page.locator('#notices').innerText();
+    check(/not found/.test(rowError) && !/CPU/.test(notices), `a 404 on load is reported on its row, not retried on the CPU: ${JSON.stringify(rowError)}`);
+    check(hits.get('/models/vanishing.gguf') === 1, `the missing model was requested once (${hits.get('/models/vanishing.gguf')})`);
   } finally {
     await browser.close();
     check(!log.some((l) => l.startsWith('[pageerror]') || l.startsWith('[offsite]')), 'no page errors, no off-site requests');
@@ -271,12 +300,115 @@ async function withoutWebGpu(url, metrics) {
   }
 }
 
+const state = (page) => page.evaluate(() => document.body.dataset.state);
+const visibleText = (page, selector) =>
+  page.evaluate((sel) => {
+    const el = document.querySelector(sel);
+    return el && !el.hidden ? el.textContent : '';
+  }, selector);
+
+async function deadEnds(url, metrics) {
+  const log = [];
+  const browser = await launch(false);
+  try {
+    const { page } = await openPage(browser, url, log);
+    await waitReady(page);
+    await setControls(page);
+
+    // Invalid numbers are refused, with the browser's message next to the field.
+    for (const [id, value] of [['max-tokens', '0'], ['max-tokens', '5000'], ['max-tokens', '2.5'], ['seed', '-5'], ['seed', '1.5']]) {
+      await page.fill('#seed', '3');
+      await page.fill('#max-tokens', '4');
+      await page.fill(`#${id}`, value);
+      await page.click('#generate');
+      const message = await visibleText(page, `#${id}-error`);
+      const ran = (await page.locator('#out-guided .tok').count()) > 0;
+      check(message.length > 0 && !ran && (await state(page)) === 'ready', `${id} = ${value} is refused: ${JSON.stringify(message)}`);
+    }
+    await page.fill('#seed', '3');
+    await page.fill('#max-tokens', '4');
+    check((await visibleText(page, '#max-tokens-error')) === '' && (await visibleText(page, '#seed-error')) === '', 'valid values clear the field messages');
+
+    // Stop during the guided run: no column keeps "waiting for the guided run…".
+    await page.check('#compare');
+    await page.fill('#max-tokens', '200');
+    await page.click('#generate');
+    await page.waitForFunction(() => document.querySelectorAll('#out-guided .tok').length >= 2, null, { timeout: RUN_TIMEOUT });
+    await page.click('#stop');
+    await page.waitForFunction(() => document.body.dataset.state === 'ready', null, { timeout: RUN_TIMEOUT });
+    const baseStats = await page.locator('#stats-base').innerText();
+    check(!/waiting/.test(baseStats), `after Stop the base column says ${JSON.stringify(baseStats)}`);
+
+    // The loaded base removed: nothing runs it any more, and the list says so.
+    check((await page.locator('#staged li[data-loaded="true"]').count()) === 3, 'the model list marks the loaded models');
+    await page.locator('#staged li', { hasText: 'SmolLM2' }).locator('button').click();
+    check(await page.locator('#generate').isDisabled(), 'removing the loaded base disables Generate');
+    check((await page.locator('#staged li[data-loaded="true"]').count()) === 0, 'the model list says nothing is loaded');
+    const status = await page.locator('#progress-text').innerText();
+    check(/nothing loaded/.test(status), `the status says so: ${JSON.stringify(status)}`);
+    const staged = await page.locator('#staged li').count();
+
+    // URLs are checked when added: a 404 and a file that is no GGUF are refused there.
+    await page.fill('#url', `${url}models/missing.gguf`);
+    await page.click('#add-url');
+    await page.waitForFunction(() => !document.getElementById('url-error').hidden);
+    const notFound = await visibleText(page, '#url-error');
+    check(/not found/.test(notFound) && (await page.locator('#staged li').count()) === staged, `a URL that 404s is refused: ${JSON.stringify(notFound)}`);
+    await page.route('**/fake.gguf', (route) => route.fulfill({ status: 200, contentType: 'application/octet-stream', body: 'This is not a model' }));
+    await page.fill('#url', `${url}fake.gguf`);
+    await page.click('#add-url');
+    await page.waitForFunction(() => /GGUF/.test(document.getElementById('url-error').textContent));
+    const notGguf = await visibleText(page, '#url-error');
+    check(/not a GGUF model file/.test(notGguf) && !/magic/.test(notGguf) && (await page.locator('#staged li').count()) === staged, `a URL that is no GGUF is refused: ${JSON.stringify(notGguf)}`);
+    await page.setInputFiles('#pick-files', { name: 'fake.gguf', mimeType: 'application/octet-stream', buffer: Buffer.from('This is not a model') });
+    await page.waitForFunction(() => /fake\.gguf/.test(document.getElementById('url-error').textContent));
+    check((await page.locator('#staged li').count()) === staged, 'a local file that is no GGUF is refused');
+
+    // A GGUF that fails to load: the error sits on its row, Generate stays disabled and
+    // Ctrl+Enter says why; Load and Demo still work.
+    const broken = Buffer.concat([Buffer.from('GGUF'), Buffer.alloc(60, 0xff)]);
+    await page.setInputFiles('#pick-files', { name: 'broken.gguf', mimeType: 'application/octet-stream', buffer: broken });
+    await page.waitForFunction((n) => document.querySelectorAll('#staged li').length === n, staged + 1);
+    await page.click('#load');
+    await page.waitForFunction(() => document.body.dataset.state === 'error', null, { timeout: LOAD_TIMEOUT });
+    const rowError = await page.locator('#staged li', { hasText: 'broken.gguf' }).locator('.item-error').innerText();
+    check(rowError.length > 0 && !/broken\.gguf\/broken\.gguf/.test(rowError), `the failed load is reported on its row: ${JSON.stringify(rowError)}`);
+    check(await page.locator('#generate').isDisabled(), 'after a failed load Generate is disabled');
+    check(!(await page.locator('#load').isDisabled()) && !(await page.locator('#demo').isDisabled()), 'after a failed load Load and Demo work');
+    await page.focus('#prompt');
+    await page.keyboard.press('Control+Enter');
+    const refused = await visibleText(page, '#generate-error');
+    check(/[Ll]oad a model first/.test(refused) && (await state(page)) === 'error', `Generate without a model is refused: ${JSON.stringify(refused)}`);
+
+    // The demo again: the errors go, and Clear cache updates the status.
+    await page.click('#demo');
+    await page.waitForFunction(() => document.body.dataset.state === 'loading', null, { timeout: 10_000 }).catch(() => {});
+    await waitReady(page);
+    const leftovers = await page.evaluate(() => document.querySelectorAll('#staged .item-error, #notices .error').length);
+    check(leftovers === 0 && (await visibleText(page, '#load-error')) === '', 'a successful load clears the errors');
+    check(!(await page.locator('#generate').isDisabled()), 'Generate is enabled again');
+    const fromCache = await page.locator('#progress-text').getAttribute('data-from-cache');
+    await page.click('#clear-cache');
+    await page.waitForFunction(() => /cleared/.test(document.getElementById('notices').textContent));
+    const after = await page.locator('#progress-text').innerText();
+    check(!/from the browser cache$/.test(after), `after Clear cache (loaded from cache: ${fromCache}) the status reads ${JSON.stringify(after)}`);
+    metrics.deadEnds = 'ok';
+  } finally {
+    await browser.close();
+    check(!log.some((l) => l.startsWith('[pageerror]') || l.startsWith('[offsite]')), 'no page errors, no off-site requests');
+    if (log.length) console.log(log.join('\n'));
+  }
+}
+
+const parts = process.argv.slice(2);
+const wants = (part) => parts.length === 0 || parts.includes(part);
 const server = await serve();
 const url = `http://127.0.0.1:${server.address().port}/`;
 const metrics = {};
 try {
-  await withWebGpu(url, metrics);
-  await withoutWebGpu(url, metrics);
+  if (wants('webgpu')) await withWebGpu(url, metrics);
+  if (wants('cpu')) await withoutWebGpu(url, metrics);
+  if (wants('deadends')) await deadEnds(url, metrics);
   mkdirSync(artifacts, { recursive: true });
   writeFileSync(join(artifacts, 'playground.json'), `${JSON.stringify(metrics, null, 2)}\n`);
   console.log(JSON.stringify(metrics, null, 2));

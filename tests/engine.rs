@@ -326,3 +326,58 @@ fn a_kv_cache_larger_than_memory_is_refused_before_allocating() {
         "{err}"
     );
 }
+
+#[test]
+fn lora_tensors_that_cannot_apply_are_refused() {
+    let cfg = TinyConfig::default();
+    let dir = temp_dir("lora-refused");
+    let base = dir.join("base.gguf");
+    TinyModel::random(&cfg, 40).write_gguf(&base, GgmlDType::F32);
+    let lora = TinyLora::random(&cfg, 2, 4.0, &["q_proj"], 41);
+    // Rewrites the adapter's weights with `edit` applied, then loads it as an ARM.
+    let load_edited =
+        |name: &str,
+         edit: &dyn Fn(&mut std::collections::HashMap<String, candle_core::Tensor>)|
+         -> String {
+            let arm = dir.join(name);
+            write_lora_dir(&arm, &lora, "hub/name");
+            let path = arm.join("adapter_model.safetensors");
+            let mut tensors = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+            edit(&mut tensors);
+            candle_core::safetensors::save(&tensors, &path).unwrap();
+            match CpuEngine::load(&base, &[arm], None, &Device::Cpu) {
+                Ok(_) => panic!("{name}: the ARM loaded"),
+                Err(e) => e.to_string(),
+            }
+        };
+    let a_name = |t: &std::collections::HashMap<String, candle_core::Tensor>| {
+        t.keys()
+            .find(|k| k.ends_with("lora_A.weight"))
+            .unwrap()
+            .clone()
+    };
+    let err = load_edited("nan", &|t| {
+        let name = a_name(t);
+        let shape = t[&name].dims().to_vec();
+        let n: usize = shape.iter().product();
+        let mut v = vec![0.1f32; n];
+        v[n / 2] = f32::NAN;
+        t.insert(
+            name,
+            candle_core::Tensor::from_vec(v, shape, &Device::Cpu).unwrap(),
+        );
+    });
+    assert!(
+        err.contains("NaN or infinite") && err.contains("lora_A"),
+        "{err}"
+    );
+    // A module the model does not have (q_proj under mlp) is an error, not skipped.
+    let err = load_edited("misplaced", &|t| {
+        let moved: Vec<(String, candle_core::Tensor)> = t
+            .drain()
+            .map(|(k, v)| (k.replace("self_attn.q_proj", "mlp.q_proj"), v))
+            .collect();
+        t.extend(moved);
+    });
+    assert!(err.contains("mlp.q_proj"), "{err}");
+}

@@ -854,16 +854,28 @@ fn host_memory_bytes() -> Option<u64> {
 /// Every LoRA module must be one this architecture has.
 pub(crate) fn check_adapter_modules(adapter: &LoraAdapter, cfg: &LlamaConfig) -> Result<()> {
     for module in adapter.modules.keys() {
-        let layer_ok = module
+        // Exactly `model.layers.{i}.self_attn.{q,k,v,o}_proj` or `….mlp.{gate,up,down}_proj`:
+        // a module the engines never look up (`mlp.q_proj`) must not be dropped quietly.
+        let (layer, rest) = module
             .strip_prefix("model.layers.")
             .and_then(|r| r.split_once('.'))
-            .and_then(|(l, _)| l.parse::<usize>().ok())
-            .is_some_and(|l| l < cfg.num_layers);
-        if !layer_ok {
+            .unwrap_or(("", ""));
+        let known = matches!(
+            rest,
+            "self_attn.q_proj"
+                | "self_attn.k_proj"
+                | "self_attn.v_proj"
+                | "self_attn.o_proj"
+                | "mlp.gate_proj"
+                | "mlp.up_proj"
+                | "mlp.down_proj"
+        );
+        let in_range = layer.parse::<usize>().is_ok_and(|l| l < cfg.num_layers);
+        if !(known && in_range) {
             return Err(Error::Incompatible {
                 arm: adapter.path.display().to_string(),
                 message: format!(
-                    "LoRA module `{module}` does not exist in a {}-layer model",
+                    "LoRA module `{module}` does not exist in a {}-layer Llama-family model",
                     cfg.num_layers
                 ),
             });

@@ -389,6 +389,16 @@ impl LoraAdapter {
             } else {
                 (a, b)
             };
+            for (t, tname) in [(&a, name), (&b, &b_name)] {
+                let values = t.to_dtype(candle_core::DType::F32)?.flatten_all()?;
+                let finite = values.to_vec1::<f32>()?.iter().all(|x| x.is_finite());
+                if !finite {
+                    return Err(Error::format(
+                        &weights_path,
+                        format!("tensor `{tname}` holds NaN or infinite values"),
+                    ));
+                }
+            }
             let (r, alpha) = config.module_rank_alpha(module);
             let why = if config.rank_pattern.is_empty() {
                 "r"

@@ -833,7 +833,12 @@ impl Trainer {
             ));
         }
         let state_path = dir.join("state.safetensors");
-        let tensors = candle_core::safetensors::load(&state_path, &Device::Cpu)?;
+        let tensors = candle_core::safetensors::load(&state_path, &Device::Cpu).map_err(|e| {
+            Error::format(
+                &state_path,
+                format!("unreadable training state ({e}); remove the checkpoint or start with --overwrite"),
+            )
+        })?;
         let get = |name: &str| -> Result<Tensor> {
             tensors
                 .get(name)

@@ -373,6 +373,7 @@ impl LoraAdapter {
             }
             let a = files.load(name, device)?.dense(device)?;
             let b = files.load(&b_name, device)?.dense(device)?;
+            // Each factor must be a finite matrix (a transpose keeps both properties).
             for (t, tname) in [(&a, name), (&b, &b_name)] {
                 if t.rank() != 2 {
                     return Err(Error::format(
@@ -383,45 +384,36 @@ impl LoraAdapter {
                         ),
                     ));
                 }
-            }
-            let (a, b) = if config.fan_in_fan_out {
-                (a.t()?.contiguous()?, b.t()?.contiguous()?)
-            } else {
-                (a, b)
-            };
-            for (t, tname) in [(&a, name), (&b, &b_name)] {
                 let values = t.to_dtype(candle_core::DType::F32)?.flatten_all()?;
-                let finite = values.to_vec1::<f32>()?.iter().all(|x| x.is_finite());
-                if !finite {
+                if !values.to_vec1::<f32>()?.iter().all(|x| x.is_finite()) {
                     return Err(Error::format(
                         &weights_path,
                         format!("tensor `{tname}` holds NaN or infinite values"),
                     ));
                 }
             }
+            let (a, b) = if config.fan_in_fan_out {
+                (a.t()?.contiguous()?, b.t()?.contiguous()?)
+            } else {
+                (a, b)
+            };
             let (r, alpha) = config.module_rank_alpha(module);
             let why = if config.rank_pattern.is_empty() {
                 "r"
             } else {
                 "r / rank_pattern"
             };
-            if a.dims()[0] != r {
-                return Err(Error::format(
-                    &weights_path,
-                    format!(
-                        "tensor `{name}` has shape {:?}, but {why} in {ADAPTER_CONFIG} gives module `{module}` rank {r}",
-                        a.dims()
-                    ),
-                ));
-            }
-            if b.dims()[1] != r {
-                return Err(Error::format(
-                    &weights_path,
-                    format!(
-                        "tensor `{b_name}` has shape {:?}, but {why} in {ADAPTER_CONFIG} gives module `{module}` rank {r}",
-                        b.dims()
-                    ),
-                ));
+            // A is `[r, in]`, B is `[out, r]`.
+            for (t, tname, axis) in [(&a, name, 0), (&b, &b_name, 1)] {
+                if t.dims()[axis] != r {
+                    return Err(Error::format(
+                        &weights_path,
+                        format!(
+                            "tensor `{tname}` has shape {:?}, but {why} in {ADAPTER_CONFIG} gives module `{module}` rank {r}",
+                            t.dims()
+                        ),
+                    ));
+                }
             }
             let b_scaled = (b * Self::scale(config.use_rslora, r, alpha))?;
             modules.insert(module.to_string(), LoraPair { a, b_scaled });

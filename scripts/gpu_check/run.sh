@@ -23,7 +23,8 @@ done
 # wgpu opens libvulkan.so.1 at run time; unpack the carried loader only where the
 # machine has none (unpacking over an installed one could replace a newer library).
 vulkan_loader() {
-  if ! ldconfig -p | grep -q 'libvulkan\.so\.1'; then
+  # (grep without -q: an early exit would fail ldconfig's write under pipefail)
+  if ! ldconfig -p | grep 'libvulkan\.so\.1' >/dev/null; then
     local deb
     for deb in "$BUNDLE"/debs/*.deb; do
       [ -e "$deb" ] || { echo "run.sh: no libvulkan.so.1 and no .deb in $BUNDLE/debs" >&2; return 0; }
@@ -78,6 +79,9 @@ else
   LIMIT=${GPU_CHECK_LIMIT_S:-470}
   vulkan_loader
   cuda_libraries
+  # candle's kernels are PTX that the driver compiles when a process first loads them;
+  # a cache large enough to keep them spares every later genarm process that work.
+  export CUDA_CACHE_MAXSIZE=${CUDA_CACHE_MAXSIZE:-4294967296}
 fi
 mkdir -p "$OUT_DIR" "$WORK"
 # No __pycache__ in the working tree (it would travel with the next run).

@@ -280,9 +280,9 @@ bench() {
 
 # The prepared GPU check (scripts/gpu_check/, README "GPU"): a bundle in target/gpu-check/
 # for a GPU machine that has python3 with torch, transformers and peft but no Rust, no
-# network and room for 64 MiB of carried files. It holds the stripped genarm binary (the
-# CUDA build when `./build.sh cuda` is available, else the plain one, which fails the
-# CUDA phases) and the Vulkan loader's .deb files for the WebGPU engine. --dry-run then
+# network and room for 64 MiB of carried files. It holds the stripped genarm binary, xz-
+# compressed (the CUDA build when `./build.sh cuda` is available, else the plain one,
+# which fails the CUDA phases), and the Vulkan loader's .deb files for the WebGPU engine. --dry-run then
 # runs the whole check here on tiny shapes (torch from PyPI in target/gpu-check-venv/,
 # ~4 GB once; the CPU stands in for CUDA, lavapipe for the GPU). CI does not run it.
 GPU_CHECK_BUNDLE=target/gpu-check
@@ -308,19 +308,30 @@ gpu_check() {
   fi
 }
 
+# The binary travels xz-compressed: the stripped CUDA build is ~75 MB, over the 64 MiB
+# limit alone (candle's kernels are embedded as PTX text), and ~10 MB as .xz.
 gpu_check_binary() {
-  local bin="$GPU_CHECK_BUNDLE/genarm"
+  local src build
   if declare -F cuda >/dev/null && [ "${GPU_CHECK_CUDA:-1}" = 1 ]; then
     cuda
-    cp target/cuda/genarm-cuda "$bin"
-    echo cuda >"$GPU_CHECK_BUNDLE/genarm.build"
+    src=target/cuda/genarm-cuda build=cuda
   else
     log "no CUDA build here (no \`./build.sh cuda\`, or GPU_CHECK_CUDA=0): carrying the plain" \
       "binary; the check's CUDA phases will fail with 'cannot open CUDA device 0'"
     build_native
-    strip -o "$bin" target/release/genarm
-    echo plain >"$GPU_CHECK_BUNDLE/genarm.build"
+    src=target/release/genarm-stripped build=plain
+    strip -o "$src" target/release/genarm
   fi
+  local xz="$GPU_CHECK_BUNDLE/genarm.xz"
+  local was
+  was=$(cat "$GPU_CHECK_BUNDLE/genarm.build" 2>/dev/null || true)
+  if [ ! -f "$xz" ] || [ "$src" -nt "$xz" ] || [ "$was" != "$build" ]; then
+    log "xz -9 $src -> $xz"
+    xz -9 -T0 -c "$src" >"$xz.part"
+    mv "$xz.part" "$xz"
+  fi
+  echo "$build" >"$GPU_CHECK_BUNDLE/genarm.build"
+  rm -f "$GPU_CHECK_BUNDLE/genarm"
 }
 
 # The loader and the GL dispatch libraries the NVIDIA Vulkan driver needs, for a machine

@@ -246,6 +246,7 @@ class Check:
             "python": platform.python_version(),
             "torch": torch.__version__,
             "genarm": self.genarm.version(),
+            "genarm_build": os.environ.get("GENARM_BUILD", "unknown"),  # cuda or plain (run.sh)
             "machine": platform.machine(),
             "cpu_count": os.cpu_count(),
         }
@@ -562,6 +563,10 @@ def main():
     if unknown:
         p.error(f"unknown phases: {', '.join(sorted(unknown))}")
     os.makedirs(args.out, exist_ok=True)
+    # The output's tail is what a device run returns: no progress bars in it.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     result = Check(args).run(wanted)
     print(report.markdown(result))
 

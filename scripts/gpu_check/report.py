@@ -123,7 +123,8 @@ def markdown(result):
     lines.append(
         f"Started {result.get('started_utc')}; GPU: {env.get('gpu', 'none')}"
         f" ({env.get('nvidia_smi', 'no nvidia-smi')}); torch {env.get('torch')}, "
-        f"transformers {env.get('transformers')}, peft {env.get('peft')}; {env.get('genarm')}."
+        f"transformers {env.get('transformers')}, peft {env.get('peft')}; {env.get('genarm')} "
+        f"({env.get('genarm_build', '?')} build)."
     )
     bw = ph.get("copy_bandwidth", {})
     if "gb_per_s" in bw:

@@ -8,7 +8,7 @@
 #
 # The GPU machine has python3 with torch, transformers and peft, the NVIDIA driver and
 # CUDA libraries, but no Rust, no network and maybe no Vulkan loader: the bundle brings
-# the stripped genarm binary and the loader's .deb files.
+# the stripped genarm binary (xz-compressed) and the loader's .deb files.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -18,7 +18,7 @@ ARGS=()
 for a in "$@"; do
   if [ "$a" = --dry-run ]; then DRY=1; else ARGS+=("$a"); fi
 done
-[ -x "$BUNDLE/genarm" ] || { echo "run.sh: no $BUNDLE/genarm: run ./build.sh gpu-check first" >&2; exit 1; }
+[ -f "$BUNDLE/genarm.xz" ] || { echo "run.sh: no $BUNDLE/genarm.xz: run ./build.sh gpu-check first" >&2; exit 1; }
 
 # wgpu opens libvulkan.so.1 at run time; unpack the carried loader only where the
 # machine has none (unpacking over an installed one could replace a newer library).
@@ -84,11 +84,19 @@ else
   export CUDA_CACHE_MAXSIZE=${CUDA_CACHE_MAXSIZE:-4294967296}
 fi
 mkdir -p "$OUT_DIR" "$WORK"
+# The binary travels xz-compressed; Python's lzma unpacks it where no xz is installed.
+BIN="$WORK/genarm"
+"$PY" -c 'import lzma, shutil, sys
+with lzma.open(sys.argv[1]) as src, open(sys.argv[2], "wb") as dst:
+    shutil.copyfileobj(src, dst)' "$BUNDLE/genarm.xz" "$BIN"
+chmod +x "$BIN"
+GENARM_BUILD=$(cat "$BUNDLE/genarm.build" 2>/dev/null || echo unknown)
+export GENARM_BUILD
 # No __pycache__ in the working tree (it would travel with the next run).
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 start=$(date +%s)
 set +e
-timeout "$LIMIT" "$PY" scripts/gpu_check/check.py --genarm "$BUNDLE/genarm" --out "$OUT_DIR" \
+timeout "$LIMIT" "$PY" scripts/gpu_check/check.py --genarm "$BIN" --out "$OUT_DIR" \
   --work-dir "$WORK" "${ARGS[@]}"
 rc=$?
 set -e

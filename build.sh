@@ -7,13 +7,13 @@
 #   ./build.sh test            everything the project checks (what .ci/run runs)
 #   ./build.sh test-web        only the browser tests (wasm API in Chromium, playground end to end)
 #   ./build.sh bench           decode speed on the demo model (base, +1, +2 LoRA ARMs)
-#   ./build.sh gpu-check [--dry-run]  bundle the GPU check for the H200 machine and print the run
-#                              command (--dry-run: also run it here with tiny shapes; not part of CI)
 #   ./build.sh train-demo-arms rebuild the demo ARM in www/arms/ (long; not part of CI)
 #   ./build.sh fetch-model     download the demo model into models/ if absent
 #   ./build.sh fetch-data      download the scorers' lexicons and the prompt corpus into models/data/
 #   ./build.sh setup           install the toolchain pieces (wasm32 target, lavapipe, wasm-pack,
 #                              wasm-bindgen-cli, Chromium + chromedriver, playwright-core)
+#   ./build.sh gpu-check [--dry-run]  bundle the GPU check for the H200 machine and print the run
+#                              command (--dry-run: also run it here with tiny shapes; not part of CI)
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -278,12 +278,59 @@ bench() {
     --arm "$dir/random-1:1" --arm "$dir/random-2:1" --tokens 128 --runs 5 "$@"
 }
 
+# Rebuilds the demo ARMs from scratch (positive: ~20 min of data synthesis and ~15 min of
+# training on 2 cores, its scalar reward model ~15 min and the evaluation ~25 min;
+# concise: ~30 min of pairs and ~35 min of training on one thread; never run by CI). Interrupted steps resume
+# where they stopped.
+train_demo_arms() {
+  fetch_model
+  fetch_data
+  build_native
+  local bin=./target/release/genarm dir=target/demo
+  mkdir -p "$dir"
+  [ -s "$dir/sent-train.txt" ] || $bin prompts --corpus "$DATA_DIR/sentences.txt" --n 2600 \
+    --eval-frac 0.1 --out-train "$dir/sent-train.txt" --out-eval "$dir/sent-eval.txt"
+  [ -s "$dir/positive-pairs.jsonl" ] || $bin prefs --model "$DEMO_MODEL" --prompts "$dir/sent-train.txt" \
+    --samples 4 --scorer sentiment --max-new-tokens 24 --seed 1 --resume --out "$dir/positive-pairs.jsonl"
+  $bin train --model "$DEMO_MODEL" --data "$dir/positive-pairs.jsonl" --out www/arms/positive \
+    --lora-layers 6 --beta-r 0.1 --lr 1e-3 --batch-size 16 --micro-batch 8 --warmup 10 \
+    --eval-frac 0.05 --max-prompt-len 32 --max-len 64 --seed 1 --resume --name positive \
+    --objective "positive sentiment (VADER valence of the continuation)" \
+    --base-name HuggingFaceTB/SmolLM2-135M-Instruct
+  # The conventional scalar reward model on the same pairs, then GenARM against best-of-N
+  # and ARGS (docs/evaluation.md; the README's baseline table).
+  $bin train --scalar-head --model "$DEMO_MODEL" --data "$dir/positive-pairs.jsonl" --out "$dir/rm-positive" \
+    --lora-layers 6 --lr 1e-3 --batch-size 16 --micro-batch 8 --warmup 10 \
+    --eval-frac 0.05 --max-prompt-len 32 --max-len 64 --seed 1 --resume --name positive-rm \
+    --objective "positive sentiment (VADER valence), scalar reward model" \
+    --base-name HuggingFaceTB/SmolLM2-135M-Instruct
+  $bin eval --model "$DEMO_MODEL" --arm www/arms/positive --prompts "$dir/sent-eval.txt" --limit 120 \
+    --scorer sentiment --scorer sentiment-afinn --alphas 0,0.5,1,2 --max-new-tokens 24 --seed 7 \
+    --data-dir "$DATA_DIR" --reward-model "$dir/rm-positive" --baseline bon:4 --baseline bon:16 \
+    --baseline args:10:1 --baseline args:10:3 --overwrite --out "$dir/eval-positive"
+  # The second objective: shorter complete answers (about 30 min of sampling on 2 cores).
+  [ -s "$dir/concise-pairs.jsonl" ] || $bin prefs --model "$DEMO_MODEL" --prompts "$dir/sent-train.txt" \
+    --chat --template "Complete this sentence: {}" --samples 4 --scorer concise --max-new-tokens 40 \
+    --seed 2 --resume --out "$dir/concise-pairs.jsonl"
+  # The anchor (--sft-weight) is what makes this ARM work: without it the loss on these
+  # length-skewed pairs also falls by lowering every token's probability (README).
+  $bin train --model "$DEMO_MODEL" --data "$dir/concise-pairs.jsonl" --chat --out www/arms/concise \
+    --lora-layers 6 --beta-r 0.02 --sft-weight 1 --lr 1e-3 --batch-size 16 --micro-batch 8 --warmup 10 \
+    --eval-frac 0.05 --max-prompt-len 64 --max-len 112 --seed 2 --resume --name concise \
+    --objective "fewer tokens for a complete answer" --base-name HuggingFaceTB/SmolLM2-135M-Instruct
+  # Both ARMs at once: the 4 x 4 alpha grid, its Pareto front and hypervolume (docs/eval-2d).
+  $bin eval --model "$DEMO_MODEL" --arm www/arms/positive --arm www/arms/concise \
+    --prompts "$dir/sent-eval.txt" --limit 100 --chat --template "Complete this sentence: {}" \
+    --scorer length --scorer sentiment --scorer sentiment-afinn --alphas 0,0.5,1,2 \
+    --max-new-tokens 40 --seed 7 --data-dir "$DATA_DIR" --overwrite --out "$dir/eval-2d"
+}
+
 # The prepared GPU check (scripts/gpu_check/, README "GPU"): a bundle in target/gpu-check/
 # for a GPU machine that has python3 with torch, transformers and peft but no Rust, no
 # network and room for 64 MiB of carried files. It holds the stripped genarm binary, xz-
 # compressed (the CUDA build when `./build.sh cuda` is available, else the plain one,
-# which fails the CUDA phases), and the Vulkan loader's .deb files for the WebGPU engine. --dry-run then
-# runs the whole check here on tiny shapes (torch from PyPI in target/gpu-check-venv/,
+# which fails the CUDA phases), and the Vulkan loader's .deb files for the WebGPU engine.
+# --dry-run then runs the whole check here on tiny shapes (torch from PyPI in target/gpu-check-venv/,
 # ~4 GB once; the CPU stands in for CUDA, lavapipe for the GPU). CI does not run it.
 GPU_CHECK_BUNDLE=target/gpu-check
 GPU_CHECK_VENV=target/gpu-check-venv
@@ -390,53 +437,6 @@ gpu_check_venv() {
   "$py" -m pip install --quiet torch "transformers==5.17.0" peft numpy safetensors
 }
 
-# Rebuilds the demo ARMs from scratch (positive: ~20 min of data synthesis and ~15 min of
-# training on 2 cores, its scalar reward model ~15 min and the evaluation ~25 min;
-# concise: ~30 min of pairs and ~35 min of training on one thread; never run by CI). Interrupted steps resume
-# where they stopped.
-train_demo_arms() {
-  fetch_model
-  fetch_data
-  build_native
-  local bin=./target/release/genarm dir=target/demo
-  mkdir -p "$dir"
-  [ -s "$dir/sent-train.txt" ] || $bin prompts --corpus "$DATA_DIR/sentences.txt" --n 2600 \
-    --eval-frac 0.1 --out-train "$dir/sent-train.txt" --out-eval "$dir/sent-eval.txt"
-  [ -s "$dir/positive-pairs.jsonl" ] || $bin prefs --model "$DEMO_MODEL" --prompts "$dir/sent-train.txt" \
-    --samples 4 --scorer sentiment --max-new-tokens 24 --seed 1 --resume --out "$dir/positive-pairs.jsonl"
-  $bin train --model "$DEMO_MODEL" --data "$dir/positive-pairs.jsonl" --out www/arms/positive \
-    --lora-layers 6 --beta-r 0.1 --lr 1e-3 --batch-size 16 --micro-batch 8 --warmup 10 \
-    --eval-frac 0.05 --max-prompt-len 32 --max-len 64 --seed 1 --resume --name positive \
-    --objective "positive sentiment (VADER valence of the continuation)" \
-    --base-name HuggingFaceTB/SmolLM2-135M-Instruct
-  # The conventional scalar reward model on the same pairs, then GenARM against best-of-N
-  # and ARGS (docs/evaluation.md; the README's baseline table).
-  $bin train --scalar-head --model "$DEMO_MODEL" --data "$dir/positive-pairs.jsonl" --out "$dir/rm-positive" \
-    --lora-layers 6 --lr 1e-3 --batch-size 16 --micro-batch 8 --warmup 10 \
-    --eval-frac 0.05 --max-prompt-len 32 --max-len 64 --seed 1 --resume --name positive-rm \
-    --objective "positive sentiment (VADER valence), scalar reward model" \
-    --base-name HuggingFaceTB/SmolLM2-135M-Instruct
-  $bin eval --model "$DEMO_MODEL" --arm www/arms/positive --prompts "$dir/sent-eval.txt" --limit 120 \
-    --scorer sentiment --scorer sentiment-afinn --alphas 0,0.5,1,2 --max-new-tokens 24 --seed 7 \
-    --data-dir "$DATA_DIR" --reward-model "$dir/rm-positive" --baseline bon:4 --baseline bon:16 \
-    --baseline args:10:1 --baseline args:10:3 --overwrite --out "$dir/eval-positive"
-  # The second objective: shorter complete answers (about 30 min of sampling on 2 cores).
-  [ -s "$dir/concise-pairs.jsonl" ] || $bin prefs --model "$DEMO_MODEL" --prompts "$dir/sent-train.txt" \
-    --chat --template "Complete this sentence: {}" --samples 4 --scorer concise --max-new-tokens 40 \
-    --seed 2 --resume --out "$dir/concise-pairs.jsonl"
-  # The anchor (--sft-weight) is what makes this ARM work: without it the loss on these
-  # length-skewed pairs also falls by lowering every token's probability (README).
-  $bin train --model "$DEMO_MODEL" --data "$dir/concise-pairs.jsonl" --chat --out www/arms/concise \
-    --lora-layers 6 --beta-r 0.02 --sft-weight 1 --lr 1e-3 --batch-size 16 --micro-batch 8 --warmup 10 \
-    --eval-frac 0.05 --max-prompt-len 64 --max-len 112 --seed 2 --resume --name concise \
-    --objective "fewer tokens for a complete answer" --base-name HuggingFaceTB/SmolLM2-135M-Instruct
-  # Both ARMs at once: the 4 x 4 alpha grid, its Pareto front and hypervolume (docs/eval-2d).
-  $bin eval --model "$DEMO_MODEL" --arm www/arms/positive --arm www/arms/concise \
-    --prompts "$dir/sent-eval.txt" --limit 100 --chat --template "Complete this sentence: {}" \
-    --scorer length --scorer sentiment --scorer sentiment-afinn --alphas 0,0.5,1,2 \
-    --max-new-tokens 40 --seed 7 --data-dir "$DATA_DIR" --overwrite --out "$dir/eval-2d"
-}
-
 cmd="${1:-run}"
 shift || true
 case "$cmd" in
@@ -446,10 +446,10 @@ case "$cmd" in
   test) test_all ;;
   test-web) test_web ;;
   bench) bench "$@" ;;
-  gpu-check) gpu_check "$@" ;;
   train-demo-arms) train_demo_arms ;;
   fetch-model) fetch_model ;;
   fetch-data) fetch_data ;;
   setup) setup ;;
-  *) echo "usage: $0 [run|web|serve|test|test-web|bench|gpu-check|train-demo-arms|fetch-model|fetch-data|setup]" >&2; exit 2 ;;
+  gpu-check) gpu_check "$@" ;;
+  *) echo "usage: $0 [run|web|serve|test|test-web|bench|train-demo-arms|fetch-model|fetch-data|setup|gpu-check]" >&2; exit 2 ;;
 esac

@@ -12,6 +12,8 @@
 #   ./build.sh fetch-data      download the scorers' lexicons and the prompt corpus into models/data/
 #   ./build.sh setup           install the toolchain pieces (wasm32 target, lavapipe, wasm-pack,
 #                              wasm-bindgen-cli, Chromium + chromedriver, playwright-core)
+#   ./build.sh gpu-check [--dry-run]  bundle the GPU check for the H200 machine and print the run
+#                              command (--dry-run: also run it here with tiny shapes; not part of CI)
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -323,6 +325,118 @@ train_demo_arms() {
     --max-new-tokens 40 --seed 7 --data-dir "$DATA_DIR" --overwrite --out "$dir/eval-2d"
 }
 
+# The prepared GPU check (scripts/gpu_check/, README "GPU"): a bundle in target/gpu-check/
+# for a GPU machine that has python3 with torch, transformers and peft but no Rust, no
+# network and room for 64 MiB of carried files. It holds the stripped genarm binary, xz-
+# compressed (the CUDA build when `./build.sh cuda` is available, else the plain one,
+# which fails the CUDA phases), and the Vulkan loader's .deb files for the WebGPU engine.
+# --dry-run then runs the whole check here on tiny shapes (torch from PyPI in target/gpu-check-venv/,
+# ~4 GB once; the CPU stands in for CUDA, lavapipe for the GPU). CI does not run it.
+GPU_CHECK_BUNDLE=target/gpu-check
+GPU_CHECK_VENV=target/gpu-check-venv
+GPU_CHECK_DEBS=(libvulkan1 libegl1 libglvnd0 libopengl0 libgl1 libglx0 libgles2)
+GPU_CHECK_CARRY_LIMIT=$((64 << 20))
+
+gpu_check() {
+  local dry=0
+  case "${1:-}" in
+    --dry-run) dry=1 ;;
+    "") ;;
+    *) echo "usage: $0 gpu-check [--dry-run]" >&2; exit 2 ;;
+  esac
+  mkdir -p "$GPU_CHECK_BUNDLE/debs"
+  gpu_check_binary
+  gpu_check_debs
+  gpu_check_manifest
+  if [ "$dry" = 1 ]; then
+    gpu_check_venv
+    log "dry run: scripts/gpu_check/run.sh --dry-run"
+    scripts/gpu_check/run.sh --dry-run
+  fi
+}
+
+# The binary travels xz-compressed: the stripped CUDA build is ~75 MB, over the 64 MiB
+# limit alone (candle's kernels are embedded as PTX text), and ~10 MB as .xz.
+gpu_check_binary() {
+  local src build
+  if declare -F cuda >/dev/null && [ "${GPU_CHECK_CUDA:-1}" = 1 ]; then
+    cuda
+    src=target/cuda/genarm-cuda build=cuda
+  else
+    log "no CUDA build here (no \`./build.sh cuda\`, or GPU_CHECK_CUDA=0): carrying the plain" \
+      "binary; the check's CUDA phases will fail with 'cannot open CUDA device 0'"
+    build_native
+    src=target/release/genarm-stripped build=plain
+    strip -o "$src" target/release/genarm
+  fi
+  local xz="$GPU_CHECK_BUNDLE/genarm.xz"
+  local was
+  was=$(cat "$GPU_CHECK_BUNDLE/genarm.build" 2>/dev/null || true)
+  if [ ! -f "$xz" ] || [ "$src" -nt "$xz" ] || [ "$was" != "$build" ]; then
+    log "xz -9 $src -> $xz"
+    xz -9 -T0 -c "$src" >"$xz.part"
+    mv "$xz.part" "$xz"
+  fi
+  echo "$build" >"$GPU_CHECK_BUNDLE/genarm.build"
+  rm -f "$GPU_CHECK_BUNDLE/genarm"
+}
+
+# The loader and the GL dispatch libraries the NVIDIA Vulkan driver needs, for a machine
+# whose image has none (run.sh unpacks them only then). Debian's amd64 packages.
+gpu_check_debs() {
+  local have=1 p
+  for p in "${GPU_CHECK_DEBS[@]}"; do
+    compgen -G "$GPU_CHECK_BUNDLE/debs/${p}_*.deb" >/dev/null || have=0
+  done
+  [ "$have" = 1 ] && return 0
+  log "apt-get download ${GPU_CHECK_DEBS[*]}"
+  rm -f "$GPU_CHECK_BUNDLE"/debs/*.deb
+  if ! (cd "$GPU_CHECK_BUNDLE/debs" && apt-get download -qq -o APT::Sandbox::User=root "${GPU_CHECK_DEBS[@]}"); then
+    local sudo=""
+    [ "$(id -u)" = 0 ] || sudo=sudo
+    $sudo apt-get update -qq
+    (cd "$GPU_CHECK_BUNDLE/debs" && apt-get download -qq -o APT::Sandbox::User=root "${GPU_CHECK_DEBS[@]}")
+  fi
+}
+
+# What travels: the working tree (tracked and untracked-not-ignored files, links as
+# links) plus the bundle; the run tool refuses more than 64 MiB.
+gpu_check_manifest() {
+  local tree bundle total
+  tree=$(git ls-files -z --cached --others --exclude-standard | xargs -0 stat -c %s 2>/dev/null |
+    awk '{s += $1} END {print s + 0}')
+  bundle=$(find "$GPU_CHECK_BUNDLE" -type f -printf '%s\n' | awk '{s += $1} END {print s + 0}')
+  total=$((tree + bundle))
+  log "gpu-check carries $GPU_CHECK_BUNDLE ($(cat "$GPU_CHECK_BUNDLE/genarm.build") binary):"
+  find "$GPU_CHECK_BUNDLE" -type f -printf '    %10s  %p\n' | sort -k2 >&2
+  printf '    working tree %s bytes + bundle %s bytes = %s of %s bytes allowed\n' \
+    "$tree" "$bundle" "$total" "$GPU_CHECK_CARRY_LIMIT" >&2
+  if [ "$total" -gt "$GPU_CHECK_CARRY_LIMIT" ]; then
+    echo "gpu-check: $total bytes would travel, over the 64 MiB limit" >&2
+    exit 1
+  fi
+  cat >&2 <<EOF
+  On a session with the GPU machine, call the device tool's run with:
+    command:   bash scripts/gpu_check/run.sh
+    carry:     ["$GPU_CHECK_BUNDLE"]
+    timeout_s: 540
+  (the check stops itself by 470 s; results come back as gpu_check.json, gpu_check.md and
+  gpu_check.log. To repeat only some phases: bash scripts/gpu_check/run.sh --phases a,b)
+EOF
+}
+
+# torch, transformers and peft for the dry run (the GPU machine has its own). transformers
+# is pinned to the GPU machine's version.
+gpu_check_venv() {
+  local py="$GPU_CHECK_VENV/bin/python"
+  if [ -x "$py" ] && "$py" -c 'import torch, transformers, peft' 2>/dev/null; then
+    return 0
+  fi
+  log "making $GPU_CHECK_VENV (torch, transformers 5.17.0, peft from PyPI; ~4 GB)"
+  python3 -m venv "$GPU_CHECK_VENV"
+  "$py" -m pip install --quiet torch "transformers==5.17.0" peft numpy safetensors
+}
+
 cmd="${1:-run}"
 shift || true
 case "$cmd" in
@@ -336,5 +450,6 @@ case "$cmd" in
   fetch-model) fetch_model ;;
   fetch-data) fetch_data ;;
   setup) setup ;;
-  *) echo "usage: $0 [run|web|serve|test|test-web|bench|train-demo-arms|fetch-model|fetch-data|setup]" >&2; exit 2 ;;
+  gpu-check) gpu_check "$@" ;;
+  *) echo "usage: $0 [run|web|serve|test|test-web|bench|train-demo-arms|fetch-model|fetch-data|setup|gpu-check]" >&2; exit 2 ;;
 esac

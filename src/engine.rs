@@ -6,6 +6,10 @@ use std::str::FromStr;
 
 use crate::error::{Error, Result};
 use crate::guide::{combine, Sampler, SamplingParams};
+use crate::model::BaseFacts;
+
+/// The default KV-cache length when the caller does not choose one.
+pub const DEFAULT_CONTEXT: usize = 2048;
 
 /// An ARM on the command line: `PATH[:ALPHA]` (alpha defaults to 1).
 #[derive(Clone, Debug, PartialEq)]
@@ -99,6 +103,8 @@ pub fn check_guidance(alphas: &[f32], arms: usize, sampling: &SamplingParams) ->
 pub trait Engine {
     /// Which backend runs the models, for humans ("cpu", "cuda:0", "webgpu (…)").
     fn backend(&self) -> String;
+    /// The base's tokenizer, its note and stop ids.
+    fn facts(&self) -> &BaseFacts;
     /// The base vocabulary, which is also the guided one.
     fn vocab_size(&self) -> usize;
     /// A label per ARM (its `genarm.json` name or its file name).

@@ -6,6 +6,7 @@
 //! guide (`guide`) → tokens (`generate`). In the browser, `web` is the wasm-bindgen API
 //! that the playground's worker uses.
 
+pub mod bench;
 pub mod cpu;
 pub mod engine;
 pub mod error;

@@ -30,9 +30,8 @@ use crate::gpu::{GpuContext, GpuEngine};
 use crate::guide::SamplingParams;
 use crate::model::arm_plan::ArmPlan;
 use crate::model::lora::{LoraAdapter, ADAPTER_CONFIG, ADAPTER_WEIGHTS, ARM_INFO};
-use crate::model::tokenizer::TextTokenizer;
 use crate::model::weights::Bytes;
-use crate::model::Checkpoint;
+use crate::model::{BaseFacts, Checkpoint};
 
 /// KV-cache length when the page does not choose one: the browser's memory is
 /// tighter than a native process's (each row of the batch holds its own cache).
@@ -269,27 +268,6 @@ impl AnyEngine {
         match self {
             Self::Cpu(e) => e,
             Self::Gpu(e) => e.as_mut(),
-        }
-    }
-
-    fn tokenizer(&self) -> Option<&TextTokenizer> {
-        match self {
-            Self::Cpu(e) => e.tokenizer(),
-            Self::Gpu(e) => e.tokenizer(),
-        }
-    }
-
-    fn tokenizer_note(&self) -> Option<&str> {
-        match self {
-            Self::Cpu(e) => e.tokenizer_note(),
-            Self::Gpu(e) => e.tokenizer_note(),
-        }
-    }
-
-    fn stop_token_ids(&self) -> Vec<u32> {
-        match self {
-            Self::Cpu(e) => e.stop_token_ids(),
-            Self::Gpu(e) => e.stop_token_ids(),
         }
     }
 
@@ -570,8 +548,7 @@ impl Shared {
 #[wasm_bindgen]
 pub struct Session {
     shared: Rc<Shared>,
-    tokenizer: Option<TextTokenizer>,
-    stop_ids: Vec<u32>,
+    facts: BaseFacts,
     n_arms: usize,
     info: SessionInfo,
 }
@@ -613,9 +590,7 @@ impl Session {
         let (mut engine, backend) = open_engine(base, plans, context, &options)
             .await
             .map_err(js_error)?;
-        let tokenizer = engine.tokenizer().cloned();
-        let stop_ids = engine.stop_token_ids();
-        let note = engine.tokenizer_note().map(str::to_owned);
+        let facts = engine.engine().facts().clone();
         let vocab_size = engine.engine().vocab_size();
         let context_len = engine.engine().context_len();
         let n_arms = arm_out.len();
@@ -625,9 +600,10 @@ impl Session {
             arms: arm_out,
             vocab_size,
             context_len,
-            has_tokenizer: tokenizer.is_some(),
-            tokenizer_note: note,
-            chat_template: tokenizer
+            has_tokenizer: facts.tokenizer.is_some(),
+            tokenizer_note: facts.tokenizer_note.clone(),
+            chat_template: facts
+                .tokenizer
                 .as_ref()
                 .is_some_and(|t| t.chat_template().is_some()),
         };
@@ -644,8 +620,7 @@ impl Session {
                 busy: Cell::new(false),
                 settings: RefCell::new(settings),
             }),
-            tokenizer,
-            stop_ids,
+            facts,
             n_arms,
             info,
         })
@@ -668,7 +643,7 @@ impl Session {
         let ids = match (&req.prompt_ids, &req.prompt) {
             (Some(ids), _) => ids.clone(),
             (None, Some(text)) => {
-                let tokenizer = self.tokenizer.as_ref().ok_or_else(|| {
+                let tokenizer = self.facts.tokenizer.as_ref().ok_or_else(|| {
                     JsError::new(&format!(
                         "{} has no usable tokenizer{}; give promptIds",
                         self.info.base,
@@ -699,15 +674,15 @@ impl Session {
                 max_new_tokens: req.max_new_tokens.unwrap_or(128),
                 alphas: s.alphas.clone(),
                 sampling: s.sampling.clone(),
-                eos_ids: self.stop_ids.clone(),
+                eos_ids: self.facts.stop_ids.clone(),
                 ignore_eos: false,
                 stop_strings: Vec::new(),
             }
         };
         let mut engine = self.shared.engine.borrow_mut();
         let engine = engine.as_mut().ok_or_else(busy_error)?;
-        let decoder =
-            Decoder::new(engine.engine(), self.tokenizer.as_ref(), &ids, opts).map_err(js_error)?;
+        let decoder = Decoder::new(engine.engine(), self.facts.tokenizer.as_ref(), &ids, opts)
+            .map_err(js_error)?;
         *self.shared.decoder.borrow_mut() = Some(decoder);
         to_js(&serde_json::json!({ "promptTokens": ids.len() }))
     }

@@ -318,7 +318,7 @@ fn best_of_n_picks_the_highest_reward_and_counts_its_forward_passes() {
     let dir = temp_dir("bon-rm");
     random_reward_model(&path, &dir);
     let mut base = CpuEngine::load(&path, &[], None, &Device::Cpu).unwrap();
-    let tok = base.tokenizer().cloned().unwrap();
+    let tok = base.facts().tokenizer.clone().unwrap();
     let prompt = tok.encode_prompt("the cat", false, None).unwrap();
     let p = prompt.len() as u64;
     let n = 5;

@@ -49,10 +49,8 @@ fn write_fixture(dir: &Path) {
 }
 
 fn greedy(engine: &mut CpuEngine, alpha: f32) -> Vec<u32> {
-    let tokenizer = engine
-        .tokenizer()
-        .cloned()
-        .expect("fixture has a tokenizer");
+    let facts = engine.facts().clone();
+    let tokenizer = facts.tokenizer.expect("fixture has a tokenizer");
     let prompt = tokenizer.encode_prompt(PROMPT, false, None).unwrap();
     let opts = GenerateOptions {
         max_new_tokens: MAX_NEW_TOKENS,
@@ -61,7 +59,7 @@ fn greedy(engine: &mut CpuEngine, alpha: f32) -> Vec<u32> {
             greedy: true,
             ..Default::default()
         },
-        eos_ids: engine.stop_token_ids(),
+        eos_ids: facts.stop_ids,
         ..Default::default()
     };
     genarm::generate(engine, Some(&tokenizer), &prompt, &opts, &mut |_| true)

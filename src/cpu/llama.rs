@@ -15,6 +15,7 @@ use super::lowrank::{BlockLoraMatMul, LowRank, PartDeltas};
 use super::quant::{BlockMatMul, BlockMatrix};
 use crate::error::{Error, Result};
 use crate::model::config::{Activation, LlamaConfig, RopeLayout};
+use crate::model::llama::{self, Proj};
 use crate::model::lora::{LoraAdapter, LoraPair};
 use crate::model::weights::{Weight, WeightSource};
 
@@ -249,14 +250,6 @@ fn move_deltas_into_block_kernels(mut lin: RowLinear) -> Result<RowLinear> {
     Ok(lin)
 }
 
-/// One projection to load: its module path, output width and RoPE heads (set for q/k,
-/// whose rows a GGUF with interleaved RoPE stores permuted — LoRA B rows must follow).
-struct ModuleSpec<'a> {
-    path: &'a str,
-    out: usize,
-    qk_heads: Option<usize>,
-}
-
 struct Loader<'a> {
     src: &'a dyn WeightSource,
     cfg: &'a LlamaConfig,
@@ -265,22 +258,24 @@ struct Loader<'a> {
 }
 
 impl Loader<'_> {
-    /// Loads projections of one `inp`-wide input, fused into one kernel when possible,
-    /// with each row's LoRA delta per projection.
-    fn linear(&self, modules: &[ModuleSpec], inp: usize, bias: bool) -> Result<RowLinear> {
-        let mut weights = Vec::with_capacity(modules.len());
-        let mut biases = Vec::with_capacity(modules.len());
-        let mut deltas = Vec::with_capacity(modules.len());
-        for m in modules {
+    /// Loads `projs` of `layer` (which share their input), fused into one kernel when
+    /// possible, with each row's LoRA delta per projection.
+    fn linear(&self, layer: usize, projs: &[Proj]) -> Result<RowLinear> {
+        let mut weights = Vec::with_capacity(projs.len());
+        let mut biases = Vec::with_capacity(projs.len());
+        let mut deltas = Vec::with_capacity(projs.len());
+        for &proj in projs {
+            let path = llama::module_path(layer, proj);
+            let (out, inp) = proj.shape(self.cfg);
             weights.push(self.src.load_shaped(
-                &format!("{}.weight", m.path),
-                &[m.out, inp],
+                &format!("{path}.weight"),
+                &[out, inp],
                 self.device,
             )?);
-            biases.push(if bias {
+            biases.push(if proj.has_bias(self.cfg) {
                 Some(
                     self.src
-                        .load_dense(&format!("{}.bias", m.path), &[m.out], self.device)?,
+                        .load_dense(&format!("{path}.bias"), &[out], self.device)?,
                 )
             } else {
                 None
@@ -289,15 +284,17 @@ impl Loader<'_> {
                 self.rows
                     .iter()
                     .map(
-                        |row| match row.and_then(|a| a.modules.get(m.path).map(|p| (a, p))) {
+                        |row| match row.and_then(|a| a.modules.get(&path).map(|p| (a, p))) {
                             None => Ok(None),
-                            Some((adapter, pair)) => self.delta(adapter, m, pair, inp).map(Some),
+                            Some((adapter, pair)) => {
+                                self.delta(adapter, &path, proj, pair).map(Some)
+                            }
                         },
                     )
                     .collect::<Result<Vec<_>>>()?,
             );
         }
-        let stack = if modules.len() > 1 {
+        let stack = if projs.len() > 1 {
             Projection::fused(weights.clone(), biases.clone(), self.device)?.map(Stack::Fused)
         } else {
             None
@@ -312,7 +309,7 @@ impl Loader<'_> {
                     .collect::<Result<_>>()?,
             ),
         };
-        let widths: Vec<usize> = modules.iter().map(|m| m.out).collect();
+        let widths: Vec<usize> = projs.iter().map(|p| p.shape(self.cfg).0).collect();
         move_deltas_into_block_kernels(RowLinear {
             stack,
             widths,
@@ -323,52 +320,35 @@ impl Loader<'_> {
     fn delta(
         &self,
         adapter: &LoraAdapter,
-        m: &ModuleSpec,
+        path: &str,
+        proj: Proj,
         pair: &LoraPair,
-        inp: usize,
     ) -> Result<RowDelta> {
         let r = pair.rank();
+        let (out, inp) = proj.shape(self.cfg);
         let shape_err = |name: &str, got: &Tensor, want: Vec<usize>| Error::TensorShape {
             path: adapter.path.clone(),
-            name: format!("{}.{name}", m.path),
+            name: format!("{path}.{name}"),
             got: got.dims().to_vec(),
             want,
         };
         if pair.a.dims() != [r, inp] {
             return Err(shape_err("lora_A.weight", &pair.a, vec![r, inp]));
         }
-        if pair.b_scaled.dims() != [m.out, r] {
-            return Err(shape_err("lora_B.weight", &pair.b_scaled, vec![m.out, r]));
+        if pair.b_scaled.dims() != [out, r] {
+            return Err(shape_err("lora_B.weight", &pair.b_scaled, vec![out, r]));
         }
         let mut b = pair.b_scaled.to_device(self.device)?;
-        if let (Some(heads), RopeLayout::Interleaved) = (m.qk_heads, self.cfg.rope_layout) {
-            b = permute_for_interleaved_rope(&b, heads, self.cfg.head_dim)?;
+        if let (Some(heads), RopeLayout::Interleaved) =
+            (proj.rope_heads(self.cfg), self.cfg.rope_layout)
+        {
+            b = llama::permute_for_interleaved_rope(&b, heads, self.cfg.head_dim)?;
         }
         Ok(RowDelta {
             a_t: pair.a.to_device(self.device)?.t()?.contiguous()?,
             b_t: b.t()?.contiguous()?,
         })
     }
-}
-
-/// Reorders rows `[heads·hd, ..]` from HF's half-split order to llama.cpp's interleaved
-/// order: new row `h·hd + 2i + s` is old row `h·hd + s·hd/2 + i`.
-pub fn permute_for_interleaved_rope(w: &Tensor, heads: usize, head_dim: usize) -> Result<Tensor> {
-    let (rows, cols) = w.dims2()?;
-    Ok(w.reshape((heads, 2, head_dim / 2, cols))?
-        .transpose(1, 2)?
-        .contiguous()?
-        .reshape((rows, cols))?)
-}
-
-/// The inverse of `permute_for_interleaved_rope`: GGUF row `h·hd + 2i + s` back to HF
-/// row `h·hd + s·hd/2 + i`.
-pub fn unpermute_interleaved_rows(w: &Tensor, heads: usize, head_dim: usize) -> Result<Tensor> {
-    let (rows, cols) = w.dims2()?;
-    Ok(w.reshape((heads, head_dim / 2, 2, cols))?
-        .transpose(1, 2)?
-        .contiguous()?
-        .reshape((rows, cols))?)
 }
 
 struct Attention {
@@ -456,105 +436,29 @@ impl Llama {
             device,
         };
         for adapter in rows.iter().flatten() {
-            check_adapter_modules(adapter, cfg)?;
+            llama::check_adapter_modules(adapter, cfg)?;
         }
-        let embed =
-            match src.load_shaped("model.embed_tokens.weight", &[cfg.vocab_size, h], device)? {
-                Weight::Quantized(q) => Embedding::Quantized(q),
-                Weight::Dense(t) => Embedding::Dense(t),
-            };
+        let embed = match src.load_shaped(llama::EMBED, &[cfg.vocab_size, h], device)? {
+            Weight::Quantized(q) => Embedding::Quantized(q),
+            Weight::Dense(t) => Embedding::Dense(t),
+        };
         let mut blocks = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
-            let p = format!("model.layers.{i}");
-            let (q, k, v, o) = (
-                format!("{p}.self_attn.q_proj"),
-                format!("{p}.self_attn.k_proj"),
-                format!("{p}.self_attn.v_proj"),
-                format!("{p}.self_attn.o_proj"),
-            );
-            let kv_out = cfg.num_kv_heads * hd;
-            let attn = Attention {
-                qkv: ld.linear(
-                    &[
-                        ModuleSpec {
-                            path: &q,
-                            out: cfg.num_heads * hd,
-                            qk_heads: Some(cfg.num_heads),
-                        },
-                        ModuleSpec {
-                            path: &k,
-                            out: kv_out,
-                            qk_heads: Some(cfg.num_kv_heads),
-                        },
-                        ModuleSpec {
-                            path: &v,
-                            out: kv_out,
-                            qk_heads: None,
-                        },
-                    ],
-                    h,
-                    cfg.qkv_bias,
-                )?,
-                o: ld.linear(
-                    &[ModuleSpec {
-                        path: &o,
-                        out: h,
-                        qk_heads: None,
-                    }],
-                    cfg.num_heads * hd,
-                    cfg.o_bias,
-                )?,
-            };
-            let (gate, up, down) = (
-                format!("{p}.mlp.gate_proj"),
-                format!("{p}.mlp.up_proj"),
-                format!("{p}.mlp.down_proj"),
-            );
-            let inter = cfg.intermediate_size;
-            let mlp = Mlp {
-                gate_up: ld.linear(
-                    &[
-                        ModuleSpec {
-                            path: &gate,
-                            out: inter,
-                            qk_heads: None,
-                        },
-                        ModuleSpec {
-                            path: &up,
-                            out: inter,
-                            qk_heads: None,
-                        },
-                    ],
-                    h,
-                    cfg.mlp_bias,
-                )?,
-                down: ld.linear(
-                    &[ModuleSpec {
-                        path: &down,
-                        out: h,
-                        qk_heads: None,
-                    }],
-                    inter,
-                    cfg.mlp_bias,
-                )?,
-            };
             blocks.push(Block {
-                input_norm: src.load_dense(&format!("{p}.input_layernorm.weight"), &[h], device)?,
-                attn,
-                post_norm: src.load_dense(
-                    &format!("{p}.post_attention_layernorm.weight"),
-                    &[h],
-                    device,
-                )?,
-                mlp,
+                input_norm: src.load_dense(&llama::input_norm(i), &[h], device)?,
+                attn: Attention {
+                    qkv: ld.linear(i, &[Proj::Q, Proj::K, Proj::V])?,
+                    o: ld.linear(i, &[Proj::O])?,
+                },
+                post_norm: src.load_dense(&llama::post_attention_norm(i), &[h], device)?,
+                mlp: Mlp {
+                    gate_up: ld.linear(i, &[Proj::Gate, Proj::Up])?,
+                    down: ld.linear(i, &[Proj::Down])?,
+                },
             });
         }
-        let norm = src.load_dense("model.norm.weight", &[h], device)?;
-        let head_name = if cfg.tie_word_embeddings && !src.contains("lm_head.weight") {
-            "model.embed_tokens.weight"
-        } else {
-            "lm_head.weight"
-        };
+        let norm = src.load_dense(llama::FINAL_NORM, &[h], device)?;
+        let head_name = llama::head_tensor(cfg, src);
         let lm_head = Projection::new(
             src.load_shaped(head_name, &[cfg.vocab_size, h], device)?,
             None,
@@ -573,7 +477,7 @@ impl Llama {
         .iter()
         .try_fold(1usize, |n, &d| n.checked_mul(d));
         check_fits_in_memory(cache_floats.and_then(|n| n.checked_mul(4)), capacity)?;
-        let (cos, sin) = rope_tables(cfg, capacity, DType::F32, device)?;
+        let (cos, sin) = llama::rope_tables(cfg, capacity, DType::F32, device)?;
         let caches = (0..cfg.num_layers)
             .map(|_| -> Result<LayerCache> {
                 let shape = (rows.len(), cfg.num_kv_heads, capacity, hd);
@@ -773,7 +677,7 @@ impl Llama {
         let cos = self.cos.narrow(0, self.pos, seq)?;
         let sin = self.sin.narrow(0, self.pos, seq)?;
         let n_rep = self.cfg.num_heads / self.cfg.num_kv_heads;
-        let full_mask = causal_mask(seq, self.pos, n_rep, None, &self.device)?;
+        let full_mask = llama::causal_mask(seq, self.pos, n_rep, None, &self.device)?;
         for (layer, (block, cache)) in self
             .blocks
             .iter()
@@ -783,7 +687,7 @@ impl Llama {
         {
             let window = self.cfg.sliding_window(layer);
             let window_mask = match window {
-                Some(_) => causal_mask(seq, self.pos, n_rep, window, &self.device)?,
+                Some(_) => llama::causal_mask(seq, self.pos, n_rep, window, &self.device)?,
                 None => None,
             };
             let mask = if window.is_some() {
@@ -849,106 +753,6 @@ fn host_memory_bytes() -> Option<u64> {
         .parse()
         .ok()?;
     kib.checked_mul(1024)
-}
-
-/// Every LoRA module must be one this architecture has.
-pub(crate) fn check_adapter_modules(adapter: &LoraAdapter, cfg: &LlamaConfig) -> Result<()> {
-    for module in adapter.modules.keys() {
-        // Exactly `model.layers.{i}.self_attn.{q,k,v,o}_proj` or `….mlp.{gate,up,down}_proj`:
-        // a module the engines never look up (`mlp.q_proj`) must not be dropped quietly.
-        let (layer, rest) = module
-            .strip_prefix("model.layers.")
-            .and_then(|r| r.split_once('.'))
-            .unwrap_or(("", ""));
-        let known = matches!(
-            rest,
-            "self_attn.q_proj"
-                | "self_attn.k_proj"
-                | "self_attn.v_proj"
-                | "self_attn.o_proj"
-                | "mlp.gate_proj"
-                | "mlp.up_proj"
-                | "mlp.down_proj"
-        );
-        let in_range = layer.parse::<usize>().is_ok_and(|l| l < cfg.num_layers);
-        if !(known && in_range) {
-            return Err(Error::Incompatible {
-                arm: adapter.path.display().to_string(),
-                message: format!(
-                    "LoRA module `{module}` does not exist in a {}-layer Llama-family model",
-                    cfg.num_layers
-                ),
-            });
-        }
-    }
-    Ok(())
-}
-
-/// `[capacity, head_dim/2]` cos and sin tables (row `p` is position `p`) in `dtype`.
-pub(crate) fn rope_tables(
-    cfg: &LlamaConfig,
-    capacity: usize,
-    dtype: DType,
-    device: &Device,
-) -> Result<(Tensor, Tensor)> {
-    let inv_freq = cfg.rope_inv_freq();
-    let half = inv_freq.len();
-    let mut cos = Vec::with_capacity(capacity * half);
-    let mut sin = Vec::with_capacity(capacity * half);
-    for p in 0..capacity {
-        for f in &inv_freq {
-            // Angles in f64: at positions in the thousands f32 loses the low bits.
-            let angle = p as f64 * f;
-            cos.push(angle.cos());
-            sin.push(angle.sin());
-        }
-    }
-    Ok((
-        Tensor::from_vec(cos, (capacity, half), device)?.to_dtype(dtype)?,
-        Tensor::from_vec(sin, (capacity, half), device)?.to_dtype(dtype)?,
-    ))
-}
-
-/// Additive mask for `seq` new queries after `past` cached tokens, laid out for the
-/// grouped query rows (`n_rep` query heads per KV head, head-major): `[n_rep·seq, past+seq]`.
-/// Query `i` (position `past + i`) sees keys `j ≤ past + i`, and with a sliding `window`
-/// only `j > past + i − window` (transformers' rule: the last `window` positions).
-/// `None` when nothing is masked (a single query within its window).
-pub(crate) fn causal_mask(
-    seq: usize,
-    past: usize,
-    n_rep: usize,
-    window: Option<usize>,
-    device: &Device,
-) -> Result<Option<Tensor>> {
-    let total = past + seq;
-    let window = window.unwrap_or(usize::MAX);
-    if seq == 1 && total <= window {
-        return Ok(None);
-    }
-    let mut m = Vec::with_capacity(n_rep * seq * total);
-    for _ in 0..n_rep {
-        for i in 0..seq {
-            let q = past + i;
-            m.extend((0..total).map(|j| {
-                if j > q || q - j >= window {
-                    f32::NEG_INFINITY
-                } else {
-                    0.0
-                }
-            }));
-        }
-    }
-    Ok(Some(Tensor::from_vec(m, (n_rep * seq, total), device)?))
-}
-
-/// The gate activation of the MLP, elementwise.
-pub(crate) fn activate(x: &Tensor, act: Activation) -> candle_core::Result<Tensor> {
-    match act {
-        Activation::Silu => candle_nn::ops::silu(x),
-        Activation::Gelu => x.gelu_erf(),
-        Activation::GeluTanh => x.gelu(),
-    }
 }
 
 fn apply_rope(
@@ -1018,7 +822,7 @@ fn mlp(mlp: &Mlp, x: &Tensor, act: Activation) -> Result<Tensor> {
     let (Some(gate), Some(up)) = (gate_up.next(), gate_up.next()) else {
         return Err(Error::Request("the MLP needs gate and up".into()));
     };
-    mlp.down.forward1(&(activate(&gate, act)? * up)?)
+    mlp.down.forward1(&(llama::activate(&gate, act)? * up)?)
 }
 
 /// Log-softmax over the last dimension, in f32.

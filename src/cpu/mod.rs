@@ -13,23 +13,11 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 
-use crate::engine::{check_feed, Engine, StepLogProbs};
+use crate::engine::{check_feed, Engine, StepLogProbs, DEFAULT_CONTEXT};
 use crate::error::Result;
-use crate::model::arm_plan::{check_compatible, plan_arm, ArmPlan};
-use crate::model::lora::LoraAdapter;
-use crate::model::tokenizer::TextTokenizer;
-use crate::model::Checkpoint;
+use crate::model::arm_plan::{group_arms, plan_arm, ArmPlan, Slot};
+use crate::model::{BaseFacts, Checkpoint};
 use llama::Llama;
-
-/// The default KV-cache length when the caller does not choose one.
-pub const DEFAULT_CONTEXT: usize = 2048;
-
-/// Where a model's log-probs come from: a group and a row in it.
-#[derive(Clone, Copy, Debug)]
-struct Slot {
-    group: usize,
-    row: usize,
-}
 
 pub struct CpuEngine {
     groups: Vec<Llama>,
@@ -37,8 +25,7 @@ pub struct CpuEngine {
     arms: Vec<Slot>,
     labels: Vec<String>,
     vocab: usize,
-    tokenizer: Option<TextTokenizer>,
-    tokenizer_note: Option<String>,
+    facts: BaseFacts,
     device: Device,
 }
 
@@ -69,88 +56,34 @@ impl CpuEngine {
     ) -> Result<Self> {
         let capacity = context.unwrap_or(DEFAULT_CONTEXT);
         let vocab = base.config.vocab_size;
-        let mut shared: Vec<Option<&LoraAdapter>> = vec![None];
-        let mut arms = Vec::with_capacity(plans.len());
-        let mut labels = Vec::with_capacity(plans.len());
-        let mut other_groups = Vec::new();
-        for (path, plan) in &plans {
-            let arm_name = path.display().to_string();
-            match plan {
-                ArmPlan::SharedLora(adapter) => {
-                    arms.push(Slot {
-                        group: 0,
-                        row: shared.len(),
-                    });
-                    shared.push(Some(adapter));
-                    labels.push(adapter.label());
-                }
-                ArmPlan::LoraOn(adapter, ckpt) => {
-                    check_compatible(&base, ckpt, &arm_name)?;
-                    let model = Llama::load(
-                        ckpt.source.as_ref(),
-                        &ckpt.config,
-                        &[Some(adapter)],
-                        capacity,
-                        device,
-                    )?;
-                    other_groups.push(model);
-                    arms.push(Slot {
-                        group: other_groups.len(),
-                        row: 0,
-                    });
-                    labels.push(adapter.label());
-                }
-                ArmPlan::Full(ckpt) => {
-                    check_compatible(&base, ckpt, &arm_name)?;
-                    let model = Llama::load(
-                        ckpt.source.as_ref(),
-                        &ckpt.config,
-                        &[None],
-                        capacity,
-                        device,
-                    )?;
-                    other_groups.push(model);
-                    arms.push(Slot {
-                        group: other_groups.len(),
-                        row: 0,
-                    });
-                    labels.push(plan.label(path));
-                }
-            }
-        }
-        let base_model = Llama::load(
+        let facts = base.base_facts();
+        let plan = group_arms(&base, &plans)?;
+        let mut groups = Vec::with_capacity(1 + plan.own.len());
+        groups.push(Llama::load(
             base.source.as_ref(),
             &base.config,
-            &shared,
+            &plan.base_rows,
             capacity,
             device,
-        )?;
-        let mut groups = vec![base_model];
-        groups.extend(other_groups);
+        )?);
+        for (ckpt, adapter) in &plan.own {
+            groups.push(Llama::load(
+                ckpt.source.as_ref(),
+                &ckpt.config,
+                &[*adapter],
+                capacity,
+                device,
+            )?);
+        }
         Ok(Self {
             groups,
             base: Slot { group: 0, row: 0 },
-            arms,
-            labels,
+            arms: plan.arm_slots,
+            labels: plan.labels,
             vocab,
-            tokenizer: base.tokenizer,
-            tokenizer_note: base.tokenizer_note,
+            facts,
             device: device.clone(),
         })
-    }
-
-    pub fn tokenizer(&self) -> Option<&TextTokenizer> {
-        self.tokenizer.as_ref()
-    }
-
-    /// The token ids that end generation (see `model::stop_token_ids`).
-    pub fn stop_token_ids(&self) -> Vec<u32> {
-        crate::model::stop_token_ids(self.base_config(), self.tokenizer.as_ref())
-    }
-
-    /// Why the base has no usable tokenizer, when its file carries one we cannot build.
-    pub fn tokenizer_note(&self) -> Option<&str> {
-        self.tokenizer_note.as_deref()
     }
 
     pub fn base_config(&self) -> &crate::model::config::LlamaConfig {
@@ -188,6 +121,10 @@ impl Engine for CpuEngine {
             Device::Cuda(_) => "cuda".into(),
             Device::Metal(_) => "metal".into(),
         }
+    }
+
+    fn facts(&self) -> &BaseFacts {
+        &self.facts
     }
 
     fn vocab_size(&self) -> usize {

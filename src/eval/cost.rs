@@ -109,6 +109,9 @@ impl Engine for CountingEngine<'_> {
     fn backend(&self) -> String {
         self.inner.backend()
     }
+    fn facts(&self) -> &crate::model::BaseFacts {
+        self.inner.facts()
+    }
     fn vocab_size(&self) -> usize {
         self.inner.vocab_size()
     }

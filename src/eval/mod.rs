@@ -4,6 +4,7 @@
 
 pub mod arm_reward;
 pub mod baselines;
+pub mod charts;
 pub mod cost;
 pub mod pareto;
 pub mod plot;

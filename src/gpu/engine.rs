@@ -20,10 +20,8 @@ use crate::gpu::ops::Op;
 use crate::gpu::ops_guide::{SampleBuffers, KNOB_FIELDS};
 use crate::gpu::{gpu_error, GpuContext, Kernels};
 use crate::guide::{log_softmax, Sampler, SamplingParams};
-use crate::model::arm_plan::{check_compatible, ArmPlan};
-use crate::model::lora::LoraAdapter;
-use crate::model::tokenizer::TextTokenizer;
-use crate::model::Checkpoint;
+use crate::model::arm_plan::{group_arms, ArmPlan};
+use crate::model::{BaseFacts, Checkpoint};
 
 /// The id the sampler writes when no guided score is finite.
 const NO_TOKEN: u32 = u32::MAX;
@@ -46,8 +44,7 @@ pub struct GpuEngine {
     slots: Vec<usize>,
     labels: Vec<String>,
     vocab: usize,
-    tokenizer: Option<TextTokenizer>,
-    tokenizer_note: Option<String>,
+    facts: BaseFacts,
     /// `[id, pos]` of the token being fed.
     cur: wgpu::Buffer,
     /// `[id, pos]` pairs of a multi-token feed, copied into `cur` one by one.
@@ -89,70 +86,41 @@ impl GpuEngine {
     }
 
     /// Builds the engine on `ctx` from opened checkpoints; `context` caps the KV caches
-    /// (default [`crate::cpu::DEFAULT_CONTEXT`]).
+    /// (default [`crate::engine::DEFAULT_CONTEXT`]).
     pub fn new(
         ctx: Arc<GpuContext>,
         base: Checkpoint,
         plans: Vec<(PathBuf, ArmPlan)>,
         context: Option<usize>,
     ) -> Result<Self> {
-        let capacity = context.unwrap_or(crate::cpu::DEFAULT_CONTEXT);
+        let capacity = context.unwrap_or(crate::engine::DEFAULT_CONTEXT);
         let vocab = base.config.vocab_size;
+        let facts = base.base_facts();
         let kernels = Kernels::new(Arc::clone(&ctx));
         let cur = storage_u32(&ctx, "cur", &[0, 0]);
 
-        // Group 0: the base and the LoRA ARMs that share its weights.
-        let mut shared: Vec<Option<&LoraAdapter>> = vec![None];
-        let mut slots_of_arms = Vec::with_capacity(plans.len());
-        let mut labels = Vec::with_capacity(plans.len());
-        for (path, plan) in &plans {
-            labels.push(plan.label(path));
-            match plan {
-                ArmPlan::SharedLora(adapter) => {
-                    slots_of_arms.push((0, shared.len()));
-                    shared.push(Some(adapter));
-                }
-                ArmPlan::LoraOn(_, ckpt) | ArmPlan::Full(ckpt) => {
-                    check_compatible(&base, ckpt, &path.display().to_string())?;
-                    slots_of_arms.push((usize::MAX, 0));
-                }
-            }
-        }
-        let others: Vec<&(PathBuf, ArmPlan)> = plans
-            .iter()
-            .filter(|(_, p)| !matches!(p, ArmPlan::SharedLora(_)))
-            .collect();
-        let rows_total = shared.len() + others.len();
+        let plan = group_arms(&base, &plans)?;
+        let rows_total = plan.base_rows.len() + plan.own.len();
         let logits = storage_zeros(&ctx, "logits", rows_total * vocab);
         let mut groups = vec![GpuLlama::load(
             &kernels,
             base.source.as_ref(),
             &base.config,
-            &shared,
+            &plan.base_rows,
             capacity,
             &cur,
             Some(logits.clone()),
         )?];
-        for (_, plan) in &others {
-            let (ckpt, adapter) = match plan {
-                ArmPlan::LoraOn(adapter, ckpt) => (ckpt, Some(adapter)),
-                ArmPlan::Full(ckpt) => (ckpt, None),
-                ArmPlan::SharedLora(_) => unreachable!("filtered above"),
-            };
+        for (ckpt, adapter) in &plan.own {
             groups.push(GpuLlama::load(
                 &kernels,
                 ckpt.source.as_ref(),
                 &ckpt.config,
-                &[adapter],
+                &[*adapter],
                 capacity,
                 &cur,
                 None,
             )?);
-        }
-        // Own-weight ARMs get groups 1.. in ARM order, one row each.
-        let own = slots_of_arms.iter_mut().filter(|s| s.0 == usize::MAX);
-        for (group, slot) in (1..).zip(own) {
-            *slot = (group, 0);
         }
         let mut row_base = Vec::with_capacity(groups.len());
         let mut next_row = 0;
@@ -161,7 +129,7 @@ impl GpuEngine {
             next_row += g.rows();
         }
         let slots: Vec<usize> = std::iter::once(0)
-            .chain(slots_of_arms.iter().map(|&(g, r)| row_base[g] + r))
+            .chain(plan.arm_slots.iter().map(|s| row_base[s.group] + s.row))
             .collect();
 
         let models = slots.len();
@@ -207,10 +175,9 @@ impl GpuEngine {
             groups,
             row_base,
             slots,
-            labels,
+            labels: plan.labels,
             vocab,
-            tokenizer: base.tokenizer,
-            tokenizer_note: base.tokenizer_note,
+            facts,
             cur,
             feed,
             logits,
@@ -232,21 +199,8 @@ impl GpuEngine {
         self.kernels.context()
     }
 
-    pub fn tokenizer(&self) -> Option<&TextTokenizer> {
-        self.tokenizer.as_ref()
-    }
-
-    pub fn tokenizer_note(&self) -> Option<&str> {
-        self.tokenizer_note.as_deref()
-    }
-
     pub fn base_config(&self) -> &crate::model::config::LlamaConfig {
         self.groups[0].config()
-    }
-
-    /// The token ids that end generation (see `model::stop_token_ids`).
-    pub fn stop_token_ids(&self) -> Vec<u32> {
-        crate::model::stop_token_ids(self.base_config(), self.tokenizer.as_ref())
     }
 
     /// Bytes of weights one token's forward pass reads, over all groups.
@@ -611,6 +565,10 @@ fn block_on<T>(_: impl std::future::Future<Output = Result<T>>) -> Result<T> {
 impl Engine for GpuEngine {
     fn backend(&self) -> String {
         format!("webgpu ({})", self.ctx().adapter_name())
+    }
+
+    fn facts(&self) -> &BaseFacts {
+        &self.facts
     }
 
     fn vocab_size(&self) -> usize {

@@ -10,7 +10,6 @@
 use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Tensor};
 
-use crate::cpu::llama::{check_adapter_modules, permute_for_interleaved_rope};
 use crate::error::{Error, Result};
 use crate::gpu::buffers::{storage_f32, storage_zeros};
 use crate::gpu::ops::{
@@ -20,6 +19,7 @@ use crate::gpu::ops::{
 use crate::gpu::ops_guide::{LoraDown, LoraUp};
 use crate::gpu::{gpu_error, Kernels, QuantWeight, WeightFormat};
 use crate::model::config::{LlamaConfig, RopeLayout};
+use crate::model::llama::{self, Proj};
 use crate::model::lora::LoraAdapter;
 use crate::model::weights::{Weight, WeightSource};
 
@@ -85,7 +85,7 @@ impl GpuLlama {
             )));
         }
         for adapter in rows.iter().flatten() {
-            check_adapter_modules(adapter, cfg)?;
+            llama::check_adapter_modules(adapter, cfg)?;
         }
         let ctx = kernels.context();
         let (h, hd) = (cfg.hidden_size, cfg.head_dim);
@@ -129,27 +129,17 @@ impl GpuLlama {
             weight_bytes: 0,
             max_rank,
         };
-        let embed = b.weight("model.embed_tokens.weight", cfg.vocab_size, h)?;
+        let embed = b.weight(llama::EMBED, cfg.vocab_size, h)?;
         b.ops.push(kernels.embedding(&embed, cur, CUR_ID, &s.x, m)?);
         for i in 0..cfg.num_layers {
-            let p = format!("model.layers.{i}");
-            let norm = b.vector(&format!("{p}.input_layernorm.weight"), h)?;
-            let attn = format!("{p}.self_attn");
-            let (q_proj, k_proj, v_proj) = (
-                format!("{attn}.q_proj"),
-                format!("{attn}.k_proj"),
-                format!("{attn}.v_proj"),
-            );
-            let projections = [
-                Projection::qk(&q_proj, h, q_out, cfg.num_heads),
-                Projection::qk(&k_proj, h, kv_out, cfg.num_kv_heads),
-                Projection::new(&v_proj, h, kv_out),
-            ];
+            let [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj] =
+                Proj::ALL.map(|p| Projection::of(i, p, cfg));
+            let norm = b.vector(&llama::input_norm(i), h)?;
+            let projections = [q_proj, k_proj, v_proj];
             let qkv = b.lora_group(&projections, &s.lora_t, true)?;
             b.norm_and_lora_down(&s.x, &norm, &s.xn, &qkv, &s.lora_t)?;
             b.stacked_linear(&projections, &s.xn, &s.qkv, qkv.up(0, &s.lora_t))?;
-            let o_proj = format!("{attn}.o_proj");
-            let o = b.lora_group(&[Projection::new(&o_proj, q_out, h)], &s.lora_t, false)?;
+            let o = b.lora_group(std::slice::from_ref(&o_proj), &s.lora_t, false)?;
             let k_cache = storage_zeros(ctx, "k cache", m * cfg.num_kv_heads * capacity * hd);
             let v_cache = storage_zeros(ctx, "v cache", m * cfg.num_kv_heads * capacity * hd);
             let shape = AttentionShape {
@@ -176,23 +166,10 @@ impl GpuLlama {
             // The residual add is o_proj's store.
             let o_lora = o.up_per_head(&s.lora_t, cfg.num_heads);
             let o_store = Store::new(MatVecStore::Add, cfg.o_bias);
-            b.linear(&o_proj, q_out, h, &s.attn, &s.x, o_lora, o_store)?;
+            b.linear(&o_proj, &s.attn, &s.x, o_lora, o_store)?;
 
-            let norm = b.vector(&format!("{p}.post_attention_layernorm.weight"), h)?;
-            let mlp = format!("{p}.mlp");
-            let (gate_proj, up_proj, down_proj) = (
-                format!("{mlp}.gate_proj"),
-                format!("{mlp}.up_proj"),
-                format!("{mlp}.down_proj"),
-            );
-            let gate_up = b.lora_group(
-                &[
-                    Projection::new(&gate_proj, h, inter),
-                    Projection::new(&up_proj, h, inter),
-                ],
-                &s.lora_t,
-                false,
-            )?;
+            let norm = b.vector(&llama::post_attention_norm(i), h)?;
+            let gate_up = b.lora_group(&[gate_proj.clone(), up_proj.clone()], &s.lora_t, false)?;
             b.norm_and_lora_down(&s.x, &norm, &s.xn, &gate_up, &s.lora_t)?;
             // up_proj stores act(gate) · up over gate_proj's output, and down_proj adds
             // into the residual stream: the gating, the add and the biases cost no
@@ -200,8 +177,6 @@ impl GpuLlama {
             let gate_lora = gate_up.up(0, &s.lora_t);
             b.linear(
                 &gate_proj,
-                h,
-                inter,
                 &s.xn,
                 &s.act,
                 gate_lora,
@@ -210,33 +185,29 @@ impl GpuLlama {
             let up_lora = gate_up.up(1, &s.lora_t);
             b.linear(
                 &up_proj,
-                h,
-                inter,
                 &s.xn,
                 &s.act,
                 up_lora,
                 Store::new(MatVecStore::Gate(cfg.hidden_act), cfg.mlp_bias),
             )?;
-            let down = b.lora_group(&[Projection::new(&down_proj, inter, h)], &s.lora_t, false)?;
+            let down = b.lora_group(std::slice::from_ref(&down_proj), &s.lora_t, false)?;
             b.lora_down(&down, &s.act, &s.lora_t)?;
             let down_lora = down.up(0, &s.lora_t);
             b.linear(
                 &down_proj,
-                inter,
-                h,
                 &s.act,
                 &s.x,
                 down_lora,
                 Store::new(MatVecStore::Add, cfg.mlp_bias),
             )?;
         }
-        let norm = b.vector("model.norm.weight", h)?;
+        let norm = b.vector(llama::FINAL_NORM, h)?;
         b.ops.push(kernels.rms_norm(&s.x, &norm, &s.xn, m, h, eps)?);
-        let head = if cfg.tie_word_embeddings && !src.contains("lm_head.weight") {
+        let head = if llama::head_tensor(cfg, src) == llama::EMBED {
             b.weight_bytes += weight_size(&embed);
             embed
         } else {
-            b.weight("lm_head.weight", cfg.vocab_size, h)?
+            b.weight(llama::LM_HEAD, cfg.vocab_size, h)?
         };
         b.ops.push(kernels.matvec(&head, &s.xn, &logits, m)?);
         let weight_bytes = b.weight_bytes;
@@ -321,7 +292,7 @@ impl Builder<'_> {
         let w = QuantWeight::upload(ctx, label, data[0].0, rows, cols, &bytes, u64::MAX)
             .map_err(|e| gpu_error(format!("{}: {e}", self.src.path().display())))?;
         // The embedding reads one row per token, not the table.
-        if label != "model.embed_tokens.weight" {
+        if label != llama::EMBED {
             self.weight_bytes += weight_size(&w);
         }
         Ok(w)
@@ -361,17 +332,15 @@ impl Builder<'_> {
 
     /// `y = W · x` for every row, plus each ARM row's LoRA delta (`lora`, from the
     /// projection's group) and the module's bias if `store` has one, stored as it says.
-    #[allow(clippy::too_many_arguments)]
     fn linear(
         &mut self,
-        module: &str,
-        inp: usize,
-        out: usize,
+        proj: &Projection,
         x: &wgpu::Buffer,
         y: &wgpu::Buffer,
         lora: Option<LoraUp<'_>>,
         store: Store,
     ) -> Result<()> {
+        let (module, inp, out) = (&proj.module, proj.inp, proj.out);
         let w = self.weight(&format!("{module}.weight"), out, inp)?;
         let bias = match store.bias {
             true => Some(self.vector(&format!("{module}.bias"), out)?),
@@ -395,7 +364,7 @@ impl Builder<'_> {
     /// the biases.
     fn stacked_linear(
         &mut self,
-        parts: &[Projection<'_>],
+        parts: &[Projection],
         x: &wgpu::Buffer,
         y: &wgpu::Buffer,
         lora: Option<LoraUp<'_>>,
@@ -446,13 +415,13 @@ impl Builder<'_> {
     /// lacks a projection gets zeros there.
     fn lora_group(
         &mut self,
-        projections: &[Projection<'_>],
+        projections: &[Projection],
         t: &wgpu::Buffer,
         stacked_up: bool,
     ) -> Result<LoraGroup> {
         let up_count = if stacked_up { 1 } else { projections.len() };
-        let adapted = |p: &Projection<'_>, row: &Option<&LoraAdapter>| {
-            row.is_some_and(|a| a.modules.contains_key(p.module))
+        let adapted = |p: &Projection, row: &Option<&LoraAdapter>| {
+            row.is_some_and(|a| a.modules.contains_key(&p.module))
         };
         let Some(first) =
             (0..self.rows.len()).find(|&r| projections.iter().any(|p| adapted(p, &self.rows[r])))
@@ -484,7 +453,7 @@ impl Builder<'_> {
             let mut b_stack = vec![0f32; arms * p.out * rank];
             for (a, row) in self.rows[first..].iter().enumerate() {
                 let Some((adapter, pair)) =
-                    row.and_then(|ad| ad.modules.get(p.module).map(|pr| (ad, pr)))
+                    row.and_then(|ad| ad.modules.get(&p.module).map(|pr| (ad, pr)))
                 else {
                     continue;
                 };
@@ -513,7 +482,7 @@ impl Builder<'_> {
                 }
                 let mut b = pair.b_scaled.to_device(&Device::Cpu)?;
                 if let (Some(heads), RopeLayout::Interleaved) = (p.qk_heads, self.cfg.rope_layout) {
-                    b = permute_for_interleaved_rope(&b, heads, self.cfg.head_dim)?;
+                    b = llama::permute_for_interleaved_rope(&b, heads, self.cfg.head_dim)?;
                 }
                 for (i, b_row) in b.to_vec2::<f32>()?.iter().enumerate() {
                     let at = (a * p.out + i) * rank;
@@ -594,29 +563,24 @@ impl Builder<'_> {
     }
 }
 
-/// A projection whose LoRA factors a group stacks.
-struct Projection<'a> {
-    module: &'a str,
+/// A projection of one layer: its module path and shape.
+#[derive(Clone)]
+struct Projection {
+    module: String,
     inp: usize,
     out: usize,
     /// q/k: heads, whose B rows follow a GGUF's interleaved-RoPE order.
     qk_heads: Option<usize>,
 }
 
-impl<'a> Projection<'a> {
-    fn new(module: &'a str, inp: usize, out: usize) -> Self {
+impl Projection {
+    fn of(layer: usize, proj: Proj, cfg: &LlamaConfig) -> Self {
+        let (out, inp) = proj.shape(cfg);
         Self {
-            module,
+            module: llama::module_path(layer, proj),
             inp,
             out,
-            qk_heads: None,
-        }
-    }
-
-    fn qk(module: &'a str, inp: usize, out: usize, heads: usize) -> Self {
-        Self {
-            qk_heads: Some(heads),
-            ..Self::new(module, inp, out)
+            qk_heads: proj.rope_heads(cfg),
         }
     }
 }

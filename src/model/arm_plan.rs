@@ -74,6 +74,61 @@ pub fn plan_arm(path: &Path, base: &Path, device: &Device) -> Result<(PathBuf, A
     Ok((path.into(), plan))
 }
 
+/// Where a model's outputs come from: a group of models that read the same weights
+/// (group 0 is the base's batch) and a row in it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Slot {
+    pub group: usize,
+    pub row: usize,
+}
+
+/// The ARMs grouped by the weights they read, the same for every engine: group 0 is the
+/// base with one extra row per LoRA on its own weights; every other ARM is a group of
+/// its own with one row.
+pub struct ArmGroups<'a> {
+    /// Group 0's rows: `None` (the base itself), then each shared-weight LoRA.
+    pub base_rows: Vec<Option<&'a LoraAdapter>>,
+    /// Groups 1.., in ARM order: each own-weight ARM's checkpoint and its LoRA, if any.
+    pub own: Vec<(&'a Checkpoint, Option<&'a LoraAdapter>)>,
+    /// Each ARM's slot, in ARM order.
+    pub arm_slots: Vec<Slot>,
+    /// Each ARM's slider label, in ARM order.
+    pub labels: Vec<String>,
+}
+
+/// Groups `plans` (from [`plan_arm`]) around `base`, checking that every own-weight ARM
+/// scores the base's tokens.
+pub fn group_arms<'a>(base: &Checkpoint, plans: &'a [(PathBuf, ArmPlan)]) -> Result<ArmGroups<'a>> {
+    let mut groups = ArmGroups {
+        base_rows: vec![None],
+        own: Vec::new(),
+        arm_slots: Vec::with_capacity(plans.len()),
+        labels: Vec::with_capacity(plans.len()),
+    };
+    for (path, plan) in plans {
+        groups.labels.push(plan.label(path));
+        let (ckpt, adapter) = match plan {
+            ArmPlan::SharedLora(adapter) => {
+                groups.arm_slots.push(Slot {
+                    group: 0,
+                    row: groups.base_rows.len(),
+                });
+                groups.base_rows.push(Some(adapter));
+                continue;
+            }
+            ArmPlan::LoraOn(adapter, ckpt) => (ckpt, Some(adapter)),
+            ArmPlan::Full(ckpt) => (ckpt, None),
+        };
+        check_compatible(base, ckpt, &path.display().to_string())?;
+        groups.own.push((ckpt, adapter));
+        groups.arm_slots.push(Slot {
+            group: groups.own.len(),
+            row: 0,
+        });
+    }
+    Ok(groups)
+}
+
 /// The checkpoint a LoRA runs on when it is not `base`: the local checkpoint its
 /// `base_model_name_or_path` names, if that exists and is another file; `None` means
 /// the base's own weights.

@@ -13,6 +13,7 @@ use candle_core::Device;
 
 use super::config::{Activation, Arch, Llama3RopeScaling, LlamaConfig, RopeLayout, RopeScaling};
 use super::gguf_header::check_header;
+use super::llama::{self, Proj};
 use super::weights::{count_layers, missing, Bytes, Weight, WeightSource};
 use crate::error::{Error, Result};
 
@@ -27,6 +28,12 @@ pub struct GgufFile {
 impl GgufFile {
     pub fn open(path: &Path) -> Result<Self> {
         Self::from_bytes(Bytes::open(path)?, path)
+    }
+
+    /// Whether the file's first layer has a bias on `proj` (GGUF keys say nothing of
+    /// biases: the tensors do).
+    fn has_bias(&self, proj: Proj) -> bool {
+        self.contains(&format!("{}.bias", llama::module_path(0, proj)))
     }
 
     /// Parses a GGUF held in memory; `path` only names it in errors.
@@ -286,9 +293,9 @@ impl GgufFile {
             rms_norm_eps: self.float(&key("attention.layer_norm_rms_epsilon"))?,
             max_position_embeddings: self.usize(&key("context_length"))?,
             tie_word_embeddings: !self.content.tensor_infos.contains_key("output.weight"),
-            qkv_bias: self.contains("model.layers.0.self_attn.q_proj.bias"),
-            o_bias: self.contains("model.layers.0.self_attn.o_proj.bias"),
-            mlp_bias: self.contains("model.layers.0.mlp.up_proj.bias"),
+            qkv_bias: self.has_bias(Proj::Q),
+            o_bias: self.has_bias(Proj::O),
+            mlp_bias: self.has_bias(Proj::Up),
             hidden_act: Activation::Silu,
             sliding_windows: match sliding_window {
                 Some(w) => vec![Some(w); num_layers],
@@ -378,9 +385,9 @@ fn check_tensor_table(content: &Content, file_len: u64, path: &Path) -> Result<(
 /// HF tensor name → GGUF tensor name for the Llama family.
 pub fn gguf_name(hf: &str) -> Option<String> {
     match hf {
-        "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
-        "model.norm.weight" => return Some("output_norm.weight".into()),
-        "lm_head.weight" => return Some("output.weight".into()),
+        llama::EMBED => return Some("token_embd.weight".into()),
+        llama::FINAL_NORM => return Some("output_norm.weight".into()),
+        llama::LM_HEAD => return Some("output.weight".into()),
         _ => {}
     }
     let rest = hf.strip_prefix("model.layers.")?;

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 use serde::Deserialize;
 
+use super::llama::{self, Proj};
 use super::safetensors::SafetensorsFiles;
 use super::weights::{read_regular_file, Bytes, WeightSource, MAX_JSON_FILE_LEN};
 use crate::error::{Error, Result};
@@ -39,16 +40,16 @@ impl AdapterKind {
     }
 }
 
-/// The projections a LoRA may target, by PEFT's short module names.
-pub const TARGETS: [&str; 7] = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
+/// The projections a LoRA may target, by PEFT's short module names (`q_proj`, …).
+pub const TARGETS: [&str; 7] = {
+    let mut names = [""; 7];
+    let mut i = 0;
+    while i < names.len() {
+        names[i] = Proj::ALL[i].short_name();
+        i += 1;
+    }
+    names
+};
 
 #[derive(Clone, Debug, Deserialize)]
 pub struct AdapterConfig {
@@ -464,26 +465,11 @@ pub fn write_random_adapter(
             })
             .collect()
     };
-    let (h, hd) = (cfg.hidden_size, cfg.head_dim);
-    let shapes = |t: &str| -> (usize, usize) {
-        match t {
-            "q_proj" => (cfg.num_heads * hd, h),
-            "k_proj" | "v_proj" => (cfg.num_kv_heads * hd, h),
-            "o_proj" => (h, cfg.num_heads * hd),
-            "gate_proj" | "up_proj" => (cfg.intermediate_size, h),
-            _ => (h, cfg.intermediate_size),
-        }
-    };
     let mut tensors = std::collections::HashMap::new();
     for layer in 0..cfg.num_layers {
-        for t in TARGETS {
-            let kind = if ["gate_proj", "up_proj", "down_proj"].contains(&t) {
-                "mlp"
-            } else {
-                "self_attn"
-            };
-            let (out, inp) = shapes(t);
-            let prefix = format!("base_model.model.model.layers.{layer}.{kind}.{t}");
+        for proj in Proj::ALL {
+            let (out, inp) = proj.shape(cfg);
+            let prefix = format!("base_model.model.{}", llama::module_path(layer, proj));
             let a = random(rank * inp, 1.0 / (inp as f64).sqrt());
             let b = random(out * rank, b_std * 3f64.sqrt());
             tensors.insert(

@@ -6,6 +6,7 @@ pub mod config;
 pub mod gguf;
 pub mod gguf_header;
 pub mod hf_config;
+pub mod llama;
 pub mod lora;
 pub mod safetensors;
 pub mod tokenizer;
@@ -33,6 +34,17 @@ pub fn stop_token_ids(config: &LlamaConfig, tokenizer: Option<&TextTokenizer>) -
     ids
 }
 
+/// What callers need of the base besides its weights, the same for every engine: its
+/// tokenizer (with its chat template), why it has none, and the ids that end a turn.
+#[derive(Clone)]
+pub struct BaseFacts {
+    pub tokenizer: Option<TextTokenizer>,
+    /// Why `tokenizer` is `None` when the file has one this crate cannot build.
+    pub tokenizer_note: Option<String>,
+    /// See [`stop_token_ids`].
+    pub stop_ids: Vec<u32>,
+}
+
 /// A full model checkpoint, opened: its weights, config and (if it has one) tokenizer.
 pub struct Checkpoint {
     pub path: PathBuf,
@@ -45,6 +57,15 @@ pub struct Checkpoint {
 }
 
 impl Checkpoint {
+    /// The facts an engine built on this checkpoint as its base carries.
+    pub fn base_facts(&self) -> BaseFacts {
+        BaseFacts {
+            tokenizer: self.tokenizer.clone(),
+            tokenizer_note: self.tokenizer_note.clone(),
+            stop_ids: stop_token_ids(&self.config, self.tokenizer.as_ref()),
+        }
+    }
+
     /// Opens a `.gguf` file or an HF model directory (`config.json` + safetensors).
     pub fn open(path: &Path) -> Result<Self> {
         if path.is_dir() {

@@ -10,10 +10,13 @@
 
 use candle_core::{DType, Device, Tensor, Var, D};
 
-use crate::cpu::llama::{activate, causal_mask, rope_tables, unpermute_interleaved_rows, Llama};
+use crate::cpu::llama::Llama;
 use crate::error::{Error, Result};
 use crate::guide::uniform;
 use crate::model::config::{LlamaConfig, RopeLayout};
+use crate::model::llama::{
+    self, activate, causal_mask, rope_tables, unpermute_interleaved_rows, Proj,
+};
 use crate::model::lora::TARGETS;
 use crate::model::weights::WeightSource;
 use crate::model::Checkpoint;
@@ -155,9 +158,8 @@ impl TrainableArm {
         let mut lora = Vec::new();
         let mut top = Vec::with_capacity(n_top);
         for layer in first..cfg.num_layers {
-            let p = format!("model.layers.{layer}");
-            let mut linear = |kind: &str, name: &str| -> Result<TrainLinear> {
-                let module = format!("{p}.{kind}.{name}");
+            let mut linear = |proj: Proj| -> Result<TrainLinear> {
+                let module = llama::module_path(layer, proj);
                 let w = weight(&format!("{module}.weight"), in_full)?;
                 let bias_name = format!("{module}.bias");
                 let bias = if src.contains(&bias_name) {
@@ -166,7 +168,7 @@ impl TrainableArm {
                     None
                 };
                 let vars = match lora_spec {
-                    Some(spec) if spec.targets.iter().any(|t| t == name) => {
+                    Some(spec) if spec.targets.iter().any(|t| t == proj.short_name()) => {
                         let (out, inp) = w.dims2()?;
                         let bound = 1.0 / (inp as f64).sqrt();
                         let a: Vec<f64> = (0..spec.rank * inp)
@@ -194,16 +196,12 @@ impl TrainableArm {
                 })
             };
             let (q, k, v, o) = (
-                linear("self_attn", "q_proj")?,
-                linear("self_attn", "k_proj")?,
-                linear("self_attn", "v_proj")?,
-                linear("self_attn", "o_proj")?,
+                linear(Proj::Q)?,
+                linear(Proj::K)?,
+                linear(Proj::V)?,
+                linear(Proj::O)?,
             );
-            let (gate, up, down) = (
-                linear("mlp", "gate_proj")?,
-                linear("mlp", "up_proj")?,
-                linear("mlp", "down_proj")?,
-            );
+            let (gate, up, down) = (linear(Proj::Gate)?, linear(Proj::Up)?, linear(Proj::Down)?);
             top.push(TopBlock {
                 q,
                 k,
@@ -212,22 +210,21 @@ impl TrainableArm {
                 gate,
                 up,
                 down,
-                input_norm: weight(&format!("{p}.input_layernorm.weight"), in_full)?,
-                post_norm: weight(&format!("{p}.post_attention_layernorm.weight"), in_full)?,
+                input_norm: weight(&llama::input_norm(layer), in_full)?,
+                post_norm: weight(&llama::post_attention_norm(layer), in_full)?,
             });
         }
-        let norm = weight("model.norm.weight", in_full)?;
-        let head = if src.contains("lm_head.weight") {
-            weight("lm_head.weight", train_head)?
+        let norm = weight(llama::FINAL_NORM, in_full)?;
+        let head = if src.contains(llama::LM_HEAD) {
+            weight(llama::LM_HEAD, train_head)?
         } else if train_head {
             // Tied: the head trains as a copy of the embeddings, saved as `lm_head`.
-            let t =
-                load_hf_order(src, &cfg, "model.embed_tokens.weight", device)?.to_dtype(dtype)?;
+            let t = load_hf_order(src, &cfg, llama::EMBED, device)?.to_dtype(dtype)?;
             let var = Var::from_tensor(&t)?;
-            full.push(("lm_head.weight".to_string(), var.clone()));
+            full.push((llama::LM_HEAD.to_string(), var.clone()));
             var.as_tensor().clone()
         } else {
-            weight("model.embed_tokens.weight", false)?
+            weight(llama::EMBED, false)?
         };
         let (cos, sin) = rope_tables(&cfg, max_len, dtype, device)?;
         Ok(Self {
@@ -496,11 +493,11 @@ pub fn load_hf_order(
     device: &Device,
 ) -> Result<Tensor> {
     let t = src.load(name, device)?.dense(device)?;
-    let heads = if name.contains(".self_attn.q_proj.") {
-        cfg.num_heads
-    } else if name.contains(".self_attn.k_proj.") {
-        cfg.num_kv_heads
-    } else {
+    let module = name
+        .strip_suffix(".weight")
+        .or_else(|| name.strip_suffix(".bias"))
+        .unwrap_or(name);
+    let Some(heads) = llama::parse_module_path(module).and_then(|(_, p)| p.rope_heads(cfg)) else {
         return Ok(t);
     };
     if cfg.rope_layout != RopeLayout::Interleaved {

@@ -23,6 +23,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::arm::load_hf_order;
 use crate::error::{Error, Result};
+use crate::model::llama;
 use crate::model::lora::{write_atomic, ADAPTER_CONFIG, ADAPTER_WEIGHTS, SCORE_HEAD_WEIGHTS};
 use crate::model::Checkpoint;
 
@@ -34,32 +35,6 @@ const TOKENIZER_FILES: [&str; 3] = [
     "tokenizer_config.json",
     "generation_config.json",
 ];
-
-/// The HF names of every tensor of `base`'s model with an own head or a tied one.
-fn tensor_names(base: &Checkpoint, own_head: bool) -> Vec<String> {
-    let cfg = &base.config;
-    let mut names = vec!["model.embed_tokens.weight".to_string()];
-    for layer in 0..cfg.num_layers {
-        let p = format!("model.layers.{layer}");
-        names.push(format!("{p}.input_layernorm.weight"));
-        for proj in ["q_proj", "k_proj", "v_proj", "o_proj"] {
-            names.push(format!("{p}.self_attn.{proj}.weight"));
-            let bias = format!("{p}.self_attn.{proj}.bias");
-            if base.source.contains(&bias) {
-                names.push(bias);
-            }
-        }
-        names.push(format!("{p}.post_attention_layernorm.weight"));
-        for proj in ["gate_proj", "up_proj", "down_proj"] {
-            names.push(format!("{p}.mlp.{proj}.weight"));
-        }
-    }
-    names.push("model.norm.weight".into());
-    if own_head {
-        names.push("lm_head.weight".into());
-    }
-    names
-}
 
 /// Writes `out` as an HF model: `trained` (HF names) over `base`'s weights, in `dtype`.
 pub fn write_model_dir(
@@ -77,8 +52,8 @@ pub fn write_model_dir(
             )))
         }
     };
-    let own_head = trained.contains_key("lm_head.weight") || base.source.contains("lm_head.weight");
-    let names = tensor_names(base, own_head);
+    let own_head = trained.contains_key(llama::LM_HEAD) || base.source.contains(llama::LM_HEAD);
+    let names = llama::tensor_names(&base.config, own_head);
     if let Some(stray) = trained.keys().find(|k| !names.contains(k)) {
         return Err(Error::Request(format!(
             "trained tensor `{stray}` is not part of the base model"

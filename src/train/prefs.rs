@@ -158,3 +158,105 @@ impl PrefsRun {
         }
     }
 }
+
+/// How far a `prefs` run has come, reported after each prompt.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct PairsProgress {
+    /// Prompts handled, counting those a resumed run found done.
+    pub prompts_done: usize,
+    pub prompts: usize,
+    /// Pairs written, counting those a resumed run kept.
+    pub pairs: usize,
+    /// Prompts whose samples all scored alike (no pair).
+    pub ties: usize,
+}
+
+/// Makes the run's pairs: for each prompt line (wrapped by `run.template`, `{}` standing
+/// for the line) samples `model.rows()` continuations, scores them, and appends the best
+/// and worst as one JSONL line tagged with its prompt index to `part`, flushed at once.
+/// With `resume`, `part` must hold this run's record; its complete lines are kept (a line
+/// cut by a kill is dropped) and the run continues after the last prompt written.
+/// Returns the final progress; the caller renames `part` when it is complete.
+#[allow(clippy::too_many_arguments)]
+pub fn write_pairs(
+    model: &mut Llama,
+    tokenizer: &TextTokenizer,
+    eos_ids: &[u32],
+    prompts: &[String],
+    scorer: &dyn crate::eval::scorers::Scorer,
+    run: &PrefsRun,
+    part: &std::path::Path,
+    resume: bool,
+    on_progress: &mut dyn FnMut(&PairsProgress),
+) -> Result<PairsProgress> {
+    use std::io::Write;
+
+    use crate::error::Error;
+    let io = |e: std::io::Error| Error::io(part, e);
+    let mut progress = PairsProgress {
+        prompts: prompts.len(),
+        ..Default::default()
+    };
+    if resume && part.is_file() {
+        run.check_continues(part)?;
+        let done = std::fs::read_to_string(part).map_err(io)?;
+        let mut kept = String::new();
+        for line in done.lines() {
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+                break;
+            };
+            if let Some(i) = v["prompt_index"].as_u64() {
+                progress.prompts_done = progress.prompts_done.max(i as usize + 1);
+            }
+            kept.push_str(line);
+            kept.push('\n');
+            progress.pairs += 1;
+        }
+        std::fs::write(part, kept).map_err(io)?;
+    } else {
+        std::fs::File::create(part).map_err(io)?;
+        run.write(part)?;
+    }
+    let mut out = std::io::BufWriter::new(
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(part)
+            .map_err(io)?,
+    );
+    for (i, line) in prompts.iter().enumerate().skip(progress.prompts_done) {
+        let prompt = run.template.replace("{}", line);
+        let ids = tokenizer.encode_prompt(&prompt, run.chat, None)?;
+        let params = SamplingParams {
+            temperature: run.temperature,
+            top_p: run.top_p,
+            seed: run.seed.wrapping_add(i as u64),
+            ..Default::default()
+        };
+        let samples = sample_rows(model, tokenizer, &ids, run.max_new_tokens, &params, eos_ids)?;
+        let scores: Vec<f64> = samples
+            .iter()
+            .map(|s| scorer.score(&s.text, s.tokens.len(), s.complete))
+            .collect();
+        match best_and_worst(&scores) {
+            Some((b, w)) => {
+                let line = serde_json::json!({
+                    "prompt_index": i,
+                    "prompt": prompt,
+                    "chosen": samples[b].text,
+                    "rejected": samples[w].text,
+                    "chosen_score": scores[b],
+                    "rejected_score": scores[w],
+                });
+                writeln!(out, "{line}")
+                    .and_then(|()| out.flush())
+                    .map_err(io)?;
+                progress.pairs += 1;
+            }
+            None => progress.ties += 1,
+        }
+        progress.prompts_done = i + 1;
+        on_progress(&progress);
+    }
+    out.flush().map_err(io)?;
+    Ok(progress)
+}

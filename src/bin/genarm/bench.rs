@@ -1,0 +1,100 @@
+//! `genarm bench`: decode speed base-only and with each added ARM.
+
+use anyhow::{bail, Result};
+use clap::Args;
+use genarm::bench::{bench_prompt, decode_round_robin};
+use genarm::Engine;
+
+use crate::args::{int_in, ModelArgs, MAX_RUNS, MAX_TOKENS};
+use crate::load::load_engine;
+
+#[derive(Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub models: ModelArgs,
+    /// New tokens per run (≥ 2).
+    #[arg(long, value_name = "N", default_value_t = 128, value_parser = int_in(2, MAX_TOKENS))]
+    pub tokens: usize,
+    /// Timed runs per configuration, 1..=10000 (the median is reported).
+    #[arg(long, value_name = "R", default_value_t = 3, value_parser = int_in(1, MAX_RUNS))]
+    pub runs: usize,
+    /// Prompt length in tokens (a fixed synthetic prompt).
+    #[arg(long, value_name = "N", default_value_t = 16, value_parser = int_in(1, MAX_TOKENS))]
+    pub prompt_len: usize,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    // One engine per configuration: base, + 1 ARM, + 2 ARMs, …
+    let mut configs = (0..=args.models.arms.len())
+        .map(|n_arms| load_engine(&args.models, &args.models.arms[..n_arms]))
+        .collect::<Result<Vec<_>>>()?;
+    let base = &configs[0];
+    let context = base.engine.context_len();
+    if args.prompt_len + args.tokens > context {
+        bail!(
+            "--prompt-len {} + --tokens {} exceed the context of {context} tokens (see --context)",
+            args.prompt_len,
+            args.tokens
+        );
+    }
+    let prompt = bench_prompt(args.prompt_len, base.engine.vocab_size());
+    let (backend, weight_bytes) = (base.engine.backend(), base.weight_bytes);
+    let dispatches: Vec<Option<usize>> = configs.iter().map(|c| c.dispatches).collect();
+    let mut engines: Vec<(&mut dyn Engine, Vec<f32>)> = configs
+        .iter_mut()
+        .enumerate()
+        .map(|(n_arms, c)| {
+            let alphas = args.models.arms[..n_arms].iter().map(|a| a.alpha).collect();
+            (c.engine.as_mut() as &mut dyn Engine, alphas)
+        })
+        .collect();
+    let rows = decode_round_robin(&mut engines, &prompt, args.tokens, args.runs)?;
+    let threads = candle_core::utils::get_num_threads();
+    if args.json {
+        let results: Vec<_> = rows
+            .iter()
+            .zip(&dispatches)
+            .map(|(row, dispatches)| {
+                let mut v = serde_json::to_value(row).unwrap_or_default();
+                v["dispatches_per_token"] = serde_json::json!(dispatches);
+                v
+            })
+            .collect();
+        outln!(
+            "{}",
+            serde_json::json!({
+                "backend": backend,
+                "threads": threads,
+                "weight_bytes_per_token": weight_bytes,
+                "results": results,
+            })
+        );
+        return Ok(());
+    }
+    outln!(
+        "decode tokens/s on {backend}, median of {} runs of {} tokens ({threads} CPU threads)",
+        args.runs,
+        args.tokens,
+    );
+    for (row, dispatches) in rows.iter().zip(&dispatches) {
+        let dispatches = dispatches.map_or(String::new(), |d| format!("   {d} dispatches/token"));
+        outln!(
+            "  {:<16} {:>8.1} tok/s   {:.2}× base time/token{dispatches}",
+            row.config,
+            row.tokens_per_second,
+            row.time_per_token_vs_base
+        );
+    }
+    if let Some(bytes) = weight_bytes {
+        // Divide by the card's memory bandwidth for the fraction achieved.
+        outln!(
+            "  weights read per base token: {:.1} MB → {:.2} GB/s at the base-only speed",
+            bytes as f64 / 1e6,
+            bytes as f64 * rows[0].tokens_per_second / 1e9
+        );
+    }
+    Ok(())
+}

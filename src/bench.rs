@@ -104,6 +104,15 @@ pub fn decode_round_robin(
         .collect())
 }
 
+/// The process's peak resident memory so far (Linux's `VmHWM`), in bytes; `None` where
+/// the system does not report it.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -115,5 +124,14 @@ mod tests {
         let p = bench_prompt(40, 30);
         assert_eq!(p.len(), 40);
         assert!(p.iter().all(|&id| id < 30));
+    }
+
+    #[test]
+    fn peak_rss_is_reported_on_linux() {
+        if cfg!(target_os = "linux") {
+            let peak = peak_rss_bytes().expect("VmHWM in /proc/self/status");
+            // A running test binary holds at least a megabyte.
+            assert!(peak > 1 << 20, "{peak} bytes");
+        }
     }
 }

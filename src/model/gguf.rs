@@ -429,6 +429,12 @@ impl WeightSource for GgufFile {
             .content
             .tensor(&mut Cursor::new(&self.bytes[..]), &gname, device)
             .map_err(|e| Error::format(&self.path, format!("tensor `{gname}`: {e}")))?;
+        if let Some(info) = self.content.tensor_infos.get(&gname) {
+            let start = self.content.tensor_data_offset + info.offset;
+            let len = info.shape.elem_count() / info.ggml_dtype.block_size()
+                * info.ggml_dtype.type_size();
+            self.bytes.release(start as usize..start as usize + len);
+        }
         Ok(match qt.dtype() {
             GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {
                 Weight::Dense(qt.dequantize(device)?)

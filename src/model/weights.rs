@@ -33,6 +33,28 @@ impl Bytes {
             read_regular_file(path, u64::MAX).map(Self::Owned)
         }
     }
+
+    /// Lets the system take back the pages of `range` once its contents have been
+    /// copied out: a mapped file's pages leave this process's resident memory (they stay
+    /// in the page cache and come back on the next read), so a loaded model is not held
+    /// twice, as mapped file and as the engine's weights. Owned bytes are kept.
+    pub fn release(&self, range: std::ops::Range<usize>) {
+        #[cfg(unix)]
+        if let Self::Mapped(map) = self {
+            // SAFETY: the mapping is read-only and file-backed: dropped pages are read
+            // back from the file on the next access, never lost. A failure only keeps
+            // the pages resident.
+            let _ = unsafe {
+                map.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    range.start,
+                    range.len(),
+                )
+            };
+        }
+        #[cfg(not(unix))]
+        let _ = range;
+    }
 }
 
 /// Opens `path` for reading only if it is a regular file (after following links).

@@ -2,7 +2,7 @@
 
 use anyhow::{bail, Result};
 use clap::Args;
-use genarm::bench::{bench_prompt, decode_round_robin};
+use genarm::bench::{bench_prompt, decode_round_robin, peak_rss_bytes};
 use genarm::Engine;
 
 use crate::args::{int_in, ModelArgs, MAX_RUNS, MAX_TOKENS};
@@ -53,6 +53,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
         .collect();
     let rows = decode_round_robin(&mut engines, &prompt, args.tokens, args.runs)?;
     let threads = candle_core::utils::get_num_threads();
+    // Every configuration's engine is loaded at once, so this is their sum.
+    let peak_rss = peak_rss_bytes();
     if args.json {
         let results: Vec<_> = rows
             .iter()
@@ -69,6 +71,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 "backend": backend,
                 "threads": threads,
                 "weight_bytes_per_token": weight_bytes,
+                "peak_rss_bytes": peak_rss,
                 "results": results,
             })
         );
@@ -86,6 +89,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
             row.config,
             row.tokens_per_second,
             row.time_per_token_vs_base
+        );
+    }
+    if let Some(peak) = peak_rss {
+        outln!(
+            "  peak resident memory: {:.0} MB (all {} configurations loaded together)",
+            peak as f64 / 1e6,
+            rows.len()
         );
     }
     if let Some(bytes) = weight_bytes {

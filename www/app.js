@@ -87,6 +87,11 @@ function inVisitorWords(message) {
   m = m.replace(/not a GGUF file: magic \[[^\]]*\][^.;)]*/, 'is not a GGUF model file (it does not start with "GGUF"); choose a .gguf model file');
   m = m.replace(/^(\S+): HTTP 404\b.*$/, '$1 was not found on the server (HTTP 404): check the address');
   m = m.replace(/^(\S+): HTTP (\d+)\b ?(.*)$/, '$1: the server answered HTTP $2 $3: check the address or try again later');
+  // The native engine's advice (a Vulkan driver, apt-get) means nothing to a visitor.
+  m = m.replace(
+    /no WebGPU device: (gpu: )?no WebGPU\/Vulkan adapter found \(.*?\);? ?natively install a Vulkan driver.*?in a browser enable WebGPU/,
+    'this browser offered no WebGPU adapter: turn on WebGPU or hardware acceleration in its settings',
+  );
   m = m.replace(/;? ?natively install a Vulkan driver.*?in a browser enable WebGPU/, '; turn on WebGPU or hardware acceleration in the browser settings');
   return m;
 }
@@ -349,8 +354,21 @@ async function stageLocal(files, folderName) {
   const rest = wanted.filter((f) => !/\.gguf$/i.test(f.name));
   for (const f of ggufs) stage({ name: f.name, origin: 'local', files: [{ name: f.name, file: f }] });
   if (rest.length) {
-    stage({ name: folderName || rest[0].name.replace(/\.[^.]+$/, ''), origin: 'local', files: rest.map((f) => ({ name: f.name, file: f })) });
+    stage({ name: folderName || (await looseName(rest)), origin: 'local', files: rest.map((f) => ({ name: f.name, file: f })) });
   }
+}
+
+// A name for loose files picked without their folder: an ARM's own (genarm.json), else
+// what they are.
+async function looseName(files) {
+  const info = files.find((f) => f.name === 'genarm.json');
+  try {
+    const name = info && JSON.parse(await info.text()).name;
+    if (typeof name === 'string' && name.trim()) return name.trim();
+  } catch (_) {
+    /* unreadable: named by kind below */
+  }
+  return files.some((f) => f.name === 'adapter_config.json') ? 'LoRA adapter' : 'model files';
 }
 
 async function pickedFolder(fileList) {
@@ -668,7 +686,7 @@ worker.onmessage = ({ data: msg }) => {
       showProgress(msg);
       break;
     case 'notice':
-      notice(msg.level, msg.text, msg.scope);
+      notice(msg.level, inVisitorWords(msg.text), msg.scope);
       break;
     case 'cacheCleared': {
       const text = $('progress-text');

@@ -7,7 +7,8 @@
 //      artifacts/playground.png, timings in artifacts/playground.json;
 //   2. without the WebGPU flag: the page says why it runs on the CPU, and generates; the
 //      base loaded again from a URL and the positive ARM from local files through the
-//      file picker (any other demo ARM was at α = 0) give the same text;
+//      file picker (any other demo ARM was at α = 0) give the same text; WebGPU asked for
+//      where the browser has no adapter is explained in the visitor's words;
 //   3. no dead ends: invalid max tokens / seed are refused next to the field, Stop
 //      leaves no column waiting, removing the loaded base disables Generate, a URL that
 //      404s or is no GGUF is refused next to the URL field, a failed load leaves Generate
@@ -330,12 +331,23 @@ async function withoutWebGpu(url, metrics) {
     await page.waitForFunction(() => document.querySelectorAll('#staged li').length === 2);
     const staged = await page.locator('#staged').innerText();
     check(/url/.test(staged) && /local/.test(staged), `staged from a URL and local files: ${JSON.stringify(staged)}`);
+    check(/positive/.test(staged) && !/\.gguf\/|adapter_config\n/.test(staged), 'loose ARM files are named by their genarm.json');
     await page.click('#load');
     await page.waitForFunction(() => document.body.dataset.state === 'loading', null, { timeout: 10_000 }).catch(() => {});
     await waitReady(page);
     check(/positive/.test(await page.locator('#sliders').innerText()), 'the ARM from local files has its slider');
     const again = await generate(page);
     check(again.guided === out.guided, `URL + local files give the demo's text: ${JSON.stringify(again.guided)}`);
+
+    // WebGPU asked for where the browser offers no adapter: the page says so in the
+    // visitor's words (no Vulkan drivers, no apt-get) and runs on the CPU.
+    await openModels(page);
+    await page.selectOption('#backend-choice', 'webgpu');
+    await page.click('#load');
+    await page.waitForFunction(() => document.body.dataset.state === 'loading', null, { timeout: 10_000 }).catch(() => {});
+    await waitReady(page);
+    const noAdapter = await page.locator('#backend').getAttribute('title');
+    check(/hardware acceleration/.test(noAdapter) && !/apt-get|Vulkan/.test(noAdapter), `no adapter, in the visitor's words: ${JSON.stringify(noAdapter)}`);
   } finally {
     await browser.close();
     if (log.length) console.log(log.join('\n'));

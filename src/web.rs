@@ -3,11 +3,12 @@
 //! Few coarse calls: collect a model's files ([`ModelFiles`], whole or as streamed
 //! chunks), open a [`Session`] on a base and its ARMs, then `start` a run, call
 //! `prefill` until the prompt is in, and `next` once per token. Both return promises,
-//! so the worker goes back to its event loop between prompt chunks and tokens: weights and sampling settings set meanwhile
-//! (`setAlphas`, `setSampling`, `cancel`) are queued here and applied before the next
-//! token. The engine is moved out of its cell while a step runs, so no `RefCell` borrow
-//! spans an `await` and a call that arrives mid-step gets a clear error instead of
-//! wasm-bindgen's "recursive use of an object".
+//! so the worker goes back to its event loop between prompt chunks and tokens: weights
+//! and sampling settings set meanwhile (`setAlphas`, `setSampling`, `cancel`) are
+//! queued here and applied before the next chunk or token. The engine is moved out of
+//! its cell while a step runs, so no `RefCell` borrow spans an `await` and a call that
+//! arrives mid-step gets a clear error instead of wasm-bindgen's "recursive use of an
+//! object".
 //!
 //! Errors are JS `Error`s carrying the crate's message; the panic hook is installed by
 //! every entry point, so anything that still panics is logged with its message.
@@ -849,9 +850,9 @@ impl Session {
         to_js(&serde_json::json!({ "promptTokens": ids.len() }))
     }
 
-    /// Feeds the next chunk of the prompt, sized to take about a quarter of a second,
-    /// so that a long prompt can be stopped and shows its progress: a promise of `{
-    /// fed, total, done }` prompt tokens (`done`: call `next`, which feeds the last
+    /// Feeds the next chunk of the prompt, sized to take about `PROMPT_CHUNK_TIME`, so
+    /// that a long prompt can be stopped and shows its progress: a promise of `{ fed,
+    /// total, done }` prompt tokens (`done`: call `next`, which feeds the last
     /// prompt token with its pick). Optional: without it the first `next` feeds the
     /// whole prompt.
     pub fn prefill(&self) -> js_sys::Promise {

@@ -525,6 +525,11 @@ function generate() {
     fieldError('generate-error', 'Fix the marked field first.');
     return;
   }
+  if (!$('prompt').value.trim() && $('mode-plain').checked) {
+    fieldError('generate-error', 'Type a prompt first: in plain mode the model continues your text.');
+    $('prompt').focus();
+    return;
+  }
   state.runs = {};
   state.runAlphas = [...state.alphas];
   state.tokens = { guided: [], base: [] };

@@ -326,7 +326,7 @@ async function generate(req) {
         sampling: req.sampling,
       });
       post({ type: 'runStart', run, promptTokens });
-      // The prompt goes in by chunks of about a quarter second: Stop is heard between
+      // The prompt goes in by chunks of about 0.4 s: Stop is heard between
       // them, and the page shows how far it is.
       for (;;) {
         if (stopRequested) session.cancel();

@@ -381,6 +381,11 @@ async function deadEnds(url, metrics) {
     }
     await page.fill('#seed', '3');
     await page.fill('#max-tokens', '4');
+    await page.fill('#prompt', '');
+    await page.click('#generate');
+    const empty = await visibleText(page, '#generate-error');
+    check(/[Tt]ype a prompt/.test(empty) && (await state(page)) === 'ready', `an empty plain prompt is refused: ${JSON.stringify(empty)}`);
+    await page.fill('#prompt', PROMPT);
     check((await visibleText(page, '#max-tokens-error')) === '' && (await visibleText(page, '#seed-error')) === '', 'valid values clear the field messages');
 
     // Stop during the guided run: no column keeps "waiting for the guided run…".

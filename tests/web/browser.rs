@@ -224,16 +224,14 @@ async fn greedy_ids(session: &Session, prompt: &str, chunked: bool) -> (Vec<u32>
         .map_err(message)
         .unwrap();
     let mut fed = Vec::new();
-    while chunked {
-        let p = prefill(session).await;
-        fed.push(p.fed);
-        if p.done {
-            assert_eq!(
-                p.fed + 1,
-                p.total,
-                "all but the last prompt token fed ahead"
-            );
-            break;
+    if chunked {
+        loop {
+            let p = prefill(session).await;
+            fed.push(p.fed);
+            if p.done {
+                assert_eq!(p.fed + 1, p.total, "all but the last token fed ahead");
+                break;
+            }
         }
     }
     let mut ids = Vec::new();

@@ -1,13 +1,14 @@
 //! The browser API (wasm-bindgen), used by `www/worker.js`.
 //!
 //! Few coarse calls: collect a model's files ([`ModelFiles`], whole or as streamed
-//! chunks), open a [`Session`] on a base and its ARMs, then `start` a run and call
-//! `next` once per token. `next` returns a promise, so the worker goes back to its
-//! event loop between tokens: weights and sampling settings set meanwhile
-//! (`setAlphas`, `setSampling`, `cancel`) are queued here and applied before the next
-//! token. The engine is moved out of its cell while a step runs, so no `RefCell` borrow
-//! spans an `await` and a call that arrives mid-step gets a clear error instead of
-//! wasm-bindgen's "recursive use of an object".
+//! chunks), open a [`Session`] on a base and its ARMs, then `start` a run, call
+//! `prefill` until the prompt is in, and `next` once per token. Both return promises,
+//! so the worker goes back to its event loop between prompt chunks and tokens: weights
+//! and sampling settings set meanwhile (`setAlphas`, `setSampling`, `cancel`) are
+//! queued here and applied before the next chunk or token. The engine is moved out of
+//! its cell while a step runs, so no `RefCell` borrow spans an `await` and a call that
+//! arrives mid-step gets a clear error instead of wasm-bindgen's "recursive use of an
+//! object".
 //!
 //! Errors are JS `Error`s carrying the crate's message; the panic hook is installed by
 //! every entry point, so anything that still panics is logged with its message.
@@ -21,6 +22,7 @@ use candle_core::Device;
 use serde::{Deserialize, Serialize};
 use wasm_bindgen::prelude::*;
 use wasm_bindgen::JsCast;
+use web_time::{Duration, Instant};
 
 use crate::cpu::CpuEngine;
 use crate::engine::Engine;
@@ -271,20 +273,40 @@ impl AnyEngine {
         }
     }
 
-    /// One token: the CPU engine steps synchronously; the WebGPU engine awaits its
-    /// device (the browser cannot block on a readback).
-    async fn next_token(&mut self, decoder: &mut Decoder) -> Result<Option<TokenEvent>> {
+    /// Feeds `tokens` without choosing one (a chunk of the prompt).
+    async fn feed(&mut self, tokens: &[u32]) -> Result<()> {
         match self {
-            Self::Cpu(e) => decoder.next(e),
-            Self::Gpu(e) => {
-                if !decoder.ready(e.as_ref()) {
-                    return Ok(None);
-                }
-                let (feed, alphas, sampler) = decoder.step_inputs();
-                let chosen = e.guided_step_async(feed, alphas, sampler).await?;
-                decoder.accept(chosen).map(Some)
-            }
+            Self::Cpu(e) => e.step(tokens).map(drop),
+            Self::Gpu(e) => e.step_async(tokens).await.map(drop),
         }
+    }
+
+    /// One token: the CPU engine steps synchronously; the WebGPU engine awaits its
+    /// device (the browser cannot block on a readback). `fed_ahead` prompt tokens of
+    /// the decoder's feed are already in the engine ([`Session::prefill`]).
+    async fn next_token(
+        &mut self,
+        decoder: &mut Decoder,
+        fed_ahead: usize,
+    ) -> Result<Option<TokenEvent>> {
+        // `ready` counts the whole prompt as still to feed; when part of it was fed
+        // ahead, `prefill` asked it before the first chunk, and only a Stop since
+        // can end the run.
+        let due = if fed_ahead == 0 {
+            decoder.ready(self.engine())
+        } else {
+            decoder.stop_reason().is_none()
+        };
+        if !due {
+            return Ok(None);
+        }
+        let (feed, alphas, sampler) = decoder.step_inputs();
+        let feed = &feed[fed_ahead..];
+        let chosen = match self {
+            Self::Cpu(e) => e.guided_step(feed, alphas, sampler)?,
+            Self::Gpu(e) => e.guided_step_async(feed, alphas, sampler).await?,
+        };
+        decoder.accept(chosen).map(Some)
     }
 }
 
@@ -470,6 +492,58 @@ struct RunSummary {
     tokens_per_second: f64,
 }
 
+/// How much of the prompt each [`Session::prefill`] call feeds: a chunk should take
+/// about `PROMPT_CHUNK_TIME`, so Stop and the sliders are heard within that while a
+/// long prompt goes in (the wasm CPU engine takes about 0.1 s per prompt token). Each
+/// chunk also computes the log-probs at its last position, work the prompt does not
+/// need: the longer the chunk, the less of it (0.25 s chunks made a 555-token prompt
+/// about 11% slower than one call).
+const PROMPT_CHUNK_TIME: Duration = Duration::from_millis(400);
+const FIRST_PROMPT_CHUNK: usize = 4;
+const MAX_PROMPT_CHUNK: usize = 64;
+
+/// The prompt phase of a run: the prompt tokens already in the engine, and the size
+/// of the next chunk.
+#[derive(Clone, Copy, Debug)]
+struct PromptPhase {
+    total: usize,
+    fed: usize,
+    chunk: usize,
+}
+
+impl PromptPhase {
+    fn new(total: usize) -> Self {
+        Self {
+            total,
+            fed: 0,
+            chunk: FIRST_PROMPT_CHUNK,
+        }
+    }
+
+    /// The next chunk's size, from how long `tokens` took.
+    fn resize(&mut self, tokens: usize, took: Duration) {
+        let per_token = took.as_secs_f64() / tokens.max(1) as f64;
+        let fits = PROMPT_CHUNK_TIME.as_secs_f64() / per_token.max(1e-6);
+        self.chunk = (fits as usize).clamp(1, MAX_PROMPT_CHUNK);
+    }
+
+    /// The last prompt token is left for the first guided step, which picks a token
+    /// from its log-probs.
+    fn ahead_done(&self) -> bool {
+        self.fed + 1 >= self.total
+    }
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct PromptProgress {
+    /// Prompt tokens in the engine.
+    fed: usize,
+    total: usize,
+    /// Nothing more to feed ahead (or the run stopped): call `next`.
+    done: bool,
+}
+
 /// What the queued setters leave for the next step.
 struct Settings {
     alphas: Vec<f32>,
@@ -486,6 +560,8 @@ struct Shared {
     decoder: RefCell<Option<Decoder>>,
     busy: Cell<bool>,
     settings: RefCell<Settings>,
+    /// `Some` from `start` until the first token is picked.
+    prompt: Cell<Option<PromptPhase>>,
 }
 
 fn busy_error() -> JsError {
@@ -493,30 +569,90 @@ fn busy_error() -> JsError {
 }
 
 impl Shared {
-    /// Runs one step with the engine and decoder moved out of their cells.
-    async fn step(&self) -> std::result::Result<JsValue, JsError> {
+    /// Moves the engine and decoder out of their cells for one step (`None`: no run).
+    fn take(&self) -> std::result::Result<Option<(AnyEngine, Decoder)>, JsError> {
         if self.busy.replace(true) {
             return Err(busy_error());
         }
         let decoder = self.decoder.borrow_mut().take();
-        let Some(mut decoder) = decoder else {
+        let Some(decoder) = decoder else {
             self.busy.set(false);
-            return Ok(JsValue::NULL);
+            return Ok(None);
         };
         let engine = self.engine.borrow_mut().take();
-        let Some(mut engine) = engine else {
+        let Some(engine) = engine else {
             self.busy.set(false);
             return Err(JsError::new("internal: the engine is missing"));
         };
-        let applied = self.apply_settings(&mut engine, &mut decoder);
-        let alphas = decoder.alphas().to_vec();
-        let result = match applied {
-            Ok(()) => engine.next_token(&mut decoder).await,
-            Err(e) => Err(e),
-        };
+        Ok(Some((engine, decoder)))
+    }
+
+    fn put_back(&self, engine: AnyEngine, decoder: Decoder) {
         *self.engine.borrow_mut() = Some(engine);
         *self.decoder.borrow_mut() = Some(decoder);
         self.busy.set(false);
+    }
+
+    /// Feeds the next chunk of the prompt.
+    async fn prefill(&self) -> std::result::Result<JsValue, JsError> {
+        let Some((mut engine, mut decoder)) = self.take()? else {
+            return Ok(JsValue::NULL);
+        };
+        let result = self.feed_chunk(&mut engine, &mut decoder).await;
+        self.put_back(engine, decoder);
+        to_js(&result.map_err(js_error)?)
+    }
+
+    async fn feed_chunk(
+        &self,
+        engine: &mut AnyEngine,
+        decoder: &mut Decoder,
+    ) -> Result<PromptProgress> {
+        self.apply_settings(engine, decoder)?;
+        let Some(mut phase) = self.prompt.get() else {
+            // The first token is out: the prompt is in.
+            return Ok(PromptProgress {
+                fed: 0,
+                total: 0,
+                done: true,
+            });
+        };
+        // Before the first chunk, whether the run is due at all (max tokens 0).
+        let due = if phase.fed == 0 {
+            decoder.ready(engine.engine())
+        } else {
+            decoder.stop_reason().is_none()
+        };
+        if due && !phase.ahead_done() {
+            let end = (phase.fed + phase.chunk).min(phase.total - 1);
+            let chunk = decoder.step_inputs().0[phase.fed..end].to_vec();
+            let started = Instant::now();
+            engine.feed(&chunk).await?;
+            phase.resize(chunk.len(), started.elapsed());
+            phase.fed = end;
+            self.prompt.set(Some(phase));
+        }
+        Ok(PromptProgress {
+            fed: phase.fed,
+            total: phase.total,
+            done: !due || phase.ahead_done(),
+        })
+    }
+
+    /// Picks one token.
+    async fn step(&self) -> std::result::Result<JsValue, JsError> {
+        let Some((mut engine, mut decoder)) = self.take()? else {
+            return Ok(JsValue::NULL);
+        };
+        // The first step feeds what `prefill` left of the prompt; later ones, a token.
+        let fed_ahead = self.prompt.take().map_or(0, |p| p.fed);
+        let applied = self.apply_settings(&mut engine, &mut decoder);
+        let alphas = decoder.alphas().to_vec();
+        let result = match applied {
+            Ok(()) => engine.next_token(&mut decoder, fed_ahead).await,
+            Err(e) => Err(e),
+        };
+        self.put_back(engine, decoder);
         match result.map_err(js_error)? {
             Some(event) => to_js(&TokenOut {
                 id: event.id,
@@ -619,6 +755,7 @@ impl Session {
                 decoder: RefCell::new(None),
                 busy: Cell::new(false),
                 settings: RefCell::new(settings),
+                prompt: Cell::new(None),
             }),
             facts,
             n_arms,
@@ -684,7 +821,20 @@ impl Session {
         let decoder = Decoder::new(engine.engine(), self.facts.tokenizer.as_ref(), &ids, opts)
             .map_err(js_error)?;
         *self.shared.decoder.borrow_mut() = Some(decoder);
+        self.shared.prompt.set(Some(PromptPhase::new(ids.len())));
         to_js(&serde_json::json!({ "promptTokens": ids.len() }))
+    }
+
+    /// Feeds the next chunk of the prompt, sized to take about `PROMPT_CHUNK_TIME`, so
+    /// that a long prompt can be stopped and shows its progress: a promise of `{ fed,
+    /// total, done }` prompt tokens (`done`: call `next`, which feeds the last
+    /// prompt token with its pick). Optional: without it the first `next` feeds the
+    /// whole prompt.
+    pub fn prefill(&self) -> js_sys::Promise {
+        let shared = Rc::clone(&self.shared);
+        wasm_bindgen_futures::future_to_promise(async move {
+            shared.prefill().await.map_err(JsValue::from)
+        })
     }
 
     /// The next token of the run: a promise of `{ id, text, baseLogprob, armLogprobs,
@@ -729,7 +879,8 @@ impl Session {
         Ok(())
     }
 
-    /// Stops the run after the token in flight (if any); `next` then returns `null`.
+    /// Stops the run after the token or prompt chunk in flight (if any); `prefill` then
+    /// says `done` and `next` returns `null`.
     pub fn cancel(&self) {
         self.shared.settings.borrow_mut().cancel = true;
     }
@@ -743,6 +894,7 @@ impl Session {
         let Some(decoder) = self.shared.decoder.borrow_mut().take() else {
             return Ok(JsValue::NULL);
         };
+        self.shared.prompt.set(None);
         self.shared.settings.borrow_mut().cancel = false;
         let g = decoder.finish().map_err(js_error)?;
         to_js(&RunSummary {

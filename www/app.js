@@ -13,6 +13,12 @@ const state = {
   loading: false,
   running: false,
   runs: {},
+  // The weights the guided run started with: the base-only column is scored with them.
+  runAlphas: [],
+  // Tokens per column with their values, for the token detail line.
+  tokens: { guided: [], base: [] },
+  // Download speed: when and at how many bytes the current load began.
+  download: null,
   // The staged sources in the loaded session and the role each was loaded in.
   loadedRoles: new Map(),
   pendingRoles: new Map(),
@@ -25,12 +31,26 @@ const MODEL_FILES = /(\.gguf|\.safetensors|^(config|tokenizer|tokenizer_config|g
 // cannot change under a load or a run.
 function setState(s) {
   document.body.dataset.state = s;
+  document.body.classList.toggle('loaded', !!state.info);
   const busy = s === 'loading' || s === 'generating';
   $('generate').disabled = s !== 'ready' || !state.info;
   $('stop').disabled = s !== 'generating';
   $('load').disabled = busy;
   $('demo').disabled = busy;
+  $('download-go').disabled = busy;
   renderStaged();
+  renderSummary();
+}
+
+// The model list folded into one line once a base is loaded (the prompt and output then
+// come first); open whenever nothing is loaded or something went wrong.
+function renderSummary() {
+  const text = state.info
+    ? `${state.info.base}${state.info.arms.length ? ` + ${state.info.arms.map((a) => a.name).join(', ')}` : ''}: loaded`
+    : document.body.dataset.state === 'loading'
+      ? 'loading…'
+      : 'nothing loaded';
+  $('models-summary').textContent = text;
 }
 
 const isBusy = () => ['loading', 'generating'].includes(document.body.dataset.state);
@@ -67,6 +87,11 @@ function inVisitorWords(message) {
   m = m.replace(/not a GGUF file: magic \[[^\]]*\][^.;)]*/, 'is not a GGUF model file (it does not start with "GGUF"); choose a .gguf model file');
   m = m.replace(/^(\S+): HTTP 404\b.*$/, '$1 was not found on the server (HTTP 404): check the address');
   m = m.replace(/^(\S+): HTTP (\d+)\b ?(.*)$/, '$1: the server answered HTTP $2 $3: check the address or try again later');
+  // The native engine's advice (a Vulkan driver, apt-get) means nothing to a visitor.
+  m = m.replace(
+    /no WebGPU device: (gpu: )?no WebGPU\/Vulkan adapter found \(.*?\);? ?natively install a Vulkan driver.*?in a browser enable WebGPU/,
+    'this browser offered no WebGPU adapter: turn on WebGPU or hardware acceleration in its settings',
+  );
   m = m.replace(/;? ?natively install a Vulkan driver.*?in a browser enable WebGPU/, '; turn on WebGPU or hardware acceleration in the browser settings');
   return m;
 }
@@ -109,6 +134,7 @@ function renderStaged() {
     remove.type = 'button';
     remove.textContent = '×';
     remove.title = `remove ${s.name}`;
+    remove.setAttribute('aria-label', `remove ${s.name}`);
     remove.disabled = isBusy();
     remove.addEventListener('click', () => {
       state.staged.splice(i, 1);
@@ -136,6 +162,7 @@ function renderStaged() {
 function listChanged() {
   const stillLoaded = [...state.loadedRoles].every(([s, role]) => state.staged.includes(s) && s.role === role);
   if (state.info && !stillLoaded) unload();
+  if (!state.info) renderSliders(null);
   renderStaged();
 }
 
@@ -143,7 +170,7 @@ function unload() {
   worker.postMessage({ type: 'unload' });
   state.info = null;
   state.loadedRoles = new Map();
-  $('sliders').replaceChildren();
+  renderSliders(null);
   $('progress').value = 0;
   $('progress-text').textContent = 'nothing loaded: press Load to load the models listed above';
   delete $('progress-text').dataset.fromCache;
@@ -160,6 +187,7 @@ function stage(source) {
   }
   state.staged.push(source);
   renderStaged();
+  if (!state.info) renderSliders(null);
 }
 
 async function demoManifest() {
@@ -181,10 +209,39 @@ async function stageDemo() {
     ...demo.arms.map((a) => ({ ...a, role: 'arm', origin: 'demo' })),
   ];
   renderStaged();
+  renderSliders(null);
   return true;
 }
 
+// Whether every file of the staged URL models is in the browser's cache (then loading
+// downloads nothing). The worker keeps the cache; the page can read it too.
+async function allCached() {
+  if (!self.caches) return false;
+  try {
+    const cache = await caches.open('genarm-models-v1');
+    const urls = state.staged.flatMap((s) => s.files.filter((f) => f.url && !f.optional).map((f) => new URL(f.url, location.href).href));
+    const hits = await Promise.all(urls.map((u) => cache.match(u)));
+    return hits.every(Boolean);
+  } catch (_) {
+    return false;
+  }
+}
+
+// Before the first download of the demo: its size, and that it is cached afterwards.
+function askBeforeDownload() {
+  const bytes = state.staged.reduce((n, s) => n + sourceBytes(s), 0);
+  const base = state.staged.find((s) => s.role === 'base');
+  const arms = state.staged.filter((s) => s.role === 'arm');
+  $('download-notice-text').textContent =
+    `The demo downloads ${mb(bytes)} once: the model ${base.name} (${mb(sourceBytes(base))})` +
+    `${arms.length ? ` and ${arms.length} ARM${arms.length > 1 ? 's' : ''} (${mb(arms.reduce((n, s) => n + sourceBytes(s), 0))})` : ''}. ` +
+    'This browser keeps it, so later visits load it without downloading.';
+  $('download-notice').hidden = false;
+  $('progress-text').textContent = 'nothing loaded yet';
+}
+
 function load() {
+  $('download-notice').hidden = true;
   for (const s of state.staged) delete s.error;
   fieldError('load-error', '');
   const bases = state.staged.filter((s) => s.role === 'base');
@@ -199,6 +256,8 @@ function load() {
   state.info = null;
   state.loadedRoles = new Map();
   state.loading = true;
+  state.download = null;
+  renderSliders(null);
   setState('loading');
   $('progress').value = 0;
   $('progress-text').textContent = 'starting…';
@@ -295,8 +354,21 @@ async function stageLocal(files, folderName) {
   const rest = wanted.filter((f) => !/\.gguf$/i.test(f.name));
   for (const f of ggufs) stage({ name: f.name, origin: 'local', files: [{ name: f.name, file: f }] });
   if (rest.length) {
-    stage({ name: folderName || rest[0].name.replace(/\.[^.]+$/, ''), origin: 'local', files: rest.map((f) => ({ name: f.name, file: f })) });
+    stage({ name: folderName || (await looseName(rest)), origin: 'local', files: rest.map((f) => ({ name: f.name, file: f })) });
   }
+}
+
+// A name for loose files picked without their folder: an ARM's own (genarm.json), else
+// what they are.
+async function looseName(files) {
+  const info = files.find((f) => f.name === 'genarm.json');
+  try {
+    const name = info && JSON.parse(await info.text()).name;
+    if (typeof name === 'string' && name.trim()) return name.trim();
+  } catch (_) {
+    /* unreadable: named by kind below */
+  }
+  return files.some((f) => f.name === 'adapter_config.json') ? 'LoRA adapter' : 'model files';
 }
 
 async function pickedFolder(fileList) {
@@ -344,14 +416,17 @@ async function dropped(dataTransfer) {
 // Controls
 // ---------------------------------------------------------------------------
 
+// One slider per ARM with a line saying what it pushes the text towards. Before a load
+// the staged ARMs get disabled sliders, so the page does not shift when they arrive.
 function renderSliders(info) {
   const box = $('sliders');
   box.replaceChildren();
-  state.alphas = info.arms.map(() => 1);
-  info.arms.forEach((arm, i) => {
+  const arms = info ? info.arms : state.staged.filter((s) => s.role === 'arm').map((s) => ({ name: s.name, objective: null }));
+  if (info) state.alphas = info.arms.map(() => 1);
+  arms.forEach((arm, i) => {
+    const knob = document.createElement('div');
+    knob.className = 'knob arm-slider';
     const label = document.createElement('label');
-    label.className = 'arm-slider';
-    if (arm.objective) label.title = arm.objective;
     const name = document.createElement('span');
     name.className = 'arm-name';
     name.textContent = `α ${arm.name}`;
@@ -361,8 +436,15 @@ function renderSliders(info) {
     input.max = '4';
     input.step = '0.1';
     input.value = '1';
+    input.disabled = !info;
     input.dataset.arm = arm.name;
     input.setAttribute('aria-label', `weight of the ${arm.name} ARM`);
+    const what = document.createElement('small');
+    what.id = `arm-what-${i}`;
+    what.textContent = info
+      ? `${arm.objective ? `pushes towards ${arm.objective}` : `follows the ${arm.name} ARM`}; 0 ignores it, higher follows it more`
+      : 'available once the models are loaded';
+    input.setAttribute('aria-describedby', what.id);
     const out = document.createElement('output');
     out.textContent = '1.0';
     input.addEventListener('input', () => {
@@ -371,9 +453,10 @@ function renderSliders(info) {
       worker.postMessage({ type: 'setAlphas', alphas: [...state.alphas] });
     });
     label.append(name, input, out);
-    box.append(label);
+    knob.append(label, what);
+    box.append(knob);
   });
-  if (!info.arms.length) {
+  if (info && !info.arms.length) {
     const p = document.createElement('p');
     p.className = 'hint';
     p.textContent = 'No ARM loaded: add a LoRA adapter (e.g. www/arms/positive) to get a slider.';
@@ -396,11 +479,24 @@ function validateField(id) {
 
 function validInputs() {
   const invalid = NUMBER_FIELDS.filter((id) => !validateField(id));
-  if (invalid.length) $(invalid[0]).focus();
+  if (invalid.length) {
+    $('sampling').open = true;
+    $(invalid[0]).focus();
+  }
   return invalid.length === 0;
 }
 
-for (const id of NUMBER_FIELDS) $(id).addEventListener('input', () => validateField(id));
+// The folded sampling settings still say what they are.
+function renderSamplingSummary() {
+  $('sampling-summary').textContent = `temperature ${$('temperature').value} · top-p ${$('top-p').value} · seed ${$('seed').value} · up to ${$('max-tokens').value} tokens`;
+}
+
+for (const id of NUMBER_FIELDS) {
+  $(id).addEventListener('input', () => {
+    validateField(id);
+    renderSamplingSummary();
+  });
+}
 
 function samplingFromControls() {
   return {
@@ -413,6 +509,7 @@ function samplingFromControls() {
 for (const [id, key] of [['temperature', 'temperature'], ['top-p', 'topP']]) {
   $(id).addEventListener('input', () => {
     $(`${id}-value`).textContent = $(id).value;
+    renderSamplingSummary();
     worker.postMessage({ type: 'setSampling', sampling: { [key]: Number($(id).value) } });
   });
 }
@@ -428,7 +525,15 @@ function generate() {
     fieldError('generate-error', 'Fix the marked field first.');
     return;
   }
+  if (!$('prompt').value.trim() && $('mode-plain').checked) {
+    fieldError('generate-error', 'Type a prompt first: in plain mode the model continues your text.');
+    $('prompt').focus();
+    return;
+  }
   state.runs = {};
+  state.runAlphas = [...state.alphas];
+  state.tokens = { guided: [], base: [] };
+  state.selected = null;
   const chat = $('mode-chat').checked;
   const compare = $('compare').checked && state.info.arms.length > 0;
   $('base-column').hidden = !compare;
@@ -436,8 +541,14 @@ function generate() {
     $(`out-${run}`).replaceChildren();
     $(`stats-${run}`).textContent = run === 'base' && compare ? 'waiting for the guided run…' : '';
   }
+  $('token-detail').textContent = '';
+  $('speed').textContent = '—';
   state.running = true;
+  // Generate is disabled while the run lasts: the focus moves to Stop, not to the page.
+  const hadFocus = document.activeElement === $('generate');
   setState('generating');
+  if (hadFocus) $('stop').focus();
+  $('run-status').textContent = compare ? 'Generating: the guided text, then the base alone.' : 'Generating the guided text.';
   worker.postMessage({
     type: 'generate',
     prompt: $('prompt').value,
@@ -455,9 +566,9 @@ function generate() {
 // ---------------------------------------------------------------------------
 
 // Reward of a token: Σ_i α_i · log π_arm_i(token). The base-only run is scored with
-// the guided weights (its own are 0), so both columns are comparable.
+// the weights the guided run started with (its own are 0), so both columns compare.
 function tokenReward(token, run) {
-  const alphas = run === 'guided' ? token.alphas : state.alphas;
+  const alphas = run === 'guided' ? token.alphas : state.runAlphas;
   let value = 0;
   let weight = 0;
   token.armLogprobs.forEach((lp, i) => {
@@ -467,34 +578,80 @@ function tokenReward(token, run) {
   return { value, weight, alphas };
 }
 
+// Favoured: the ARMs' α-weighted mean log-prob of the token above −2; disfavoured: below
+// −4 (the legend says the same in words).
+function rewardClass(value, weight) {
+  if (weight <= 0) return '';
+  const perAlpha = value / weight;
+  return perAlpha > -2 ? 'high' : perAlpha < -4 ? 'low' : '';
+}
+
 function appendToken(run, token, count, seconds) {
   const r = state.runs[run];
+  const out = $(`out-${run}`);
+  const list = state.tokens[run];
+  const previous = list[list.length - 1];
+  // A slider moved during the run: marked where the new weights start.
+  if (run === 'guided' && previous && previous.token.alphas.join() !== token.alphas.join()) {
+    const mark = document.createElement('span');
+    mark.className = 'alpha-change';
+    mark.dataset.change = `α ${previous.token.alphas.map((a) => a.toFixed(1)).join('/')}→${token.alphas.map((a) => a.toFixed(1)).join('/')}`;
+    out.append(mark);
+  }
   const span = document.createElement('span');
   span.className = 'tok';
   span.textContent = token.text;
   span.dataset.alpha = token.alphas.join(',');
-  const { value, weight, alphas } = tokenReward(token, run);
+  span.dataset.index = String(list.length);
+  const reward = tokenReward(token, run);
   if (state.info.arms.length) {
-    const lines = state.info.arms.map(
-      (arm, i) => `${arm.name}: α·log π = ${(alphas[i] * token.armLogprobs[i]).toFixed(3)}  (α ${alphas[i].toFixed(1)}, log π ${token.armLogprobs[i].toFixed(3)})`,
-    );
-    lines.push(`base: log π = ${token.baseLogprob.toFixed(3)}`, `token id ${token.id}`);
-    span.title = lines.join('\n');
-    if (weight > 0) {
-      const t = Math.min(1, Math.max(0, 1 + value / weight / 6));
-      span.style.backgroundColor = `hsl(${Math.round(t * 120)} 65% 84%)`;
-    }
-    r.reward += value;
-  } else {
-    span.title = `base: log π = ${token.baseLogprob.toFixed(3)}\ntoken id ${token.id}`;
+    const level = rewardClass(reward.value, reward.weight);
+    if (level) span.classList.add(level);
+    r.reward += reward.value;
   }
-  $(`out-${run}`).append(span);
+  list.push({ token, reward, span });
+  out.append(span);
   r.count = count;
   if (count > 1 && seconds > 0) {
     const tps = (count - 1) / seconds;
     $('speed').textContent = `${tps.toFixed(1)} tokens/s`;
   }
   $(`stats-${run}`).textContent = `${count} tokens…`;
+}
+
+// The values of one token, in the detail line under the columns (click, tap, or the
+// arrow keys in a focused column).
+function describeToken(run, index) {
+  const entry = state.tokens[run][index];
+  if (!entry) return;
+  for (const el of document.querySelectorAll('.tok.selected')) el.classList.remove('selected');
+  entry.span.classList.add('selected');
+  state.selected = { run, index };
+  const { token, reward } = entry;
+  const parts = [`${run === 'guided' ? 'Guided' : 'Base only'}, token ${index + 1}: ${JSON.stringify(token.text)} (id ${token.id})`];
+  state.info.arms.forEach((arm, i) => {
+    const a = reward.alphas[i];
+    parts.push(`${arm.name}: log π ${token.armLogprobs[i].toFixed(2)} × α ${a.toFixed(1)} = ${(a * token.armLogprobs[i]).toFixed(2)}`);
+  });
+  parts.push(`base: log π ${token.baseLogprob.toFixed(2)}`);
+  $('token-detail').textContent = parts.join(' · ');
+}
+
+for (const run of ['guided', 'base']) {
+  const out = $(`out-${run}`);
+  out.addEventListener('click', (e) => {
+    const span = e.target.closest('.tok');
+    if (span) describeToken(run, Number(span.dataset.index));
+  });
+  out.addEventListener('keydown', (e) => {
+    const n = state.tokens[run].length;
+    if (!n) return;
+    const at = state.selected && state.selected.run === run ? state.selected.index : -1;
+    const to = { ArrowRight: at + 1, ArrowLeft: at - 1, Home: 0, End: n - 1 }[e.key];
+    if (to === undefined) return;
+    e.preventDefault();
+    describeToken(run, Math.min(n - 1, Math.max(0, to)));
+  });
 }
 
 function showMemory(m) {
@@ -507,7 +664,9 @@ function runStats(run, summary, firstTokenMs) {
   const parts = [`${summary.tokens.length} tokens`, `stop: ${summary.stop.replace('_', ' ')}`];
   if (firstTokenMs !== null) parts.push(`first token ${Math.round(firstTokenMs)} ms`);
   if (summary.tokensPerSecond > 0) parts.push(`${summary.tokensPerSecond.toFixed(1)} tokens/s`);
-  if (state.info.arms.length && summary.tokens.length) parts.push(`Σ ARM reward ${r.reward.toFixed(1)}`);
+  if (state.info.arms.length && summary.tokens.length) {
+    parts.push(`ARM reward ${r.reward.toFixed(1)} (Σ α·log π over the tokens, ${(r.reward / summary.tokens.length).toFixed(2)} per token; higher: more what the ARMs favour)`);
+  }
   const p = $(`stats-${run}`);
   p.textContent = parts.join(' · ');
   p.dataset.tokensPerSecond = String(summary.tokensPerSecond);
@@ -528,13 +687,11 @@ function showBackend(info) {
 
 worker.onmessage = ({ data: msg }) => {
   switch (msg.type) {
-    case 'progress': {
-      $('progress').value = msg.total ? msg.loaded / msg.total : 0;
-      $('progress-text').textContent = `${msg.label}: ${mb(msg.loaded)}${msg.total ? ` / ${mb(msg.total)}` : ''}${msg.fromCache ? ' (from the browser cache)' : ''}`;
+    case 'progress':
+      showProgress(msg);
       break;
-    }
     case 'notice':
-      notice(msg.level, msg.text, msg.scope);
+      notice(msg.level, inVisitorWords(msg.text), msg.scope);
       break;
     case 'cacheCleared': {
       const text = $('progress-text');
@@ -561,12 +718,18 @@ worker.onmessage = ({ data: msg }) => {
       $('progress-text').dataset.fromCache = String(msg.fromCache);
       $('progress-text').dataset.loadSeconds = String(msg.loadSeconds);
       if (msg.info.tokenizerNote) notice('warn', msg.info.tokenizerNote);
+      $('models').open = false;
       setState('ready');
       break;
     }
     case 'runStart':
-      state.runs[msg.run] = { count: 0, reward: 0 };
-      $(`stats-${msg.run}`).textContent = `${msg.promptTokens} prompt tokens…`;
+      state.runs[msg.run] = { count: 0, reward: 0, promptTokens: msg.promptTokens };
+      $(`stats-${msg.run}`).textContent = `reading the prompt (${msg.promptTokens} tokens)…`;
+      break;
+    case 'prompt':
+      // The base-only run reads the prompt again: the engine holds one sequence (its
+      // caches), which the guided run's tokens have extended past the prompt.
+      $(`stats-${msg.run}`).textContent = `reading the prompt: ${msg.fed} / ${msg.total} tokens${msg.run === 'base' ? ' (again: the engine keeps one sequence, and the guided run moved it on)' : ''}…`;
       break;
     case 'token':
       appendToken(msg.run, msg.token, msg.count, msg.seconds);
@@ -595,12 +758,34 @@ worker.onmessage = ({ data: msg }) => {
 function endRun(unfinished) {
   if (!state.running) return;
   state.running = false;
+  const said = [];
   for (const run of ['guided', 'base']) {
     const column = run === 'base' ? $('base-column') : null;
     if (column && column.hidden) continue;
-    if (!(state.runs[run] && state.runs[run].ended)) $(`stats-${run}`).textContent = unfinished;
+    const r = state.runs[run];
+    if (!(r && r.ended)) $(`stats-${run}`).textContent = unfinished;
+    said.push(`${run === 'guided' ? 'guided' : 'base only'}: ${r && r.ended ? `${r.count} tokens` : unfinished}`);
   }
+  const hadFocus = document.activeElement === $('stop') || document.activeElement === document.body;
   setState(state.info ? 'ready' : 'idle');
+  if (hadFocus && !$('generate').disabled) $('generate').focus();
+  $('run-status').textContent = `Generation ended (${said.join('; ')}).`;
+}
+
+// Bytes loaded of the total, with the speed and the time left while downloading.
+function showProgress(msg) {
+  const now = performance.now();
+  if (!state.download || msg.fromCache) state.download = { at: now, loaded: msg.loaded };
+  $('progress').value = msg.total ? msg.loaded / msg.total : 0;
+  let text = `${msg.label}: ${mb(msg.loaded)}${msg.total ? ` / ${mb(msg.total)}` : ''}`;
+  const seconds = (now - state.download.at) / 1000;
+  const rate = seconds > 0.5 ? (msg.loaded - state.download.loaded) / seconds : 0;
+  if (msg.fromCache) text += ' (from the browser cache)';
+  else if (rate > 0 && msg.total > msg.loaded) {
+    const left = Math.ceil((msg.total - msg.loaded) / rate);
+    text += ` · ${mb(rate)}/s · ${left < 60 ? `${left} s` : `${Math.ceil(left / 60)} min`} left`;
+  }
+  $('progress-text').textContent = text;
 }
 
 // A failed load leaves nothing loaded (the worker freed the old session first). The
@@ -609,13 +794,14 @@ function loadFailed(msg) {
   state.loading = false;
   state.info = null;
   state.loadedRoles = new Map();
-  $('sliders').replaceChildren();
+  renderSliders(null);
   const text = inVisitorWords(msg.message);
   const culprit =
     state.staged.find((s) => s.name === msg.source) ||
     [...state.staged].sort((a, b) => b.name.length - a.name.length).find((s) => msg.message.includes(s.name));
   if (culprit) culprit.error = text;
   else fieldError('load-error', text);
+  $('models').open = true;
   $('progress').value = 0;
   $('progress-text').textContent = `loading failed${culprit ? ` (${culprit.name}, see the model list)` : ''}: nothing is loaded`;
   delete $('progress-text').dataset.fromCache;
@@ -665,6 +851,9 @@ const picked = (stageFiles) => (e) => {
   e.target.value = '';
   stageFiles(files).catch((err) => fieldError('url-error', inVisitorWords(err.message)));
 };
+$('choose-files').addEventListener('click', () => $('pick-files').click());
+$('choose-folder').addEventListener('click', () => $('pick-folder').click());
+$('download-go').addEventListener('click', load);
 $('pick-files').addEventListener('change', picked((files) => stageLocal(files)));
 $('pick-folder').addEventListener('change', picked(pickedFolder));
 const drop = $('drop');
@@ -680,5 +869,11 @@ drop.addEventListener('drop', (e) => {
 });
 
 setState('idle');
+renderSamplingSummary();
+if (matchMedia('(max-width: 720px)').matches) $('sampling').open = false;
 if (!('gpu' in navigator)) $('backend').textContent = 'CPU (wasm) — this browser has no WebGPU';
-if (await stageDemo()) load();
+if (await stageDemo()) {
+  // The demo loads at once from the browser cache; a first visit is told the size first.
+  if (await allCached()) load();
+  else askBeforeDownload();
+}

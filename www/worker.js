@@ -6,6 +6,7 @@
 //                  setSampling {sampling} | stop | unload | clearCache
 //   worker → page  progress {label, loaded, total, fromCache} | notice {level, text, scope} |
 //                  ready {info, loadSeconds, memory} | runStart {run, promptTokens} |
+//                  prompt {run, fed, total} |
 //                  token {run, token, count, seconds} | runEnd {run, summary, firstTokenMs,
 //                  memory} | done {stopped} | cacheCleared |
 //                  error {message, during: the request's type, source: the model it concerns}
@@ -259,7 +260,7 @@ async function cacheFailed(e, url) {
 async function readStream(files, name, size, stream, sourceName, progress, fromCache) {
   files.begin(name, size);
   const reader = stream.getReader();
-  const label = `${sourceName}/${name}`;
+  const label = sourceName === name ? name : `${sourceName}/${name}`;
   let lastPost = 0;
   for (;;) {
     const { done, value } = await reader.read();
@@ -325,6 +326,15 @@ async function generate(req) {
         sampling: req.sampling,
       });
       post({ type: 'runStart', run, promptTokens });
+      // The prompt goes in by chunks of about 0.4 s: Stop is heard between
+      // them, and the page shows how far it is.
+      for (;;) {
+        if (stopRequested) session.cancel();
+        const progress = await session.prefill();
+        if (!progress || progress.done) break;
+        post({ type: 'prompt', run, fed: progress.fed, total: progress.total });
+        await nextTask();
+      }
       let count = 0;
       let firstAt = null;
       for (;;) {

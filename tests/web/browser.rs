@@ -196,6 +196,85 @@ async fn weights_set_mid_run_apply_from_the_next_token() {
     assert!(session.finish().unwrap().is_null(), "no run after finish");
 }
 
+#[derive(serde::Deserialize)]
+struct PromptProgress {
+    fed: usize,
+    total: usize,
+    done: bool,
+}
+
+async fn prefill(session: &Session) -> PromptProgress {
+    let v = JsFuture::from(session.prefill())
+        .await
+        .map_err(message)
+        .unwrap();
+    serde_wasm_bindgen::from_value(v).unwrap()
+}
+
+/// Greedy tokens for `prompt`; `chunked`: the prompt fed ahead with `prefill` as the
+/// worker does (also returns the tokens fed after each call).
+async fn greedy_ids(session: &Session, prompt: &str, chunked: bool) -> (Vec<u32>, Vec<usize>) {
+    session
+        .start(js(serde_json::json!({
+            "prompt": prompt,
+            "maxNewTokens": 8,
+            "alphas": [expected().guided_alpha],
+            "sampling": { "greedy": true },
+        })))
+        .map_err(message)
+        .unwrap();
+    let mut fed = Vec::new();
+    if chunked {
+        loop {
+            let p = prefill(session).await;
+            fed.push(p.fed);
+            if p.done {
+                assert_eq!(p.fed + 1, p.total, "all but the last token fed ahead");
+                break;
+            }
+        }
+    }
+    let mut ids = Vec::new();
+    while let Some(t) = next(session).await {
+        ids.push(t.id);
+    }
+    session.finish().unwrap();
+    (ids, fed)
+}
+
+/// A long prompt fed ahead in chunks (the worker's way to stay stoppable) gives the
+/// tokens of the prompt fed at once.
+#[wasm_bindgen_test]
+async fn a_prompt_fed_in_chunks_gives_the_same_tokens() {
+    let session = open(base_files(), vec![arm_files()], false).await;
+    // 72 tokens (one per character) of the fixture's 96.
+    let prompt = "hello world ".repeat(6);
+    let (whole, _) = greedy_ids(&session, &prompt, false).await;
+    let (chunked, fed) = greedy_ids(&session, &prompt, true).await;
+    assert!(
+        fed.len() > 1 && fed.windows(2).all(|w| w[0] < w[1]),
+        "chunks: {fed:?}"
+    );
+    assert_eq!(chunked, whole);
+}
+
+#[wasm_bindgen_test]
+async fn cancel_during_the_prompt_ends_the_run_without_a_token() {
+    let e = expected();
+    let session = open(base_files(), vec![arm_files()], false).await;
+    start_greedy(&session, &[1.0], e.max_new_tokens);
+    assert!(!prefill(&session).await.done);
+    session.cancel();
+    assert!(prefill(&session).await.done, "cancel ends the prompt phase");
+    assert!(
+        next(&session).await.is_none(),
+        "and the run, before any token"
+    );
+    let summary = session.finish().unwrap();
+    let stop = js_sys::Reflect::get(&summary, &"stop".into()).unwrap();
+    assert_eq!(stop.as_string().as_deref(), Some("cancelled"));
+}
+
 async fn open_error(base: ModelFiles, arms: Vec<ModelFiles>) -> String {
     match Session::open(base, arms, JsValue::UNDEFINED).await {
         Ok(_) => panic!("opened a bad model"),

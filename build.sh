@@ -4,6 +4,9 @@
 #   ./build.sh run [ARGS...]   fetch the demo model, build, and generate a guided answer
 #   ./build.sh web             build the browser playground into www/ (wasm package + demo models)
 #   ./build.sh serve [PORT]    `web`, then serve www/ on http://127.0.0.1:PORT/ (default 8080)
+#   ./build.sh site [DIR]      `web`, then the playground as a static site in DIR (default
+#                              target/site); GENARM_DEMO_MODEL_URL=URL serves the demo model from
+#                              URL instead of the site (what .github/workflows/pages.yml publishes)
 #   ./build.sh test            everything the project checks (what .ci/run runs)
 #   ./build.sh test-web        only the browser tests (wasm API in Chromium, playground end to end)
 #   ./build.sh bench           decode speed on the demo model (base, +1, +2 LoRA ARMs)
@@ -202,13 +205,17 @@ web() {
   if [ ! -f "www/models/$model_name" ] || [ "$(stat -L -c %s "www/models/$model_name")" != "$DEMO_MODEL_BYTES" ]; then
     ln -f "$DEMO_MODEL" "www/models/$model_name" 2>/dev/null || cp "$DEMO_MODEL" "www/models/$model_name"
   fi
-  python3 - "$model_name" "${DEMO_ARMS[@]}" >www/models/demo.json.part <<'PY'
+  # The page fetches the demo model from demo.json's URL: this origin by default, or a
+  # model host given by GENARM_DEMO_MODEL_URL (then the site need not carry 98 MB).
+  GENARM_DEMO_MODEL_URL="${GENARM_DEMO_MODEL_URL:-}" \
+    python3 - "$model_name" "${DEMO_ARMS[@]}" >www/models/demo.json.part <<'PY'
 import json, os, sys
 model, arms = sys.argv[1], sys.argv[2:]
 def entry(path, url):
     return {"name": os.path.basename(path), "url": url, "size": os.path.getsize(path)}
+model_url = os.environ["GENARM_DEMO_MODEL_URL"] or "models/" + model
 out = {
-    "base": {"name": model, "files": [entry("www/models/" + model, "models/" + model)]},
+    "base": {"name": model, "files": [entry("www/models/" + model, model_url)]},
     "arms": [],
 }
 for arm in arms:
@@ -223,6 +230,24 @@ json.dump(out, sys.stdout, indent=1)
 PY
   mv www/models/demo.json.part www/models/demo.json
   log "playground ready: python3 -m http.server --bind 127.0.0.1 --directory www 8080  (then open http://127.0.0.1:8080/)"
+}
+
+# The playground as a static site for any host: www/ without its README, and without the
+# demo model when GENARM_DEMO_MODEL_URL points the page elsewhere.
+site() {
+  local out="${1:-target/site}"
+  web
+  log "static site in $out"
+  rm -rf "$out"
+  mkdir -p "$out"
+  local model_name
+  model_name=$(basename "$DEMO_MODEL")
+  local exclude=(--exclude README.md --exclude pkg/.gitignore)
+  [ -z "${GENARM_DEMO_MODEL_URL:-}" ] || exclude+=(--exclude "models/$model_name")
+  tar -C www "${exclude[@]}" -cf - . | tar -C "$out" -xf -
+  # GitHub Pages would otherwise run Jekyll over it.
+  touch "$out/.nojekyll"
+  log "site: $(du -sh "$out" | cut -f1) in $out (model from ${GENARM_DEMO_MODEL_URL:-the site itself})"
 }
 
 serve() {
@@ -264,6 +289,8 @@ test_all() {
   log "cargo clippy --lib --target wasm32-unknown-unknown"
   cargo clippy --release --lib --target wasm32-unknown-unknown -- -D warnings
   test_web
+  log "the Pages workflow's build steps, as written (.github/workflows/pages.yml)"
+  python3 scripts/workflow_steps.py .github/workflows/pages.yml build
 }
 
 bench() {
@@ -443,6 +470,7 @@ case "$cmd" in
   run) run "$@" ;;
   web) web ;;
   serve) serve "$@" ;;
+  site) site "$@" ;;
   test) test_all ;;
   test-web) test_web ;;
   bench) bench "$@" ;;

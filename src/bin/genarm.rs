@@ -640,7 +640,7 @@ macro_rules! outln {
 fn device(backend: Backend) -> Result<Device> {
     match backend {
         Backend::Cpu | Backend::Webgpu => Ok(Device::Cpu),
-        Backend::Cuda => Device::new_cuda(0)
+        Backend::Cuda => genarm::cpu::cuda_device::open(0)
             .context("cannot open CUDA device 0 (is this binary built with `--features cuda`?)"),
     }
 }

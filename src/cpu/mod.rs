@@ -5,6 +5,8 @@
 //! it are rows of one batched `Llama`; an ARM with its own weights (a full checkpoint,
 //! or a LoRA on another base) is a group of its own.
 
+#[cfg(not(target_arch = "wasm32"))]
+pub mod cuda_device;
 pub mod device_sample;
 pub mod llama;
 pub mod lowrank;

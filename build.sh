@@ -282,7 +282,8 @@ bench() {
 # pinned to CUDA 13.0 because the GPU machine's driver (580) is CUDA 13.0 and cannot load
 # PTX from a newer nvcc. It has its own target dir (target/cuda/, not target/release/):
 # the feature changes candle's build, so sharing one dir would rebuild both each time.
-#   ./build.sh cuda   -> target/cuda/genarm-cuda (stripped, to carry to the GPU machine)
+#   ./build.sh cuda   -> target/cuda/genarm-cuda (stripped) and genarm-cuda.xz (to carry:
+#                        the stripped binary alone is over the GPU machine's 64 MiB)
 CUDA_WHEELS=(nvidia-cuda-nvcc==13.0.88 nvidia-nvvm==13.0.88 nvidia-cuda-runtime==13.0.96
   nvidia-cuda-crt==13.0.88 nvidia-cuda-cccl==13.0.85)
 CUDA_TOOLKIT_DIR=target/cuda-toolkit
@@ -340,7 +341,9 @@ cuda() {
     cargo build --release --features cuda --bin genarm --target "$host"
   local bin="$CUDA_TARGET_DIR/$host/release/genarm" carry="$CUDA_TARGET_DIR/genarm-cuda"
   strip -o "$carry" "$bin"
-  log "built $bin; stripped copy $carry ($(du -h "$carry" | cut -f1)); it needs at run time:"
+  # Python's lzma module unpacks it where no xz is installed.
+  xz -T0 -6 -k -f "$carry"
+  log "built $bin; stripped copy $carry ($(du -h "$carry" | cut -f1)), $carry.xz ($(du -h "$carry.xz" | cut -f1)); it needs at run time:"
   ldd "$carry" | sed 's/^/    /' >&2
 }
 

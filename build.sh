@@ -7,9 +7,10 @@
 #   ./build.sh site [DIR]      `web`, then the playground as a static site in DIR (default
 #                              target/site); GENARM_DEMO_MODEL_URL=URL serves the demo model from
 #                              URL instead of the site (what .github/workflows/pages.yml publishes)
-#   ./build.sh test            everything the project checks (what .ci/run runs)
+#   ./build.sh test            everything the project checks (what .ci/run runs), the CUDA build included
 #   ./build.sh test-web        only the browser tests (wasm API in Chromium, playground end to end)
 #   ./build.sh bench           decode speed on the demo model (base, +1, +2 LoRA ARMs)
+#   ./build.sh cuda            the CUDA build (CUDA 13.0 from PyPI, sm_90; no GPU needed) in target/cuda/
 #   ./build.sh train-demo-arms rebuild the demo ARM in www/arms/ (long; not part of CI)
 #   ./build.sh fetch-model     download the demo model into models/ if absent
 #   ./build.sh fetch-data      download the scorers' lexicons and the prompt corpus into models/data/
@@ -284,6 +285,7 @@ test_all() {
   cargo clippy --release --all-targets -- -D warnings
   log "cargo test --release"
   cargo test --release
+  cuda
   log "cargo build --lib --target wasm32-unknown-unknown"
   cargo build --release --lib --target wasm32-unknown-unknown
   log "cargo clippy --lib --target wasm32-unknown-unknown"
@@ -303,6 +305,75 @@ bench() {
   done
   ./target/release/genarm bench --model "$DEMO_MODEL" \
     --arm "$dir/random-1:1" --arm "$dir/random-2:1" --tokens 128 --runs 5 "$@"
+}
+
+# The CUDA build, made without a GPU: nvcc and the headers come from NVIDIA's PyPI wheels,
+# pinned to CUDA 13.0 because the GPU machine's driver (580) is CUDA 13.0 and cannot load
+# PTX from a newer nvcc. It has its own target dir (target/cuda/, not target/release/):
+# the feature changes candle's build, so sharing one dir would rebuild both each time.
+#   ./build.sh cuda   -> target/cuda/genarm-cuda (stripped) and genarm-cuda.xz (to carry:
+#                        the stripped binary alone is over the GPU machine's 64 MiB)
+CUDA_WHEELS=(nvidia-cuda-nvcc==13.0.88 nvidia-nvvm==13.0.88 nvidia-cuda-runtime==13.0.96
+  nvidia-cuda-crt==13.0.88 nvidia-cuda-cccl==13.0.85)
+CUDA_TOOLKIT_DIR=target/cuda-toolkit
+CUDA_TARGET_DIR=target/cuda
+# The H100/H200 (Hopper); no nvidia-smi here to ask.
+CUDA_COMPUTE_CAP=90
+
+fetch_cuda_toolkit() {
+  local root="$CUDA_TOOLKIT_DIR/nvidia/cu13" stamp="$CUDA_TOOLKIT_DIR/wheels.txt"
+  if [ -x "$root/bin/nvcc" ] && [ "$(cat "$stamp" 2>/dev/null)" = "${CUDA_WHEELS[*]}" ]; then
+    return 0
+  fi
+  log "fetching the CUDA 13.0 toolkit pieces from PyPI (${CUDA_WHEELS[*]})"
+  rm -rf "$CUDA_TOOLKIT_DIR"
+  mkdir -p "$CUDA_TOOLKIT_DIR"
+  local tmp
+  tmp=$(mktemp -d)
+  # shellcheck disable=SC2064
+  trap "rm -rf '$tmp'" RETURN
+  python3 -m pip download --quiet --no-deps -d "$tmp" "${CUDA_WHEELS[@]}"
+  # unzip keeps the executable bits nvcc, ptxas and cicc need (Python's zipfile drops them).
+  local wheel
+  for wheel in "$tmp"/*.whl; do
+    unzip -q -o "$wheel" 'nvidia/*' -d "$CUDA_TOOLKIT_DIR"
+  done
+  # Link-time stand-ins (see `cuda`): cudart's static archive under the name `-lcudart`
+  # finds, and empty libraries for the names cudarc's pinned `dynamic-linking` asks for.
+  local link="$CUDA_TOOLKIT_DIR/link" name
+  mkdir -p "$link"
+  ln -s ../nvidia/cu13/lib/libcudart_static.a "$link/libcudart.a"
+  for name in cuda nvrtc curand cublas cublasLt; do
+    cc -shared -o "$link/lib$name.so" -x c /dev/null
+  done
+  [ -x "$root/bin/nvcc" ] || { echo "cuda: no nvcc in $root/bin after unpacking" >&2; exit 1; }
+  printf '%s\n' "${CUDA_WHEELS[*]}" >"$stamp"
+}
+
+cuda() {
+  fetch_cuda_toolkit
+  local root host
+  root="$(pwd)/$CUDA_TOOLKIT_DIR/nvidia/cu13"
+  host=$(rustc -vV | awk '/^host:/ {print $2}')
+  log "cargo build --release --features cuda --bin genarm (CUDA 13.0, sm_$CUDA_COMPUTE_CAP, $CUDA_TARGET_DIR)"
+  # candle-core pins cudarc's `dynamic-linking`, which links libcuda, cuBLAS, cuRAND and
+  # NVRTC by name: only the GPU machine has them, and a binary that needs them cannot even
+  # start there without them. `--cfg feature="dynamic-loading"` turns cudarc's code to
+  # loading them when a CUDA device is opened; the empty stand-ins satisfy the `-l` flags
+  # and `--as-needed` drops them. `--target` keeps these flags off build scripts (cudarc's
+  # refuses both modes at once). cudart links statically, so nothing needs carrying but
+  # the binary.
+  PATH="$root/bin:$PATH" CUDA_HOME="$root" CUDA_PATH="$root" CUDA_ROOT="$root" \
+    CUDA_COMPUTE_CAP="$CUDA_COMPUTE_CAP" CUDARC_CUDA_VERSION=13000 \
+    CARGO_TARGET_DIR="$CUDA_TARGET_DIR" \
+    RUSTFLAGS="--cfg feature=\"dynamic-loading\" -L native=$(pwd)/$CUDA_TOOLKIT_DIR/link" \
+    cargo build --release --features cuda --bin genarm --target "$host"
+  local bin="$CUDA_TARGET_DIR/$host/release/genarm" carry="$CUDA_TARGET_DIR/genarm-cuda"
+  strip -o "$carry" "$bin"
+  # Python's lzma module unpacks it where no xz is installed.
+  xz -T0 -6 -k -f "$carry"
+  log "built $bin; stripped copy $carry ($(du -h "$carry" | cut -f1)), $carry.xz ($(du -h "$carry.xz" | cut -f1)); it needs at run time:"
+  ldd "$carry" | sed 's/^/    /' >&2
 }
 
 # Rebuilds the demo ARMs from scratch (positive: ~20 min of data synthesis and ~15 min of
@@ -474,10 +545,11 @@ case "$cmd" in
   test) test_all ;;
   test-web) test_web ;;
   bench) bench "$@" ;;
+  cuda) cuda ;;
   train-demo-arms) train_demo_arms ;;
   fetch-model) fetch_model ;;
   fetch-data) fetch_data ;;
   setup) setup ;;
   gpu-check) gpu_check "$@" ;;
-  *) echo "usage: $0 [run|web|serve|test|test-web|bench|train-demo-arms|fetch-model|fetch-data|setup|gpu-check]" >&2; exit 2 ;;
+  *) echo "usage: $0 [run|web|serve|site|test|test-web|bench|cuda|train-demo-arms|fetch-model|fetch-data|setup|gpu-check]" >&2; exit 2 ;;
 esac

@@ -133,20 +133,25 @@ pub trait Engine {
     ) -> Result<Chosen> {
         check_guidance(alphas, self.arm_labels().len(), sampler.params())?;
         let lp = self.step(tokens)?;
-        let arm_rows: Vec<&[f32]> = lp.arms.iter().map(Vec::as_slice).collect();
-        let scores = combine(&lp.base, &arm_rows, alphas);
-        if scores.iter().all(|s| !s.is_finite()) {
-            return Err(Error::Request(
-                "the guided scores are not finite (NaN or infinite logits)".into(),
-            ));
-        }
-        let id = sampler.sample(&scores);
-        Ok(Chosen {
-            id,
-            base_logprob: lp.base[id as usize],
-            arm_logprobs: lp.arms.iter().map(|a| a[id as usize]).collect(),
-        })
+        pick_on_host(&lp, alphas, sampler)
     }
+}
+
+/// The guided pick from log-prob rows on the host (see `Engine::guided_step`).
+pub fn pick_on_host(lp: &StepLogProbs, alphas: &[f32], sampler: &mut Sampler) -> Result<Chosen> {
+    let arm_rows: Vec<&[f32]> = lp.arms.iter().map(Vec::as_slice).collect();
+    let scores = combine(&lp.base, &arm_rows, alphas);
+    if scores.iter().all(|s| !s.is_finite()) {
+        return Err(Error::Request(
+            "the guided scores are not finite (NaN or infinite logits)".into(),
+        ));
+    }
+    let id = sampler.sample(&scores);
+    Ok(Chosen {
+        id,
+        base_logprob: lp.base[id as usize],
+        arm_logprobs: lp.arms.iter().map(|a| a[id as usize]).collect(),
+    })
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Module, Tensor, D};
 
 use super::lowrank::{BlockLoraMatMul, LowRank, PartDeltas};
+use super::precision::{rms_norm_f32, softmax_f32, Precision};
 use super::quant::{BlockMatMul, BlockMatrix};
 use crate::error::{Error, Result};
 use crate::model::config::{Activation, LlamaConfig, RopeLayout};
@@ -255,6 +256,8 @@ struct Loader<'a> {
     cfg: &'a LlamaConfig,
     rows: &'a [Option<&'a LoraAdapter>],
     device: &'a Device,
+    /// The type of dense weights and activations.
+    dtype: DType,
 }
 
 impl Loader<'_> {
@@ -267,16 +270,18 @@ impl Loader<'_> {
         for &proj in projs {
             let path = llama::module_path(layer, proj);
             let (out, inp) = proj.shape(self.cfg);
-            weights.push(self.src.load_shaped(
+            weights.push(self.src.load_shaped_as(
                 &format!("{path}.weight"),
                 &[out, inp],
+                self.dtype,
                 self.device,
             )?);
             biases.push(if proj.has_bias(self.cfg) {
-                Some(
-                    self.src
-                        .load_dense(&format!("{path}.bias"), &[out], self.device)?,
-                )
+                let name = format!("{path}.bias");
+                let b = self
+                    .src
+                    .load_shaped_as(&name, &[out], self.dtype, self.device)?;
+                Some(b.dense(self.device)?)
             } else {
                 None
             });
@@ -338,14 +343,19 @@ impl Loader<'_> {
         if pair.b_scaled.dims() != [out, r] {
             return Err(shape_err("lora_B.weight", &pair.b_scaled, vec![out, r]));
         }
-        let mut b = pair.b_scaled.to_device(self.device)?;
+        let mut b = pair.b_scaled.to_device(self.device)?.to_dtype(self.dtype)?;
         if let (Some(heads), RopeLayout::Interleaved) =
             (proj.rope_heads(self.cfg), self.cfg.rope_layout)
         {
             b = llama::permute_for_interleaved_rope(&b, heads, self.cfg.head_dim)?;
         }
         Ok(RowDelta {
-            a_t: pair.a.to_device(self.device)?.t()?.contiguous()?,
+            a_t: pair
+                .a
+                .to_device(self.device)?
+                .to_dtype(self.dtype)?
+                .t()?
+                .contiguous()?,
             b_t: b.t()?.contiguous()?,
         })
     }
@@ -411,6 +421,8 @@ pub struct Llama {
     pos: usize,
     rows: usize,
     device: Device,
+    /// The activation type (see `Precision`); logits are always returned in f32.
+    dtype: DType,
 }
 
 impl Llama {
@@ -424,21 +436,35 @@ impl Llama {
         capacity: usize,
         device: &Device,
     ) -> Result<Self> {
+        Self::load_with(src, cfg, rows, capacity, device, Precision::Auto)
+    }
+
+    /// `load` with the dense weights and activations in the type `precision` picks.
+    pub fn load_with(
+        src: &dyn WeightSource,
+        cfg: &LlamaConfig,
+        rows: &[Option<&LoraAdapter>],
+        capacity: usize,
+        device: &Device,
+        precision: Precision,
+    ) -> Result<Self> {
         if rows.is_empty() {
             return Err(Error::Request("a model needs at least one row".into()));
         }
         let h = cfg.hidden_size;
         let hd = cfg.head_dim;
+        let dtype = precision.compute_dtype(src, device);
         let ld = Loader {
             src,
             cfg,
             rows,
             device,
+            dtype,
         };
         for adapter in rows.iter().flatten() {
             llama::check_adapter_modules(adapter, cfg)?;
         }
-        let embed = match src.load_shaped(llama::EMBED, &[cfg.vocab_size, h], device)? {
+        let embed = match src.load_shaped_as(llama::EMBED, &[cfg.vocab_size, h], dtype, device)? {
             Weight::Quantized(q) => Embedding::Quantized(q),
             Weight::Dense(t) => Embedding::Dense(t),
         };
@@ -460,7 +486,7 @@ impl Llama {
         let norm = src.load_dense(llama::FINAL_NORM, &[h], device)?;
         let head_name = llama::head_tensor(cfg, src);
         let lm_head = Projection::new(
-            src.load_shaped(head_name, &[cfg.vocab_size, h], device)?,
+            src.load_shaped_as(head_name, &[cfg.vocab_size, h], dtype, device)?,
             None,
             device,
         )?;
@@ -476,14 +502,17 @@ impl Llama {
         ]
         .iter()
         .try_fold(1usize, |n, &d| n.checked_mul(d));
-        check_fits_in_memory(cache_floats.and_then(|n| n.checked_mul(4)), capacity)?;
-        let (cos, sin) = llama::rope_tables(cfg, capacity, DType::F32, device)?;
+        check_fits_in_memory(
+            cache_floats.and_then(|n| n.checked_mul(dtype.size_in_bytes())),
+            capacity,
+        )?;
+        let (cos, sin) = llama::rope_tables(cfg, capacity, dtype, device)?;
         let caches = (0..cfg.num_layers)
             .map(|_| -> Result<LayerCache> {
                 let shape = (rows.len(), cfg.num_kv_heads, capacity, hd);
                 Ok(LayerCache {
-                    k: Tensor::zeros(shape, DType::F32, device)?,
-                    v: Tensor::zeros(shape, DType::F32, device)?,
+                    k: Tensor::zeros(shape, dtype, device)?,
+                    v: Tensor::zeros(shape, dtype, device)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -500,6 +529,7 @@ impl Llama {
             pos: 0,
             rows: rows.len(),
             device: device.clone(),
+            dtype,
         })
     }
 
@@ -509,6 +539,11 @@ impl Llama {
 
     pub fn rows(&self) -> usize {
         self.rows
+    }
+
+    /// The type activations, KV caches and dense weights are kept in (see `Precision`).
+    pub fn dtype(&self) -> DType {
+        self.dtype
     }
 
     /// How many tokens the caches hold at most.
@@ -536,8 +571,8 @@ impl Llama {
     /// Like `forward`, with each row's own tokens (all rows the same length, e.g. several
     /// samples decoded in lockstep).
     pub fn forward_rows(&mut self, tokens: &[Vec<u32>], all_positions: bool) -> Result<Tensor> {
-        let x = self.final_hidden_rows(tokens, all_positions)?;
-        let logits = self.lm_head.forward(&x)?;
+        let x = self.final_hidden(tokens, all_positions)?;
+        let logits = self.lm_head.forward(&x)?.to_dtype(DType::F32)?;
         Ok(if all_positions {
             logits
         } else {
@@ -553,6 +588,13 @@ impl Llama {
         tokens: &[Vec<u32>],
         all_positions: bool,
     ) -> Result<Tensor> {
+        Ok(self
+            .final_hidden(tokens, all_positions)?
+            .to_dtype(DType::F32)?)
+    }
+
+    /// `final_hidden_rows` in the activation type.
+    fn final_hidden(&mut self, tokens: &[Vec<u32>], all_positions: bool) -> Result<Tensor> {
         let x = self.blocks_forward(tokens, self.cfg.num_layers)?;
         let seq = tokens[0].len();
         let x = if all_positions {
@@ -560,11 +602,7 @@ impl Llama {
         } else {
             x.narrow(1, seq - 1, 1)?.contiguous()?
         };
-        Ok(candle_nn::ops::rms_norm(
-            &x,
-            &self.norm,
-            self.cfg.rms_norm_eps as f32,
-        )?)
+        rms_norm_f32(&x, &self.norm, self.cfg.rms_norm_eps as f32)
     }
 
     /// Forgets every token from `position` on (the caches keep the ones before), so
@@ -673,7 +711,7 @@ impl Llama {
             )));
         }
         let ids = Tensor::from_vec(flat, (self.rows, seq), &self.device)?;
-        let mut x = self.embed.forward(&ids)?;
+        let mut x = self.embed.forward(&ids)?.to_dtype(self.dtype)?;
         let cos = self.cos.narrow(0, self.pos, seq)?;
         let sin = self.sin.narrow(0, self.pos, seq)?;
         let n_rep = self.cfg.num_heads / self.cfg.num_kv_heads;
@@ -696,7 +734,7 @@ impl Llama {
                 full_mask.as_ref()
             };
             let residual = &x;
-            let h = candle_nn::ops::rms_norm(&x, &block.input_norm, self.cfg.rms_norm_eps as f32)?;
+            let h = rms_norm_f32(&x, &block.input_norm, self.cfg.rms_norm_eps as f32)?;
             let h = attention(
                 &block.attn,
                 &h,
@@ -709,7 +747,7 @@ impl Llama {
             )?;
             x = (residual + h)?;
             let residual = &x;
-            let h = candle_nn::ops::rms_norm(&x, &block.post_norm, self.cfg.rms_norm_eps as f32)?;
+            let h = rms_norm_f32(&x, &block.post_norm, self.cfg.rms_norm_eps as f32)?;
             let h = mlp(&block.mlp, &h, self.cfg.hidden_act)?;
             x = (residual + h)?;
         }
@@ -805,10 +843,10 @@ fn attention(
     let q = (q.reshape((rows, nkv, n_rep * seq, hd))? * (1.0 / (hd as f64).sqrt()))?;
     let scores = q.matmul(&keys.t()?)?;
     let scores = match mask {
-        Some(m) => scores.broadcast_add(m)?,
+        Some(m) => scores.broadcast_add(&m.to_dtype(scores.dtype())?)?,
         None => scores,
     };
-    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+    let probs = softmax_f32(&scores)?;
     let out = probs.matmul(&values)?;
     let out = out
         .reshape((rows, nh, seq, hd))?

@@ -203,6 +203,17 @@ impl WeightSource for SafetensorsFiles {
     }
 
     fn load(&self, name: &str, device: &Device) -> Result<Weight> {
+        self.load_as(name, DType::F32, device)
+    }
+
+    fn stored_dtype(&self, name: &str) -> Option<DType> {
+        let shard = &self.shards[*self.index.get(name)?];
+        candle_dtype(shard.metadata.info(name)?.dtype)
+    }
+
+    /// Converts on the host, one tensor at a time, then copies to `device`: a bf16
+    /// weight asked for as bf16 is copied as is.
+    fn load_as(&self, name: &str, dtype: DType, device: &Device) -> Result<Weight> {
         let shard = &self.shards[*self
             .index
             .get(name)
@@ -211,7 +222,7 @@ impl WeightSource for SafetensorsFiles {
             .metadata
             .info(name)
             .ok_or_else(|| missing(&shard.path, name))?;
-        let dtype = candle_dtype(info.dtype).ok_or_else(|| {
+        let stored = candle_dtype(info.dtype).ok_or_else(|| {
             Error::unsupported(
                 &shard.path,
                 format!("dtype {:?} of tensor `{name}`", info.dtype),
@@ -223,8 +234,8 @@ impl WeightSource for SafetensorsFiles {
             .bytes
             .get(shard.data_start + start..shard.data_start + end)
             .ok_or_else(|| Error::format(&shard.path, format!("tensor `{name}` out of bounds")))?;
-        let t = Tensor::from_raw_buffer(data, dtype, &info.shape, &Device::Cpu)?
-            .to_dtype(DType::F32)?
+        let t = Tensor::from_raw_buffer(data, stored, &info.shape, &Device::Cpu)?
+            .to_dtype(dtype)?
             .to_device(device)?;
         Ok(Weight::Dense(t))
     }

@@ -1,12 +1,13 @@
 //! One loader API over GGUF and safetensors checkpoints: the model asks for tensors by
 //! their HF names and gets either a quantized block tensor (kept quantized) or a dense
-//! f32 tensor. A missing tensor is an error naming the file and the tensor.
+//! tensor, f32 unless the caller asks for another float type (`load_as`). A missing
+//! tensor is an error naming the file and the tensor.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use candle_core::quantized::QTensor;
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
 
@@ -116,7 +117,8 @@ impl std::ops::Deref for Bytes {
     }
 }
 
-/// A weight as stored: quantized blocks stay quantized; everything else is f32.
+/// A weight as stored: quantized blocks stay quantized; everything else is a dense float
+/// tensor (f32 unless loaded with `load_as`).
 #[derive(Clone, Debug)]
 pub enum Weight {
     Quantized(Arc<QTensor>),
@@ -147,6 +149,21 @@ pub trait WeightSource {
     fn path(&self) -> &Path;
     fn contains(&self, name: &str) -> bool;
     fn load(&self, name: &str, device: &Device) -> Result<Weight>;
+    /// The float type a dense tensor is stored in, where the source keeps it (a
+    /// safetensors bf16/f16 checkpoint); `None` when it is quantized, absent, or the
+    /// source only offers f32.
+    fn stored_dtype(&self, _name: &str) -> Option<DType> {
+        None
+    }
+    /// Like `load`, with a dense tensor in `dtype` on `device` (quantized blocks stay
+    /// quantized). Sources that store half floats override this so that a bf16 weight
+    /// reaches the device as bf16, never as f32 on the way.
+    fn load_as(&self, name: &str, dtype: DType, device: &Device) -> Result<Weight> {
+        Ok(match self.load(name, device)? {
+            Weight::Dense(t) => Weight::Dense(t.to_dtype(dtype)?),
+            q => q,
+        })
+    }
     /// How many distinct decoder layers (`model.layers.N.*`) the source has tensors for.
     fn layer_count(&self) -> usize;
 
@@ -168,7 +185,18 @@ pub trait WeightSource {
 
     /// Loads a tensor and checks its shape.
     fn load_shaped(&self, name: &str, dims: &[usize], device: &Device) -> Result<Weight> {
-        let w = self.load(name, device)?;
+        self.load_shaped_as(name, dims, DType::F32, device)
+    }
+
+    /// `load_shaped` with a dense tensor in `dtype` (see `load_as`).
+    fn load_shaped_as(
+        &self,
+        name: &str,
+        dims: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Weight> {
+        let w = self.load_as(name, dtype, device)?;
         if w.dims() != dims {
             return Err(Error::TensorShape {
                 path: self.path().into(),

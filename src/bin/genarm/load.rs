@@ -14,7 +14,7 @@ use crate::args::{Backend, ModelArgs};
 pub fn device(backend: Backend) -> Result<Device> {
     match backend {
         Backend::Cpu | Backend::Webgpu => Ok(Device::Cpu),
-        Backend::Cuda => Device::new_cuda(0)
+        Backend::Cuda => genarm::cpu::cuda_device::open(0)
             .context("cannot open CUDA device 0 (is this binary built with `--features cuda`?)"),
     }
 }

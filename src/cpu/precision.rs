@@ -1,0 +1,54 @@
+//! The float type a candle model computes in. The CPU engine is the reference the tests
+//! check, so it keeps every dense weight and activation in f32; on a GPU a bf16/f16
+//! checkpoint stays in its own type (a 7B model is 14 GB there, not 28 GB of f32), with
+//! the steps whose precision matters — norms, softmax, logits — done in f32, as
+//! transformers does in half precision.
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::Result;
+use crate::model::weights::WeightSource;
+
+/// How dense weights are loaded and activations kept.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Precision {
+    /// Dense weights converted to f32, activations in f32.
+    F32,
+    /// Dense weights in the checkpoint's own float type (the embedding's), activations
+    /// in that type. Quantized checkpoints compute in f32 either way.
+    Stored,
+    /// `F32` on the CPU, `Stored` on any other device.
+    #[default]
+    Auto,
+}
+
+impl Precision {
+    /// The activation type of a model read from `src` on `device`.
+    pub fn compute_dtype(self, src: &dyn WeightSource, device: &Device) -> DType {
+        let stored = || match src.stored_dtype("model.embed_tokens.weight") {
+            Some(d @ (DType::BF16 | DType::F16)) => d,
+            _ => DType::F32,
+        };
+        match self {
+            Self::F32 => DType::F32,
+            Self::Stored => stored(),
+            Self::Auto if device.is_cpu() => DType::F32,
+            Self::Auto => stored(),
+        }
+    }
+}
+
+/// RMSNorm computed in f32 whatever the activation type, returned in that type
+/// (`weight` is f32).
+pub fn rms_norm_f32(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let y = candle_nn::ops::rms_norm(&x.to_dtype(DType::F32)?, weight, eps)?;
+    Ok(y.to_dtype(dtype)?)
+}
+
+/// Softmax over the last dimension computed in f32, returned in `x`'s type.
+pub fn softmax_f32(x: &Tensor) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let y = candle_nn::ops::softmax_last_dim(&x.to_dtype(DType::F32)?)?;
+    Ok(y.to_dtype(dtype)?)
+}

@@ -273,7 +273,7 @@ fn lora_down_and_matvec_epilogue() {
         .collect();
     for kind in [MatVecKind::RowPerWorkgroup, MatVecKind::RowPerInvocation] {
         let k = kernels_with(kind);
-        let down = genarm::gpu::ops_guide::LoraDown {
+        let down = genarm::gpu::ops::LoraDown {
             a: &ab,
             t: &tb,
             first,
@@ -298,7 +298,7 @@ fn lora_down_and_matvec_epilogue() {
                     .unwrap();
             let bb = storage_f32(ctx(), "lora b", &b);
             let yb = storage_zeros(ctx(), "y", m * rows);
-            let up = genarm::gpu::ops_guide::LoraUp {
+            let up = genarm::gpu::ops::LoraUp {
                 b: &bb,
                 t: &tb,
                 first,
@@ -383,7 +383,7 @@ fn rms_norm_with_lora_down() {
         storage_zeros(ctx(), "t", arms * rank),
         storage_zeros(ctx(), "y plain", rows * n),
     );
-    let down = genarm::gpu::ops_guide::LoraDown {
+    let down = genarm::gpu::ops::LoraDown {
         a: &ab,
         t: &tb,
         first,
@@ -825,7 +825,7 @@ fn attention_o_lora_parts_and_their_sum_in_matvec() {
         pos: &pos,
         inv_freq: &fb,
         out: &out,
-        o_lora: Some(genarm::gpu::ops_guide::LoraDown {
+        o_lora: Some(genarm::gpu::ops::LoraDown {
             a: &ab,
             t: &parts,
             first,
@@ -877,7 +877,7 @@ fn attention_o_lora_parts_and_their_sum_in_matvec() {
     .unwrap();
     let b = rng.vec(arms * out_rows * rank);
     let bb = storage_f32(ctx(), "lora b", &b);
-    let up = genarm::gpu::ops_guide::LoraUp {
+    let up = genarm::gpu::ops::LoraUp {
         b: &bb,
         t: &parts,
         first,

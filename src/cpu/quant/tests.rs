@@ -9,17 +9,9 @@ use candle_core::{Device, Tensor};
 #[cfg(target_arch = "wasm32")]
 use wasm_bindgen_test::wasm_bindgen_test as test;
 
-/// Deterministic pseudo-random values in [-1, 1) (xorshift).
+/// Deterministic pseudo-random values in [-1, 1).
 fn random(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        })
-        .collect()
+    crate::test_rng::SplitMix64::new(seed).signed_f32s(n)
 }
 
 const FORMATS: [(BlockFormat, GgmlDType); 3] = [

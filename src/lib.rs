@@ -21,6 +21,12 @@ pub mod train;
 #[cfg(target_arch = "wasm32")]
 pub mod web;
 
+/// The tests' one PRNG (`tests/common/rng.rs`), for the unit and browser tests.
+#[cfg(test)]
+#[allow(dead_code)]
+#[path = "../tests/common/rng.rs"]
+mod test_rng;
+
 pub use engine::{ArmSpec, Engine, StepLogProbs};
 pub use error::{Error, Result};
 pub use generate::{generate, GenerateOptions, Generation, StopReason, TokenEvent};

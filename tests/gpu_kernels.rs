@@ -3,10 +3,13 @@
 //! (`apt-get install mesa-vulkan-drivers libvulkan1`). A missing adapter fails.
 #![cfg(not(target_arch = "wasm32"))]
 
+mod common;
+
 use std::sync::{Arc, OnceLock};
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
+use common::SplitMix64;
 use genarm::gpu::buffers::{storage_f32, storage_u32, storage_zeros};
 use genarm::gpu::ops::{AttentionBuffers, AttentionShape, Op, RopeStyle};
 use genarm::gpu::{
@@ -67,25 +70,6 @@ fn read(b: &wgpu::Buffer, n: usize) -> Vec<f32> {
     v
 }
 
-/// splitmix64, so every test is reproducible without a rand dependency.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform in [-1, 1).
-    fn f(&mut self) -> f32 {
-        (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-    }
-    fn vec(&mut self, n: usize) -> Vec<f32> {
-        (0..n).map(|_| self.f()).collect()
-    }
-}
-
 /// Asserts |got − want| ≤ tol(i) everywhere; returns the max error. Prints index,
 /// got and want of the first few failures.
 fn check(what: &str, got: &[f32], want: &[f32], tol: impl Fn(usize) -> f32) -> f32 {
@@ -134,15 +118,15 @@ fn quantize(w: &[f32], rows: usize, cols: usize, format: WeightFormat) -> (Vec<u
 /// (≈ 170 ulps of the absolute sum) covers the typical case at cols ≤ 1536 with margin
 /// yet catches any decode error, which moves results by whole quantization steps.
 fn matvec_case(format: WeightFormat, rows: usize, cols: usize, chunk_limit: u64, seed: u64) {
-    let mut rng = Rng(seed);
-    let w = rng.vec(rows * cols);
+    let mut rng = SplitMix64::new(seed);
+    let w = rng.signed_f32s(rows * cols);
     let (bytes, deq) = quantize(&w, rows, cols, format);
     let weight = QuantWeight::upload(ctx(), "w", format, rows, cols, &bytes, chunk_limit).unwrap();
     if chunk_limit < u64::MAX {
         assert!(weight.chunks.len() > 1, "chunking was not forced");
     }
     for m in 1..=4 {
-        let x = rng.vec(m * cols);
+        let x = rng.signed_f32s(m * cols);
         let xb = storage_f32(ctx(), "x", &x);
         let yb = storage_zeros(ctx(), "y", m * rows);
         let mut want = vec![0f32; m * rows];
@@ -257,9 +241,9 @@ fn lora_down_and_matvec_epilogue() {
     let arms = m - first;
     let outs = [37, 301];
     let stacked = outs.len() * rank;
-    let mut rng = Rng(300);
-    let x = rng.vec(m * cols);
-    let a = rng.vec(arms * stacked * cols);
+    let mut rng = SplitMix64::new(300);
+    let x = rng.signed_f32s(m * cols);
+    let a = rng.signed_f32s(arms * stacked * cols);
     let xb = storage_f32(ctx(), "x", &x);
     let ab = storage_f32(ctx(), "lora a", &a);
     let tb = storage_zeros(ctx(), "lora t", arms * stacked);
@@ -273,7 +257,7 @@ fn lora_down_and_matvec_epilogue() {
         .collect();
     for kind in [MatVecKind::RowPerWorkgroup, MatVecKind::RowPerInvocation] {
         let k = kernels_with(kind);
-        let down = genarm::gpu::ops_guide::LoraDown {
+        let down = genarm::gpu::ops::LoraDown {
             a: &ab,
             t: &tb,
             first,
@@ -287,8 +271,8 @@ fn lora_down_and_matvec_epilogue() {
         let t_want32: Vec<f32> = t_want.iter().map(|&v| v as f32).collect();
         check(&format!("lora_down {kind:?}"), &t_got, &t_want32, |_| 1e-4);
         for (slot, &rows) in outs.iter().enumerate() {
-            let w = rng.vec(rows * cols);
-            let b = rng.vec(arms * rows * rank);
+            let w = rng.signed_f32s(rows * cols);
+            let b = rng.signed_f32s(arms * rows * rank);
             let (bytes, deq) = quantize(&w, rows, cols, WeightFormat::Q4_1);
             // The larger projection is split in chunks: the epilogue indexes B by the
             // global output row.
@@ -298,7 +282,7 @@ fn lora_down_and_matvec_epilogue() {
                     .unwrap();
             let bb = storage_f32(ctx(), "lora b", &b);
             let yb = storage_zeros(ctx(), "y", m * rows);
-            let up = genarm::gpu::ops_guide::LoraUp {
+            let up = genarm::gpu::ops::LoraUp {
                 b: &bb,
                 t: &tb,
                 first,
@@ -331,10 +315,10 @@ fn lora_down_and_matvec_epilogue() {
 fn rms_norm_rows() {
     // Tolerance: sum of squares in f32 (≤ 1e-6 relative at these sizes), one sqrt and
     // a division (correctly rounded or within 2.5 ulp on Vulkan): 1e-5 relative.
-    let mut rng = Rng(1);
+    let mut rng = SplitMix64::new(1);
     for (rows, n) in [(1, 64), (3, 576), (4, 1537)] {
-        let x = rng.vec(rows * n);
-        let wt = rng.vec(n);
+        let x = rng.signed_f32s(rows * n);
+        let wt = rng.signed_f32s(n);
         let (xb, wb, yb) = (
             storage_f32(ctx(), "x", &x),
             storage_f32(ctx(), "w", &wt),
@@ -369,10 +353,10 @@ fn rms_norm_rows() {
 fn rms_norm_with_lora_down() {
     let (rows, n, first, rank) = (3, 576, 1, 24);
     let arms = rows - first;
-    let mut rng = Rng(7);
-    let x = rng.vec(rows * n);
-    let wt = rng.vec(n);
-    let a = rng.vec(arms * rank * n);
+    let mut rng = SplitMix64::new(7);
+    let x = rng.signed_f32s(rows * n);
+    let wt = rng.signed_f32s(n);
+    let a = rng.signed_f32s(arms * rank * n);
     let (xb, wb, ab) = (
         storage_f32(ctx(), "x", &x),
         storage_f32(ctx(), "w", &wt),
@@ -383,7 +367,7 @@ fn rms_norm_with_lora_down() {
         storage_zeros(ctx(), "t", arms * rank),
         storage_zeros(ctx(), "y plain", rows * n),
     );
-    let down = genarm::gpu::ops_guide::LoraDown {
+    let down = genarm::gpu::ops::LoraDown {
         a: &ab,
         t: &tb,
         first,
@@ -424,12 +408,17 @@ fn rms_norm_with_lora_down() {
 #[test]
 fn matvec_store_add_and_gate_with_bias() {
     let (rows, cols) = (301, 96);
-    let mut rng = Rng(500);
-    let (bytes, deq) = quantize(&rng.vec(rows * cols), rows, cols, WeightFormat::Q4_1);
+    let mut rng = SplitMix64::new(500);
+    let (bytes, deq) = quantize(
+        &rng.signed_f32s(rows * cols),
+        rows,
+        cols,
+        WeightFormat::Q4_1,
+    );
     let weight =
         QuantWeight::upload(ctx(), "w", WeightFormat::Q4_1, rows, cols, &bytes, 1000).unwrap();
     assert!(weight.chunks.len() > 1, "chunking was not forced");
-    let bias = rng.vec(rows);
+    let bias = rng.signed_f32s(rows);
     let bias_buf = storage_f32(ctx(), "bias", &bias);
     let stores = [
         MatVecStore::Add,
@@ -439,8 +428,8 @@ fn matvec_store_add_and_gate_with_bias() {
     ];
     for m in 1..=4 {
         let with_bias = m % 2 == 0;
-        let x = rng.vec(m * cols);
-        let y0: Vec<f32> = rng.vec(m * rows).iter().map(|v| v * 12.0).collect();
+        let x = rng.signed_f32s(m * cols);
+        let y0: Vec<f32> = rng.signed_f32s(m * rows).iter().map(|v| v * 12.0).collect();
         let xb = storage_f32(ctx(), "x", &x);
         let (mut wx, mut mag) = (vec![0f64; m * rows], vec![0f64; m * rows]);
         for r in 0..m {
@@ -557,8 +546,8 @@ fn gate_activations_match_f64() {
 #[test]
 fn add_assign_is_exact() {
     let n = 1537;
-    let mut rng = Rng(3);
-    let (a, b) = (rng.vec(n), rng.vec(n));
+    let mut rng = SplitMix64::new(3);
+    let (a, b) = (rng.signed_f32s(n), rng.signed_f32s(n));
     let (ab, bb) = (storage_f32(ctx(), "a", &a), storage_f32(ctx(), "b", &b));
     // One correctly rounded f32 addition on both sides, so exact.
     run(&[&kernels().add_assign(&ab, &bb, n).unwrap()]);
@@ -571,8 +560,8 @@ fn embedding_lookup() {
     // Exact: the kernel decodes the same f16 scales and codes candle does and writes
     // d·q (+ m) in f32, the same operations, so the tolerance is 0.
     let (vocab, dim, rows) = (300, 576, 3);
-    let mut rng = Rng(4);
-    let table = rng.vec(vocab * dim);
+    let mut rng = SplitMix64::new(4);
+    let table = rng.signed_f32s(vocab * dim);
     for (format, limit) in [
         (WeightFormat::Q8_0, u64::MAX),
         (WeightFormat::F32, u64::MAX),
@@ -651,7 +640,7 @@ fn attention_over_positions(window: Option<usize>) {
     let inv_freq: Vec<f32> = (0..hd / 2)
         .map(|i| 10000f32.powf(-2.0 * i as f32 / hd as f32))
         .collect();
-    let mut rng = Rng(5);
+    let mut rng = SplitMix64::new(5);
     for rope in [RopeStyle::HalfSplit, RopeStyle::Interleaved] {
         let shape = AttentionShape {
             rows,
@@ -686,9 +675,9 @@ fn attention_over_positions(window: Option<usize>) {
         let (mut key_mag, mut vals) = (keys.clone(), keys.clone());
         for p in 0..=37usize {
             // Larger q so the softmax is peaked, not uniform.
-            let qv: Vec<f32> = rng.vec(nq).iter().map(|v| v * 4.0).collect();
-            let kv = rng.vec(nkv);
-            let vv = rng.vec(nkv);
+            let qv: Vec<f32> = rng.signed_f32s(nq).iter().map(|v| v * 4.0).collect();
+            let kv = rng.signed_f32s(nkv);
+            let vv = rng.signed_f32s(nkv);
             let packed: Vec<f32> = (0..rows)
                 .flat_map(|r| {
                     let (q, k) = (
@@ -799,14 +788,14 @@ fn attention_over_positions(window: Option<usize>) {
 fn attention_o_lora_parts_and_their_sum_in_matvec() {
     let (rows, first, heads, kvh, hd, cap, rank) = (3, 1, 4, 2, 32, 8, 4);
     let (arms, q_len, row_len) = (rows - first, heads * hd, (heads + 2 * kvh) * hd);
-    let mut rng = Rng(600);
-    let qkv = storage_f32(ctx(), "qkv", &rng.vec(rows * row_len));
+    let mut rng = SplitMix64::new(600);
+    let qkv = storage_f32(ctx(), "qkv", &rng.signed_f32s(rows * row_len));
     let kc = storage_zeros(ctx(), "k_cache", rows * kvh * cap * hd);
     let vc = storage_zeros(ctx(), "v_cache", rows * kvh * cap * hd);
     let pos = storage_u32(ctx(), "pos", &[0, 3]);
-    let fb = storage_f32(ctx(), "inv_freq", &rng.vec(hd / 2));
+    let fb = storage_f32(ctx(), "inv_freq", &rng.signed_f32s(hd / 2));
     let out = storage_zeros(ctx(), "out", rows * q_len);
-    let a = rng.vec(arms * rank * q_len);
+    let a = rng.signed_f32s(arms * rank * q_len);
     let ab = storage_f32(ctx(), "lora a", &a);
     let parts = storage_zeros(ctx(), "lora parts", arms * heads * rank);
     let shape = AttentionShape {
@@ -825,7 +814,7 @@ fn attention_o_lora_parts_and_their_sum_in_matvec() {
         pos: &pos,
         inv_freq: &fb,
         out: &out,
-        o_lora: Some(genarm::gpu::ops_guide::LoraDown {
+        o_lora: Some(genarm::gpu::ops::LoraDown {
             a: &ab,
             t: &parts,
             first,
@@ -860,7 +849,7 @@ fn attention_o_lora_parts_and_their_sum_in_matvec() {
 
     let out_rows = 37;
     let (bytes, deq) = quantize(
-        &rng.vec(out_rows * q_len),
+        &rng.signed_f32s(out_rows * q_len),
         out_rows,
         q_len,
         WeightFormat::Q4_1,
@@ -875,9 +864,9 @@ fn attention_o_lora_parts_and_their_sum_in_matvec() {
         u64::MAX,
     )
     .unwrap();
-    let b = rng.vec(arms * out_rows * rank);
+    let b = rng.signed_f32s(arms * out_rows * rank);
     let bb = storage_f32(ctx(), "lora b", &b);
-    let up = genarm::gpu::ops_guide::LoraUp {
+    let up = genarm::gpu::ops::LoraUp {
         b: &bb,
         t: &parts,
         first,

@@ -16,8 +16,7 @@ use crate::engine::{check_feed, check_guidance, Chosen, Engine, StepLogProbs};
 use crate::error::{Error, Result};
 use crate::gpu::buffers::{storage_u32, storage_zeros};
 use crate::gpu::model::GpuLlama;
-use crate::gpu::ops::Op;
-use crate::gpu::ops_guide::{SampleBuffers, KNOB_FIELDS};
+use crate::gpu::ops::{Op, SampleBuffers, SampleSettings, SampleSettingsBuffers};
 use crate::gpu::{gpu_error, GpuContext, Kernels};
 use crate::guide::{log_softmax, Sampler, SamplingParams};
 use crate::model::arm_plan::{group_arms, ArmPlan};
@@ -28,8 +27,8 @@ const NO_TOKEN: u32 = u32::MAX;
 
 /// A step submitted before the host asked for it.
 struct Speculative {
-    /// The knobs it ran with: it is used only if the next request has the same.
-    knobs: Vec<f32>,
+    /// The settings it ran with: it is used only if the next request has the same.
+    settings: SampleSettings,
     /// The readback buffer it copies its choice to.
     slot: usize,
     submission: wgpu::SubmissionIndex,
@@ -51,7 +50,7 @@ pub struct GpuEngine {
     feed: wgpu::Buffer,
     /// `[rows, vocab]`: group 0's logits rows, then the other groups' cut rows.
     logits: wgpu::Buffer,
-    knobs: wgpu::Buffer,
+    settings: SampleSettingsBuffers,
     chosen: wgpu::Buffer,
     /// Two readback buffers: one for the step being read, one for the step in flight.
     chosen_staging: [wgpu::Buffer; 2],
@@ -134,7 +133,7 @@ impl GpuEngine {
 
         let models = slots.len();
         let stats = storage_zeros(&ctx, "logit stats", 2 * rows_total);
-        let knobs = storage_zeros(&ctx, "knobs", KNOB_FIELDS + models - 1);
+        let settings = SampleSettingsBuffers::new(&ctx, models - 1);
         let scores = storage_zeros(&ctx, "scores", vocab);
         let chosen = storage_zeros(&ctx, "chosen", 1 + models);
         let slots_buf = storage_u32(
@@ -148,7 +147,7 @@ impl GpuEngine {
                 logits: &logits,
                 stats: &stats,
                 slots: &slots_buf,
-                knobs: &knobs,
+                settings: &settings,
                 scores: &scores,
                 cur: &cur,
                 chosen: &chosen,
@@ -181,7 +180,7 @@ impl GpuEngine {
             cur,
             feed,
             logits,
-            knobs,
+            settings,
             chosen,
             chosen_staging,
             logits_staging,
@@ -282,17 +281,9 @@ impl GpuEngine {
             .collect()
     }
 
-    /// The knobs buffer's contents for one pick: 1/T, top-p, u, top-k, greedy, α….
-    fn knobs(&self, alphas: &[f32], params: &SamplingParams, u: f64) -> Vec<f32> {
-        let mut knobs = vec![
-            1.0 / params.temperature,
-            params.top_p,
-            u as f32,
-            params.top_k.map_or(0.0, |k| k.min(self.vocab) as f32),
-            if params.greedy { 1.0 } else { 0.0 },
-        ];
-        knobs.extend_from_slice(alphas);
-        knobs
+    /// What one pick is told: the sampling knobs with the draw `u`, and the ARM weights.
+    fn settings(&self, alphas: &[f32], params: &SamplingParams, u: f64) -> SampleSettings {
+        SampleSettings::new(params, u, self.vocab, alphas)
     }
 
     /// The uniform number the next pick uses, without counting it yet (a speculative
@@ -343,9 +334,9 @@ impl GpuEngine {
         if self.pos >= self.capacity {
             return;
         }
-        let knobs = self.knobs(alphas, sampler.params(), Self::peek_uniform(sampler));
+        let settings = self.settings(alphas, sampler.params(), Self::peek_uniform(sampler));
         let queue = &self.ctx().queue;
-        queue.write_buffer(&self.knobs, 0, bytemuck::cast_slice(&knobs));
+        self.settings.write(queue, &settings);
         queue.write_buffer(&self.next_pos, 0, bytemuck::bytes_of(&(self.pos as u32)));
         let mut encoder = self
             .ctx()
@@ -361,7 +352,7 @@ impl GpuEngine {
         self.encode_pick(&mut encoder, slot);
         let submission = self.ctx().queue.submit([encoder.finish()]);
         self.speculative = Some(Speculative {
-            knobs,
+            settings,
             slot,
             submission,
         });
@@ -387,8 +378,8 @@ impl GpuEngine {
         let words = match spec {
             Some(spec)
                 if continues
-                    && spec.knobs
-                        == self.knobs(alphas, sampler.params(), Self::peek_uniform(sampler)) =>
+                    && spec.settings
+                        == self.settings(alphas, sampler.params(), Self::peek_uniform(sampler)) =>
             {
                 self.check_room(tokens)?;
                 Self::take_uniform(sampler);
@@ -400,10 +391,8 @@ impl GpuEngine {
                 // Whatever was in flight wrote only past the position fed now.
                 self.check_room(tokens)?;
                 let u = Self::take_uniform(sampler);
-                let knobs = self.knobs(alphas, sampler.params(), u);
-                self.ctx()
-                    .queue
-                    .write_buffer(&self.knobs, 0, bytemuck::cast_slice(&knobs));
+                let settings = self.settings(alphas, sampler.params(), u);
+                self.settings.write(&self.ctx().queue, &settings);
                 let mut encoder = self
                     .ctx()
                     .device

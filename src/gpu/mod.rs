@@ -8,7 +8,6 @@ pub mod device;
 pub mod engine;
 pub mod model;
 pub mod ops;
-pub mod ops_guide;
 pub mod uniforms;
 
 pub use buffers::{QuantWeight, WeightFormat};

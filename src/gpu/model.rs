@@ -13,10 +13,9 @@ use candle_core::{Device, Tensor};
 use crate::error::{Error, Result};
 use crate::gpu::buffers::{storage_f32, storage_zeros};
 use crate::gpu::ops::{
-    need, AttentionBuffers, AttentionShape, MatVecEpilogue, MatVecStore, Op, RopeStyle,
-    MAX_BATCH_ROWS,
+    need, AttentionBuffers, AttentionShape, LoraDown, LoraUp, MatVecEpilogue, MatVecStore, Op,
+    RopeStyle, MAX_BATCH_ROWS,
 };
-use crate::gpu::ops_guide::{LoraDown, LoraUp};
 use crate::gpu::{gpu_error, Kernels, QuantWeight, WeightFormat};
 use crate::model::config::{LlamaConfig, RopeLayout};
 use crate::model::llama::{self, Proj};

@@ -1,25 +1,31 @@
 //! Uniform structs, declared once: the macro emits the `#[repr(C)]` Rust struct and
-//! the matching WGSL `struct Params` text from the same field list, so the two cannot
-//! drift. Fields are 4-byte scalars only and every struct pads itself to 16 bytes.
+//! the matching WGSL struct text (`struct Params` unless named otherwise) from the same
+//! field list, so the two cannot drift. Fields are 4-byte scalars only and every struct pads itself to 16 bytes.
 
 use bytemuck::{Pod, Zeroable};
 
 /// A uniform struct whose WGSL declaration is prepended to its shader.
 pub trait Uniform: Pod {
-    /// `struct Params { ... }` as WGSL.
+    /// `struct Params { ... }` (or the struct's own WGSL name) as WGSL.
     const WGSL: &'static str;
 }
 
 macro_rules! uniform {
-    ($(#[$doc:meta])* $name:ident { $($field:ident : $ty:ident),* $(,)? }) => {
+    ($(#[$doc:meta])* $name:ident { $($body:tt)* }) => {
+        uniform!($(#[$doc])* $name as Params { $($body)* });
+    };
+    ($(#[$doc:meta])* $name:ident as $wgsl:ident { $($field:ident : $ty:ident),* $(,)? }) => {
         $(#[$doc])*
         #[repr(C)]
-        #[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
+        #[derive(Clone, Copy, Debug, Default, PartialEq, Pod, Zeroable)]
         pub struct $name { $(pub $field: $ty),* }
 
         impl Uniform for $name {
-            const WGSL: &'static str =
-                concat!("struct Params {\n", $("  ", stringify!($field), ": ", stringify!($ty), ",\n",)* "}\n");
+            const WGSL: &'static str = concat!(
+                "struct ", stringify!($wgsl), " {\n",
+                $("  ", stringify!($field), ": ", stringify!($ty), ",\n",)*
+                "}\n"
+            );
         }
 
         const _: () = assert!(std::mem::size_of::<$name>() % 16 == 0, "pad uniforms to 16 bytes");
@@ -146,5 +152,21 @@ uniform!(
         vocab: u32,
         _pad0: u32,
         _pad1: u32,
+    }
+);
+
+uniform!(
+    /// The guided pick's knobs, written by the host before each token: 1/T, top-p, the
+    /// draw's uniform number `u`, top-k (0: off) and greedy (0/1). The ARM weights α
+    /// travel beside it in a storage buffer: their number is the engine's.
+    SampleKnobs as Knobs {
+        inv_temperature: f32,
+        top_p: f32,
+        u: f32,
+        top_k: u32,
+        greedy: u32,
+        _pad0: u32,
+        _pad1: u32,
+        _pad2: u32,
     }
 );

@@ -357,15 +357,8 @@ async fn bad_files_are_errors() {
 /// readers behave the same behind the browser API.
 #[wasm_bindgen_test]
 async fn mutated_files_are_errors_never_traps() {
-    let mut state = 0x9e37_79b9_7f4a_7c15u64;
-    let mut next = move || {
-        // SplitMix64.
-        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    };
+    let mut rng = crate::test_rng::SplitMix64::new(0x9e37_79b9_7f4a_7c15);
+    let mut next = move || rng.next_u64();
     let huge = [u64::MAX, 1 << 40, (1 << 56) + 64, 0];
     for i in 0..48 {
         let mut gguf = BASE.to_vec();

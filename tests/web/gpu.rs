@@ -53,14 +53,9 @@ async fn read_f32(ctx: &GpuContext, buffer: &wgpu::Buffer) -> Vec<f32> {
     bytemuck::pod_collect_to_vec(&bytes)
 }
 
-/// splitmix64 values in [-1, 1).
+/// Seeded values in [-1, 1).
 fn random(seed: u64, n: usize) -> Vec<f32> {
-    (0..n as u64)
-        .map(|i| {
-            let z = crate::guide::mix64(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ i);
-            (z >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        })
-        .collect()
+    crate::test_rng::SplitMix64::new(seed).signed_f32s(n)
 }
 
 #[wasm_bindgen_test]

@@ -11,9 +11,9 @@
 // vocabulary order: a per-thread chunk sum, a workgroup prefix scan, then the one
 // thread whose range holds u·mass walks its chunk.
 //
-// knobs (written by the host before each token): [1/T, top_p, u, top_k (0: off),
-// greedy (0/1), α_1 … α_n]. Output: cur[0] = id; chosen = [id, lp_0(id), lp_j(id)…]
-// as u32 bits. An id of NONE means no score was finite.
+// knobs (a `Knobs` uniform: `SampleKnobs` in uniforms.rs) and alphas (α_1 … α_n) are
+// written by the host before each token. Output: cur[0] = id; chosen = [id, lp_0(id),
+// lp_j(id)…] as u32 bits. An id of NONE means no score was finite.
 
 const SAMPLE_WG: u32 = 256u;
 const NONE: u32 = 0xffffffffu;
@@ -24,10 +24,11 @@ const FLOOR: f32 = -104.0;
 @group(0) @binding(1) var<storage, read> logits: array<f32>;
 @group(0) @binding(2) var<storage, read> stats: array<f32>;
 @group(0) @binding(3) var<storage, read> slots: array<u32>;
-@group(0) @binding(4) var<storage, read> knobs: array<f32>;
-@group(0) @binding(5) var<storage, read_write> scores: array<f32>;
-@group(0) @binding(6) var<storage, read_write> cur: array<u32>;
-@group(0) @binding(7) var<storage, read_write> chosen: array<u32>;
+@group(0) @binding(4) var<uniform> knobs: Knobs;
+@group(0) @binding(5) var<storage, read> alphas: array<f32>;
+@group(0) @binding(6) var<storage, read_write> scores: array<f32>;
+@group(0) @binding(7) var<storage, read_write> cur: array<u32>;
+@group(0) @binding(8) var<storage, read_write> chosen: array<u32>;
 
 var<workgroup> red_f: array<f32, SAMPLE_WG>;
 var<workgroup> red_u: array<u32, SAMPLE_WG>;
@@ -99,11 +100,11 @@ fn mass_at_least(tid: u32, tau: f32, mx: f32, inv_t: f32) -> f32 {
 
 @compute @workgroup_size(SAMPLE_WG)
 fn main(@builtin(local_invocation_index) tid: u32) {
-    let inv_t = knobs[0];
-    let top_p = knobs[1];
-    let u = knobs[2];
-    let top_k = u32(knobs[3]);
-    let greedy = knobs[4] > 0.5;
+    let inv_t = knobs.inv_temperature;
+    let top_p = knobs.top_p;
+    let u = knobs.u;
+    let top_k = knobs.top_k;
+    let greedy = knobs.greedy != 0u;
 
     // 1. Guided scores and their argmax.
     var best = 0.0;
@@ -111,7 +112,7 @@ fn main(@builtin(local_invocation_index) tid: u32) {
     for (var i = tid; i < p.vocab; i += SAMPLE_WG) {
         var s = model_lp(0u, i);
         for (var j = 1u; j < p.models; j++) {
-            let alpha = knobs[4u + j];
+            let alpha = alphas[j - 1u];
             if (alpha != 0.0) {
                 s += alpha * model_lp(j, i);
             }

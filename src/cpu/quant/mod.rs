@@ -1,0 +1,381 @@
+//! GGUF block-quantised weights (Q4_0, Q4_1, Q8_0) times f32 activations, on the CPU.
+//!
+//! Why our own kernel: candle 0.11's CPU path for these formats quantises the activations
+//! to Q8 and runs a scalar dot product. Here the activations stay f32 (so the CPU and GPU
+//! engines compute the same thing), each 32-weight block is dequantised in registers and
+//! everything is summed in f32.
+//!
+//! Every format decodes a block to integer codes `q`, a scale `d` and an offset `o` with
+//! `w = d·q + o` (Q4_0: `o = −8d`, Q4_1: `o = m`, Q8_0: `o = 0`), so a block's share of a dot
+//! product is `d·Σq·x + o·Σx`. `Σx` per block only depends on the activations, so it is
+//! computed once per call and the inner loop is just `Σq·x`.
+//!
+//! One file per instruction set, as candle-core's `quantized/{avx,neon,simd128}`: this
+//! module holds the block formats, the matrix type and the choice of kernel; `tiling` cuts
+//! one matmul into parallel tasks; `scalar`, `simd128`, `avx2` and `avx512` are the row
+//! kernels; `custom_op` plugs the matmul into candle.
+
+mod custom_op;
+mod scalar;
+mod tiling;
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+#[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+mod simd128;
+
+#[cfg(test)]
+mod tests;
+
+use std::sync::OnceLock;
+
+use candle_core::quantized::{GgmlDType, QTensor};
+
+pub use custom_op::BlockMatMul;
+
+/// Weights per block, in every format here.
+const BLOCK: usize = 32;
+
+/// Activation rows handled together per weight row: each decoded block is reused this many
+/// times, and `TILE` accumulators plus the decoded block still fit in 16 AVX2 registers.
+const TILE: usize = 4;
+
+/// GGUF block formats the kernel runs: 32 weights per block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BlockFormat {
+    Q4_0,
+    Q4_1,
+    Q8_0,
+}
+
+impl BlockFormat {
+    /// The format for a candle/ggml dtype, if the kernel runs it.
+    pub fn from_ggml(d: GgmlDType) -> Option<Self> {
+        match d {
+            GgmlDType::Q4_0 => Some(Self::Q4_0),
+            GgmlDType::Q4_1 => Some(Self::Q4_1),
+            GgmlDType::Q8_0 => Some(Self::Q8_0),
+            _ => None,
+        }
+    }
+
+    /// Bytes per 32-weight block.
+    pub const fn block_bytes(self) -> usize {
+        match self {
+            Self::Q4_0 => 18, // f16 d + 16 nibble bytes
+            Self::Q4_1 => 20, // f16 d, f16 m + 16 nibble bytes
+            Self::Q8_0 => 34, // f16 d + 32 i8
+        }
+    }
+
+    /// Byte offset of the codes inside a block.
+    const fn codes_offset(self) -> usize {
+        match self {
+            Self::Q4_1 => 4,
+            Self::Q4_0 | Self::Q8_0 => 2,
+        }
+    }
+
+    /// Whether the dot product has an offset term, i.e. needs `Σx` per block.
+    const fn has_offset(self) -> bool {
+        !matches!(self, Self::Q8_0)
+    }
+}
+
+/// Format tags for the x86 kernels, which monomorphise one kernel per format so the block
+/// decode has no per-block branch (stable Rust takes no enum as a const parameter).
+#[cfg(target_arch = "x86_64")]
+mod tag {
+    use super::BlockFormat;
+
+    pub const Q4_0: u8 = 0;
+    pub const Q4_1: u8 = 1;
+    pub const Q8_0: u8 = 2;
+
+    /// The format `tag` stands for.
+    pub const fn format_of(tag: u8) -> BlockFormat {
+        match tag {
+            Q4_0 => BlockFormat::Q4_0,
+            Q4_1 => BlockFormat::Q4_1,
+            _ => BlockFormat::Q8_0,
+        }
+    }
+}
+
+/// A row-major matrix `[rows, cols]` of GGUF blocks (each row is cols/32 blocks).
+#[derive(Clone, Debug)]
+pub struct BlockMatrix {
+    format: BlockFormat,
+    rows: usize,
+    cols: usize,
+    data: Vec<u8>,
+}
+
+impl BlockMatrix {
+    /// Wraps raw block bytes; checks `cols % 32 == 0` and the data length.
+    pub fn new(
+        format: BlockFormat,
+        rows: usize,
+        cols: usize,
+        data: Vec<u8>,
+    ) -> Result<Self, String> {
+        if !cols.is_multiple_of(BLOCK) {
+            return Err(format!(
+                "{format:?} matrix: cols {cols} is not a multiple of {BLOCK}"
+            ));
+        }
+        let want = rows * (cols / BLOCK) * format.block_bytes();
+        if data.len() != want {
+            return Err(format!(
+                "{format:?} matrix [{rows}, {cols}]: {} bytes of blocks, expected {want}",
+                data.len()
+            ));
+        }
+        Ok(Self {
+            format,
+            rows,
+            cols,
+            data,
+        })
+    }
+
+    /// A 2-D Q4_0/Q4_1/Q8_0 tensor's blocks (candle's CPU storage holds the GGUF block bytes
+    /// verbatim); `None` for other dtypes, ranks or devices.
+    pub fn from_qtensor(q: &QTensor) -> Option<Self> {
+        let format = BlockFormat::from_ggml(q.dtype())?;
+        let (rows, cols) = q.shape().dims2().ok()?;
+        let data = q.data().ok()?.into_owned();
+        Self::new(format, rows, cols, data).ok()
+    }
+
+    /// The parts stacked row-wise (fuses q/k/v or gate/up into one matmul); `None` when
+    /// `parts` is empty or the formats or column counts differ.
+    pub fn concat_rows(parts: &[&BlockMatrix]) -> Option<BlockMatrix> {
+        let first = parts.first()?;
+        let same = |p: &&BlockMatrix| p.format == first.format && p.cols == first.cols;
+        if !parts.iter().all(same) {
+            return None;
+        }
+        let data = parts.iter().flat_map(|p| p.data.iter().copied()).collect();
+        let rows = parts.iter().map(|p| p.rows).sum();
+        Self::new(first.format, rows, first.cols, data).ok()
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    pub fn format(&self) -> BlockFormat {
+        self.format
+    }
+
+    fn blocks_per_row(&self) -> usize {
+        self.cols / BLOCK
+    }
+
+    /// The bytes of weight row `row`.
+    fn row_bytes(&self, row: usize) -> &[u8] {
+        let len = self.blocks_per_row() * self.format.block_bytes();
+        &self.data[row * len..(row + 1) * len]
+    }
+
+    /// Writes row `row` as f32 into `out` (`cols` long).
+    pub fn dequantize_row(&self, row: usize, out: &mut [f32]) {
+        assert!(row < self.rows, "row {row} of {}", self.rows);
+        assert_eq!(out.len(), self.cols, "output length");
+        let blocks = self.row_bytes(row).chunks_exact(self.format.block_bytes());
+        for (block, out) in blocks.zip(out.chunks_exact_mut(BLOCK)) {
+            let mut q = [0f32; BLOCK];
+            let (d, o) = scalar::decode(self.format, block, &mut q);
+            for (o_k, q_k) in out.iter_mut().zip(q) {
+                *o_k = d * q_k + o;
+            }
+        }
+    }
+
+    /// out[i*rows + j] = Σ_c x[i*cols + c] · W[j, c] for i < m (x is [m, cols] row-major).
+    pub fn matmul(&self, x: &[f32], m: usize, out: &mut [f32]) {
+        self.matmul_with(Kernel::detect(), x, m, out);
+    }
+
+    /// `matmul` on a chosen kernel (tests compare the SIMD and scalar paths).
+    fn matmul_with(&self, kernel: Kernel, x: &[f32], m: usize, out: &mut [f32]) {
+        assert_eq!(x.len(), m * self.cols, "x must be [m, cols]");
+        assert_eq!(out.len(), m * self.rows, "out must be [m, rows]");
+        tiling::matmul(self, kernel, x, m, out);
+    }
+}
+
+/// Which inner kernel runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kernel {
+    // With simd128 on wasm32 only the tests run it, as the reference.
+    #[cfg_attr(
+        all(target_arch = "wasm32", target_feature = "simd128"),
+        allow(dead_code)
+    )]
+    Scalar,
+    #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+    Simd128,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+}
+
+/// The kernel when no SIMD extension is detected at run time. wasm32 has no detection:
+/// a module either validates with its SIMD instructions or not at all, so the choice is
+/// the build's (`.cargo/config.toml` turns `simd128` on).
+#[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+const WITHOUT_DETECTION: Kernel = Kernel::Simd128;
+#[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
+const WITHOUT_DETECTION: Kernel = Kernel::Scalar;
+
+impl Kernel {
+    /// The best kernel this CPU runs (detected once per process).
+    fn detect() -> Self {
+        static BEST: OnceLock<Kernel> = OnceLock::new();
+        *BEST.get_or_init(|| {
+            #[cfg(target_arch = "x86_64")]
+            if avx512::available() {
+                return Kernel::Avx512;
+            }
+            #[cfg(target_arch = "x86_64")]
+            if avx2::available() {
+                return Kernel::Avx2;
+            }
+            WITHOUT_DETECTION
+        })
+    }
+
+    /// Whether the kernel reads the per-block `Σx` (the others fold the offset into the
+    /// decoded weights).
+    fn needs_sums(self, format: BlockFormat) -> bool {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512 => false,
+            _ => format.has_offset(),
+        }
+    }
+
+    /// Whether `rows_dot` should get two weight rows at once. With AVX-512 that shares each
+    /// x load between two rows (~25% faster for Q4_0/Q4_1, also from DRAM). Not for Q8_0:
+    /// measured on Zen 4, streaming two Q8_0 rows (34-byte blocks) from memory ran at half the
+    /// speed of one, which loses on large matrices (the LM head).
+    fn pairs_rows(self, format: BlockFormat) -> bool {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512 => format != BlockFormat::Q8_0,
+            _ => {
+                let _ = format;
+                false
+            }
+        }
+    }
+
+    /// `res[r][i] = Σ_c W_r[c] · xs[i*cols + c]` for the weight rows `w` (one or two) and
+    /// `i < n ≤ TILE`.
+    #[allow(clippy::too_many_arguments)]
+    fn rows_dot(
+        self,
+        format: BlockFormat,
+        w: &[&[u8]],
+        xs: &[f32],
+        sums: &[f32],
+        cols: usize,
+        n: usize,
+        res: &mut [[f32; TILE]; 2],
+    ) {
+        assert!(w.len() <= 2);
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Kernel::Avx512` is only chosen when the CPU has AVX-512 F/BW/VL, AVX2,
+            // FMA and F16C.
+            Kernel::Avx512 => unsafe { avx512::rows_dot(format, w, xs, cols, n, res) },
+            _ => {
+                for (&row, res) in w.iter().zip(res.iter_mut()) {
+                    let args = RowArgs {
+                        format,
+                        row,
+                        xs,
+                        sums,
+                        cols,
+                    };
+                    self.row_dot(args, &mut res[..n]);
+                }
+            }
+        }
+    }
+
+    /// `res[i] = Σ_c W[row, c] · xs[i*cols + c]` for `i < res.len() ≤ TILE`.
+    fn row_dot(self, args: RowArgs<'_>, res: &mut [f32]) {
+        match self {
+            Kernel::Scalar => scalar::row_dot(args, res),
+            #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+            Kernel::Simd128 => simd128::row_dot(args, res),
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Kernel::Avx2` is only chosen when the CPU has AVX2, FMA and F16C.
+            Kernel::Avx2 => unsafe { avx2::row_dot(args, res) },
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512 => {
+                let RowArgs {
+                    format,
+                    row,
+                    xs,
+                    cols,
+                    ..
+                } = args;
+                let mut out = [[0f32; TILE]; 2];
+                // SAFETY: as in `rows_dot`.
+                unsafe { avx512::rows_dot(format, &[row], xs, cols, res.len(), &mut out) };
+                res.copy_from_slice(&out[0][..res.len()]);
+            }
+        }
+    }
+}
+
+/// What a row kernel reads: one weight row of `format` blocks, the tile's activation rows
+/// `xs` (`[n, cols]`, `n ≤ TILE`) and their per-block `Σx` (`[n, cols/32]`; unused, and
+/// may be empty, when the format has no offset term).
+#[derive(Clone, Copy)]
+struct RowArgs<'a> {
+    format: BlockFormat,
+    row: &'a [u8],
+    xs: &'a [f32],
+    sums: &'a [f32],
+    cols: usize,
+}
+
+impl RowArgs<'_> {
+    /// Checks the slice sizes for `n` activation rows: the bounds the SIMD kernels rely on.
+    fn check(&self, n: usize) {
+        let nb = self.cols / BLOCK;
+        assert!(n <= TILE && self.cols.is_multiple_of(BLOCK));
+        assert_eq!(self.row.len(), nb * self.format.block_bytes());
+        assert!(self.xs.len() >= n * self.cols);
+        assert!(!self.format.has_offset() || self.sums.len() >= n * nb);
+    }
+
+    /// The weight row's blocks with their indices.
+    fn blocks(&self) -> impl Iterator<Item = (usize, &[u8])> {
+        self.row.chunks_exact(self.format.block_bytes()).enumerate()
+    }
+
+    /// The 32 activations of activation row `i` that block `b` multiplies.
+    #[inline]
+    fn x_block(&self, i: usize, b: usize) -> &[f32] {
+        &self.xs[i * self.cols + b * BLOCK..][..BLOCK]
+    }
+
+    /// `Σx` over those activations.
+    #[inline]
+    fn block_sum(&self, i: usize, b: usize) -> f32 {
+        self.sums[i * (self.cols / BLOCK) + b]
+    }
+}

@@ -1,0 +1,61 @@
+//! The portable kernel (also the reference for the SIMD ones).
+
+use super::{BlockFormat, RowArgs, BLOCK, TILE};
+
+/// Little-endian f16 at `at`, as f32.
+fn f16_at(bytes: &[u8], at: usize) -> f32 {
+    half::f16::from_le_bytes([bytes[at], bytes[at + 1]]).to_f32()
+}
+
+/// A block's scale and offset `(d, o)`, with `w = d·q + o`.
+pub fn scales(format: BlockFormat, block: &[u8]) -> (f32, f32) {
+    let d = f16_at(block, 0);
+    let o = match format {
+        BlockFormat::Q4_0 => -8.0 * d,
+        BlockFormat::Q4_1 => f16_at(block, 2),
+        BlockFormat::Q8_0 => 0.0,
+    };
+    (d, o)
+}
+
+/// Decodes a block's codes into `q`; returns `(d, o)` with `w = d·q + o`.
+pub fn decode(format: BlockFormat, block: &[u8], q: &mut [f32; BLOCK]) -> (f32, f32) {
+    let codes = &block[format.codes_offset()..format.block_bytes()];
+    match format {
+        BlockFormat::Q4_0 | BlockFormat::Q4_1 => {
+            // Element i is the low nibble of byte i, element i + 16 the high one.
+            for (i, &b) in codes.iter().enumerate() {
+                q[i] = f32::from(b & 0x0F);
+                q[i + 16] = f32::from(b >> 4);
+            }
+        }
+        BlockFormat::Q8_0 => {
+            for (q_k, &b) in q.iter_mut().zip(codes) {
+                *q_k = f32::from(b as i8);
+            }
+        }
+    }
+    scales(format, block)
+}
+
+/// See `Kernel::row_dot`.
+pub fn row_dot(args: RowArgs<'_>, res: &mut [f32]) {
+    let (format, n) = (args.format, res.len());
+    args.check(n);
+    let mut acc = [0f32; TILE];
+    let mut q = [0f32; BLOCK];
+    for (b, block) in args.blocks() {
+        // Decode once, use for every activation row of the tile.
+        let (d, o) = decode(format, block, &mut q);
+        for (i, acc_i) in acc[..n].iter_mut().enumerate() {
+            let dot: f32 = q.iter().zip(args.x_block(i, b)).map(|(q, x)| q * x).sum();
+            let offset = if format.has_offset() {
+                o * args.block_sum(i, b)
+            } else {
+                0.0
+            };
+            *acc_i += d * dot + offset;
+        }
+    }
+    res.copy_from_slice(&acc[..n]);
+}

@@ -1,0 +1,291 @@
+//! The kernels against candle's dequantisation and an f64 reference; in the browser too
+//! (`wasm-pack test`), where the simd128 kernel runs.
+
+use std::sync::Arc;
+
+use super::tiling::block_sums;
+use super::*;
+use candle_core::{Device, Tensor};
+#[cfg(target_arch = "wasm32")]
+use wasm_bindgen_test::wasm_bindgen_test as test;
+
+/// Deterministic pseudo-random values in [-1, 1).
+fn random(n: usize, seed: u64) -> Vec<f32> {
+    crate::test_rng::SplitMix64::new(seed).signed_f32s(n)
+}
+
+const FORMATS: [(BlockFormat, GgmlDType); 3] = [
+    (BlockFormat::Q4_0, GgmlDType::Q4_0),
+    (BlockFormat::Q4_1, GgmlDType::Q4_1),
+    (BlockFormat::Q8_0, GgmlDType::Q8_0),
+];
+
+/// A random matrix quantised by candle, with candle's dequantisation.
+fn quantized(
+    dtype: GgmlDType,
+    rows: usize,
+    cols: usize,
+    seed: u64,
+) -> (BlockMatrix, Vec<Vec<f32>>) {
+    let t = Tensor::from_vec(random(rows * cols, seed), (rows, cols), &Device::Cpu).unwrap();
+    let q = QTensor::quantize(&t, dtype).unwrap();
+    let w = BlockMatrix::from_qtensor(&q).expect("supported qtensor");
+    let deq = q
+        .dequantize(&Device::Cpu)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    (w, deq)
+}
+
+/// Checks `got` ([m, rows]) against an f64 reference on candle's dequantised weights.
+fn check_against_reference(got: &[f32], deq: &[Vec<f32>], x: &[f32], m: usize, what: &str) {
+    let (rows, cols) = (deq.len(), deq[0].len());
+    for i in 0..m {
+        for (j, w) in deq.iter().enumerate() {
+            let xi = &x[i * cols..(i + 1) * cols];
+            let want: f64 = w.iter().zip(xi).map(|(&w, &x)| w as f64 * x as f64).sum();
+            let scale: f64 = w
+                .iter()
+                .zip(xi)
+                .map(|(&w, &x)| (w as f64 * x as f64).abs())
+                .sum();
+            let g = got[i * rows + j] as f64;
+            assert!(
+                (g - want).abs() <= 1e-4 * (1.0 + scale),
+                "{what}: (i={i}, j={j}) got {g} want {want}"
+            );
+        }
+    }
+}
+
+#[test]
+fn dequantize_matches_candle() {
+    for (format, dtype) in FORMATS {
+        let (w, deq) = quantized(dtype, 5, 576, 1);
+        assert_eq!(w.format(), format);
+        assert_eq!((w.rows(), w.cols()), (5, 576));
+        let mut row = vec![0f32; 576];
+        for (j, want) in deq.iter().enumerate() {
+            w.dequantize_row(j, &mut row);
+            for (c, (&g, &e)) in row.iter().zip(want).enumerate() {
+                assert!(
+                    (g - e).abs() <= 1e-6 * (1.0 + e.abs()),
+                    "{format:?} ({j}, {c}): {g} vs {e}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn matmul_matches_f64_reference() {
+    for (format, dtype) in FORMATS {
+        for rows in [1, 7, 64, 300] {
+            for cols in [32, 576, 1536] {
+                let (w, deq) = quantized(dtype, rows, cols, (rows * cols) as u64);
+                for m in [1, 2, 3, 5, 17] {
+                    let x = random(m * cols, 7 + m as u64);
+                    let mut out = vec![f32::NAN; m * rows];
+                    w.matmul(&x, m, &mut out);
+                    let what = format!("{format:?} m={m} rows={rows} cols={cols}");
+                    check_against_reference(&out, &deq, &x, m, &what);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn simd_and_scalar_agree() {
+    let kernels = [Kernel::detect(), Kernel::Scalar];
+    for (format, dtype) in FORMATS {
+        let (w, deq) = quantized(dtype, 70, 576, 3);
+        for m in [1, 3, 4, 9] {
+            let x = random(m * 576, 11);
+            for kernel in kernels {
+                let mut out = vec![f32::NAN; m * 70];
+                w.matmul_with(kernel, &x, m, &mut out);
+                check_against_reference(&out, &deq, &x, m, &format!("{format:?} {kernel:?} m={m}"));
+            }
+            // Direct row-kernel comparison, independent of the tiling code.
+            let sums = block_sums(&x[..576], 576);
+            let (mut a, mut b) = ([0f32; 1], [0f32; 1]);
+            let args = RowArgs {
+                format,
+                row: w.row_bytes(5),
+                xs: &x[..576],
+                sums: &sums,
+                cols: 576,
+            };
+            Kernel::Scalar.row_dot(args, &mut a);
+            Kernel::detect().row_dot(args, &mut b);
+            assert!(
+                (a[0] - b[0]).abs() <= 1e-4 * (1.0 + a[0].abs()),
+                "{format:?}: {a:?} vs {b:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn simd_kernel_is_used_where_available() {
+    #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+    assert_eq!(Kernel::detect(), Kernel::Simd128);
+    #[cfg(target_arch = "x86_64")]
+    if avx512::available() {
+        assert_eq!(Kernel::detect(), Kernel::Avx512);
+    } else if avx2::available() {
+        assert_eq!(Kernel::detect(), Kernel::Avx2);
+    }
+}
+
+/// Every kernel this CPU runs, scalar first.
+fn kernels() -> Vec<Kernel> {
+    #[allow(unused_mut)]
+    let mut k = vec![Kernel::Scalar];
+    #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+    k.push(Kernel::Simd128);
+    #[cfg(target_arch = "x86_64")]
+    {
+        if avx2::available() {
+            k.push(Kernel::Avx2);
+        }
+        if avx512::available() {
+            k.push(Kernel::Avx512);
+        }
+    }
+    k
+}
+
+#[test]
+fn every_kernel_matches_scalar_and_reference_on_awkward_sizes() {
+    // Odd row counts (a lone last row after the pairs), row counts crossing ROW_BLOCK,
+    // one-block rows, and m leaving every partial tile (m % TILE = 1, 2, 3).
+    for (format, dtype) in FORMATS {
+        for (rows, cols) in [(1, 32), (2, 32), (3, 96), (17, 64), (65, 160), (131, 576)] {
+            let (w, deq) = quantized(dtype, rows, cols, (rows + 3 * cols) as u64);
+            for m in [1, 2, 3, 4, 5, 6, 7, 9] {
+                let x = random(m * cols, 100 + m as u64);
+                let mut want = vec![f32::NAN; m * rows];
+                w.matmul_with(Kernel::Scalar, &x, m, &mut want);
+                for kernel in kernels() {
+                    let mut out = vec![f32::NAN; m * rows];
+                    w.matmul_with(kernel, &x, m, &mut out);
+                    let what = format!("{format:?} {kernel:?} m={m} [{rows}, {cols}]");
+                    check_against_reference(&out, &deq, &x, m, &what);
+                    for (k, (&g, &e)) in out.iter().zip(&want).enumerate() {
+                        assert!(
+                            (g - e).abs() <= 1e-4 * (1.0 + e.abs()),
+                            "{what} at {k}: {g} vs scalar {e}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn rows_dot_one_and_two_rows_agree_with_row_dot() {
+    let cols = 224;
+    for (format, dtype) in FORMATS {
+        let (w, _) = quantized(dtype, 4, cols, 77);
+        for n in 1..=TILE {
+            let x = random(n * cols, 78 + n as u64);
+            let sums = block_sums(&x, cols);
+            for kernel in kernels() {
+                for pair in [&[1][..], &[2, 3][..]] {
+                    let rows: Vec<&[u8]> = pair.iter().map(|&j| w.row_bytes(j)).collect();
+                    let mut got = [[f32::NAN; TILE]; 2];
+                    kernel.rows_dot(format, &rows, &x, &sums, cols, n, &mut got);
+                    for (r, &j) in pair.iter().enumerate() {
+                        let mut want = [0f32; TILE];
+                        let row = w.row_bytes(j);
+                        let args = RowArgs {
+                            format,
+                            row,
+                            xs: &x,
+                            sums: &sums,
+                            cols,
+                        };
+                        Kernel::Scalar.row_dot(args, &mut want[..n]);
+                        for (g, e) in got[r][..n].iter().zip(&want[..n]) {
+                            assert!(
+                                (g - e).abs() <= 1e-4 * (1.0 + e.abs()),
+                                "{format:?} {kernel:?} n={n} row {j}: {g} vs {e}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn large_matrix_crosses_row_blocks_and_offset_groups() {
+    // Enough rows that a task spans several ROW_BLOCKs, and 65 blocks per row so the
+    // offset dot product crosses an OFFSET_GROUP boundary with a 1-block tail.
+    for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+        let (rows, cols, m) = (1100, 2080, 5);
+        let (w, deq) = quantized(dtype, rows, cols, 31);
+        let x = random(m * cols, 32);
+        let mut out = vec![f32::NAN; m * rows];
+        w.matmul(&x, m, &mut out);
+        check_against_reference(&out, &deq, &x, m, &format!("{dtype:?} large"));
+    }
+}
+
+#[test]
+fn concat_rows_equals_separate_matmuls() {
+    let (q, _) = quantized(GgmlDType::Q4_1, 64, 576, 21);
+    let (k, _) = quantized(GgmlDType::Q4_1, 32, 576, 22);
+    let (v, _) = quantized(GgmlDType::Q4_1, 17, 576, 23);
+    let qkv = BlockMatrix::concat_rows(&[&q, &k, &v]).unwrap();
+    assert_eq!(qkv.rows(), 113);
+    let m = 3;
+    let x = random(m * 576, 5);
+    let mut fused = vec![0f32; m * 113];
+    qkv.matmul(&x, m, &mut fused);
+    let mut start = 0;
+    for part in [&q, &k, &v] {
+        let mut out = vec![0f32; m * part.rows()];
+        part.matmul(&x, m, &mut out);
+        for i in 0..m {
+            let f = &fused[i * 113 + start..][..part.rows()];
+            assert_eq!(f, &out[i * part.rows()..][..part.rows()], "row {i}");
+        }
+        start += part.rows();
+    }
+    let (other, _) = quantized(GgmlDType::Q8_0, 4, 576, 1);
+    assert!(BlockMatrix::concat_rows(&[&q, &other]).is_none());
+    assert!(BlockMatrix::concat_rows(&[]).is_none());
+}
+
+#[test]
+fn custom_op_on_3d_input() {
+    let (w, _) = quantized(GgmlDType::Q8_0, 40, 64, 8);
+    let w = Arc::new(w);
+    let data = random(2 * 3 * 64, 9);
+    let x = Tensor::from_vec(data.clone(), (2, 3, 64), &Device::Cpu).unwrap();
+    let y = x.apply_op1(BlockMatMul(w.clone())).unwrap();
+    assert_eq!(y.dims(), &[2, 3, 40]);
+    let mut want = vec![0f32; 6 * 40];
+    w.matmul(&data, 6, &mut want);
+    assert_eq!(y.flatten_all().unwrap().to_vec1::<f32>().unwrap(), want);
+    // A non-contiguous input is refused rather than misread.
+    let xt = Tensor::from_vec(random(64 * 2, 1), (64, 2), &Device::Cpu)
+        .unwrap()
+        .t()
+        .unwrap();
+    assert!(xt.apply_op1(BlockMatMul(w)).is_err());
+}
+
+#[test]
+fn new_checks_sizes() {
+    assert!(BlockMatrix::new(BlockFormat::Q4_0, 2, 33, vec![]).is_err());
+    assert!(BlockMatrix::new(BlockFormat::Q4_0, 2, 32, vec![0; 35]).is_err());
+    assert!(BlockMatrix::new(BlockFormat::Q4_0, 2, 32, vec![0; 36]).is_ok());
+    assert_eq!(BlockFormat::from_ggml(GgmlDType::F32), None);
+}

@@ -1,0 +1,133 @@
+//! How one `matmul` is cut into work: row ranges as parallel tasks on candle's pool, and
+//! inside a task, row blocks that stay in cache while activation tiles pass over them.
+
+use std::ops::Range;
+
+use super::{BlockMatrix, Kernel, BLOCK, TILE};
+
+/// Weight rows per cache block inside a task: with large `m` the rows are revisited once per
+/// activation tile, so they should stay in L2 (64 rows × 1536 cols of Q8_0 is ~100 KB).
+const ROW_BLOCK: usize = 64;
+
+/// `out[i*rows + j] = Σ_c x[i*cols + c] · W[j, c]` on `kernel`; the caller has checked the
+/// slice lengths.
+pub(super) fn matmul(w: &BlockMatrix, kernel: Kernel, x: &[f32], m: usize, out: &mut [f32]) {
+    if m == 0 || w.rows == 0 {
+        return;
+    }
+    let sums = if kernel.needs_sums(w.format) {
+        block_sums(x, w.cols)
+    } else {
+        Vec::new()
+    };
+    let job = Job {
+        w,
+        x,
+        sums: &sums,
+        m,
+        kernel,
+    };
+    let chunk = rows_per_task(w.rows);
+    let out = OutPtr(out.as_mut_ptr());
+    // candle's own spinning pool, not rayon: candle's ops already keep its workers hot,
+    // and a second pool spinning beside it would steal the same cores.
+    candle_core::utils::barrier_pool().execute_chunked(w.rows.div_ceil(chunk), |tasks| {
+        for task in tasks {
+            let start = task * chunk;
+            let end = (start + chunk).min(w.rows);
+            // SAFETY: tasks get disjoint row ranges, `out` is [m, rows] and exclusively
+            // borrowed for the whole parallel loop (see `Job::run`).
+            unsafe { job.run(start..end, &out) };
+        }
+    });
+}
+
+/// Rows per task: several tasks per thread so uneven threads even out, but at least 16
+/// rows so the per-task overhead stays small.
+fn rows_per_task(rows: usize) -> usize {
+    let tasks = 4 * (candle_core::utils::barrier_pool().n_workers() + 1);
+    rows.div_ceil(tasks).max(16)
+}
+
+/// `Σx` over every 32-block of every activation row: `[m, cols/32]`.
+pub(super) fn block_sums(x: &[f32], cols: usize) -> Vec<f32> {
+    if cols == 0 {
+        return Vec::new();
+    }
+    x.chunks_exact(BLOCK).map(|b| b.iter().sum()).collect()
+}
+
+/// The output pointer shared by the tasks of one `matmul`.
+struct OutPtr(*mut f32);
+
+// SAFETY: tasks only write disjoint elements through it (their own output columns), and the
+// owning `&mut [f32]` outlives the parallel loop.
+unsafe impl Send for OutPtr {}
+// SAFETY: as above; it is never read through.
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// Writes `value` at `index`.
+    ///
+    /// # Safety
+    /// `index` is inside the output slice and no other thread touches that element.
+    unsafe fn write(&self, index: usize, value: f32) {
+        *self.0.add(index) = value;
+    }
+}
+
+/// Everything one `matmul` call shares between its tasks.
+struct Job<'a> {
+    w: &'a BlockMatrix,
+    x: &'a [f32],
+    /// `Σx` per block, `[m, cols/32]`; empty when the format has no offset term.
+    sums: &'a [f32],
+    m: usize,
+    kernel: Kernel,
+}
+
+impl Job<'_> {
+    /// Computes output columns `rows` for all `m` activation rows.
+    ///
+    /// # Safety
+    /// `out` points at an `[m, w.rows]` buffer and no other thread writes these columns.
+    unsafe fn run(&self, rows: Range<usize>, out: &OutPtr) {
+        let (cols, nb, n_rows) = (self.w.cols, self.w.blocks_per_row(), self.w.rows);
+        // Row blocks outside, activation tiles inside: a row block's weights stay in cache
+        // while every tile passes over them, and a tile of x stays in L1 across the rows.
+        for rb in rows.clone().step_by(ROW_BLOCK) {
+            let rb_end = (rb + ROW_BLOCK).min(rows.end);
+            for t0 in (0..self.m).step_by(TILE) {
+                let n = TILE.min(self.m - t0);
+                let xs = &self.x[t0 * cols..(t0 + n) * cols];
+                let sums = if self.sums.is_empty() {
+                    &[][..]
+                } else {
+                    &self.sums[t0 * nb..(t0 + n) * nb]
+                };
+                let mut j = rb;
+                while j < rb_end {
+                    // Two weight rows at a time where the kernel shares x loads between them.
+                    let r = if self.kernel.pairs_rows(self.w.format) && j + 1 < rb_end {
+                        2
+                    } else {
+                        1
+                    };
+                    let w = [self.w.row_bytes(j), self.w.row_bytes(j + r - 1)];
+                    let mut res = [[0f32; TILE]; 2];
+                    self.kernel
+                        .rows_dot(self.w.format, &w[..r], xs, sums, cols, n, &mut res);
+                    for (dj, res) in res[..r].iter().enumerate() {
+                        for (k, &v) in res[..n].iter().enumerate() {
+                            // SAFETY: (t0 + k) < m and j + dj < rows, so the index is inside
+                            // [m, rows]; the column belongs to this task only (caller's
+                            // contract).
+                            out.write((t0 + k) * n_rows + j + dj, v);
+                        }
+                    }
+                    j += r;
+                }
+            }
+        }
+    }
+}

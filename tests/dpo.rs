@@ -11,6 +11,19 @@ use std::collections::BTreeMap;
 use candle_core::quantized::GgmlDType;
 use common::*;
 
+/// A tiny random GGUF with a character tokenizer in a fresh directory: (dir, file).
+fn base_with_tokenizer(name: &str, seed: u64) -> (std::path::PathBuf, std::path::PathBuf) {
+    let cfg = TinyConfig::default();
+    let dir = temp_dir(name);
+    let path = dir.join("base.gguf");
+    TinyModel::random(&cfg, seed).write_gguf_with_tokens(
+        &path,
+        GgmlDType::F32,
+        Some(&char_vocabulary(cfg.vocab_size)),
+    );
+    (dir, path)
+}
+
 /// `logits --lora DIR` on both engines: base + the LoRA merged as the base's own row,
 /// against the f64 reference transformer of the merged weights; a scalar reward model or
 /// a non-adapter is refused as `--lora`.
@@ -99,13 +112,7 @@ fn logits_with_lora_match_the_merged_f64_reference() {
 #[test]
 fn eval_samples_policies_with_the_base_seeds() {
     let cfg = TinyConfig::default();
-    let dir = temp_dir("dpo-eval");
-    let path = dir.join("base.gguf");
-    TinyModel::random(&cfg, 55).write_gguf_with_tokens(
-        &path,
-        GgmlDType::F32,
-        Some(&char_vocabulary(cfg.vocab_size)),
-    );
+    let (dir, path) = base_with_tokenizer("dpo-eval", 55);
     let random = TinyLora::random(&cfg, 4, 8.0, &["q_proj", "v_proj", "down_proj"], 10);
     let mut zero = random.clone();
     for p in zero.pairs.values_mut() {
@@ -171,4 +178,62 @@ fn eval_samples_policies_with_the_base_seeds() {
         serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
     let text = summary.to_string();
     assert!(text.contains(&format!("dpo:{}", s(&random_dir))), "{text}");
+}
+
+/// The CLI end to end: `train --loss dpo --beta B` writes a policy, `--arm` refuses it,
+/// `generate --lora` decodes with it, and DPO refuses `--full`.
+#[test]
+fn cli_trains_a_policy_and_decodes_with_it() {
+    let (dir, base) = base_with_tokenizer("dpo-cli", 56);
+    let data = dir.join("pairs.jsonl");
+    let lines: Vec<String> = (0..12)
+        .map(|i| {
+            let prompt = ["a", "b", "c"][i % 3];
+            format!(r#"{{"prompt": "say {prompt}", "chosen": "yes", "rejected": "no {i}"}}"#)
+        })
+        .collect();
+    std::fs::write(&data, lines.join("\n")).unwrap();
+    let out = dir.join("policy");
+    let s = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    let (b, d, o) = (s(&base), s(&data), s(&out));
+    let train = |extra: &[&str]| {
+        let mut args = vec!["train", "--model", &b, "--data", &d, "--out", &o];
+        args.extend_from_slice(extra);
+        genarm(&args)
+    };
+    assert_clean_error(&train(&["--loss", "dpo", "--full"]), "--loss dpo");
+    let run = train(&[
+        "--loss",
+        "dpo",
+        "--beta",
+        "0.3",
+        "--batch-size",
+        "4",
+        "--max-steps",
+        "2",
+        "--overwrite",
+    ]);
+    assert!(run.status.success(), "train failed: {}", stderr(&run));
+    let info: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("genarm.json")).unwrap()).unwrap();
+    assert_eq!(info["kind"], "policy");
+    assert_eq!(info["dpo_beta"], 0.3);
+
+    let generate = |flag: &str| {
+        genarm(&[
+            "generate",
+            "--model",
+            &b,
+            flag,
+            &o,
+            "--prompt",
+            "say a",
+            "--max-new-tokens",
+            "4",
+            "--json",
+        ])
+    };
+    assert_clean_error(&generate("--arm"), "--lora");
+    let g = json(&generate("--lora"));
+    assert_eq!(g["tokens"].as_array().unwrap().len(), 4);
 }

@@ -72,7 +72,7 @@ pub fn plan_arm(path: &Path, base: &Path, device: &Device) -> Result<(PathBuf, A
         if adapter.info.is_policy() {
             return Err(Error::Incompatible {
                 arm: path.display().to_string(),
-                message: "this is a policy (`genarm train --objective dpo`), not an ARM; \
+                message: "this is a policy (`genarm train --loss dpo`), not an ARM; \
                           decode with it by `--lora`"
                     .into(),
             });

@@ -32,7 +32,7 @@ pub enum AdapterKind {
     Arm,
     /// A scalar (trajectory-level) reward model: LoRA + `score_head.safetensors`.
     ScalarRewardModel,
-    /// A policy (`genarm train --objective dpo`): the base + this LoRA is the model that
+    /// A policy (`genarm train --loss dpo`): the base + this LoRA is the model that
     /// decodes (`--lora`), not a reward to guide it with.
     Policy,
 }

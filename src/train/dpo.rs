@@ -14,7 +14,7 @@
 //! pair by its log-ratios, and its loss, accuracy (DPO's implicit-reward accuracy) and
 //! evaluation are shared.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use candle_core::{DType, Tensor};
 
@@ -51,12 +51,12 @@ impl ReferenceLogprobs {
         pairs: &[&TokenizedPair],
         chunk: usize,
     ) -> Result<()> {
-        let mut missing: Vec<&TokenizedPair> = Vec::new();
-        for &p in pairs {
-            if !self.by_pair.contains_key(p) && !missing.contains(&p) {
-                missing.push(p);
-            }
-        }
+        let mut seen = HashSet::new();
+        let missing: Vec<&TokenizedPair> = pairs
+            .iter()
+            .copied()
+            .filter(|&p| !self.by_pair.contains_key(p) && seen.insert(p))
+            .collect();
         for group in missing.chunks(chunk.max(1)) {
             let (seqs, starts) = pair_sequences(group);
             let lp = arm

@@ -358,7 +358,7 @@ impl Trainer {
             && (config.full || config.scalar_head || config.sft_weight > 0.0)
         {
             return Err(Error::Request(
-                "--objective dpo trains a LoRA policy: not with --full, --scalar-head or \
+                "--loss dpo trains a LoRA policy: not with --full, --scalar-head or \
                  --sft-weight"
                     .into(),
             ));

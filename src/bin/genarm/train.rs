@@ -42,7 +42,7 @@ pub struct TrainArgs {
     /// the words saying what the model prefers.)
     #[arg(long, default_value = "genarm", value_parser = ["genarm", "dpo"])]
     pub loss: String,
-    /// β_r of the loss −log σ(β_r·(Σ log π(y_w) − Σ log π(y_l)) − γ) (with --objective dpo,
+    /// β_r of the loss −log σ(β_r·(Σ log π(y_w) − Σ log π(y_l)) − γ) (with --loss dpo,
     /// DPO's β), > 0.
     #[arg(long, visible_alias = "beta", default_value_t = 0.05, value_parser = finite_positive)]
     pub beta_r: f64,

@@ -713,7 +713,9 @@ impl Session {
             .map(|(path, plan)| ArmOut {
                 name: plan.label(path),
                 objective: match plan {
-                    ArmPlan::SharedLora(a) | ArmPlan::LoraOn(a, _) => a.info.objective.clone(),
+                    ArmPlan::SharedLora(a) | ArmPlan::LoraOn(a, _) | ArmPlan::Policy(a) => {
+                        a.info.objective.clone()
+                    }
                     ArmPlan::Full(_) => None,
                 },
             })

@@ -1,20 +1,23 @@
 //! ARM training on tiny random models: the loss against a direct f64 computation,
 //! LoRA gradients against finite differences, learning a synthetic preference,
 //! resuming, and the saved adapter reloading with the same log-probabilities; the same
-//! for full fine-tuning (`--full`), whose output is an HF model directory.
+//! for full fine-tuning (`--full`), whose output is an HF model directory; and DPO
+//! (`--loss dpo`), whose output is a policy.
 #![cfg(not(target_arch = "wasm32"))]
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 use common::*;
 use genarm::cpu::CpuEngine;
+use genarm::model::arm_plan::plan_arm;
 use genarm::model::Checkpoint;
 use genarm::train::data::TokenizedPair;
-use genarm::train::loss::{genarm_loss, genarm_loss_f64};
+use genarm::train::loss::{dpo_loss_f64, genarm_loss, genarm_loss_f64, Objective};
 use genarm::train::trainer::{split_pairs, ArmLabel, TrainConfig, Trainer};
 use genarm::{generate, Engine, GenerateOptions, SamplingParams};
 
@@ -625,5 +628,204 @@ fn cli_full_trains_and_rejects_lora_flags() {
             help.contains(needle),
             "train --help lacks {needle:?}:\n{help}"
         );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// DPO (`--loss dpo`): the policy's loss against the f64 reference transformer (policy =
+// base + the LoRA merged, reference = the base), log 2 before any update, gradients,
+// resume, and the saved policy refused as an ARM.
+// ---------------------------------------------------------------------------
+
+fn dpo_config(beta: f64) -> TrainConfig {
+    TrainConfig {
+        objective: Objective::Dpo,
+        beta_r: beta,
+        ..tiny_train_config(usize::MAX)
+    }
+}
+
+/// The trainer's LoRA as a `TinyLora`, to merge into the f64 reference model.
+fn trained_lora(t: &mut Trainer, cfg: &TrainConfig) -> TinyLora {
+    let mut pairs = BTreeMap::new();
+    for l in t.arm().lora_vars() {
+        let flat = |v: &candle_core::Var| {
+            v.as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_dtype(DType::F64)
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap()
+        };
+        let (out, r) = l.b.as_tensor().dims2().unwrap();
+        let (_, inp) = l.a.as_tensor().dims2().unwrap();
+        assert_eq!(r, cfg.lora_rank);
+        let pair = LoraPair {
+            in_features: inp,
+            out_features: out,
+            a: flat(&l.a),
+            b: flat(&l.b),
+        };
+        pairs.insert(l.module.clone(), pair);
+    }
+    TinyLora {
+        r: cfg.lora_rank,
+        alpha: cfg.lora_alpha,
+        targets: cfg.lora_targets.clone(),
+        pairs,
+    }
+}
+
+fn dpo_loss_of(t: &mut Trainer, refs: &[&TokenizedPair]) -> Tensor {
+    let (c, r) = t.pair_scores(refs, None).unwrap();
+    t.pair_loss(refs, &c, &r).unwrap()
+}
+
+#[test]
+fn dpo_loss_is_log_2_at_start_and_matches_f64() {
+    let (path, model) = tiny_base("dpo-loss", 50);
+    let base = Checkpoint::open(&path).unwrap();
+    let pairs = [
+        pair(&[1, 2, 3], &[4, 5, 6, 7], &[8, 9]),
+        pair(&[10, 20], &[30], &[40, 41, 42, 43, 44]),
+        pair(&[7], &[11, 12], &[13, 14, 15]),
+    ];
+    let refs: Vec<&TokenizedPair> = pairs.iter().collect();
+    let beta = 0.4;
+    let cfg = dpo_config(beta);
+    let out = temp_dir("dpo-loss-out");
+    let mut t =
+        Trainer::with_dtype(&base, cfg.clone(), &out, 32, DType::F64, &Device::Cpu).unwrap();
+    // B = 0: the policy is the reference, every log-ratio 0, the loss log 2.
+    let start = dpo_loss_of(&mut t, &refs).to_scalar::<f64>().unwrap();
+    assert!(
+        (start - std::f64::consts::LN_2).abs() < 1e-12,
+        "loss before any update {start}, want log 2"
+    );
+    assert_eq!(t.reference().len(), pairs.len());
+
+    randomised_lora_vars(&mut t, 1);
+    let loss = dpo_loss_of(&mut t, &refs).to_scalar::<f64>().unwrap();
+    let policy = model.with_lora_merged(&trained_lora(&mut t, &cfg));
+    let mut want = 0.0;
+    for p in &pairs {
+        let reference = [
+            sum_reference(&model, &p.prompt, &p.chosen),
+            sum_reference(&model, &p.prompt, &p.rejected),
+        ];
+        // The stored reference is the frozen base, whatever the LoRA is now.
+        let stored = t.reference().get(p).unwrap();
+        for k in 0..2 {
+            assert!(
+                (stored[k] - reference[k]).abs() < 1e-6,
+                "reference {stored:?} vs f64 {reference:?}"
+            );
+        }
+        let pol = [
+            sum_reference(&policy, &p.prompt, &p.chosen),
+            sum_reference(&policy, &p.prompt, &p.rejected),
+        ];
+        want += dpo_loss_f64(pol, reference, beta) / pairs.len() as f64;
+    }
+    assert!(
+        (loss - std::f64::consts::LN_2).abs() > 1e-3,
+        "random B leaves the loss at {loss}"
+    );
+    assert!((loss - want).abs() < 1e-6, "loss {loss} vs f64 {want}");
+}
+
+#[test]
+fn dpo_gradients_match_finite_differences() {
+    let (path, _) = tiny_base("dpo-grad", 51);
+    let base = Checkpoint::open(&path).unwrap();
+    let pairs = [
+        pair(&[1, 2, 3], &[4, 5, 6], &[7, 8]),
+        pair(&[9], &[10, 11], &[12]),
+    ];
+    let refs: Vec<&TokenizedPair> = pairs.iter().collect();
+    let cfg = TrainConfig {
+        lora_layers: 2,
+        ..dpo_config(0.7)
+    };
+    let out = temp_dir("dpo-grad-out");
+    let mut t = Trainer::with_dtype(&base, cfg, &out, 32, DType::F64, &Device::Cpu).unwrap();
+    // The reference first, from the base (B = 0), then a policy away from it.
+    dpo_loss_of(&mut t, &refs);
+    let vars = randomised_lora_vars(&mut t, 3);
+    let grads = dpo_loss_of(&mut t, &refs).backward().unwrap();
+    let checked = assert_gradients_match_finite_differences(&vars, &grads, &mut || {
+        dpo_loss_of(&mut t, &refs).to_scalar::<f64>().unwrap()
+    });
+    assert!(checked >= 12);
+}
+
+/// Trains straight through and again killed after 7 steps then resumed by a new trainer
+/// (which recomputes the reference): the same policy; the first logged loss is log 2;
+/// `genarm.json` says it is a policy, and it is refused as an ARM.
+#[test]
+fn dpo_resumes_and_saves_a_policy() {
+    let cfg = TrainConfig {
+        lr: 5e-3,
+        epochs: 2,
+        lora_dropout: 0.1,
+        checkpoint_every: 3,
+        ..dpo_config(0.5)
+    };
+    let saved = "adapter_model.safetensors";
+    let out = assert_resume_equals_uninterrupted("dpo-resume", 52, cfg, saved);
+    let log = std::fs::read_to_string(out.join("train_log.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let first_loss = lines[0]["loss"].as_f64().unwrap();
+    // f32 training: the policy's and the reference's sums agree to rounding.
+    assert!(
+        (first_loss - std::f64::consts::LN_2).abs() < 1e-5,
+        "first step's loss {first_loss}, want log 2"
+    );
+    let accuracy = lines.last().unwrap()["eval_accuracy"].as_f64().unwrap();
+    assert!(
+        accuracy > 0.6,
+        "held-out implicit-reward accuracy {accuracy}"
+    );
+
+    let info: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("genarm.json")).unwrap()).unwrap();
+    assert_eq!(info["kind"], "policy");
+    assert_eq!(info["dpo_beta"], 0.5);
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("adapter_config.json")).unwrap()).unwrap();
+    let base = PathBuf::from(config["base_model_name_or_path"].as_str().unwrap());
+    let err = plan_arm(&out, &base, &Device::Cpu)
+        .err()
+        .expect("a policy is not an ARM");
+    assert!(err.to_string().contains("--lora"), "{err}");
+}
+
+#[test]
+fn dpo_refuses_settings_it_does_not_support() {
+    let (path, _) = tiny_base("dpo-refuse", 53);
+    let base = Checkpoint::open(&path).unwrap();
+    let out = temp_dir("dpo-refuse-out");
+    for bad in [
+        TrainConfig {
+            full: true,
+            ..dpo_config(0.1)
+        },
+        TrainConfig {
+            scalar_head: true,
+            ..dpo_config(0.1)
+        },
+        TrainConfig {
+            sft_weight: 0.5,
+            ..dpo_config(0.1)
+        },
+    ] {
+        let err = Trainer::new(&base, bad, &out, 32, &Device::Cpu)
+            .err()
+            .expect("refused");
+        assert!(err.to_string().contains("dpo"), "{err}");
     }
 }

@@ -42,7 +42,8 @@ impl ArmRewardModel {
             let (path, plan) = plan_arm(&spec.path, base, device)?;
             let name = path.display().to_string();
             let model = match &plan {
-                ArmPlan::SharedLora(a) => Llama::load(
+                // `plan_arm` never yields a policy; as a reward it would be a shared LoRA.
+                ArmPlan::SharedLora(a) | ArmPlan::Policy(a) => Llama::load(
                     base_ckpt.source.as_ref(),
                     &base_ckpt.config,
                     &[Some(a)],

@@ -3,10 +3,13 @@
 //!   reward model (or the ARMs' trajectory reward) ranks highest;
 //! - **ARGS** (`args:K:W`, Khanov et al. 2024, greedy variant): each step the base's
 //!   top-K tokens, each partial response scored by the scalar reward model, the token
-//!   maximising `log π_base + W · r` taken.
+//!   maximising `log π_base + W · r` taken;
+//! - **a trained policy** (`dpo:DIR`, e.g. `genarm train --loss dpo`): plain sampling
+//!   from base + that LoRA, with the base sample's seed.
 //!
 //! Each response records its cost (`cost`): forward passes per model and seconds.
 
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use web_time::Instant;
@@ -121,12 +124,83 @@ impl FromStr for BaselineSpec {
             },
             _ => {
                 return Err(format!(
-                    "unknown baseline `{s}` (bon:N, bon-rm:N, bon-arm:N, args:W or args:K:W)"
-                ))
+                "unknown baseline `{s}` (bon:N, bon-rm:N, bon-arm:N, args:W, args:K:W or dpo:DIR)"
+            ))
             }
         };
         Ok(Self { kind })
     }
+}
+
+/// A `--baseline` of `genarm eval`: a decoding-time method on the base, or a trained
+/// policy to sample from.
+#[derive(Clone, Debug, PartialEq)]
+pub enum BaselineArg {
+    Decoding(BaselineSpec),
+    /// `dpo:DIR`: a policy LoRA directory (`genarm train --loss dpo`).
+    Policy(PathBuf),
+}
+
+impl FromStr for BaselineArg {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.strip_prefix("dpo:") {
+            Some("") => Err("dpo:DIR needs the policy's directory".into()),
+            Some(dir) => Ok(Self::Policy(dir.into())),
+            None => s.parse().map(Self::Decoding),
+        }
+    }
+}
+
+/// The summary row of the policy in `dir`: `dpo:DIR`, decoded with no ARM.
+pub fn policy_setting(dir: &Path, n_arms: usize) -> Setting {
+    Setting {
+        method: format!("dpo:{}", dir.display()),
+        alphas: vec![0.0; n_arms],
+    }
+}
+
+/// Samples every prompt and seed of `spec` from `policy` (base + a policy LoRA, no
+/// ARMs) exactly as the sweep samples the base: the same seeds, options and scorers.
+/// Records are numbered `setting` and carry `setting_row`'s method.
+#[allow(clippy::too_many_arguments)]
+pub fn run_policy(
+    policy: &mut dyn Engine,
+    tokenizer: &TextTokenizer,
+    eos_ids: &[u32],
+    prompts: &[String],
+    scorers: &[Box<dyn Scorer>],
+    spec: &SweepSpec,
+    (setting, setting_row): (usize, &Setting),
+    on_sample: &mut dyn FnMut(&SampleRecord),
+) -> Result<Vec<SampleRecord>> {
+    let mut records = Vec::new();
+    for (pi, line) in prompts.iter().enumerate() {
+        let ids = tokenizer.encode_prompt(&spec.template.replace("{}", line), spec.chat, None)?;
+        for k in 0..spec.samples {
+            let seed = sample_seed(spec.seed, k, pi);
+            // One candidate: candidate 0 of a pool is sampled with the base sample's seed.
+            let c =
+                sample_candidates(policy, tokenizer, &ids, 1, seed, spec, eos_ids)?.swap_remove(0);
+            let rec = SampleRecord {
+                setting,
+                method: setting_row.method.clone(),
+                alphas: setting_row.alphas.clone(),
+                prompt_index: pi,
+                seed,
+                scores: score_all(scorers, &c.text, c.tokens.len(), c.complete),
+                text: c.text,
+                tokens: c.tokens.len(),
+                complete: c.complete,
+                seconds: c.cost.seconds,
+                forward_passes: c.cost.passes,
+            };
+            on_sample(&rec);
+            records.push(rec);
+        }
+    }
+    Ok(records)
 }
 
 /// The baselines the specs ask for, given which ranking models exist; each named once.

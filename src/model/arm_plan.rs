@@ -23,6 +23,9 @@ pub enum ArmPlan {
     LoraOn(LoraAdapter, Checkpoint),
     /// A checkpoint of its own.
     Full(Checkpoint),
+    /// Not an ARM: a policy LoRA on the base's own weights (`--lora`, e.g. a DPO
+    /// policy), merged into the base's own row; ARMs then guide base + this LoRA.
+    Policy(LoraAdapter),
 }
 
 impl ArmPlan {
@@ -30,7 +33,9 @@ impl ArmPlan {
     /// model's directory), the adapter directory or the file stem.
     pub fn label(&self, path: &Path) -> String {
         match self {
-            Self::SharedLora(adapter) | Self::LoraOn(adapter, _) => adapter.label(),
+            Self::SharedLora(adapter) | Self::LoraOn(adapter, _) | Self::Policy(adapter) => {
+                adapter.label()
+            }
             Self::Full(_) => full_info(path)
                 .and_then(|info| info.name)
                 .unwrap_or_else(|| file_label(path)),
@@ -64,6 +69,14 @@ pub fn plan_arm(path: &Path, base: &Path, device: &Device) -> Result<(PathBuf, A
                     .into(),
             });
         }
+        if adapter.info.is_policy() {
+            return Err(Error::Incompatible {
+                arm: path.display().to_string(),
+                message: "this is a policy (`genarm train --loss dpo`), not an ARM; \
+                          decode with it by `--lora`"
+                    .into(),
+            });
+        }
         match lora_own_base(&adapter, base)? {
             Some(ckpt) => ArmPlan::LoraOn(adapter, ckpt),
             None => ArmPlan::SharedLora(adapter),
@@ -72,6 +85,33 @@ pub fn plan_arm(path: &Path, base: &Path, device: &Device) -> Result<(PathBuf, A
         ArmPlan::Full(Checkpoint::open(path)?)
     };
     Ok((path.into(), plan))
+}
+
+/// Opens `path` as the policy LoRA the base decodes with (`--lora`): any LoRA adapter on
+/// the base's own weights, not a scalar reward model.
+pub fn plan_policy(path: &Path, base: &Path, device: &Device) -> Result<(PathBuf, ArmPlan)> {
+    let refuse = |message: &str| Error::Incompatible {
+        arm: path.display().to_string(),
+        message: message.into(),
+    };
+    if !LoraAdapter::is_adapter_dir(path) {
+        return Err(refuse(
+            "--lora takes a PEFT LoRA directory (adapter_config.json + adapter_model.safetensors)",
+        ));
+    }
+    let adapter = LoraAdapter::open(path, device)?;
+    if adapter.info.is_scalar_reward_model() {
+        return Err(refuse(
+            "this is a scalar reward model, not a policy; pass it to `genarm eval --reward-model`",
+        ));
+    }
+    if lora_own_base(&adapter, base)?.is_some() {
+        return Err(refuse(
+            "its base_model_name_or_path names another checkpoint; a policy LoRA must be \
+             trained on the --model base",
+        ));
+    }
+    Ok((path.into(), ArmPlan::Policy(adapter)))
 }
 
 /// Where a model's outputs come from: a group of models that read the same weights
@@ -86,7 +126,8 @@ pub struct Slot {
 /// base with one extra row per LoRA on its own weights; every other ARM is a group of
 /// its own with one row.
 pub struct ArmGroups<'a> {
-    /// Group 0's rows: `None` (the base itself), then each shared-weight LoRA.
+    /// Group 0's rows: the base itself (`None`, or the policy LoRA it decodes with), then
+    /// each shared-weight LoRA.
     pub base_rows: Vec<Option<&'a LoraAdapter>>,
     /// Groups 1.., in ARM order: each own-weight ARM's checkpoint and its LoRA, if any.
     pub own: Vec<(&'a Checkpoint, Option<&'a LoraAdapter>)>,
@@ -96,8 +137,9 @@ pub struct ArmGroups<'a> {
     pub labels: Vec<String>,
 }
 
-/// Groups `plans` (from [`plan_arm`]) around `base`, checking that every own-weight ARM
-/// scores the base's tokens.
+/// Groups `plans` (from [`plan_arm`], and at most one from [`plan_policy`]) around
+/// `base`, checking that every own-weight ARM scores the base's tokens. A policy takes
+/// group 0's row 0 and is no ARM (no slot, no label).
 pub fn group_arms<'a>(base: &Checkpoint, plans: &'a [(PathBuf, ArmPlan)]) -> Result<ArmGroups<'a>> {
     let mut groups = ArmGroups {
         base_rows: vec![None],
@@ -106,6 +148,13 @@ pub fn group_arms<'a>(base: &Checkpoint, plans: &'a [(PathBuf, ArmPlan)]) -> Res
         labels: Vec::with_capacity(plans.len()),
     };
     for (path, plan) in plans {
+        if let ArmPlan::Policy(adapter) = plan {
+            if groups.base_rows[0].is_some() {
+                return Err(Error::Request("at most one --lora policy".into()));
+            }
+            groups.base_rows[0] = Some(adapter);
+            continue;
+        }
         groups.labels.push(plan.label(path));
         let (ckpt, adapter) = match plan {
             ArmPlan::SharedLora(adapter) => {
@@ -118,6 +167,8 @@ pub fn group_arms<'a>(base: &Checkpoint, plans: &'a [(PathBuf, ArmPlan)]) -> Res
             }
             ArmPlan::LoraOn(adapter, ckpt) => (ckpt, Some(adapter)),
             ArmPlan::Full(ckpt) => (ckpt, None),
+            // Taken as row 0 above.
+            ArmPlan::Policy(_) => continue,
         };
         check_compatible(base, ckpt, &path.display().to_string())?;
         groups.own.push((ckpt, adapter));

@@ -32,6 +32,9 @@ pub enum AdapterKind {
     Arm,
     /// A scalar (trajectory-level) reward model: LoRA + `score_head.safetensors`.
     ScalarRewardModel,
+    /// A policy (`genarm train --loss dpo`): the base + this LoRA is the model that
+    /// decodes (`--lora`), not a reward to guide it with.
+    Policy,
 }
 
 impl AdapterKind {
@@ -249,7 +252,8 @@ pub struct ArmInfo {
     pub objective: Option<String>,
     #[serde(default)]
     pub beta_r: Option<f64>,
-    /// `"scalar_reward_model"` for a reward model (not usable as an ARM); absent for ARMs.
+    /// `"scalar_reward_model"` for a reward model, `"policy"` for a DPO policy (neither
+    /// usable as an ARM); absent for ARMs.
     #[serde(default, skip_serializing_if = "AdapterKind::is_arm")]
     pub kind: AdapterKind,
 }
@@ -257,6 +261,10 @@ pub struct ArmInfo {
 impl ArmInfo {
     pub fn is_scalar_reward_model(&self) -> bool {
         self.kind == AdapterKind::ScalarRewardModel
+    }
+
+    pub fn is_policy(&self) -> bool {
+        self.kind == AdapterKind::Policy
     }
 }
 

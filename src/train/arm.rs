@@ -111,6 +111,9 @@ pub struct TrainableArm {
     /// forward pass uses the vars' own tensors, so an update is seen at once.
     full: Vec<(String, Var)>,
     tuning: Tuning,
+    /// While set, the LoRA deltas are left out: the forward pass is the frozen base's
+    /// (DPO's reference model, with no second copy of the weights).
+    lora_off: bool,
     cos: Tensor,
     sin: Tensor,
     dtype: DType,
@@ -237,6 +240,7 @@ impl TrainableArm {
             lora,
             full,
             tuning: tuning.clone(),
+            lora_off: false,
             cos,
             sin,
             dtype,
@@ -325,6 +329,25 @@ impl TrainableArm {
         }
         let sel = Tensor::from_vec(sel, (n, m), &self.device)?.to_dtype(self.dtype)?;
         Ok(sel.matmul(&token_lp.unsqueeze(1)?)?.squeeze(1)?)
+    }
+
+    /// [`Self::response_logprobs`] of the frozen base: the LoRA deltas left out, no
+    /// dropout, no gradient (DPO's reference log-probs, valid at any point of training).
+    /// Meaningless for full fine-tuning, whose weights are the trained ones: an error.
+    pub fn base_response_logprobs(
+        &mut self,
+        seqs: &[Vec<u32>],
+        starts: &[usize],
+    ) -> Result<Tensor> {
+        if !matches!(self.tuning, Tuning::Lora(_)) {
+            return Err(Error::Request(
+                "the frozen base's log-probs need LoRA training (not --full)".into(),
+            ));
+        }
+        self.lora_off = true;
+        let lp = self.response_logprobs(seqs, starts, None);
+        self.lora_off = false;
+        Ok(lp?.detach())
     }
 
     /// Hidden states after the final norm, `[n, t_max, hidden]`, for sequences
@@ -440,7 +463,7 @@ impl TrainableArm {
         if let Some(b) = &l.bias {
             y = y.broadcast_add(b)?;
         }
-        if let (Some(vars), Tuning::Lora(spec)) = (&l.lora, &self.tuning) {
+        if let (Some(vars), Tuning::Lora(spec), false) = (&l.lora, &self.tuning, self.lora_off) {
             let input = match key {
                 Some((k, slot)) if spec.dropout > 0.0 => self.dropout(x, spec.dropout, k, slot)?,
                 _ => x.clone(),

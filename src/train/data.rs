@@ -504,7 +504,7 @@ fn split_answer<'a>(
 }
 
 /// A pair as token ids. `chosen` and `rejected` continue `prompt`.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct TokenizedPair {
     pub prompt: Vec<u32>,
     pub chosen: Vec<u32>,

@@ -14,9 +14,10 @@ use web_time::Instant;
 
 use super::arm::{DropoutKey, LoraSpec, TrainableArm, Tuning};
 use super::data::TokenizedPair;
+use super::dpo::{pair_sequences, ReferenceLogprobs};
 use super::loss::{
     bradley_terry_loss, bradley_terry_loss_f64, genarm_loss, genarm_loss_f64, sft_term,
-    sft_term_f64,
+    sft_term_f64, Objective,
 };
 use super::optim::{accumulate, clip_grad_norm, collect_grads, learning_rate, AdamW, Schedule};
 use super::score_head::ScoreHead;
@@ -66,6 +67,10 @@ pub struct TrainConfig {
     /// λ of the anchor term `λ·(−Σ log π(y_w) / |y_w|)` added to the GenARM loss (0: off).
     #[serde(default)]
     pub sft_weight: f64,
+    /// An ARM (GenARM loss) or, with [`Objective::Dpo`], a DPO policy: `beta_r` is then
+    /// DPO's β and `gamma` a margin inside the sigmoid, as for an ARM.
+    #[serde(default)]
+    pub objective: Objective,
 }
 
 impl TrainConfig {
@@ -169,6 +174,7 @@ impl Default for TrainConfig {
             full: false,
             train_head: false,
             sft_weight: 0.0,
+            objective: Objective::Genarm,
         }
     }
 }
@@ -297,6 +303,8 @@ pub struct Trainer {
     pub save_dtype: DType,
     /// The model and data, recorded in checkpoints and checked on resume when set.
     pub inputs: Option<RunInputs>,
+    /// DPO's reference log-probs of the pairs seen (empty for an ARM).
+    reference: ReferenceLogprobs,
 }
 
 impl Trainer {
@@ -346,6 +354,15 @@ impl Trainer {
                 "--sft-weight anchors an ARM's log-probs; a scalar reward model has none".into(),
             ));
         }
+        if config.objective == Objective::Dpo
+            && (config.full || config.scalar_head || config.sft_weight > 0.0)
+        {
+            return Err(Error::Request(
+                "--loss dpo trains a LoRA policy: not with --full, --scalar-head or \
+                 --sft-weight"
+                    .into(),
+            ));
+        }
         if config.train_head && !config.full {
             return Err(Error::Request(
                 "training the LM head needs full fine-tuning (--full)".into(),
@@ -379,6 +396,7 @@ impl Trainer {
             base_path: base.path.clone(),
             save_dtype: DType::F32,
             inputs: None,
+            reference: ReferenceLogprobs::default(),
         })
     }
 
@@ -399,13 +417,26 @@ impl Trainer {
         vars
     }
 
+    /// DPO's reference log-probs, computed so far.
+    pub fn reference(&self) -> &ReferenceLogprobs {
+        &self.reference
+    }
+
     /// What the loss compares for a slice of pairs, (chosen, rejected): summed response
-    /// log-probs for an ARM, scalar rewards `r(x, y)` for a reward model.
+    /// log-probs for an ARM, their log-ratios to the frozen base for a DPO policy (the
+    /// reference computed on first sight of a pair), scalar rewards `r(x, y)` for a
+    /// reward model.
     pub fn pair_scores(
         &mut self,
         pairs: &[&TokenizedPair],
         dropout: Option<DropoutKey>,
     ) -> Result<(Tensor, Tensor)> {
+        if self.config.objective == Objective::Dpo {
+            self.reference
+                .extend(&mut self.arm, pairs, self.config.micro_batch)?;
+            let (c, r) = self.pair_logprobs(pairs, dropout)?;
+            return self.reference.log_ratios(pairs, &c, &r);
+        }
         if self.head.is_none() {
             return self.pair_logprobs(pairs, dropout);
         }
@@ -468,16 +499,7 @@ impl Trainer {
         pairs: &[&TokenizedPair],
         dropout: Option<DropoutKey>,
     ) -> Result<(Tensor, Tensor)> {
-        let mut seqs = Vec::with_capacity(2 * pairs.len());
-        let mut starts = Vec::with_capacity(2 * pairs.len());
-        for p in pairs {
-            for resp in [&p.chosen, &p.rejected] {
-                let mut s = p.prompt.clone();
-                s.extend_from_slice(resp);
-                seqs.push(s);
-                starts.push(p.prompt.len());
-            }
-        }
+        let (seqs, starts) = pair_sequences(pairs);
         let lp = self.arm.response_logprobs(&seqs, &starts, dropout)?;
         let n = pairs.len();
         let lp = lp.reshape((n, 2))?;
@@ -539,6 +561,13 @@ impl Trainer {
             self.truncate_log(start_step)?;
         } else {
             let _ = std::fs::remove_file(self.out.join(LOG));
+        }
+        if cfg.objective == Objective::Dpo {
+            // The reference once per pair before the first step (a resumed run computes
+            // the same values again: the base is frozen and checked unchanged).
+            let all: Vec<&TokenizedPair> = train.iter().chain(eval).collect();
+            self.reference
+                .extend(&mut self.arm, &all, cfg.micro_batch)?;
         }
         let mut final_eval = None;
         let stop_at = max_steps.map_or(total_steps, |m| m.min(total_steps));
@@ -724,17 +753,21 @@ impl Trainer {
 
     fn write_info(&self, label: &ArmLabel, base_model: Option<String>) -> Result<()> {
         let cfg = &self.config;
+        let kind = match (cfg.objective, cfg.scalar_head) {
+            (Objective::Dpo, _) => AdapterKind::Policy,
+            (Objective::Genarm, true) => AdapterKind::ScalarRewardModel,
+            (Objective::Genarm, false) => AdapterKind::Arm,
+        };
         let info = ArmInfo {
             name: label.name.clone(),
             objective: label.objective.clone(),
-            beta_r: (!cfg.scalar_head).then_some(cfg.beta_r),
-            kind: if cfg.scalar_head {
-                AdapterKind::ScalarRewardModel
-            } else {
-                AdapterKind::Arm
-            },
+            beta_r: (kind == AdapterKind::Arm).then_some(cfg.beta_r),
+            kind,
         };
         let mut json = serde_json::to_value(&info)?;
+        if kind == AdapterKind::Policy {
+            json["dpo_beta"] = cfg.beta_r.into();
+        }
         if let Some(base) = base_model {
             // Only fully tuned ARMs carry it (a LoRA names its base in its config);
             // readers of `ArmInfo` ignore it.

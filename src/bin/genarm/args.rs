@@ -27,6 +27,11 @@ pub struct ModelArgs {
     /// An ARM as PATH[:ALPHA] (GGUF, HF dir or PEFT LoRA dir; ALPHA defaults to 1). Repeatable.
     #[arg(long = "arm", value_name = "PATH[:ALPHA]")]
     pub arms: Vec<ArmSpec>,
+    /// A policy LoRA the base decodes with (e.g. `genarm train --loss dpo`): base + this
+    /// LoRA is the model, with no guidance of its own; ARMs guide it as they would the
+    /// base. A PEFT LoRA directory trained on --model.
+    #[arg(long, value_name = "DIR")]
+    pub lora: Option<PathBuf>,
     /// Which engine runs the models.
     #[arg(long, value_enum, default_value = "cpu")]
     pub backend: Backend,

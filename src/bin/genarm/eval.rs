@@ -6,18 +6,21 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use clap::Args;
-use genarm::eval::baselines::{baseline_settings, expand_baselines};
+use genarm::eval::baselines::{
+    baseline_settings, expand_baselines, policy_setting, run_policy, BaselineArg, BaselineSpec,
+};
 use genarm::eval::charts::write_sweep_charts;
 use genarm::eval::prompts::read_lines;
 use genarm::eval::run::{alpha_grid, run_sweep, summarise, write_summary, Setting, SweepSpec};
 use genarm::eval::scorers::scorer_from_spec;
+use genarm::model::arm_plan::plan_policy;
 use genarm::model::tokenizer::TextTokenizer;
 use genarm::outdir::{refuse_existing, refuse_input_as_output, OutputLock};
 
 use crate::args::{
     alpha, int_in, point, probability, temperature, ModelArgs, MAX_SAMPLES, MAX_TOKENS,
 };
-use crate::load::{device, load_engine, progress_bar};
+use crate::load::{device, load_engine, load_engine_with, progress_bar};
 
 #[derive(Args)]
 pub struct EvalArgs {
@@ -71,11 +74,12 @@ pub struct EvalArgs {
     /// bon-rm:N — best of N base samples by the scalar reward model; bon-arm:N — by the
     /// ARMs' trajectory reward Σ_i α_i·Σ_t log π_arm_i (α from --arm PATH:ALPHA);
     /// bon:N — both that have a model; args:K:W (or args:W, K = 10) — greedy ARGS: each
-    /// step the base's top-K tokens, the one maximising log π_base + W·r(x, y_≤t).
-    /// Its rows follow the α sweep's in every output, with their cost in forward passes
+    /// step the base's top-K tokens, the one maximising log π_base + W·r(x, y_≤t);
+    /// dpo:DIR — sampling from base + the policy LoRA in DIR (`train --loss dpo`) with the
+    /// base samples' seeds, no guidance. Its rows follow the α sweep's in every output, with their cost in forward passes
     /// and seconds. See docs/evaluation.md.
     #[arg(long = "baseline", value_name = "SPEC")]
-    pub baselines: Vec<genarm::eval::baselines::BaselineSpec>,
+    pub baselines: Vec<genarm::eval::baselines::BaselineArg>,
     /// The scalar reward model (a `genarm train --scalar-head` output dir) that ranks
     /// bon-rm and guides ARGS.
     #[arg(long, value_name = "DIR")]
@@ -94,6 +98,9 @@ pub fn run(args: EvalArgs) -> Result<()> {
         ("--prompts", &args.prompts),
     ];
     inputs.extend(args.models.arms.iter().map(|a| ("--arm", a.path.as_path())));
+    inputs.extend(args.models.lora.iter().map(|d| ("--lora", d.as_path())));
+    let (decoding, policies) = split_baselines(&args.baselines);
+    inputs.extend(policies.iter().map(|d| ("--baseline", d.as_path())));
     inputs.extend(
         args.reward_model
             .iter()
@@ -116,7 +123,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
         );
     }
     let baselines = expand_baselines(
-        &args.baselines,
+        &decoding,
         args.reward_model.is_some(),
         !args.models.arms.is_empty(),
     )?;
@@ -126,6 +133,9 @@ pub fn run(args: EvalArgs) -> Result<()> {
     // The baselines run after the whole sweep: a wrong reward model is found now.
     if let Some(dir) = &args.reward_model {
         genarm::eval::reward_model::ScalarRewardModel::open_adapter(dir, &Device::Cpu)?;
+    }
+    for dir in &policies {
+        plan_policy(dir, &args.models.model, &Device::Cpu)?;
     }
     let scorers = args
         .scorers
@@ -157,7 +167,8 @@ pub fn run(args: EvalArgs) -> Result<()> {
     );
     // The first failed write of a sample (a full disk) ends the command after the sweep.
     let mut write_error: Option<std::io::Error> = None;
-    let total = (prompts.len() * (settings.len() + baselines.len()) * args.samples) as u64;
+    let rows = settings.len() + baselines.len() + policies.len();
+    let total = (prompts.len() * rows * args.samples) as u64;
     let bar = progress_bar(total, "responses");
     let mut done = 0u64;
     let mut on_sample = |r: &genarm::eval::run::SampleRecord| {
@@ -197,6 +208,25 @@ pub fn run(args: EvalArgs) -> Result<()> {
             &mut on_sample,
         )?);
     }
+    let n_arms = args.models.arms.len();
+    let policy_rows: Vec<Setting> = policies
+        .iter()
+        .map(|dir| policy_setting(dir, n_arms))
+        .collect();
+    for (i, (dir, row)) in policies.iter().zip(&policy_rows).enumerate() {
+        let mut policy = load_engine_with(&args.models, Some(dir), &[])?.engine;
+        let setting = settings.len() + baselines.len() + i;
+        records.extend(run_policy(
+            policy.as_mut(),
+            &tok,
+            &eos,
+            &prompts,
+            &scorers,
+            &spec,
+            (setting, row),
+            &mut on_sample,
+        )?);
+    }
     if let Some(e) = write_error {
         return Err(e).with_context(|| format!("writing {}", samples_path.display()));
     }
@@ -207,7 +237,8 @@ pub fn run(args: EvalArgs) -> Result<()> {
         pb.finish_and_clear();
     }
     let mut all_settings: Vec<Setting> = settings.iter().map(|a| Setting::genarm(a)).collect();
-    all_settings.extend(baseline_settings(&baselines, args.models.arms.len()));
+    all_settings.extend(baseline_settings(&baselines, n_arms));
+    all_settings.extend(policy_rows);
     let summary = summarise(&records, &all_settings);
     write_summary(&args.out, &summary)?;
     // The plots are about the α grid; the baselines are in the table.
@@ -263,6 +294,23 @@ pub fn run(args: EvalArgs) -> Result<()> {
     }
     eprintln!("wrote {}", args.out.display());
     Ok(())
+}
+
+/// The `--baseline`s that decode on the base, and the policy directories (`dpo:DIR`).
+fn split_baselines(args: &[BaselineArg]) -> (Vec<BaselineSpec>, Vec<PathBuf>) {
+    let mut decoding = Vec::new();
+    let mut policies = Vec::new();
+    for a in args {
+        match a {
+            BaselineArg::Decoding(spec) => decoding.push(*spec),
+            BaselineArg::Policy(dir) => {
+                if !policies.contains(dir) {
+                    policies.push(dir.clone());
+                }
+            }
+        }
+    }
+    (decoding, policies)
 }
 
 /// Loads what the baselines need (the base alone, the scalar reward model, the ARMs as

@@ -1,12 +1,14 @@
 //! Opening the engine a command asks for, and what commands share around it.
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use candle_core::Device;
 use genarm::cpu::CpuEngine;
-use genarm::gpu::GpuEngine;
+use genarm::gpu::{GpuContext, GpuEngine};
+use genarm::model::arm_plan::{plan_arm, plan_policy, ArmPlan};
+use genarm::model::Checkpoint;
 use genarm::{ArmSpec, Engine};
 
 use crate::args::{Backend, ModelArgs};
@@ -28,8 +30,18 @@ pub struct Loaded {
     pub dispatches: Option<usize>,
 }
 
-/// Loads base and ARMs, with a spinner on stderr when it is a terminal.
+/// Loads base (with `--lora` when given) and ARMs, with a spinner on stderr when it is a
+/// terminal.
 pub fn load_engine(models: &ModelArgs, arms: &[ArmSpec]) -> Result<Loaded> {
+    load_engine_with(models, models.lora.as_deref(), arms)
+}
+
+/// [`load_engine`] with `lora` as the policy instead of `--lora`'s.
+pub fn load_engine_with(
+    models: &ModelArgs,
+    lora: Option<&Path>,
+    arms: &[ArmSpec],
+) -> Result<Loaded> {
     let dev = device(models.backend)?;
     let spinner = std::io::stderr().is_terminal().then(|| {
         let pb = indicatif::ProgressBar::new_spinner();
@@ -37,25 +49,46 @@ pub fn load_engine(models: &ModelArgs, arms: &[ArmSpec]) -> Result<Loaded> {
         pb.enable_steady_tick(std::time::Duration::from_millis(100));
         pb
     });
-    let paths: Vec<PathBuf> = arms.iter().map(|a| a.path.clone()).collect();
     let context = Some(models.context);
-    let loaded = if models.backend == Backend::Webgpu {
-        GpuEngine::load(&models.model, &paths, context).map(|e| Loaded {
-            weight_bytes: Some(e.weight_bytes_per_token()),
-            dispatches: Some(e.dispatches_per_token()),
-            engine: Box::new(e),
-        })
-    } else {
-        CpuEngine::load(&models.model, &paths, context, &dev).map(|e| Loaded {
-            weight_bytes: None,
-            dispatches: None,
-            engine: Box::new(e),
-        })
-    };
+    let loaded = plans(&models.model, lora, arms, &dev).and_then(|(base, plans)| {
+        if models.backend == Backend::Webgpu {
+            let ctx = std::sync::Arc::new(GpuContext::new_blocking()?);
+            GpuEngine::new(ctx, base, plans, context).map(|e| Loaded {
+                weight_bytes: Some(e.weight_bytes_per_token()),
+                dispatches: Some(e.dispatches_per_token()),
+                engine: Box::new(e),
+            })
+        } else {
+            CpuEngine::from_parts(base, plans, context, &dev).map(|e| Loaded {
+                weight_bytes: None,
+                dispatches: None,
+                engine: Box::new(e),
+            })
+        }
+    });
     if let Some(pb) = spinner {
         pb.finish_and_clear();
     }
     Ok(loaded?)
+}
+
+/// The base and what to load with it: the `--lora` policy (first), then the ARMs.
+fn plans(
+    model: &Path,
+    lora: Option<&Path>,
+    arms: &[ArmSpec],
+    dev: &Device,
+) -> genarm::Result<(Checkpoint, Vec<(PathBuf, ArmPlan)>)> {
+    let base = Checkpoint::open(model)?;
+    let policy = lora.map(|dir| plan_policy(dir, model, dev));
+    let arms = arms.iter().map(|a| plan_arm(&a.path, model, dev));
+    Ok((
+        base,
+        policy
+            .into_iter()
+            .chain(arms)
+            .collect::<genarm::Result<_>>()?,
+    ))
 }
 
 /// A progress bar on stderr with an ETA, or `None` when stderr is not a terminal (logs

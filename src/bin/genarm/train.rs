@@ -34,8 +34,17 @@ pub struct TrainArgs {
     /// Apply the model's chat template to prompts (needed for conversational data).
     #[arg(long)]
     pub chat: bool,
-    /// β_r of the loss −log σ(β_r·(Σ log π(y_w) − Σ log π(y_l)) − γ), > 0.
-    #[arg(long, default_value_t = 0.05, value_parser = finite_positive)]
+    /// The loss: genarm (an ARM, the loss below) or dpo (a policy: LoRA on the base
+    /// with −log σ(β·[(log π(y_w) − log π_ref(y_w)) − (log π(y_l) − log π_ref(y_l))] − γ),
+    /// the reference being the frozen base; β is --beta-r, alias --beta). A DPO policy is
+    /// decoded with `--lora OUT`, not guided with as an ARM; genarm.json says
+    /// "kind": "policy". Not with --full, --scalar-head or --sft-weight. (--objective is
+    /// the words saying what the model prefers.)
+    #[arg(long, default_value = "genarm", value_parser = ["genarm", "dpo"])]
+    pub loss: String,
+    /// β_r of the loss −log σ(β_r·(Σ log π(y_w) − Σ log π(y_l)) − γ) (with --loss dpo,
+    /// DPO's β), > 0.
+    #[arg(long, visible_alias = "beta", default_value_t = 0.05, value_parser = finite_positive)]
     pub beta_r: f64,
     /// Margin γ of the loss (finite).
     #[arg(long, default_value_t = 0.0, value_parser = finite)]
@@ -241,6 +250,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         scalar_head: args.scalar_head,
         full: args.full,
         train_head: args.train_head,
+        objective: args.loss.parse().map_err(anyhow::Error::msg)?,
     };
     let (train, eval) = split_pairs(tokenized, args.eval_frac, args.seed);
     eprintln!(

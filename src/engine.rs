@@ -117,6 +117,12 @@ pub trait Engine {
     fn reset(&mut self);
     /// Feeds tokens after the ones already seen; returns log-probs at the last one.
     fn step(&mut self, tokens: &[u32]) -> Result<StepLogProbs>;
+    /// Feeds tokens without reading any log-prob back (a chunk of a prompt whose
+    /// next-token distribution nobody asks for). An engine whose `step` reads rows off
+    /// its device overrides this to skip that.
+    fn feed(&mut self, tokens: &[u32]) -> Result<()> {
+        self.step(tokens).map(drop)
+    }
     /// Log-probs at every position of `tokens` from a fresh sequence, for the base
     /// (index 0) and each ARM: `[model][position][vocab]`.
     fn teacher_forced(&mut self, tokens: &[u32]) -> Result<Vec<Vec<Vec<f32>>>>;

@@ -276,8 +276,8 @@ impl AnyEngine {
     /// Feeds `tokens` without choosing one (a chunk of the prompt).
     async fn feed(&mut self, tokens: &[u32]) -> Result<()> {
         match self {
-            Self::Cpu(e) => e.step(tokens).map(drop),
-            Self::Gpu(e) => e.step_async(tokens).await.map(drop),
+            Self::Cpu(e) => e.feed(tokens),
+            Self::Gpu(e) => e.feed_async(tokens).await,
         }
     }
 

@@ -470,6 +470,45 @@ fn guided_greedy_tokens_and_logprobs_match_the_cpu_engine() {
     }
 }
 
+#[test]
+fn a_prompt_fed_in_chunks_steps_as_one_fed_whole() {
+    let cfg = TinyConfig::default();
+    let model = TinyModel::random(&cfg, 36);
+    let lora = TinyLora::random(&cfg, 4, 8.0, &genarm::model::lora::TARGETS, 360);
+    let dir = temp_dir("gpu-feed");
+    let path = dir.join("tiny.gguf");
+    model.write_gguf(&path, GgmlDType::Q8_0);
+    let arm = dir.join("a");
+    write_lora_dir(&arm, &lora, "hub/name");
+    let prompt = [5, 9, 2, 7, 1, 3, 8];
+    let arms = [arm];
+    let mut engines: Vec<Box<dyn Engine>> = vec![
+        Box::new(cpu(&path, &arms, None)),
+        Box::new(gpu(&path, &arms, None)),
+    ];
+    for engine in &mut engines {
+        let whole = engine.step(&prompt).unwrap();
+        engine.reset();
+        engine.feed(&prompt[..3]).unwrap();
+        engine.feed(&prompt[3..6]).unwrap();
+        assert_eq!(engine.position(), 6);
+        let chunked = engine.step(&prompt[6..]).unwrap();
+        let rows = |lp: &genarm::StepLogProbs| [&lp.base, &lp.arms[0]].map(|r| r.clone());
+        for (w, c) in rows(&whole).iter().zip(rows(&chunked).iter()) {
+            let diff = w
+                .iter()
+                .zip(c)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(
+                diff < 1e-5,
+                "{}: chunked feed differs by {diff}",
+                engine.backend()
+            );
+        }
+    }
+}
+
 /// Helpers over the engine's blocking API.
 trait Blocking {
     fn guided_step_blocking(

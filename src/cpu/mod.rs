@@ -218,6 +218,10 @@ impl Engine for CpuEngine {
         })
     }
 
+    fn feed(&mut self, tokens: &[u32]) -> Result<()> {
+        self.step_log_probs(tokens).map(drop)
+    }
+
     fn guided_step(
         &mut self,
         tokens: &[u32],

@@ -7,6 +7,7 @@
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::Result;
+use crate::model::llama;
 use crate::model::weights::WeightSource;
 
 /// How dense weights are loaded and activations kept.
@@ -25,7 +26,7 @@ pub enum Precision {
 impl Precision {
     /// The activation type of a model read from `src` on `device`.
     pub fn compute_dtype(self, src: &dyn WeightSource, device: &Device) -> DType {
-        let stored = || match src.stored_dtype("model.embed_tokens.weight") {
+        let stored = || match src.stored_dtype(llama::EMBED) {
             Some(d @ (DType::BF16 | DType::F16)) => d,
             _ => DType::F32,
         };

@@ -56,6 +56,8 @@ pub struct GpuEngine {
     chosen_staging: [wgpu::Buffer; 2],
     /// Every model's logits rows, for `step` (built once, not per call).
     logits_staging: wgpu::Buffer,
+    /// `cur` after a `feed`: the one word waited on instead of the logits.
+    fed_staging: wgpu::Buffer,
     /// The position word of a speculative step, copied into `cur`.
     next_pos: wgpu::Buffer,
     speculative: Option<Speculative>,
@@ -162,6 +164,7 @@ impl GpuEngine {
         let next_pos = storage_u32(&ctx, "next pos", &[0]);
         let logits_size = (logits_floats(&groups) * 4) as u64;
         let logits_staging = readback_buffer(&ctx, "logits readback", logits_size);
+        let fed_staging = readback_buffer(&ctx, "fed readback", 8);
         ctx.check_lost().map_err(|e| {
             gpu_error(format!(
                 "loading {} onto `{}`: {e}",
@@ -184,6 +187,7 @@ impl GpuEngine {
             chosen,
             chosen_staging,
             logits_staging,
+            fed_staging,
             next_pos,
             speculative: None,
             last_chosen: None,
@@ -432,6 +436,35 @@ impl GpuEngine {
 
     /// [`Engine::step`] without blocking.
     pub async fn step_async(&mut self, tokens: &[u32]) -> Result<StepLogProbs> {
+        self.submit_feed(tokens, |e, encoder| {
+            e.copy_all_logits(encoder, &e.logits_staging, 0)
+        })?;
+        let host: Vec<f32> =
+            bytemuck::pod_collect_to_vec(&map_read(self.ctx(), &self.logits_staging, None).await?);
+        let mut models = self.log_probs_of(&host).into_iter();
+        Ok(StepLogProbs {
+            base: models.next().unwrap_or_default(),
+            arms: models.collect(),
+        })
+    }
+
+    /// [`Engine::feed`] without blocking: the tokens' forward passes, then a wait for
+    /// them through the 8-byte `cur` word alone (no logits cross to the host).
+    pub async fn feed_async(&mut self, tokens: &[u32]) -> Result<()> {
+        let submission = self.submit_feed(tokens, |e, encoder| {
+            encoder.copy_buffer_to_buffer(&e.cur, 0, &e.fed_staging, 0, 8)
+        })?;
+        map_read(self.ctx(), &self.fed_staging, Some(submission)).await?;
+        Ok(())
+    }
+
+    /// Submits the forward passes of `tokens` (dropping any speculative step) followed
+    /// by `copy_out`, which records what the caller will read back.
+    fn submit_feed(
+        &mut self,
+        tokens: &[u32],
+        copy_out: impl FnOnce(&Self, &mut wgpu::CommandEncoder),
+    ) -> Result<wgpu::SubmissionIndex> {
         self.ctx().check_lost()?;
         self.speculative = None;
         self.last_chosen = None;
@@ -441,15 +474,8 @@ impl GpuEngine {
             .device
             .create_command_encoder(&Default::default());
         self.encode_feed(&mut encoder, tokens, |_, _, _| {});
-        self.copy_all_logits(&mut encoder, &self.logits_staging, 0);
-        self.ctx().queue.submit([encoder.finish()]);
-        let host: Vec<f32> =
-            bytemuck::pod_collect_to_vec(&map_read(self.ctx(), &self.logits_staging, None).await?);
-        let mut models = self.log_probs_of(&host).into_iter();
-        Ok(StepLogProbs {
-            base: models.next().unwrap_or_default(),
-            arms: models.collect(),
-        })
+        copy_out(self, &mut encoder);
+        Ok(self.ctx().queue.submit([encoder.finish()]))
     }
 
     /// [`Engine::teacher_forced`] without blocking.
@@ -585,6 +611,10 @@ impl Engine for GpuEngine {
 
     fn step(&mut self, tokens: &[u32]) -> Result<StepLogProbs> {
         block_on(self.step_async(tokens))
+    }
+
+    fn feed(&mut self, tokens: &[u32]) -> Result<()> {
+        block_on(self.feed_async(tokens))
     }
 
     fn teacher_forced(&mut self, tokens: &[u32]) -> Result<Vec<Vec<Vec<f32>>>> {

@@ -440,10 +440,7 @@ impl Trainer {
         if self.head.is_none() {
             return self.pair_logprobs(pairs, dropout);
         }
-        let seqs: Vec<Vec<u32>> = pairs
-            .iter()
-            .flat_map(|p| [&p.chosen, &p.rejected].map(|r| [p.prompt.as_slice(), r].concat()))
-            .collect();
+        let (seqs, _) = pair_sequences(pairs);
         let r = self
             .sequence_rewards(&seqs, dropout)?
             .reshape((pairs.len(), 2))?;

@@ -11,7 +11,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use common::SplitMix64;
 use genarm::gpu::buffers::{storage_f32, storage_u32, storage_zeros};
-use genarm::gpu::ops::{AttentionBuffers, AttentionShape, Op, RopeStyle};
+use genarm::gpu::ops::{AttentionBuffers, AttentionShape, Op, RopeStyle, MAX_MATVEC_ROWS};
 use genarm::gpu::{
     GpuContext, Kernels, MatVecEpilogue, MatVecKind, MatVecStore, QuantWeight, WeightFormat,
 };
@@ -112,7 +112,9 @@ fn quantize(w: &[f32], rows: usize, cols: usize, format: WeightFormat) -> (Vec<u
     (q.data().unwrap().to_vec(), deq)
 }
 
-/// Runs matvec for m = 1..=4 against an f64 reference. Tolerance: f32 accumulation
+/// Runs matvec for a batch of m = 1..=4 rows and for prompt chunks of several batches
+/// (6, 21: reduced in tiles of 2 and 1; 32, the most) against an f64 reference; the
+/// workgroup kind reduces them a tile at a time. Tolerance: f32 accumulation
 /// of `cols` products errs by at most ~cols·2⁻²⁴·Σ|w·x| in the worst case and
 /// ~√cols·2⁻²⁴·Σ|w·x| typically (the kernel's tree reduction is pairwise); 1e-5·Σ|w·x|
 /// (≈ 170 ulps of the absolute sum) covers the typical case at cols ≤ 1536 with margin
@@ -125,7 +127,7 @@ fn matvec_case(format: WeightFormat, rows: usize, cols: usize, chunk_limit: u64,
     if chunk_limit < u64::MAX {
         assert!(weight.chunks.len() > 1, "chunking was not forced");
     }
-    for m in 1..=4 {
+    for m in [1, 2, 3, 4, 6, 21, MAX_MATVEC_ROWS] {
         let x = rng.signed_f32s(m * cols);
         let xb = storage_f32(ctx(), "x", &x);
         let yb = storage_zeros(ctx(), "y", m * rows);
@@ -264,6 +266,7 @@ fn lora_down_and_matvec_epilogue() {
             arms,
             rank: stacked,
             inp: cols,
+            positions: 1,
         };
         let down_op = k.lora_down(&down, &xb).unwrap();
         run(&[&down_op]);
@@ -286,6 +289,7 @@ fn lora_down_and_matvec_epilogue() {
                 b: &bb,
                 t: &tb,
                 first,
+                batch: m,
                 rank,
                 t_offset: slot * rank,
                 t_stride: stacked,
@@ -374,6 +378,7 @@ fn rms_norm_with_lora_down() {
         arms,
         rank,
         inp: n,
+        positions: 1,
     };
     let op = kernels()
         .rms_norm_lora(&xb, &wb, &yb, rows, n, 1e-5, &down)
@@ -650,6 +655,7 @@ fn attention_over_positions(window: Option<usize>) {
             capacity: cap,
             rope,
             window,
+            positions: 1,
         };
         // Each row's q, k and v side by side, as the stacked q/k/v matvec stores them.
         let row_len = (heads + 2 * kvh) * hd;
@@ -806,6 +812,7 @@ fn attention_o_lora_parts_and_their_sum_in_matvec() {
         capacity: cap,
         rope: RopeStyle::HalfSplit,
         window: None,
+        positions: 1,
     };
     let bufs = AttentionBuffers {
         qkv: &qkv,
@@ -821,6 +828,7 @@ fn attention_o_lora_parts_and_their_sum_in_matvec() {
             arms,
             rank,
             inp: q_len,
+            positions: 1,
         }),
     };
     run(&[&kernels().attention(shape, &bufs, 1).unwrap()]);
@@ -870,6 +878,7 @@ fn attention_o_lora_parts_and_their_sum_in_matvec() {
         b: &bb,
         t: &parts,
         first,
+        batch: rows,
         rank,
         t_offset: 0,
         t_stride: heads * rank,

@@ -97,19 +97,6 @@ pub fn run(args: BenchArgs) -> Result<()> {
             row.time_per_token_vs_base
         );
     }
-    outln!(
-        "prefill tokens/s of a {}-token prompt (up to the first new token), median of {} runs",
-        args.prompt_len,
-        args.runs
-    );
-    for (row, dispatches) in rows.iter().zip(&prompt_dispatches) {
-        let dispatches = dispatches.map_or(String::new(), |d| format!("   {d} dispatches/prompt"));
-        outln!(
-            "  {:<16} {:>8.1} tok/s{dispatches}",
-            row.config,
-            row.prefill_tokens_per_second
-        );
-    }
     if let Some(peak) = peak_rss {
         outln!(
             "  peak resident memory: {:.0} MB (all {} configurations loaded together)",
@@ -123,6 +110,19 @@ pub fn run(args: BenchArgs) -> Result<()> {
             "  weights read per base token: {:.1} MB → {:.2} GB/s at the base-only speed",
             bytes as f64 / 1e6,
             bytes as f64 * rows[0].tokens_per_second / 1e9
+        );
+    }
+    outln!(
+        "prefill tokens/s of a {}-token prompt (up to the first new token), median of {} runs",
+        args.prompt_len,
+        args.runs
+    );
+    for (row, dispatches) in rows.iter().zip(&prompt_dispatches) {
+        let dispatches = dispatches.map_or(String::new(), |d| format!("   {d} dispatches/prompt"));
+        outln!(
+            "  {:<16} {:>8.1} tok/s{dispatches}",
+            row.config,
+            row.prefill_tokens_per_second
         );
     }
     Ok(())

@@ -584,7 +584,9 @@ fn prompt_chunks_match_the_cpu_engine_at_every_position() {
                 close(arm, 1 + i, pos, how);
             }
         };
-        for len in [1, n - 1, n, n + 1, 2 * n + 3] {
+        // Per ChunkPlan: a short remainder goes as decode steps, a longer one as a padded
+        // chunk (on lavapipe from half a chunk on); both kinds of feed are here.
+        for len in [1, 2, n / 2, n - 1, n, n + 1, n + n / 2 + 1, 2 * n + 3] {
             g.reset();
             let lp = g.step(&all[..len]).unwrap();
             check_step(&lp, len - 1, &format!("a {len}-token step"));

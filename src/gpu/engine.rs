@@ -17,7 +17,7 @@ use crate::error::{Error, Result};
 use crate::gpu::buffers::{storage_u32, storage_zeros};
 use crate::gpu::model::GpuLlama;
 use crate::gpu::ops::{Op, SampleBuffers, SampleSettings, SampleSettingsBuffers, MAX_MATVEC_ROWS};
-use crate::gpu::{gpu_error, GpuContext, Kernels};
+use crate::gpu::{gpu_error, GpuContext, Kernels, MatVecKind};
 use crate::guide::{log_softmax, Sampler, SamplingParams};
 use crate::model::arm_plan::{group_arms, ArmPlan};
 use crate::model::{BaseFacts, Checkpoint};
@@ -30,13 +30,52 @@ const NO_TOKEN: u32 = u32::MAX;
 /// many positions, the last one padded; each chunk reads the weights once.
 pub const PREFILL_POSITIONS: usize = 32;
 
+/// How a feed splits into prompt chunks and single decode steps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChunkPlan {
+    /// Positions per chunk.
+    pub positions: usize,
+    /// The fewest positions worth a padded last chunk; fewer go as decode steps.
+    pub min_padded: usize,
+}
+
+impl ChunkPlan {
+    /// For `kind`: a CPU adapter computes every row of a chunk, padding included, so a
+    /// chunk costs about its rows' multiply-adds (on lavapipe 32 positions took about
+    /// 17 decode steps) and a remainder under half a chunk is cheaper stepped; a GPU
+    /// runs a chunk in about one step's chain of dispatches, so two positions already
+    /// fill one.
+    fn new(positions: usize, kind: MatVecKind) -> Self {
+        let min_padded = match kind {
+            MatVecKind::RowPerInvocation => positions.div_ceil(2),
+            MatVecKind::RowPerWorkgroup => 2,
+        };
+        Self {
+            positions,
+            min_padded: min_padded.clamp(2, positions.max(2)),
+        }
+    }
+
+    /// `(chunked, stepped)`: the first `chunked` tokens of a `len`-token feed go in
+    /// chunks (the last one padded), the `stepped` after them one decode step each.
+    pub fn split(&self, len: usize) -> (usize, usize) {
+        let full = len / self.positions * self.positions;
+        let rest = len - full;
+        if rest >= self.min_padded {
+            (len, 0)
+        } else {
+            (full, rest)
+        }
+    }
+}
+
 /// Compute dispatches of a prompt's forward passes and the pick after them, by length.
 #[derive(Clone, Copy, Debug)]
 pub struct PromptDispatches {
     /// One decode step, all groups (a one-token prompt is one).
     pub step: usize,
-    /// Positions per prompt chunk.
-    pub chunk_positions: usize,
+    /// How a prompt splits into chunks and steps.
+    pub plan: ChunkPlan,
     /// One chunk's pass through the layers, all groups.
     pub per_chunk: usize,
     /// The last position's final norm and head, all groups.
@@ -48,12 +87,17 @@ pub struct PromptDispatches {
 impl PromptDispatches {
     /// Dispatches from a `len`-token prompt to the first new token.
     pub fn for_len(&self, len: usize) -> usize {
-        let forward = match len {
-            0 => 0,
-            1 => self.step,
-            _ => len.div_ceil(self.chunk_positions) * self.per_chunk + self.head,
+        let (chunked, stepped) = self.plan.split(len);
+        // A step runs the head itself; after chunks alone the last position needs one.
+        let head = if stepped == 0 && chunked > 0 {
+            self.head
+        } else {
+            0
         };
-        forward + self.pick
+        chunked.div_ceil(self.plan.positions) * self.per_chunk
+            + stepped * self.step
+            + head
+            + self.pick
     }
 }
 
@@ -96,8 +140,8 @@ pub struct GpuEngine {
     chunk: wgpu::Buffer,
     /// The records of a feed's chunks, copied into `chunk` one by one.
     chunk_feed: wgpu::Buffer,
-    /// Positions per prompt chunk.
-    chunk_positions: usize,
+    /// How feeds split into prompt chunks and decode steps.
+    chunk_plan: ChunkPlan,
     /// `[rows, vocab]`: group 0's logits rows, then the other groups' cut rows.
     logits: wgpu::Buffer,
     settings: SampleSettingsBuffers,
@@ -153,6 +197,7 @@ impl GpuEngine {
         let plan = group_arms(&base, &plans)?;
         let chunk_positions = PREFILL_POSITIONS.min(MAX_MATVEC_ROWS / plan.base_rows.len().max(1));
         let chunk = storage_zeros(&ctx, "chunk", 1 + chunk_positions);
+        let chunk_plan = ChunkPlan::new(chunk_positions, kernels.matvec_kind());
         let rows_total = plan.base_rows.len() + plan.own.len();
         let logits = storage_zeros(&ctx, "logits", rows_total * vocab);
         let mut groups = vec![GpuLlama::load(
@@ -243,7 +288,7 @@ impl GpuEngine {
             feed,
             chunk,
             chunk_feed,
-            chunk_positions,
+            chunk_plan,
             logits,
             settings,
             chosen,
@@ -286,7 +331,8 @@ impl GpuEngine {
 
     /// Encodes the forward passes of `tokens` from the current position, and the head of
     /// the `wanted` positions; after each position's head `after_token(encoder, i)` may
-    /// copy its results out. One token is a decode step; more go in prompt chunks.
+    /// copy its results out. A feed goes in prompt chunks as far as [`ChunkPlan::split`]
+    /// says, the rest (a single token always) one decode step each.
     fn encode_feed(
         &mut self,
         encoder: &mut wgpu::CommandEncoder,
@@ -304,22 +350,14 @@ impl GpuEngine {
         // `cur` ends as a decode step leaves it: the last token and its position.
         let last = (8 * (tokens.len() - 1)) as u64;
         encoder.copy_buffer_to_buffer(&self.feed, last, &self.cur, 0, 8);
-        if tokens.len() == 1 {
-            {
-                let mut pass = encoder.begin_compute_pass(&Default::default());
-                for g in &self.groups {
-                    g.encode(&mut pass);
-                }
-            }
-            after_token(self, encoder, 0);
-            self.pos += 1;
-            return;
+        let (chunked, stepped) = self.chunk_plan.split(tokens.len());
+        let n = self.chunk_plan.positions;
+        if chunked > 0 {
+            let records = chunk_records(&tokens[..chunked], self.pos, n);
+            queue.write_buffer(&self.chunk_feed, 0, bytemuck::cast_slice(&records));
         }
-        let n = self.chunk_positions;
-        let records = chunk_records(tokens, self.pos, n);
-        queue.write_buffer(&self.chunk_feed, 0, bytemuck::cast_slice(&records));
         let record_bytes = (4 * (1 + n)) as u64;
-        for (c, chunk) in tokens.chunks(n).enumerate() {
+        for (c, chunk) in tokens[..chunked].chunks(n).enumerate() {
             let at = c as u64 * record_bytes;
             encoder.copy_buffer_to_buffer(&self.chunk_feed, at, &self.chunk, 0, record_bytes);
             {
@@ -350,6 +388,17 @@ impl GpuEngine {
                 after_token(self, encoder, i);
             }
         }
+        // The rest one decode step each (its head included), from its pair in `feed`.
+        for i in chunked..chunked + stepped {
+            encoder.copy_buffer_to_buffer(&self.feed, (8 * i) as u64, &self.cur, 0, 8);
+            {
+                let mut pass = encoder.begin_compute_pass(&Default::default());
+                for g in &self.groups {
+                    g.encode(&mut pass);
+                }
+            }
+            after_token(self, encoder, i);
+        }
         self.pos += tokens.len();
     }
 
@@ -358,7 +407,7 @@ impl GpuEngine {
         let sum = |f: fn(&GpuLlama) -> usize| -> usize { self.groups.iter().map(f).sum() };
         PromptDispatches {
             step: sum(GpuLlama::dispatch_count),
-            chunk_positions: self.chunk_positions,
+            plan: self.chunk_plan,
             per_chunk: sum(GpuLlama::chunk_dispatch_count),
             head: sum(GpuLlama::head_dispatch_count),
             pick: self.stats.dispatch_count() + self.sample.dispatch_count(),
@@ -367,7 +416,7 @@ impl GpuEngine {
 
     /// Positions per prompt chunk.
     pub fn chunk_positions(&self) -> usize {
-        self.chunk_positions
+        self.chunk_plan.positions
     }
 
     /// Copies every group's logits (full vocabularies) to `dst` at `offset` bytes.
@@ -762,5 +811,43 @@ impl Engine for GpuEngine {
         sampler: &mut Sampler,
     ) -> Result<Chosen> {
         block_on(self.guided_step_async(tokens, alphas, sampler))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn feeds_split_into_chunks_and_steps_by_adapter_kind() {
+        let cpu = ChunkPlan::new(32, MatVecKind::RowPerInvocation);
+        let gpu = ChunkPlan::new(32, MatVecKind::RowPerWorkgroup);
+        assert_eq!(cpu.split(1), (0, 1));
+        assert_eq!(gpu.split(1), (0, 1));
+        assert_eq!(gpu.split(2), (2, 0));
+        assert_eq!(cpu.split(15), (0, 15));
+        assert_eq!(cpu.split(16), (16, 0));
+        assert_eq!(cpu.split(100), (96, 4));
+        assert_eq!(gpu.split(100), (100, 0));
+        assert_eq!(gpu.split(97), (96, 1));
+        // One-position chunks never pad: every feed is whole chunks.
+        assert_eq!(
+            ChunkPlan::new(1, MatVecKind::RowPerWorkgroup).split(5),
+            (5, 0)
+        );
+    }
+
+    #[test]
+    fn prompt_dispatches_count_chunks_steps_and_one_head() {
+        let d = PromptDispatches {
+            step: 273,
+            plan: ChunkPlan::new(32, MatVecKind::RowPerWorkgroup),
+            per_chunk: 271,
+            head: 2,
+            pick: 2,
+        };
+        assert_eq!(d.for_len(1), 273 + 2);
+        assert_eq!(d.for_len(100), 4 * 271 + 2 + 2);
+        assert_eq!(d.for_len(97), 3 * 271 + 273 + 2);
     }
 }

@@ -12,7 +12,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::engine::{check_feed, check_guidance, Chosen, Engine, StepLogProbs};
+use crate::engine::{check_feed, check_guidance, AsyncEngine, Chosen, Engine, StepLogProbs};
 use crate::error::{Error, Result};
 use crate::gpu::buffers::{storage_u32, storage_zeros};
 use crate::gpu::model::GpuLlama;
@@ -628,5 +628,25 @@ impl Engine for GpuEngine {
         sampler: &mut Sampler,
     ) -> Result<Chosen> {
         block_on(self.guided_step_async(tokens, alphas, sampler))
+    }
+}
+
+/// The decoding loop's seam without blocking: what the browser awaits.
+impl AsyncEngine for GpuEngine {
+    fn engine(&self) -> &dyn Engine {
+        self
+    }
+
+    async fn feed(&mut self, tokens: &[u32]) -> Result<()> {
+        self.feed_async(tokens).await
+    }
+
+    async fn guided_step(
+        &mut self,
+        tokens: &[u32],
+        alphas: &[f32],
+        sampler: &mut Sampler,
+    ) -> Result<Chosen> {
+        self.guided_step_async(tokens, alphas, sampler).await
     }
 }

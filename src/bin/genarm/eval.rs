@@ -29,7 +29,7 @@ pub struct EvalArgs {
     /// Prompts, one per line (held out from training).
     #[arg(long, value_name = "FILE")]
     pub prompts: PathBuf,
-    /// Scorers (repeatable): sentiment, sentiment-afinn, concise, length, wordlist:FILE.
+    /// Scorers (repeatable): sentiment, sentiment-afinn, sentiment-once, concise, length, wordlist:FILE.
     #[arg(long = "scorer", required = true)]
     pub scorers: Vec<String>,
     /// α values (finite); every ARM takes each (the full grid), base-only first.

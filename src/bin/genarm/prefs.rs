@@ -25,7 +25,7 @@ pub struct PrefsArgs {
     /// Continuations sampled per prompt, 2..=256 (the best and worst make the pair).
     #[arg(long, value_name = "K", default_value_t = 4, value_parser = int_in(2, MAX_SAMPLES))]
     pub samples: usize,
-    /// sentiment, sentiment-afinn, concise or wordlist:FILE.
+    /// sentiment, sentiment-afinn, sentiment-once, concise or wordlist:FILE.
     #[arg(long)]
     pub scorer: String,
     /// Output JSONL (TRL style: prompt, chosen, rejected, plus the scores). Refused when

@@ -112,12 +112,12 @@ pub fn run(args: PrefsArgs) -> Result<()> {
         &Device::Cpu,
     )?;
     if args.resume && part.is_file() {
-        eprintln!("continuing {}", part.display());
+        noteln!("continuing {}", part.display());
     }
     let started = std::time::Instant::now();
     let mut on_progress = |p: &PairsProgress| {
         if p.prompts_done.is_multiple_of(25) || p.prompts_done == p.prompts {
-            eprintln!(
+            noteln!(
                 "{}/{} prompts, {} pairs, {} ties skipped, {:.1} s",
                 p.prompts_done,
                 p.prompts,
@@ -140,7 +140,7 @@ pub fn run(args: PrefsArgs) -> Result<()> {
     )?;
     std::fs::rename(&part, &args.out).with_context(|| format!("writing {}", args.out.display()))?;
     let _ = std::fs::remove_file(PrefsRun::record_path(&part));
-    eprintln!(
+    noteln!(
         "wrote {} pairs to {} ({} ties skipped)",
         done.pairs,
         args.out.display(),

@@ -119,6 +119,39 @@ fn keep_layers_starts_as_the_base_cut_to_k_layers() {
     }
 }
 
+/// Per-layer settings are cut too: a Qwen2 base whose layers attend through a sliding
+/// window shorter than the probe keeps K layers' worth of `layer_types`.
+#[test]
+fn keep_layers_cuts_per_layer_settings() {
+    let cfg = TinyConfig {
+        num_layers: 3,
+        attention_bias: true,
+        sliding_window: Some(3),
+        ..TinyConfig::default()
+    };
+    assert!(PROBE.len() > 2 * 3);
+    let model = TinyModel::random(&cfg, 65);
+    let dir = temp_dir("weak-window");
+    model.write_hf_dir(&dir.join("base"), candle_core::DType::F32, 1);
+    let base = Checkpoint::open(&dir.join("base")).unwrap();
+    let out = dir.join("arm");
+    let mut t = Trainer::new(&base, weak_config(2), &out, 32, &Device::Cpu).unwrap();
+    assert_eq!(base.config.sliding_windows, vec![Some(3); 3]);
+    assert_eq!(t.arm().config().sliding_windows, vec![Some(3); 2]);
+    t.write_full_model(&ArmLabel::default()).unwrap();
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["layer_types"].as_array().unwrap().len(), 2);
+    let reread = Checkpoint::open(&out).unwrap();
+    assert_eq!(reread.config.sliding_windows, vec![Some(3); 2]);
+    let mut alone = CpuEngine::load(&out, &[], None, &Device::Cpu).unwrap();
+    assert_rows_close(
+        &alone.teacher_forced(&PROBE).unwrap()[0],
+        &reference_logprobs(&bottom_layers(&model, 2), &PROBE),
+        "the two-layer Qwen2 cut",
+    );
+}
+
 #[test]
 fn weak_arm_learns_and_guides_the_whole_base() {
     let (path, _) = three_layer_base("weak-learn", 61);

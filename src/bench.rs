@@ -1,6 +1,6 @@
-//! Decode speed, timed fairly: the configurations (base only, + 1 ARM, + 2 ARMs, …) run
-//! round-robin, so a slow spell on a shared machine hits each alike, and each reports
-//! the median of its runs.
+//! Prefill and decode speed, timed fairly: the configurations (base only, with 1 ARM,
+//! with 2 ARMs, …) run round-robin, so a slow spell on a shared machine hits each
+//! alike, and each reports the median of its runs.
 
 use serde::Serialize;
 
@@ -20,6 +20,11 @@ pub struct BenchRow {
     pub runs: Vec<f64>,
     /// Time per token relative to the first configuration (the base alone).
     pub time_per_token_vs_base: f64,
+    /// The median of `prefill_runs`.
+    pub prefill_tokens_per_second: f64,
+    /// Every timed run's prefill speed (prompt tokens per second up to the first new
+    /// token: the prompt's forward passes and the first pick), sorted.
+    pub prefill_runs: Vec<f64>,
 }
 
 /// The label of a configuration with `n_arms` ARMs.
@@ -39,8 +44,9 @@ pub fn bench_prompt(len: usize, vocab: usize) -> Vec<u32> {
 }
 
 /// Times `runs` greedy decodes of exactly `tokens` tokens (EOS ignored) after `prompt`
-/// on each engine, guided by its `alphas`, after one untimed warm-up round. Rows come
-/// in the engines' order.
+/// on each engine, guided by its `alphas`, after one untimed warm-up round: the prefill
+/// (up to the first new token) and the decode after it. Rows come in the engines'
+/// order.
 pub fn decode_round_robin(
     engines: &mut [(&mut dyn Engine, Vec<f32>)],
     prompt: &[u32],
@@ -75,15 +81,27 @@ pub fn decode_round_robin(
         })
         .collect();
     let mut speeds = vec![Vec::with_capacity(runs); engines.len()];
+    let mut prefill = vec![Vec::with_capacity(runs); engines.len()];
     for round in 0..=runs {
-        for ((engine, _), (opts, speeds)) in engines.iter_mut().zip(options.iter().zip(&mut speeds))
+        for (((engine, _), opts), (speeds, prefill)) in engines
+            .iter_mut()
+            .zip(&options)
+            .zip(speeds.iter_mut().zip(&mut prefill))
         {
             let gen = generate(*engine, None, prompt, opts, &mut |_| true)?;
             if round > 0 {
                 speeds.push(gen.tokens_per_second());
+                prefill.push(prompt.len() as f64 / gen.prefill_seconds.max(1e-9));
             }
         }
     }
+    let prefill_medians: Vec<(f64, Vec<f64>)> = prefill
+        .into_iter()
+        .map(|mut runs| {
+            runs.sort_by(f64::total_cmp);
+            (runs[runs.len() / 2], runs)
+        })
+        .collect();
     let medians: Vec<f64> = speeds
         .iter_mut()
         .map(|runs| {
@@ -94,13 +112,17 @@ pub fn decode_round_robin(
     Ok(speeds
         .into_iter()
         .zip(&medians)
-        .zip(engines.iter())
-        .map(|((runs, &median), (engine, _))| BenchRow {
-            config: config_label(engine.arm_labels().len()),
-            tokens_per_second: median,
-            runs,
-            time_per_token_vs_base: medians[0] / median,
-        })
+        .zip(engines.iter().zip(prefill_medians))
+        .map(
+            |((runs, &median), ((engine, _), (prefill, prefill_runs)))| BenchRow {
+                config: config_label(engine.arm_labels().len()),
+                tokens_per_second: median,
+                runs,
+                time_per_token_vs_base: medians[0] / median,
+                prefill_tokens_per_second: prefill,
+                prefill_runs,
+            },
+        )
         .collect())
 }
 

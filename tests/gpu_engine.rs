@@ -51,6 +51,25 @@ fn reference_logprobs(model: &TinyModel, tokens: &[u32]) -> Vec<Vec<f64>> {
         .collect()
 }
 
+/// `model` written as a GGUF in every weight format the GPU engine reads as stored
+/// (and F32), into `dir`.
+fn gguf_in_every_format(model: &TinyModel, dir: &Path) -> Vec<(GgmlDType, PathBuf)> {
+    let formats = [
+        GgmlDType::F32,
+        GgmlDType::Q8_0,
+        GgmlDType::Q4_0,
+        GgmlDType::Q4_1,
+    ];
+    formats
+        .into_iter()
+        .map(|dtype| {
+            let path = dir.join(format!("{dtype:?}.gguf"));
+            model.write_gguf(&path, dtype);
+            (dtype, path)
+        })
+        .collect()
+}
+
 #[test]
 fn tiny_models_with_lora_arms_match_the_f64_reference_in_every_format() {
     let cfg = TinyConfig::default();
@@ -64,14 +83,7 @@ fn tiny_models_with_lora_arms_match_the_f64_reference_in_every_format() {
     let hf = dir.join("hf");
     model.write_hf_dir(&hf, DType::F32, 1);
     let mut cases = vec![(hf, model.clone(), "hf f32 (half-split RoPE)".to_string())];
-    for dtype in [
-        GgmlDType::F32,
-        GgmlDType::Q8_0,
-        GgmlDType::Q4_0,
-        GgmlDType::Q4_1,
-    ] {
-        let path = dir.join(format!("{dtype:?}.gguf"));
-        model.write_gguf(&path, dtype);
+    for (dtype, path) in gguf_in_every_format(&model, &dir) {
         let stored = if dtype == GgmlDType::F32 {
             model.clone()
         } else {
@@ -506,6 +518,92 @@ fn a_prompt_fed_in_chunks_steps_as_one_fed_whole() {
                 engine.backend()
             );
         }
+    }
+}
+
+/// The device's chunked prefill against the candle engine at every position of the
+/// prompt: lengths of one token, one short of a chunk, exactly a chunk, one past it and
+/// over two chunks; a feed continued mid-chunk where another ended; and the greedy
+/// tokens after the prompt. In every weight format, with a LoRA ARM in the base's
+/// batch and an ARM with weights of its own (a group of its own), then with two LoRA
+/// ARMs (three rows a position, an odd chunk of rows). Both engines compute in f32, so
+/// the tolerance is the f64-reference one the other GPU tests use.
+#[test]
+fn prompt_chunks_match_the_cpu_engine_at_every_position() {
+    let cfg = TinyConfig::default();
+    let model = TinyModel::random(&cfg, 37);
+    let own = TinyModel::random(&cfg, 38);
+    let full = TinyLora::random(&cfg, 4, 8.0, &genarm::model::lora::TARGETS, 370);
+    let partial = TinyLora::random(&cfg, 2, 4.0, &["o_proj", "gate_proj", "v_proj"], 371);
+    let dir = temp_dir("gpu-prefill");
+    let (full_dir, partial_dir) = (dir.join("full"), dir.join("partial"));
+    write_lora_dir(&full_dir, &full, "hub/name");
+    write_lora_dir(&partial_dir, &partial, "hub/name");
+    let own_path = dir.join("own.gguf");
+    own.write_gguf(&own_path, GgmlDType::Q8_0);
+    let mut rng = SplitMix64::new(372);
+    let tokens: Vec<u32> = (0..cfg.max_position_embeddings)
+        .map(|_| (rng.next_u64() % cfg.vocab_size as u64) as u32)
+        .collect();
+    let mut cases = Vec::new();
+    for (dtype, path) in gguf_in_every_format(&model, &dir) {
+        let arms = vec![full_dir.clone(), own_path.clone()];
+        cases.push((
+            path,
+            arms,
+            vec![1.0, -0.5],
+            format!("{dtype:?} + LoRA + own-weight ARM"),
+        ));
+    }
+    let q4 = dir.join("Q4_1.gguf");
+    let two = vec![full_dir.clone(), partial_dir.clone()];
+    cases.push((q4, two, vec![0.7, -1.2], "Q4_1 + two LoRA ARMs".into()));
+    for (path, arms, alphas, what) in cases {
+        let mut g = gpu(&path, &arms, None);
+        let mut c = cpu(&path, &arms, None);
+        let n = g.chunk_positions();
+        assert!(n > 1 && 2 * n + 3 <= tokens.len(), "{what}: chunks of {n}");
+        let all = &tokens[..2 * n + 3];
+        let want = c.teacher_forced(all).unwrap();
+        let got = g.teacher_forced(all).unwrap();
+        assert_eq!(got.len(), want.len(), "{what}: models");
+        let close = |got: &[f32], model: usize, pos: usize, how: &str| {
+            let w: Vec<f64> = want[model][pos].iter().map(|&v| f64::from(v)).collect();
+            let label = format!("{what}: {how}, model {model} position {pos} (chunks of {n})");
+            assert_close(got, &w, F32_ATOL, 0.0, &label);
+        };
+        for (m, per_pos) in got.iter().enumerate() {
+            assert_eq!(per_pos.len(), all.len(), "{what}: positions");
+            for (pos, lp) in per_pos.iter().enumerate() {
+                close(lp, m, pos, "teacher-forced");
+            }
+        }
+        let check_step = |lp: &genarm::StepLogProbs, pos: usize, how: &str| {
+            close(&lp.base, 0, pos, how);
+            for (i, arm) in lp.arms.iter().enumerate() {
+                close(arm, 1 + i, pos, how);
+            }
+        };
+        for len in [1, n - 1, n, n + 1, 2 * n + 3] {
+            g.reset();
+            let lp = g.step(&all[..len]).unwrap();
+            check_step(&lp, len - 1, &format!("a {len}-token step"));
+        }
+        // A feed that ends mid-chunk, one that crosses a chunk boundary, then a step.
+        g.reset();
+        g.feed(&all[..5]).unwrap();
+        g.feed(&all[5..5 + n]).unwrap();
+        assert_eq!(g.position(), 5 + n);
+        let lp = g.step(&all[5 + n..]).unwrap();
+        check_step(&lp, all.len() - 1, "continued feeds");
+        let prompt = &all[..n + 1];
+        let want_tokens = greedy(&mut c, prompt, &alphas, 20);
+        assert_eq!(
+            greedy(&mut g, prompt, &alphas, 20),
+            want_tokens,
+            "{what}: greedy tokens after a {}-token prompt",
+            prompt.len()
+        );
     }
 }
 

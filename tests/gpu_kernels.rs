@@ -11,7 +11,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use common::SplitMix64;
 use genarm::gpu::buffers::{storage_f32, storage_u32, storage_zeros};
-use genarm::gpu::ops::{AttentionBuffers, AttentionShape, Op, RopeStyle};
+use genarm::gpu::ops::{AttentionBuffers, AttentionShape, Op, RopeStyle, MAX_MATVEC_ROWS};
 use genarm::gpu::{
     GpuContext, Kernels, MatVecEpilogue, MatVecKind, MatVecStore, QuantWeight, WeightFormat,
 };
@@ -112,7 +112,9 @@ fn quantize(w: &[f32], rows: usize, cols: usize, format: WeightFormat) -> (Vec<u
     (q.data().unwrap().to_vec(), deq)
 }
 
-/// Runs matvec for m = 1..=4 against an f64 reference. Tolerance: f32 accumulation
+/// Runs matvec for a batch of m = 1..=4 rows and for prompt chunks of several batches
+/// (6, 21: reduced in tiles of 2 and 1; 32, the most) against an f64 reference; the
+/// workgroup kind reduces them a tile at a time. Tolerance: f32 accumulation
 /// of `cols` products errs by at most ~cols·2⁻²⁴·Σ|w·x| in the worst case and
 /// ~√cols·2⁻²⁴·Σ|w·x| typically (the kernel's tree reduction is pairwise); 1e-5·Σ|w·x|
 /// (≈ 170 ulps of the absolute sum) covers the typical case at cols ≤ 1536 with margin
@@ -125,7 +127,7 @@ fn matvec_case(format: WeightFormat, rows: usize, cols: usize, chunk_limit: u64,
     if chunk_limit < u64::MAX {
         assert!(weight.chunks.len() > 1, "chunking was not forced");
     }
-    for m in 1..=4 {
+    for m in [1, 2, 3, 4, 6, 21, MAX_MATVEC_ROWS] {
         let x = rng.signed_f32s(m * cols);
         let xb = storage_f32(ctx(), "x", &x);
         let yb = storage_zeros(ctx(), "y", m * rows);
@@ -193,9 +195,12 @@ fn matvec_forced_chunking() {
     matvec_case(WeightFormat::Q8_0, 49152, 576, 4 << 20, 200);
 }
 
-/// The LoRA delta of [`matvec_lora_ref`]: rows `first..` add `Σ_k B[arm, i, k] · t(arm, k)`.
+/// The LoRA delta of [`matvec_lora_ref`]: rows `r` with `r % batch ≥ first` add
+/// `Σ_k B[arm, i, k] · t(slot, k)`, `arm = r % batch − first`, `slot = r − first` (one
+/// batch per position of a prompt chunk; for one position slot = arm).
 struct LoraRef<'a> {
     first: usize,
+    batch: usize,
     rank: usize,
     /// `[arms, rows, rank]`.
     b: &'a [f32],
@@ -218,10 +223,10 @@ fn matvec_lora_ref(
             let mut terms: Vec<f64> = (0..cols)
                 .map(|c| f64::from(w[i * cols + c]) * f64::from(x[r * cols + c]))
                 .collect();
-            if r >= lora.first {
-                let arm = r - lora.first;
+            if r % lora.batch >= lora.first {
+                let (arm, slot) = (r % lora.batch - lora.first, r - lora.first);
                 terms.extend((0..lora.rank).map(|k| {
-                    f64::from(lora.b[(arm * rows + i) * lora.rank + k]) * (lora.t)(arm, k)
+                    f64::from(lora.b[(arm * rows + i) * lora.rank + k]) * (lora.t)(slot, k)
                 }));
             }
             want[r * rows + i] = terms.iter().sum::<f64>() as f32;
@@ -232,81 +237,101 @@ fn matvec_lora_ref(
 }
 
 /// The LoRA path of an ARM row: one `lora_down` for two projections sharing an input
-/// (stacked ranks), then each projection's matvec adding its up half as it stores.
-/// Rows before `first` (the base) must come out exactly as plain matvec leaves them.
+/// (stacked ranks), then each projection's matvec adding its up half as it stores; for
+/// one position and for a prompt chunk of three (the batch repeated per position, each
+/// adapted row with its own t slot). Rows of the base (`r % batch < first`) must come
+/// out exactly as plain matvec leaves them.
 /// Tolerance as matvec's, with the delta's own magnitude Σ|B·A·x| added.
 #[test]
 fn lora_down_and_matvec_epilogue() {
-    let (m, first, rank, cols) = (4, 1, 4, 96);
-    let arms = m - first;
+    let (batch, first, rank, cols) = (4, 1, 4, 96);
+    let arms = batch - first;
     let outs = [37, 301];
     let stacked = outs.len() * rank;
     let mut rng = SplitMix64::new(300);
-    let x = rng.signed_f32s(m * cols);
     let a = rng.signed_f32s(arms * stacked * cols);
-    let xb = storage_f32(ctx(), "x", &x);
     let ab = storage_f32(ctx(), "lora a", &a);
-    let tb = storage_zeros(ctx(), "lora t", arms * stacked);
-    let t_want: Vec<f64> = (0..arms * stacked)
-        .map(|ak| {
-            let r = first + ak / stacked;
-            (0..cols)
-                .map(|c| f64::from(a[ak * cols + c]) * f64::from(x[r * cols + c]))
-                .sum()
-        })
-        .collect();
-    for kind in [MatVecKind::RowPerWorkgroup, MatVecKind::RowPerInvocation] {
-        let k = kernels_with(kind);
-        let down = genarm::gpu::ops::LoraDown {
-            a: &ab,
-            t: &tb,
-            first,
-            arms,
-            rank: stacked,
-            inp: cols,
-        };
-        let down_op = k.lora_down(&down, &xb).unwrap();
-        run(&[&down_op]);
-        let t_got = read(&tb, arms * stacked);
-        let t_want32: Vec<f32> = t_want.iter().map(|&v| v as f32).collect();
-        check(&format!("lora_down {kind:?}"), &t_got, &t_want32, |_| 1e-4);
-        for (slot, &rows) in outs.iter().enumerate() {
-            let w = rng.signed_f32s(rows * cols);
-            let b = rng.signed_f32s(arms * rows * rank);
-            let (bytes, deq) = quantize(&w, rows, cols, WeightFormat::Q4_1);
-            // The larger projection is split in chunks: the epilogue indexes B by the
-            // global output row.
-            let limit = if rows > 100 { 2000 } else { u64::MAX };
-            let weight =
-                QuantWeight::upload(ctx(), "w", WeightFormat::Q4_1, rows, cols, &bytes, limit)
-                    .unwrap();
-            let bb = storage_f32(ctx(), "lora b", &b);
-            let yb = storage_zeros(ctx(), "y", m * rows);
-            let up = genarm::gpu::ops::LoraUp {
-                b: &bb,
+    for positions in [1, 3] {
+        let m = batch * positions;
+        let slots = m - first;
+        let x = rng.signed_f32s(m * cols);
+        let xb = storage_f32(ctx(), "x", &x);
+        let t_want: Vec<f64> = (0..slots * stacked)
+            .map(|sk| {
+                let r = first + sk / stacked;
+                if r % batch < first {
+                    return 0.0; // a base row's slot: never written
+                }
+                let ak = (r % batch - first) * stacked + sk % stacked;
+                (0..cols)
+                    .map(|c| f64::from(a[ak * cols + c]) * f64::from(x[r * cols + c]))
+                    .sum()
+            })
+            .collect();
+        for kind in [MatVecKind::RowPerWorkgroup, MatVecKind::RowPerInvocation] {
+            let k = kernels_with(kind);
+            let tb = storage_zeros(ctx(), "lora t", slots * stacked);
+            let down = genarm::gpu::ops::LoraDown {
+                a: &ab,
                 t: &tb,
                 first,
-                rank,
-                t_offset: slot * rank,
-                t_stride: stacked,
-                parts: 1,
+                arms,
+                rank: stacked,
+                inp: cols,
+                positions,
             };
-            let op = k.matvec_lora(&weight, &xb, &yb, m, &up).unwrap();
-            run(&[&op]);
-            let got = read(&yb, m * rows);
-            let lora = LoraRef {
-                first,
-                rank,
-                b: &b,
-                t: &|arm, k| t_want[arm * stacked + slot * rank + k],
-            };
-            let (want, mag) = matvec_lora_ref(&deq, &x, rows, cols, m, &lora);
-            let what = format!("matvec_lora {kind:?} {rows}x{cols} slot {slot}");
-            check(&what, &got, &want, |i| 1e-5 * mag[i] + 1e-5);
-            // The base row has no delta: bit-identical to plain matvec.
-            let plain = storage_zeros(ctx(), "y plain", m * rows);
-            run(&[&k.matvec(&weight, &xb, &plain, m).unwrap()]);
-            assert_eq!(read(&plain, rows), got[..rows].to_vec(), "{what}: base row");
+            let down_op = k.lora_down(&down, &xb).unwrap();
+            run(&[&down_op]);
+            let t_got = read(&tb, slots * stacked);
+            let t_want32: Vec<f32> = t_want.iter().map(|&v| v as f32).collect();
+            let what = format!("lora_down {kind:?} {positions} positions");
+            check(&what, &t_got, &t_want32, |_| 1e-4);
+            for (slot, &rows) in outs.iter().enumerate() {
+                let w = rng.signed_f32s(rows * cols);
+                let b = rng.signed_f32s(arms * rows * rank);
+                let (bytes, deq) = quantize(&w, rows, cols, WeightFormat::Q4_1);
+                // The larger projection is split in chunks: the epilogue indexes B by the
+                // global output row.
+                let limit = if rows > 100 { 2000 } else { u64::MAX };
+                let weight =
+                    QuantWeight::upload(ctx(), "w", WeightFormat::Q4_1, rows, cols, &bytes, limit)
+                        .unwrap();
+                let bb = storage_f32(ctx(), "lora b", &b);
+                let yb = storage_zeros(ctx(), "y", m * rows);
+                let up = genarm::gpu::ops::LoraUp {
+                    b: &bb,
+                    t: &tb,
+                    first,
+                    batch,
+                    rank,
+                    t_offset: slot * rank,
+                    t_stride: stacked,
+                    parts: 1,
+                };
+                let op = k.matvec_lora(&weight, &xb, &yb, m, &up).unwrap();
+                run(&[&op]);
+                let got = read(&yb, m * rows);
+                let lora = LoraRef {
+                    first,
+                    batch,
+                    rank,
+                    b: &b,
+                    t: &|s, k| t_want[s * stacked + slot * rank + k],
+                };
+                let (want, mag) = matvec_lora_ref(&deq, &x, rows, cols, m, &lora);
+                let what = format!(
+                    "matvec_lora {kind:?} {rows}x{cols} slot {slot}, {positions} positions"
+                );
+                check(&what, &got, &want, |i| 1e-5 * mag[i] + 1e-5);
+                // The base rows have no delta: bit-identical to plain matvec.
+                let plain = storage_zeros(ctx(), "y plain", m * rows);
+                run(&[&k.matvec(&weight, &xb, &plain, m).unwrap()]);
+                let plain = read(&plain, m * rows);
+                for r in (0..m).filter(|r| r % batch < first) {
+                    let row = r * rows..(r + 1) * rows;
+                    assert_eq!(plain[row.clone()], got[row], "{what}: base row {r}");
+                }
+            }
         }
     }
 }
@@ -374,6 +399,7 @@ fn rms_norm_with_lora_down() {
         arms,
         rank,
         inp: n,
+        positions: 1,
     };
     let op = kernels()
         .rms_norm_lora(&xb, &wb, &yb, rows, n, 1e-5, &down)
@@ -650,6 +676,7 @@ fn attention_over_positions(window: Option<usize>) {
             capacity: cap,
             rope,
             window,
+            positions: 1,
         };
         // Each row's q, k and v side by side, as the stacked q/k/v matvec stores them.
         let row_len = (heads + 2 * kvh) * hd;
@@ -806,6 +833,7 @@ fn attention_o_lora_parts_and_their_sum_in_matvec() {
         capacity: cap,
         rope: RopeStyle::HalfSplit,
         window: None,
+        positions: 1,
     };
     let bufs = AttentionBuffers {
         qkv: &qkv,
@@ -821,6 +849,7 @@ fn attention_o_lora_parts_and_their_sum_in_matvec() {
             arms,
             rank,
             inp: q_len,
+            positions: 1,
         }),
     };
     run(&[&kernels().attention(shape, &bufs, 1).unwrap()]);
@@ -870,6 +899,7 @@ fn attention_o_lora_parts_and_their_sum_in_matvec() {
         b: &bb,
         t: &parts,
         first,
+        batch: rows,
         rank,
         t_offset: 0,
         t_stride: heads * rank,
@@ -877,6 +907,7 @@ fn attention_o_lora_parts_and_their_sum_in_matvec() {
     };
     let lora = LoraRef {
         first,
+        batch: rows,
         rank,
         b: &b,
         t: &|arm, k| {

@@ -16,7 +16,7 @@ use crate::engine::{check_feed, check_guidance, AsyncEngine, Chosen, Engine, Ste
 use crate::error::{Error, Result};
 use crate::gpu::buffers::{storage_u32, storage_zeros};
 use crate::gpu::model::GpuLlama;
-use crate::gpu::ops::{Op, SampleBuffers, SampleSettings, SampleSettingsBuffers};
+use crate::gpu::ops::{Op, SampleBuffers, SampleSettings, SampleSettingsBuffers, MAX_MATVEC_ROWS};
 use crate::gpu::{gpu_error, GpuContext, Kernels};
 use crate::guide::{log_softmax, Sampler, SamplingParams};
 use crate::model::arm_plan::{group_arms, ArmPlan};
@@ -24,6 +24,49 @@ use crate::model::{BaseFacts, Checkpoint};
 
 /// The id the sampler writes when no guided score is finite.
 const NO_TOKEN: u32 = u32::MAX;
+
+/// The most positions one prompt chunk holds (fewer when the base has ARM rows: a
+/// chunk's rows are capped by [`MAX_MATVEC_ROWS`]). A prompt is fed in chunks of this
+/// many positions, the last one padded; each chunk reads the weights once.
+pub const PREFILL_POSITIONS: usize = 32;
+
+/// Compute dispatches of a prompt's forward passes and the pick after them, by length.
+#[derive(Clone, Copy, Debug)]
+pub struct PromptDispatches {
+    /// One decode step, all groups (a one-token prompt is one).
+    pub step: usize,
+    /// Positions per prompt chunk.
+    pub chunk_positions: usize,
+    /// One chunk's pass through the layers, all groups.
+    pub per_chunk: usize,
+    /// The last position's final norm and head, all groups.
+    pub head: usize,
+    /// The guided pick: logit statistics and the sample.
+    pub pick: usize,
+}
+
+impl PromptDispatches {
+    /// Dispatches from a `len`-token prompt to the first new token.
+    pub fn for_len(&self, len: usize) -> usize {
+        let forward = match len {
+            0 => 0,
+            1 => self.step,
+            _ => len.div_ceil(self.chunk_positions) * self.per_chunk + self.head,
+        };
+        forward + self.pick
+    }
+}
+
+/// Which positions of a feed go through the head.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Wanted {
+    /// None: a feed whose logits nobody reads.
+    None,
+    /// The last position's, for `step` and the guided pick.
+    Last,
+    /// Every position's, for `teacher_forced`.
+    Every,
+}
 
 /// A step submitted before the host asked for it.
 struct Speculative {
@@ -46,8 +89,15 @@ pub struct GpuEngine {
     facts: BaseFacts,
     /// `[id, pos]` of the token being fed.
     cur: wgpu::Buffer,
-    /// `[id, pos]` pairs of a multi-token feed, copied into `cur` one by one.
+    /// `[id, pos]` pairs of a feed: the last one is copied into `cur`.
     feed: wgpu::Buffer,
+    /// A prompt chunk's first position and ids (`model::CHUNK_POS`, `model::CHUNK_IDS`),
+    /// read by every group's chunk pass.
+    chunk: wgpu::Buffer,
+    /// The records of a feed's chunks, copied into `chunk` one by one.
+    chunk_feed: wgpu::Buffer,
+    /// Positions per prompt chunk.
+    chunk_positions: usize,
     /// `[rows, vocab]`: group 0's logits rows, then the other groups' cut rows.
     logits: wgpu::Buffer,
     settings: SampleSettingsBuffers,
@@ -101,6 +151,8 @@ impl GpuEngine {
         let cur = storage_u32(&ctx, "cur", &[0, 0]);
 
         let plan = group_arms(&base, &plans)?;
+        let chunk_positions = PREFILL_POSITIONS.min(MAX_MATVEC_ROWS / plan.base_rows.len().max(1));
+        let chunk = storage_zeros(&ctx, "chunk", 1 + chunk_positions);
         let rows_total = plan.base_rows.len() + plan.own.len();
         let logits = storage_zeros(&ctx, "logits", rows_total * vocab);
         let mut groups = vec![GpuLlama::load(
@@ -111,6 +163,7 @@ impl GpuEngine {
             capacity,
             &cur,
             Some(logits.clone()),
+            (&chunk, chunk_positions),
         )?];
         for (ckpt, adapter) in &plan.own {
             groups.push(GpuLlama::load(
@@ -121,6 +174,7 @@ impl GpuEngine {
                 capacity,
                 &cur,
                 None,
+                (&chunk, chunk_positions),
             )?);
         }
         let mut row_base = Vec::with_capacity(groups.len());
@@ -159,6 +213,11 @@ impl GpuEngine {
         )?;
         let capacity = groups.iter().map(GpuLlama::capacity).min().unwrap_or(1);
         let feed = storage_zeros(&ctx, "feed", 2 * capacity);
+        let chunk_feed = storage_zeros(
+            &ctx,
+            "chunk feed",
+            capacity.div_ceil(chunk_positions) * (1 + chunk_positions),
+        );
         let chosen_staging =
             [0, 1].map(|_| readback_buffer(&ctx, "chosen readback", chosen.size()));
         let next_pos = storage_u32(&ctx, "next pos", &[0]);
@@ -182,6 +241,9 @@ impl GpuEngine {
             facts,
             cur,
             feed,
+            chunk,
+            chunk_feed,
+            chunk_positions,
             logits,
             settings,
             chosen,
@@ -222,12 +284,14 @@ impl GpuEngine {
         check_feed(tokens, self.vocab, self.pos, self.capacity)
     }
 
-    /// Encodes the forward passes of `tokens` from the current position; after each
-    /// token `after_token(encoder, i)` may copy its results out.
+    /// Encodes the forward passes of `tokens` from the current position, and the head of
+    /// the `wanted` positions; after each position's head `after_token(encoder, i)` may
+    /// copy its results out. One token is a decode step; more go in prompt chunks.
     fn encode_feed(
         &mut self,
         encoder: &mut wgpu::CommandEncoder,
         tokens: &[u32],
+        wanted: Wanted,
         mut after_token: impl FnMut(&Self, &mut wgpu::CommandEncoder, usize),
     ) {
         let pairs: Vec<u32> = tokens
@@ -235,20 +299,75 @@ impl GpuEngine {
             .enumerate()
             .flat_map(|(i, &id)| [id, (self.pos + i) as u32])
             .collect();
-        self.ctx()
-            .queue
-            .write_buffer(&self.feed, 0, bytemuck::cast_slice(&pairs));
-        for i in 0..tokens.len() {
-            encoder.copy_buffer_to_buffer(&self.feed, (8 * i) as u64, &self.cur, 0, 8);
+        let queue = &self.ctx().queue;
+        queue.write_buffer(&self.feed, 0, bytemuck::cast_slice(&pairs));
+        // `cur` ends as a decode step leaves it: the last token and its position.
+        let last = (8 * (tokens.len() - 1)) as u64;
+        encoder.copy_buffer_to_buffer(&self.feed, last, &self.cur, 0, 8);
+        if tokens.len() == 1 {
             {
                 let mut pass = encoder.begin_compute_pass(&Default::default());
                 for g in &self.groups {
                     g.encode(&mut pass);
                 }
             }
-            after_token(self, encoder, i);
+            after_token(self, encoder, 0);
+            self.pos += 1;
+            return;
+        }
+        let n = self.chunk_positions;
+        let records = chunk_records(tokens, self.pos, n);
+        queue.write_buffer(&self.chunk_feed, 0, bytemuck::cast_slice(&records));
+        let record_bytes = (4 * (1 + n)) as u64;
+        for (c, chunk) in tokens.chunks(n).enumerate() {
+            let at = c as u64 * record_bytes;
+            encoder.copy_buffer_to_buffer(&self.chunk_feed, at, &self.chunk, 0, record_bytes);
+            {
+                let mut pass = encoder.begin_compute_pass(&Default::default());
+                for g in &self.groups {
+                    g.encode_chunk(&mut pass);
+                }
+            }
+            for j in 0..chunk.len() {
+                let i = c * n + j;
+                let head = match wanted {
+                    Wanted::None => false,
+                    Wanted::Last => i + 1 == tokens.len(),
+                    Wanted::Every => true,
+                };
+                if !head {
+                    continue;
+                }
+                for g in &self.groups {
+                    g.copy_chunk_position(encoder, j);
+                }
+                {
+                    let mut pass = encoder.begin_compute_pass(&Default::default());
+                    for g in &self.groups {
+                        g.encode_head(&mut pass);
+                    }
+                }
+                after_token(self, encoder, i);
+            }
         }
         self.pos += tokens.len();
+    }
+
+    /// What feeding a prompt and picking the token after it cost in compute dispatches.
+    pub fn prompt_dispatches(&self) -> PromptDispatches {
+        let sum = |f: fn(&GpuLlama) -> usize| -> usize { self.groups.iter().map(f).sum() };
+        PromptDispatches {
+            step: sum(GpuLlama::dispatch_count),
+            chunk_positions: self.chunk_positions,
+            per_chunk: sum(GpuLlama::chunk_dispatch_count),
+            head: sum(GpuLlama::head_dispatch_count),
+            pick: self.stats.dispatch_count() + self.sample.dispatch_count(),
+        }
+    }
+
+    /// Positions per prompt chunk.
+    pub fn chunk_positions(&self) -> usize {
+        self.chunk_positions
     }
 
     /// Copies every group's logits (full vocabularies) to `dst` at `offset` bytes.
@@ -401,7 +520,7 @@ impl GpuEngine {
                     .ctx()
                     .device
                     .create_command_encoder(&Default::default());
-                self.encode_feed(&mut encoder, tokens, |_, _, _| {});
+                self.encode_feed(&mut encoder, tokens, Wanted::Last, |_, _, _| {});
                 self.encode_pick(&mut encoder, 0);
                 let submission = self.ctx().queue.submit([encoder.finish()]);
                 self.launch_speculative(alphas, sampler, 1);
@@ -436,7 +555,7 @@ impl GpuEngine {
 
     /// [`Engine::step`] without blocking.
     pub async fn step_async(&mut self, tokens: &[u32]) -> Result<StepLogProbs> {
-        self.submit_feed(tokens, |e, encoder| {
+        self.submit_feed(tokens, Wanted::Last, |e, encoder| {
             e.copy_all_logits(encoder, &e.logits_staging, 0)
         })?;
         let host: Vec<f32> =
@@ -451,7 +570,7 @@ impl GpuEngine {
     /// [`Engine::feed`] without blocking: the tokens' forward passes, then a wait for
     /// them through the 8-byte `cur` word alone (no logits cross to the host).
     pub async fn feed_async(&mut self, tokens: &[u32]) -> Result<()> {
-        let submission = self.submit_feed(tokens, |e, encoder| {
+        let submission = self.submit_feed(tokens, Wanted::None, |e, encoder| {
             encoder.copy_buffer_to_buffer(&e.cur, 0, &e.fed_staging, 0, 8)
         })?;
         map_read(self.ctx(), &self.fed_staging, Some(submission)).await?;
@@ -463,6 +582,7 @@ impl GpuEngine {
     fn submit_feed(
         &mut self,
         tokens: &[u32],
+        wanted: Wanted,
         copy_out: impl FnOnce(&Self, &mut wgpu::CommandEncoder),
     ) -> Result<wgpu::SubmissionIndex> {
         self.ctx().check_lost()?;
@@ -473,7 +593,7 @@ impl GpuEngine {
             .ctx()
             .device
             .create_command_encoder(&Default::default());
-        self.encode_feed(&mut encoder, tokens, |_, _, _| {});
+        self.encode_feed(&mut encoder, tokens, wanted, |_, _, _| {});
         copy_out(self, &mut encoder);
         Ok(self.ctx().queue.submit([encoder.finish()]))
     }
@@ -494,7 +614,7 @@ impl GpuEngine {
             .ctx()
             .device
             .create_command_encoder(&Default::default());
-        self.encode_feed(&mut encoder, tokens, |engine, enc, i| {
+        self.encode_feed(&mut encoder, tokens, Wanted::Every, |engine, enc, i| {
             engine.copy_all_logits(enc, &staging, (i * floats * 4) as u64)
         });
         self.ctx().queue.submit([encoder.finish()]);
@@ -511,7 +631,6 @@ impl GpuEngine {
     }
 }
 
-/// A buffer the host can map to read what a copy put there.
 /// Floats in every model's logits rows, each over its own vocabulary.
 fn logits_floats(groups: &[GpuLlama]) -> usize {
     groups
@@ -520,6 +639,21 @@ fn logits_floats(groups: &[GpuLlama]) -> usize {
         .sum()
 }
 
+/// The chunk records of feeding `tokens` from position `pos`, `n` positions a chunk:
+/// each the chunk's first position and its `n` ids, the last chunk padded with id 0
+/// (its padding positions write cache entries past the feed, which attention never
+/// reads before a later feed writes them again).
+fn chunk_records(tokens: &[u32], pos: usize, n: usize) -> Vec<u32> {
+    let mut records = Vec::with_capacity(tokens.len().div_ceil(n) * (1 + n));
+    for (c, chunk) in tokens.chunks(n).enumerate() {
+        records.push((pos + c * n) as u32);
+        records.extend(chunk);
+        records.resize(records.len() + n - chunk.len(), 0);
+    }
+    records
+}
+
+/// A buffer the host can map to read what a copy put there.
 fn readback_buffer(ctx: &GpuContext, label: &str, size: u64) -> wgpu::Buffer {
     ctx.device.create_buffer(&wgpu::BufferDescriptor {
         label: Some(label),

@@ -12,7 +12,7 @@ pub mod uniforms;
 
 pub use buffers::{QuantWeight, WeightFormat};
 pub use device::GpuContext;
-pub use engine::GpuEngine;
+pub use engine::{GpuEngine, PromptDispatches};
 pub use ops::{Kernels, MatVecEpilogue, MatVecKind, MatVecStore};
 
 /// A failure of the GPU engine (no adapter, device lost, out of memory, a bad shape).

@@ -6,6 +6,12 @@
 //! op of a token's forward pass built with its bind groups. A step only encodes them.
 //! The token and its position are read from the two-word `cur` buffer, which the
 //! sampler or a copy of the prompt writes, so nothing is rebuilt per token.
+//!
+//! A prompt goes through a second set of the same ops built over a chunk of positions
+//! (each a batch of rows): every matvec reads its weights once for the whole chunk,
+//! attention lets each position see the cache and the chunk's earlier positions, and
+//! the KV caches are the decode step's own. Only the positions whose logits are wanted
+//! go through the head, one at a time in the decode step's buffers.
 
 use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Tensor};
@@ -13,10 +19,10 @@ use candle_core::{Device, Tensor};
 use crate::error::{Error, Result};
 use crate::gpu::buffers::{storage_f32, storage_zeros};
 use crate::gpu::ops::{
-    need, AttentionBuffers, AttentionShape, LoraDown, LoraUp, MatVecEpilogue, MatVecStore, Op,
-    RopeStyle, MAX_BATCH_ROWS,
+    AttentionBuffers, AttentionShape, LoraDown, LoraUp, MatVecEpilogue, MatVecStore, Op, RopeStyle,
+    MAX_BATCH_ROWS, MAX_MATVEC_ROWS,
 };
-use crate::gpu::{gpu_error, Kernels, QuantWeight, WeightFormat};
+use crate::gpu::{gpu_error, GpuContext, Kernels, QuantWeight, WeightFormat};
 use crate::model::config::{LlamaConfig, RopeLayout};
 use crate::model::llama::{self, Proj};
 use crate::model::lora::LoraAdapter;
@@ -26,16 +32,38 @@ use crate::model::weights::{Weight, WeightSource};
 pub const CUR_ID: usize = 0;
 /// Index of the token's position in `cur`.
 pub const CUR_POS: usize = 1;
+/// Index of a prompt chunk's first position in the chunk buffer; its ids follow.
+pub const CHUNK_POS: usize = 0;
+/// Index of a prompt chunk's first id in the chunk buffer.
+pub const CHUNK_IDS: usize = 1;
 
 pub struct GpuLlama {
     cfg: LlamaConfig,
     rows: usize,
     capacity: usize,
-    /// One token's forward, in order; the logits land in `logits`.
-    ops: Vec<Op>,
+    /// One token's forward through the layers, in order; the residual stream ends in
+    /// `step.x`.
+    step: Pass,
+    /// The final norm and the LM head over `step.x`; the logits land in `logits`.
+    head: Vec<Op>,
+    /// A prompt chunk's forward through the layers: `chunk.positions` positions at once,
+    /// each a batch of `rows` rows, the weights read once for all of them.
+    chunk: Pass,
     logits: wgpu::Buffer,
     /// Bytes of weights one token reads (for the bandwidth figure of `bench`).
     weight_bytes: u64,
+}
+
+/// The ops of one forward through the layers over `positions` positions (1: a decode
+/// step) and the scratch they work in.
+struct Pass {
+    positions: usize,
+    /// Where the embedding reads the ids and attention the first position.
+    ids: wgpu::Buffer,
+    id_index: usize,
+    pos_index: usize,
+    s: Scratch,
+    ops: Vec<Op>,
 }
 
 /// Activation scratch shared by all layers (they run one after another).
@@ -48,15 +76,61 @@ struct Scratch {
     /// The gate projection, then act(gate)·up stored over it (`MatVecStore::Gate`).
     act: wgpu::Buffer,
     lora_t: wgpu::Buffer,
+    /// Attention scores, `[rows, heads, capacity]`.
+    scores: wgpu::Buffer,
 }
 
-/// Loads weights onto the device and builds ops for one model.
+/// A scratch buffer, named for the helpers that build one op per pass.
+#[derive(Clone, Copy)]
+enum Buf {
+    X,
+    Xn,
+    Qkv,
+    Attn,
+    Act,
+}
+
+impl Scratch {
+    fn new(
+        ctx: &GpuContext,
+        cfg: &LlamaConfig,
+        rows: usize,
+        max_rank: usize,
+        capacity: usize,
+    ) -> Self {
+        let (h, hd) = (cfg.hidden_size, cfg.head_dim);
+        let (q_out, kv_out) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
+        Self {
+            x: storage_zeros(ctx, "x", rows * h),
+            xn: storage_zeros(ctx, "xn", rows * h),
+            qkv: storage_zeros(ctx, "qkv", rows * (q_out + 2 * kv_out)),
+            attn: storage_zeros(ctx, "attn", rows * q_out),
+            act: storage_zeros(ctx, "act", rows * cfg.intermediate_size),
+            // Per row: q/k/v's three stacked ranks, or o's partial sums, one per head.
+            lora_t: storage_zeros(ctx, "lora t", rows * cfg.num_heads.max(3) * max_rank),
+            scores: storage_zeros(ctx, "attention scores", rows * cfg.num_heads * capacity),
+        }
+    }
+
+    fn get(&self, b: Buf) -> &wgpu::Buffer {
+        match b {
+            Buf::X => &self.x,
+            Buf::Xn => &self.xn,
+            Buf::Qkv => &self.qkv,
+            Buf::Attn => &self.attn,
+            Buf::Act => &self.act,
+        }
+    }
+}
+
+/// Loads weights onto the device and builds the ops of both passes from them.
 struct Builder<'a> {
     kernels: &'a Kernels,
     src: &'a dyn WeightSource,
     cfg: &'a LlamaConfig,
     rows: &'a [Option<&'a LoraAdapter>],
-    ops: Vec<Op>,
+    /// The decode step and the prompt chunk, each op built for both.
+    passes: [Pass; 2],
     weight_bytes: u64,
     max_rank: usize,
 }
@@ -65,7 +139,9 @@ impl GpuLlama {
     /// Loads the model with one batch row per entry of `rows` (`None`: the plain
     /// weights, `Some(adapter)`: with that LoRA). `cur` holds `[id, pos]`; `logits`, if
     /// given, receives the `[rows, vocab]` logits (it may be longer), else the model
-    /// owns its own.
+    /// owns its own. `chunk` holds a prompt chunk's first position and its
+    /// `chunk_positions` ids ([`CHUNK_POS`], [`CHUNK_IDS`]).
+    #[allow(clippy::too_many_arguments)]
     pub fn load(
         kernels: &Kernels,
         src: &dyn WeightSource,
@@ -74,6 +150,7 @@ impl GpuLlama {
         capacity: usize,
         cur: &wgpu::Buffer,
         logits: Option<wgpu::Buffer>,
+        chunk: (&wgpu::Buffer, usize),
     ) -> Result<Self> {
         let m = rows.len();
         if !(1..=MAX_BATCH_ROWS).contains(&m) {
@@ -83,13 +160,18 @@ impl GpuLlama {
                 MAX_BATCH_ROWS - 1
             )));
         }
+        let (chunk_ids, chunk_positions) = chunk;
+        if chunk_positions == 0 || m * chunk_positions > MAX_MATVEC_ROWS {
+            return Err(gpu_error(format!(
+                "a prompt chunk of {chunk_positions} positions × {m} rows: want 1 to \
+                 {MAX_MATVEC_ROWS} rows"
+            )));
+        }
         for adapter in rows.iter().flatten() {
             llama::check_adapter_modules(adapter, cfg)?;
         }
         let ctx = kernels.context();
-        let (h, hd) = (cfg.hidden_size, cfg.head_dim);
-        let (q_out, kv_out) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
-        let inter = cfg.intermediate_size;
+        let h = cfg.hidden_size;
         let capacity = capacity.min(cfg.max_position_embeddings).max(1);
         let max_rank = rows
             .iter()
@@ -98,14 +180,13 @@ impl GpuLlama {
             .max()
             .unwrap_or(1)
             .max(1);
-        let s = Scratch {
-            x: storage_zeros(ctx, "x", m * h),
-            xn: storage_zeros(ctx, "xn", m * h),
-            qkv: storage_zeros(ctx, "qkv", m * (q_out + 2 * kv_out)),
-            attn: storage_zeros(ctx, "attn", m * q_out),
-            act: storage_zeros(ctx, "act", m * inter),
-            // Per row: q/k/v's three stacked ranks, or o's partial sums, one per head.
-            lora_t: storage_zeros(ctx, "lora t", m * cfg.num_heads.max(3) * max_rank),
+        let pass = |ids: &wgpu::Buffer, id_index, pos_index, positions| Pass {
+            positions,
+            ids: ids.clone(),
+            id_index,
+            pos_index,
+            s: Scratch::new(ctx, cfg, m * positions, max_rank, capacity),
+            ops: Vec::new(),
         };
         let logits = match logits {
             Some(b) => b,
@@ -124,97 +205,111 @@ impl GpuLlama {
             src,
             cfg,
             rows,
-            ops: Vec::new(),
+            passes: [
+                pass(cur, CUR_ID, CUR_POS, 1),
+                pass(chunk_ids, CHUNK_IDS, CHUNK_POS, chunk_positions),
+            ],
             weight_bytes: 0,
             max_rank,
         };
         let embed = b.weight(llama::EMBED, cfg.vocab_size, h)?;
-        b.ops.push(kernels.embedding(&embed, cur, CUR_ID, &s.x, m)?);
+        for p in &mut b.passes {
+            let op =
+                kernels.embedding_positions(&embed, &p.ids, p.id_index, &p.s.x, m, p.positions)?;
+            p.ops.push(op);
+        }
         for i in 0..cfg.num_layers {
             let [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj] =
                 Proj::ALL.map(|p| Projection::of(i, p, cfg));
             let norm = b.vector(&llama::input_norm(i), h)?;
             let projections = [q_proj, k_proj, v_proj];
-            let qkv = b.lora_group(&projections, &s.lora_t, true)?;
-            b.norm_and_lora_down(&s.x, &norm, &s.xn, &qkv, &s.lora_t)?;
-            b.stacked_linear(&projections, &s.xn, &s.qkv, qkv.up(0, &s.lora_t))?;
-            let o = b.lora_group(std::slice::from_ref(&o_proj), &s.lora_t, false)?;
-            let k_cache = storage_zeros(ctx, "k cache", m * cfg.num_kv_heads * capacity * hd);
-            let v_cache = storage_zeros(ctx, "v cache", m * cfg.num_kv_heads * capacity * hd);
-            let shape = AttentionShape {
-                rows: m,
-                heads: cfg.num_heads,
-                kv_heads: cfg.num_kv_heads,
-                head_dim: hd,
-                capacity,
-                rope: style,
-                window: cfg.sliding_window(i),
-            };
-            let buffers = AttentionBuffers {
-                qkv: &s.qkv,
-                k_cache: &k_cache,
-                v_cache: &v_cache,
-                pos: cur,
-                inv_freq: &inv_freq,
-                out: &s.attn,
-                // o_proj's LoRA down half, one partial sum per head, by the attention
-                // workgroups themselves.
-                o_lora: o.down(&s.lora_t, m),
-            };
-            b.ops.push(kernels.attention(shape, &buffers, CUR_POS)?);
+            let qkv = b.lora_group(&projections, true)?;
+            b.norm_and_lora_down(Buf::X, &norm, Buf::Xn, &qkv)?;
+            b.stacked_linear(&projections, Buf::Xn, Buf::Qkv, &qkv)?;
+            let o = b.lora_group(std::slice::from_ref(&o_proj), false)?;
+            // Both passes write the one cache of each layer.
+            let k_cache = storage_zeros(
+                ctx,
+                "k cache",
+                m * cfg.num_kv_heads * capacity * cfg.head_dim,
+            );
+            let v_cache = storage_zeros(
+                ctx,
+                "v cache",
+                m * cfg.num_kv_heads * capacity * cfg.head_dim,
+            );
+            for p in &mut b.passes {
+                let shape = AttentionShape {
+                    rows: m,
+                    heads: cfg.num_heads,
+                    kv_heads: cfg.num_kv_heads,
+                    head_dim: cfg.head_dim,
+                    capacity,
+                    rope: style,
+                    window: cfg.sliding_window(i),
+                    positions: p.positions,
+                };
+                let buffers = AttentionBuffers {
+                    qkv: &p.s.qkv,
+                    k_cache: &k_cache,
+                    v_cache: &v_cache,
+                    pos: &p.ids,
+                    inv_freq: &inv_freq,
+                    out: &p.s.attn,
+                    // o_proj's LoRA down half, one partial sum per head, by the attention
+                    // workgroups themselves.
+                    o_lora: o.down(&p.s.lora_t, m, p.positions),
+                };
+                let op = kernels.attention_in(shape, &buffers, p.pos_index, &p.s.scores)?;
+                p.ops.push(op);
+            }
             // The residual add is o_proj's store.
-            let o_lora = o.up_per_head(&s.lora_t, cfg.num_heads);
             let o_store = Store::new(MatVecStore::Add, cfg.o_bias);
-            b.linear(&o_proj, &s.attn, &s.x, o_lora, o_store)?;
+            b.linear(
+                &o_proj,
+                Buf::Attn,
+                Buf::X,
+                Lora::PerHead(&o, cfg.num_heads),
+                o_store,
+            )?;
 
             let norm = b.vector(&llama::post_attention_norm(i), h)?;
-            let gate_up = b.lora_group(&[gate_proj.clone(), up_proj.clone()], &s.lora_t, false)?;
-            b.norm_and_lora_down(&s.x, &norm, &s.xn, &gate_up, &s.lora_t)?;
+            let gate_up = b.lora_group(&[gate_proj.clone(), up_proj.clone()], false)?;
+            b.norm_and_lora_down(Buf::X, &norm, Buf::Xn, &gate_up)?;
             // up_proj stores act(gate) · up over gate_proj's output, and down_proj adds
             // into the residual stream: the gating, the add and the biases cost no
             // dispatch of their own.
-            let gate_lora = gate_up.up(0, &s.lora_t);
-            b.linear(
-                &gate_proj,
-                &s.xn,
-                &s.act,
-                gate_lora,
-                Store::new(MatVecStore::Write, cfg.mlp_bias),
-            )?;
-            let up_lora = gate_up.up(1, &s.lora_t);
-            b.linear(
-                &up_proj,
-                &s.xn,
-                &s.act,
-                up_lora,
-                Store::new(MatVecStore::Gate(cfg.hidden_act), cfg.mlp_bias),
-            )?;
-            let down = b.lora_group(std::slice::from_ref(&down_proj), &s.lora_t, false)?;
-            b.lora_down(&down, &s.act, &s.lora_t)?;
-            let down_lora = down.up(0, &s.lora_t);
-            b.linear(
-                &down_proj,
-                &s.act,
-                &s.x,
-                down_lora,
-                Store::new(MatVecStore::Add, cfg.mlp_bias),
-            )?;
+            let write = Store::new(MatVecStore::Write, cfg.mlp_bias);
+            b.linear(&gate_proj, Buf::Xn, Buf::Act, Lora::Up(&gate_up, 0), write)?;
+            let gate = Store::new(MatVecStore::Gate(cfg.hidden_act), cfg.mlp_bias);
+            b.linear(&up_proj, Buf::Xn, Buf::Act, Lora::Up(&gate_up, 1), gate)?;
+            let down = b.lora_group(std::slice::from_ref(&down_proj), false)?;
+            b.lora_down(&down, Buf::Act)?;
+            let add = Store::new(MatVecStore::Add, cfg.mlp_bias);
+            b.linear(&down_proj, Buf::Act, Buf::X, Lora::Up(&down, 0), add)?;
         }
         let norm = b.vector(llama::FINAL_NORM, h)?;
-        b.ops.push(kernels.rms_norm(&s.x, &norm, &s.xn, m, h, eps)?);
-        let head = if llama::head_tensor(cfg, src) == llama::EMBED {
+        let head_w = if llama::head_tensor(cfg, src) == llama::EMBED {
             b.weight_bytes += weight_size(&embed);
             embed
         } else {
             b.weight(llama::LM_HEAD, cfg.vocab_size, h)?
         };
-        b.ops.push(kernels.matvec(&head, &s.xn, &logits, m)?);
         let weight_bytes = b.weight_bytes;
+        let [step, chunk] = b.passes;
+        // Only the decode batch goes through the head: a chunk's positions are copied
+        // into `step.x` one at a time, and only those whose logits are wanted.
+        let head = vec![
+            kernels.rms_norm(&step.s.x, &norm, &step.s.xn, m, h, eps)?,
+            kernels.matvec(&head_w, &step.s.xn, &logits, m)?,
+        ];
         Ok(Self {
             cfg: cfg.clone(),
             rows: m,
             capacity,
-            ops: b.ops,
+            step,
+            head,
+            chunk,
             logits,
             weight_bytes,
         })
@@ -232,7 +327,12 @@ impl GpuLlama {
         self.capacity
     }
 
-    /// `[rows, vocab]` logits of the last encoded token.
+    /// Positions one prompt chunk holds.
+    pub fn chunk_positions(&self) -> usize {
+        self.chunk.positions
+    }
+
+    /// `[rows, vocab]` logits of the last encoded head.
     pub fn logits(&self) -> &wgpu::Buffer {
         &self.logits
     }
@@ -244,15 +344,50 @@ impl GpuLlama {
 
     /// Compute dispatches in one token's forward pass.
     pub fn dispatch_count(&self) -> usize {
-        self.ops.iter().map(Op::dispatch_count).sum()
+        count(&self.step.ops) + self.head_dispatch_count()
+    }
+
+    /// Compute dispatches in one prompt chunk's pass through the layers.
+    pub fn chunk_dispatch_count(&self) -> usize {
+        count(&self.chunk.ops)
+    }
+
+    /// Compute dispatches of the final norm and head.
+    pub fn head_dispatch_count(&self) -> usize {
+        count(&self.head)
     }
 
     /// Encodes one token's forward pass (token and position from `cur`).
     pub fn encode(&self, pass: &mut wgpu::ComputePass<'_>) {
-        for op in &self.ops {
+        for op in self.step.ops.iter().chain(&self.head) {
             op.encode_in(pass);
         }
     }
+
+    /// Encodes a prompt chunk's pass through the layers (first position and ids from the
+    /// chunk buffer); the KV caches take every position, no logits are computed.
+    pub fn encode_chunk(&self, pass: &mut wgpu::ComputePass<'_>) {
+        for op in &self.chunk.ops {
+            op.encode_in(pass);
+        }
+    }
+
+    /// Copies the residual stream of chunk position `j` to where the head reads it.
+    pub fn copy_chunk_position(&self, encoder: &mut wgpu::CommandEncoder, j: usize) {
+        let bytes = (self.rows * self.cfg.hidden_size * 4) as u64;
+        encoder.copy_buffer_to_buffer(&self.chunk.s.x, j as u64 * bytes, &self.step.s.x, 0, bytes);
+    }
+
+    /// Encodes the final norm and head over the residual stream in place.
+    pub fn encode_head(&self, pass: &mut wgpu::ComputePass<'_>) {
+        for op in &self.head {
+            op.encode_in(pass);
+        }
+    }
+}
+
+fn count(ops: &[Op]) -> usize {
+    ops.iter().map(Op::dispatch_count).sum()
 }
 
 fn weight_size(w: &QuantWeight) -> u64 {
@@ -329,14 +464,15 @@ impl Builder<'_> {
         ))
     }
 
-    /// `y = W · x` for every row, plus each ARM row's LoRA delta (`lora`, from the
-    /// projection's group) and the module's bias if `store` has one, stored as it says.
+    /// `y = W · x` for every row of both passes, plus each ARM row's LoRA delta (`lora`,
+    /// from the projection's group) and the module's bias if `store` has one, stored as
+    /// it says.
     fn linear(
         &mut self,
         proj: &Projection,
-        x: &wgpu::Buffer,
-        y: &wgpu::Buffer,
-        lora: Option<LoraUp<'_>>,
+        x: Buf,
+        y: Buf,
+        lora: Lora<'_>,
         store: Store,
     ) -> Result<()> {
         let (module, inp, out) = (&proj.module, proj.inp, proj.out);
@@ -345,15 +481,33 @@ impl Builder<'_> {
             true => Some(self.vector(&format!("{module}.bias"), out)?),
             false => None,
         };
-        let epilogue = MatVecEpilogue {
-            lora: lora.as_ref(),
-            bias: bias.as_ref(),
-            store: store.mode,
-        };
-        let op = self
-            .kernels
-            .matvec_with(&w, x, y, self.rows.len(), &epilogue)?;
-        self.ops.push(op);
+        self.push_matvec(&w, x, y, lora, bias.as_ref(), store.mode)
+    }
+
+    /// One matvec per pass over its scratch rows.
+    fn push_matvec(
+        &mut self,
+        w: &QuantWeight,
+        x: Buf,
+        y: Buf,
+        lora: Lora<'_>,
+        bias: Option<&wgpu::Buffer>,
+        store: MatVecStore,
+    ) -> Result<()> {
+        let m = self.rows.len();
+        for p in &mut self.passes {
+            let up = lora.up(&p.s.lora_t, m);
+            let epilogue = MatVecEpilogue {
+                lora: up.as_ref(),
+                bias,
+                store,
+            };
+            let rows = m * p.positions;
+            let op = self
+                .kernels
+                .matvec_with(w, p.s.get(x), p.s.get(y), rows, &epilogue)?;
+            p.ops.push(op);
+        }
         Ok(())
     }
 
@@ -364,9 +518,9 @@ impl Builder<'_> {
     fn stacked_linear(
         &mut self,
         parts: &[Projection],
-        x: &wgpu::Buffer,
-        y: &wgpu::Buffer,
-        lora: Option<LoraUp<'_>>,
+        x: Buf,
+        y: Buf,
+        lora: &LoraGroup,
     ) -> Result<()> {
         let names: Vec<String> = parts
             .iter()
@@ -394,16 +548,14 @@ impl Builder<'_> {
         } else {
             None
         };
-        let epilogue = MatVecEpilogue {
-            lora: lora.as_ref(),
-            bias: bias.as_ref(),
-            store: MatVecStore::Write,
-        };
-        let op = self
-            .kernels
-            .matvec_with(&w, x, y, self.rows.len(), &epilogue)?;
-        self.ops.push(op);
-        Ok(())
+        self.push_matvec(
+            &w,
+            x,
+            y,
+            Lora::Up(lora, 0),
+            bias.as_ref(),
+            MatVecStore::Write,
+        )
     }
 
     /// Uploads the LoRA factors of projections that read the same input: the rows' A
@@ -412,12 +564,7 @@ impl Builder<'_> {
     /// B for all of them for their [`Builder::stacked_linear`], block-diagonal over the
     /// slots of `t`. Rows from the first adapted one on take part; a row whose adapter
     /// lacks a projection gets zeros there.
-    fn lora_group(
-        &mut self,
-        projections: &[Projection],
-        t: &wgpu::Buffer,
-        stacked_up: bool,
-    ) -> Result<LoraGroup> {
+    fn lora_group(&mut self, projections: &[Projection], stacked_up: bool) -> Result<LoraGroup> {
         let up_count = if stacked_up { 1 } else { projections.len() };
         let adapted = |p: &Projection, row: &Option<&LoraAdapter>| {
             row.is_some_and(|a| a.modules.contains_key(&p.module))
@@ -520,7 +667,6 @@ impl Builder<'_> {
                 })
                 .collect()
         };
-        need(t, arms * stacked, "lora t", "LoRA group")?;
         Ok(LoraGroup {
             first,
             stride: stacked,
@@ -530,10 +676,13 @@ impl Builder<'_> {
         })
     }
 
-    /// The group's down-projection of `x` into `t`, if any row adapts it.
-    fn lora_down(&mut self, group: &LoraGroup, x: &wgpu::Buffer, t: &wgpu::Buffer) -> Result<()> {
-        if let Some(down) = group.down(t, self.rows.len()) {
-            self.ops.push(self.kernels.lora_down(&down, x)?);
+    /// The group's down-projection of `x` into each pass's `t`, if any row adapts it.
+    fn lora_down(&mut self, group: &LoraGroup, x: Buf) -> Result<()> {
+        let m = self.rows.len();
+        for p in &mut self.passes {
+            if let Some(down) = group.down(&p.s.lora_t, m, p.positions) {
+                p.ops.push(self.kernels.lora_down(&down, p.s.get(x))?);
+            }
         }
         Ok(())
     }
@@ -542,22 +691,26 @@ impl Builder<'_> {
     /// the same dispatch when any row adapts it.
     fn norm_and_lora_down(
         &mut self,
-        x: &wgpu::Buffer,
+        x: Buf,
         weight: &wgpu::Buffer,
-        y: &wgpu::Buffer,
+        y: Buf,
         group: &LoraGroup,
-        t: &wgpu::Buffer,
     ) -> Result<()> {
         let (m, n, eps) = (
             self.rows.len(),
             self.cfg.hidden_size,
             self.cfg.rms_norm_eps as f32,
         );
-        let op = match group.down(t, m) {
-            Some(down) => self.kernels.rms_norm_lora(x, weight, y, m, n, eps, &down)?,
-            None => self.kernels.rms_norm(x, weight, y, m, n, eps)?,
-        };
-        self.ops.push(op);
+        for p in &mut self.passes {
+            let (x, y, rows) = (p.s.get(x), p.s.get(y), m * p.positions);
+            let op = match group.down(&p.s.lora_t, m, p.positions) {
+                Some(down) => self
+                    .kernels
+                    .rms_norm_lora(x, weight, y, rows, n, eps, &down)?,
+                None => self.kernels.rms_norm(x, weight, y, rows, n, eps)?,
+            };
+            p.ops.push(op);
+        }
         Ok(())
     }
 }
@@ -608,8 +761,9 @@ impl LoraGroup {
         }
     }
 
-    /// The down half over batch rows `first..m`, if the group has one.
-    fn down<'a>(&'a self, t: &'a wgpu::Buffer, m: usize) -> Option<LoraDown<'a>> {
+    /// The down half over batch rows `first..m` of each of `positions` positions, if
+    /// the group has one.
+    fn down<'a>(&'a self, t: &'a wgpu::Buffer, m: usize, positions: usize) -> Option<LoraDown<'a>> {
         self.a.as_ref().map(|a| LoraDown {
             a,
             t,
@@ -617,30 +771,59 @@ impl LoraGroup {
             arms: m - self.first,
             rank: self.stride,
             inp: self.inp,
+            positions,
         })
     }
 
     /// The up half of a one-projection group whose down half the attention op computed
     /// as one partial sum per head.
-    fn up_per_head<'a>(&'a self, t: &'a wgpu::Buffer, heads: usize) -> Option<LoraUp<'a>> {
-        self.up(0, t).map(|up| LoraUp {
+    fn up_per_head<'a>(
+        &'a self,
+        t: &'a wgpu::Buffer,
+        m: usize,
+        heads: usize,
+    ) -> Option<LoraUp<'a>> {
+        self.up(0, t, m).map(|up| LoraUp {
             t_stride: self.stride * heads,
             parts: heads,
             ..up
         })
     }
 
-    /// Up half `i` (a projection's, or the stacked one), if any row adapts it.
-    fn up<'a>(&'a self, i: usize, t: &'a wgpu::Buffer) -> Option<LoraUp<'a>> {
+    /// Up half `i` (a projection's, or the stacked one) for batches of `m` rows, if any
+    /// row adapts it.
+    fn up<'a>(&'a self, i: usize, t: &'a wgpu::Buffer, m: usize) -> Option<LoraUp<'a>> {
         self.ups[i].as_ref().map(|(b, t_offset, rank)| LoraUp {
             b,
             t,
             first: self.first,
+            batch: m,
             rank: *rank,
             t_offset: *t_offset,
             t_stride: self.stride,
             parts: 1,
         })
+    }
+}
+
+/// Which LoRA up half a matvec adds, resolved per pass (each has its own `t`).
+#[derive(Clone, Copy)]
+enum Lora<'g> {
+    /// Up half `i` of the group.
+    Up(&'g LoraGroup, usize),
+    /// o_proj's, summing the partial down halves of this many attention heads.
+    PerHead(&'g LoraGroup, usize),
+}
+
+impl<'g> Lora<'g> {
+    fn up<'a>(self, t: &'a wgpu::Buffer, m: usize) -> Option<LoraUp<'a>>
+    where
+        'g: 'a,
+    {
+        match self {
+            Self::Up(group, i) => group.up(i, t, m),
+            Self::PerHead(group, heads) => group.up_per_head(t, m, heads),
+        }
     }
 }
 

@@ -37,6 +37,8 @@ uniform!(
     /// the LoRA variant) the low-rank delta of rows `lora_first..`: rank `lora_rank`,
     /// their down-projections at `lora_t_offset` of `lora_t_stride`-wide rows of `t`,
     /// as `lora_parts` consecutive partial sums (1 unless split per attention head).
+    /// A prompt chunk stacks `batch`-row batches, one per position: row `r` is batch
+    /// row `r % batch`, its `t` slot `r − lora_first`.
     MatVecParams {
         rows: u32,
         cols: u32,
@@ -47,7 +49,7 @@ uniform!(
         lora_t_offset: u32,
         lora_t_stride: u32,
         lora_parts: u32,
-        _pad0: u32,
+        batch: u32,
         _pad1: u32,
         _pad2: u32,
     }
@@ -65,7 +67,8 @@ uniform!(
 
 uniform!(
     /// [`RmsNormParams`] plus the LoRA down-projections of the normed rows
-    /// `first..first + arms`, `rank` stacked ranks each.
+    /// `first..first + arms` of every `batch`-row position (t slot: row − first), `rank`
+    /// stacked ranks each.
     RmsNormLoraParams {
         rows: u32,
         n: u32,
@@ -73,7 +76,7 @@ uniform!(
         first: u32,
         arms: u32,
         rank: u32,
-        _pad0: u32,
+        batch: u32,
         _pad1: u32,
     }
 );
@@ -89,8 +92,9 @@ uniform!(
 );
 
 uniform!(
-    /// Embedding of token `ids[id_index]` from a `[vocab, dim]` table into `rows` rows;
-    /// this dispatch holds table rows `row_start..row_start + chunk_rows`.
+    /// Embedding of token `ids[id_index + r / batch]` from a `[vocab, dim]` table into
+    /// each of `rows` rows (a prompt chunk: `batch` rows per position); this dispatch
+    /// holds table rows `row_start..row_start + chunk_rows`.
     EmbeddingParams {
         vocab: u32,
         dim: u32,
@@ -98,7 +102,7 @@ uniform!(
         id_index: u32,
         row_start: u32,
         chunk_rows: u32,
-        _pad0: u32,
+        batch: u32,
         _pad1: u32,
     }
 );
@@ -107,7 +111,9 @@ uniform!(
     /// One-query attention over a `[rows, kv_heads, capacity, head_dim]` KV cache at
     /// position `pos[pos_index]`, over the last `window` positions only when it is
     /// not 0; in the LoRA variant also each head's part of the o projection's down half
-    /// for rows `lora_first..`, rank `lora_rank`.
+    /// for rows `lora_first..`, rank `lora_rank`. A prompt chunk's `rows` are `batch`-row
+    /// batches, one per position `pos[pos_index] + r / batch`, each reading batch row
+    /// `r % batch`'s cache.
     AttentionParams {
         rows: u32,
         heads: u32,
@@ -119,19 +125,25 @@ uniform!(
         lora_first: u32,
         lora_rank: u32,
         window: u32,
-        _pad1: u32,
+        batch: u32,
         _pad2: u32,
     }
 );
 
 uniform!(
     /// The LoRA down-projections of batch rows `first..first + arms` for every
-    /// projection reading one input `cols` wide: `rank` stacked ranks per row.
+    /// projection reading one input `cols` wide: `rank` stacked ranks per row. Over a
+    /// prompt chunk the batch repeats per position: `slots` t rows, row `first + s`
+    /// for slot `s`, skipped where `(first + s) % (first + arms) < first`.
     LoraParams {
         arms: u32,
         rank: u32,
         cols: u32,
         first: u32,
+        slots: u32,
+        _pad0: u32,
+        _pad1: u32,
+        _pad2: u32,
     }
 );
 

@@ -221,6 +221,55 @@ async fn the_engine_matches_the_candle_engine_in_the_page() {
     assert_eq!(draws[0], draws[1], "same seed, same draws");
 }
 
+/// The chunked prompt prefill in the page: a prompt over two chunks and a bit (the last
+/// one padded), teacher-forced and stepped, against candle at every position; then a
+/// feed that ends mid-chunk continued by a step across the next chunk boundary.
+#[wasm_bindgen_test]
+async fn prompt_chunks_match_the_candle_engine_in_the_page() {
+    let ctx = context().await;
+    let mut gpu = GpuEngine::new(ctx, checkpoint(), vec![arm_plan()], Some(64)).unwrap();
+    let mut cpu =
+        CpuEngine::from_parts(checkpoint(), vec![arm_plan()], Some(64), &Device::Cpu).unwrap();
+    let n = gpu.chunk_positions();
+    let vocab = gpu.vocab_size() as u64;
+    let mut rng = crate::test_rng::SplitMix64::new(81);
+    let tokens: Vec<u32> = (0..2 * n + 3)
+        .map(|_| (rng.next_u64() % vocab) as u32)
+        .collect();
+    let got = gpu.teacher_forced_async(&tokens).await.unwrap();
+    let want = cpu.teacher_forced(&tokens).unwrap();
+    // The tolerance of the test above: WGSL's exp, log and sqrt may be a few ulps off.
+    let worst = |got: &[f32], want: &[f32]| {
+        got.iter()
+            .zip(want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max)
+    };
+    let mut max = 0f32;
+    for (gm, wm) in got.iter().zip(&want) {
+        assert_eq!(gm.len(), tokens.len());
+        for (g, w) in gm.iter().zip(wm) {
+            max = max.max(worst(g, w));
+        }
+    }
+    web_sys_log(&format!(
+        "chunks of {n}: worst teacher-forced |Δ log p| against candle {max:.2e}"
+    ));
+    assert!(max < 1e-3, "teacher-forced log-prob difference {max}");
+    let last = tokens.len() - 1;
+    for len in [n, tokens.len()] {
+        gpu.reset();
+        let lp = gpu.step_async(&tokens[..len]).await.unwrap();
+        let d = worst(&lp.base, &want[0][len - 1]).max(worst(&lp.arms[0], &want[1][len - 1]));
+        assert!(d < 1e-3, "a {len}-token step differs by {d}");
+    }
+    gpu.reset();
+    gpu.feed_async(&tokens[..3]).await.unwrap();
+    let lp = gpu.step_async(&tokens[3..]).await.unwrap();
+    let d = worst(&lp.base, &want[0][last]).max(worst(&lp.arms[0], &want[1][last]));
+    assert!(d < 1e-3, "a feed continued by a step differs by {d}");
+}
+
 fn web_sys_log(message: &str) {
     wasm_bindgen_test::console_log!("{message}");
 }

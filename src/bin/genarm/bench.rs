@@ -1,4 +1,4 @@
-//! `genarm bench`: decode speed base-only and with each added ARM.
+//! `genarm bench`: prefill and decode speed base-only and with each added ARM.
 
 use anyhow::{bail, Result};
 use clap::Args;
@@ -43,6 +43,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let prompt = bench_prompt(args.prompt_len, base.engine.vocab_size());
     let (backend, weight_bytes) = (base.engine.backend(), base.weight_bytes);
     let dispatches: Vec<Option<usize>> = configs.iter().map(|c| c.dispatches).collect();
+    let prompt_dispatches: Vec<Option<usize>> = configs
+        .iter()
+        .map(|c| c.prompt_dispatches.map(|d| d.for_len(args.prompt_len)))
+        .collect();
     let mut engines: Vec<(&mut dyn Engine, Vec<f32>)> = configs
         .iter_mut()
         .enumerate()
@@ -58,10 +62,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if args.json {
         let results: Vec<_> = rows
             .iter()
-            .zip(&dispatches)
-            .map(|(row, dispatches)| {
+            .zip(dispatches.iter().zip(&prompt_dispatches))
+            .map(|(row, (dispatches, prompt))| {
                 let mut v = serde_json::to_value(row).unwrap_or_default();
                 v["dispatches_per_token"] = serde_json::json!(dispatches);
+                v["dispatches_per_prompt"] = serde_json::json!(prompt);
                 v
             })
             .collect();
@@ -72,6 +77,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 "threads": threads,
                 "weight_bytes_per_token": weight_bytes,
                 "peak_rss_bytes": peak_rss,
+                "prompt_len": args.prompt_len,
                 "results": results,
             })
         );
@@ -104,6 +110,19 @@ pub fn run(args: BenchArgs) -> Result<()> {
             "  weights read per base token: {:.1} MB → {:.2} GB/s at the base-only speed",
             bytes as f64 / 1e6,
             bytes as f64 * rows[0].tokens_per_second / 1e9
+        );
+    }
+    outln!(
+        "prefill tokens/s of a {}-token prompt (up to the first new token), median of {} runs",
+        args.prompt_len,
+        args.runs
+    );
+    for (row, dispatches) in rows.iter().zip(&prompt_dispatches) {
+        let dispatches = dispatches.map_or(String::new(), |d| format!("   {d} dispatches/prompt"));
+        outln!(
+            "  {:<16} {:>8.1} tok/s{dispatches}",
+            row.config,
+            row.prefill_tokens_per_second
         );
     }
     Ok(())

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use candle_core::Device;
 use genarm::cpu::CpuEngine;
-use genarm::gpu::{GpuContext, GpuEngine};
+use genarm::gpu::{GpuContext, GpuEngine, PromptDispatches};
 use genarm::model::arm_plan::{plan_arm, plan_policy, ArmPlan};
 use genarm::model::Checkpoint;
 use genarm::{ArmSpec, Engine};
@@ -28,6 +28,8 @@ pub struct Loaded {
     pub weight_bytes: Option<u64>,
     /// Compute dispatches per token.
     pub dispatches: Option<usize>,
+    /// Compute dispatches from a prompt to its first new token.
+    pub prompt_dispatches: Option<PromptDispatches>,
 }
 
 /// Loads base (with `--lora` when given) and ARMs, with a spinner on stderr when it is a
@@ -56,12 +58,14 @@ pub fn load_engine_with(
             GpuEngine::new(ctx, base, plans, context).map(|e| Loaded {
                 weight_bytes: Some(e.weight_bytes_per_token()),
                 dispatches: Some(e.dispatches_per_token()),
+                prompt_dispatches: Some(e.prompt_dispatches()),
                 engine: Box::new(e),
             })
         } else {
             CpuEngine::from_parts(base, plans, context, &dev).map(|e| Loaded {
                 weight_bytes: None,
                 dispatches: None,
+                prompt_dispatches: None,
                 engine: Box::new(e),
             })
         }

@@ -61,7 +61,7 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Teacher-forced log-probabilities of given tokens (debugging and parity checks).
     Logits(logits::LogitsArgs),
-    /// Decode speed: tokens/s base-only and with the given ARMs.
+    /// Prefill and decode speed: tokens/s base-only and with the given ARMs.
     Bench(bench::BenchArgs),
     /// Write a PEFT LoRA adapter with random weights for a model (for timing and tests).
     InitLora(init_lora::InitLoraArgs),

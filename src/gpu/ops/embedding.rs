@@ -18,11 +18,28 @@ impl Kernels {
         out: &wgpu::Buffer,
         rows: usize,
     ) -> Result<Op> {
-        need(ids, id_index + 1, "ids", "embedding")?;
+        self.embedding_positions(table, ids, id_index, out, rows, 1)
+    }
+
+    /// [`Kernels::embedding`] of a prompt chunk: `positions` ids from `ids[id_index]` on,
+    /// each embedded into its own batch of `rows` rows (`out` is `[positions · rows,
+    /// dim]`).
+    pub fn embedding_positions(
+        &self,
+        table: &QuantWeight,
+        ids: &wgpu::Buffer,
+        id_index: usize,
+        out: &wgpu::Buffer,
+        rows: usize,
+        positions: usize,
+    ) -> Result<Op> {
+        need(ids, id_index + positions, "ids", "embedding")?;
+        let batch = rows;
+        let rows = rows * positions;
         need(out, rows * table.cols, "out", "embedding")?;
         let pipeline =
             self.pipeline::<EmbeddingParams>("embedding", Self::defines(Some(table.format), ""));
-        let groups = to_u32(table.cols.div_ceil(32), "groups")?;
+        let groups = to_u32(table.cols.div_ceil(32) * positions, "groups")?;
         let mut dispatches = Vec::with_capacity(table.chunks.len());
         for chunk in &table.chunks {
             let params = EmbeddingParams {
@@ -32,6 +49,7 @@ impl Kernels {
                 id_index: to_u32(id_index, "id_index")?,
                 row_start: to_u32(chunk.row_start, "row_start")?,
                 chunk_rows: to_u32(chunk.rows, "chunk rows")?,
+                batch: to_u32(batch, "batch")?,
                 ..Default::default()
             };
             dispatches.push(self.dispatch(

@@ -13,6 +13,19 @@ use super::{need, to_u32, Kernels, LoraUp, MatVecKind, Op, WG};
 /// LoRA ARM rows sharing its weight reads.
 pub const MAX_BATCH_ROWS: usize = 4;
 
+/// The most activation rows one matvec takes: a prompt chunk's batches, one per
+/// position, read the weights once. Each invocation keeps this many accumulators.
+pub const MAX_MATVEC_ROWS: usize = 32;
+
+/// Rows the workgroup matvec reduces at a time: workgroup memory for the partials is
+/// `WG · tile` floats, so it stays within WebGPU's 16 KiB guarantee for any batch.
+fn reduce_tile(m: usize) -> usize {
+    [4, 2, 1]
+        .into_iter()
+        .find(|&d| m.is_multiple_of(d))
+        .unwrap_or(1)
+}
+
 /// What a matvec does with each value `v = (W · x)[i]` it computes (plus any LoRA
 /// delta and bias): the ops that would otherwise follow it, folded into its store.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -56,7 +69,8 @@ pub struct MatVecEpilogue<'a> {
 
 impl Kernels {
     /// `y[r, :] = W · x[r, :]` for `r < m`: `W` is `[rows, cols]`, `x` is `[m, cols]`,
-    /// `y` is `[m, rows]`; 1 ≤ m ≤ [`MAX_BATCH_ROWS`]. One dispatch per weight chunk.
+    /// `y` is `[m, rows]`; 1 ≤ m ≤ [`MAX_MATVEC_ROWS`] (a batch, or a prompt chunk's
+    /// batches of every position). One dispatch per weight chunk.
     pub fn matvec(
         &self,
         w: &QuantWeight,
@@ -68,7 +82,8 @@ impl Kernels {
     }
 
     /// [`Kernels::matvec`] plus the LoRA delta of rows `up.first..m`, added as each
-    /// value is stored: `y[r, i] += Σ_k B[r - first, i, k] · t[r - first, offset + k]`.
+    /// value is stored: `y[r, i] += Σ_k B[r - first, i, k] · t[r - first, offset + k]`
+    /// (over a prompt chunk, B of batch row `r % up.batch`).
     pub fn matvec_lora(
         &self,
         w: &QuantWeight,
@@ -95,27 +110,29 @@ impl Kernels {
         epilogue: &MatVecEpilogue<'_>,
     ) -> Result<Op> {
         let up = epilogue.lora;
-        if !(1..=MAX_BATCH_ROWS).contains(&m) {
+        if !(1..=MAX_MATVEC_ROWS).contains(&m) {
             return Err(gpu_error(format!(
-                "matvec: batch of {m} rows, want 1..={MAX_BATCH_ROWS}"
+                "matvec: batch of {m} rows, want 1..={MAX_MATVEC_ROWS}"
             )));
         }
         need(x, m * w.cols, "x", "matvec")?;
         need(y, m * w.rows, "y", "matvec")?;
         if let Some(up) = up {
-            if up.first >= m
+            if up.first >= up.batch
+                || !m.is_multiple_of(up.batch)
                 || up.rank == 0
                 || up.parts == 0
                 || up.t_offset + up.parts * up.rank > up.t_stride
             {
                 return Err(gpu_error(format!(
-                    "matvec: LoRA rows {}..{m}, rank {} × {} parts at {} of {}",
-                    up.first, up.rank, up.parts, up.t_offset, up.t_stride
+                    "matvec: LoRA rows {}..{} of each {m}-row batch, rank {} × {} parts at {} \
+                     of {}",
+                    up.first, up.batch, up.rank, up.parts, up.t_offset, up.t_stride
                 )));
             }
-            let arms = m - up.first;
+            let arms = up.batch - up.first;
             need(up.b, arms * w.rows * up.rank, "lora b", "matvec")?;
-            need(up.t, arms * up.t_stride, "lora t", "matvec")?;
+            need(up.t, (m - up.first) * up.t_stride, "lora t", "matvec")?;
         }
         if let Some(bias) = epilogue.bias {
             need(bias, w.rows, "bias", "matvec")?;
@@ -133,7 +150,8 @@ impl Kernels {
             Self::defines(
                 Some(w.format),
                 &format!(
-                    "const M: u32 = {m}u;\n{}{}",
+                    "const M: u32 = {m}u;\nconst RT: u32 = {}u;\n{}{}",
+                    reduce_tile(m),
                     epilogue.store.defines(),
                     bias_source(epilogue.bias.map(|_| bias_binding))
                 ),
@@ -155,6 +173,7 @@ impl Kernels {
                 params.lora_t_offset = to_u32(up.t_offset, "lora t offset")?;
                 params.lora_t_stride = to_u32(up.t_stride, "lora t stride")?;
                 params.lora_parts = to_u32(up.parts, "lora parts")?;
+                params.batch = to_u32(up.batch, "lora batch")?;
                 buffers.extend([up.b, up.t]);
             }
             buffers.extend(epilogue.bias);

@@ -27,7 +27,7 @@ use crate::gpu::{gpu_error, GpuContext};
 
 pub use attention::{AttentionBuffers, AttentionShape, RopeStyle};
 pub use lora::{LoraDown, LoraUp};
-pub use matvec::{MatVecEpilogue, MatVecStore, MAX_BATCH_ROWS};
+pub use matvec::{MatVecEpilogue, MatVecStore, MAX_BATCH_ROWS, MAX_MATVEC_ROWS};
 pub use sampling::{SampleBuffers, SampleSettings, SampleSettingsBuffers};
 
 /// Threads per workgroup for row reductions and elementwise ops. 64 is the widest

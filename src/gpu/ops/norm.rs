@@ -66,17 +66,16 @@ impl Kernels {
                 dispatches: vec![d],
             });
         };
-        if down.arms == 0 || down.rank == 0 || down.first + down.arms > rows || down.inp != n {
+        let batch = down.first + down.arms;
+        if down.arms == 0 || down.rank == 0 || down.positions * batch != rows || down.inp != n {
             return Err(gpu_error(format!(
-                "rms_norm_lora: LoRA rows {}..{} of {rows}, rank {}, width {} (norm {n})",
-                down.first,
-                down.first + down.arms,
-                down.rank,
-                down.inp
+                "rms_norm_lora: LoRA rows {}..{batch} of {} positions' batches, {rows} rows, \
+                 rank {}, width {} (norm {n})",
+                down.first, down.positions, down.rank, down.inp
             )));
         }
         need(down.a, down.arms * down.rank * n, "a", "rms_norm_lora")?;
-        need(down.t, down.arms * down.rank, "t", "rms_norm_lora")?;
+        need(down.t, down.slots() * down.rank, "t", "rms_norm_lora")?;
         let params = RmsNormLoraParams {
             rows: rows_u32,
             n: n_u32,
@@ -84,6 +83,7 @@ impl Kernels {
             first: to_u32(down.first, "first")?,
             arms: to_u32(down.arms, "arms")?,
             rank: to_u32(down.rank, "rank")?,
+            batch: to_u32(batch, "batch")?,
             ..Default::default()
         };
         let pipeline = self.pipeline::<RmsNormLoraParams>("rms_norm_lora", Self::defines(None, ""));
@@ -91,7 +91,7 @@ impl Kernels {
             pipeline,
             &params,
             &[x, weight, y, down.a, down.t],
-            params.rows + params.arms * params.rank,
+            params.rows + to_u32(down.slots() * down.rank, "LoRA outputs")?,
         );
         Ok(Op {
             label: "rms_norm_lora",

@@ -4,6 +4,9 @@
 // q/k/v rows, `[heads + 2·kv_heads, head_dim]` each. One workgroup per (row, head):
 // scores go to a scratch buffer (the context can exceed workgroup memory), max and
 // sum are tree reductions. Calls o_lora_down from the prelude at the end.
+// A prompt chunk's rows are `batch`-row batches, one per position: row r queries at
+// pos + r / batch over batch row r % batch's cache, which the chunk's rope_kv_write
+// already filled up to the chunk's last position (causal: it reads only up to its own).
 // Defines: WG (power of two).
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -27,13 +30,14 @@ fn main(
     let r = idx / p.heads;
     let h = idx % p.heads;
     let g = h / (p.heads / p.kv_heads);
-    let n = select(0u, min(pos[p.pos_index], p.capacity - 1u) + 1u, live);
+    let at = pos[p.pos_index] + r / p.batch;
+    let n = select(0u, min(at, p.capacity - 1u) + 1u, live);
     // The first key the query sees: the cache stays full-size, older keys are skipped.
     let first = select(0u, n - min(p.window, n), p.window > 0u);
     let hd = p.head_dim;
     let qb = r * (p.heads + 2u * p.kv_heads) * hd + h * hd;
     let ob = idx * hd;
-    let cb = (r * p.kv_heads + g) * p.capacity * hd;
+    let cb = ((r % p.batch) * p.kv_heads + g) * p.capacity * hd;
     let sb = idx * p.capacity;
 
     var m = -3.0e38;

@@ -3,7 +3,10 @@
 // input at once: t[a, k] = Σ_c A[a, k, c] · x[first + a, c]. A stacks, per row, each
 // projection's `[rank, cols]` matrix zero-padded to the largest rank (zeros where the
 // row's adapter lacks the projection); matvec's LoRA epilogue does the up half.
-// One workgroup per (a, k).
+// One workgroup per (a, k). Over a prompt chunk the batch (first + arms rows) repeats
+// per position: t slot s (of p.slots) belongs to row first + s, and is computed only
+// where that row is an adapted one (row % batch ≥ first).
+// t is `[slots, rank]`; for one position slots = arms and slot = arm.
 // Defines: WG (power of two).
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -20,12 +23,14 @@ fn main(
     @builtin(local_invocation_index) tid: u32,
 ) {
     let ak = workgroup_index(wid, nwg);
-    let live = ak < p.arms * p.rank;
-    let arm = ak / p.rank;
+    let row = p.first + ak / p.rank;
+    let batch_row = row % (p.first + p.arms);
+    let live = ak < p.slots * p.rank && batch_row >= p.first;
+    let ab = ((batch_row - min(batch_row, p.first)) * p.rank + ak % p.rank) * p.cols;
     let n = select(0u, p.cols, live);
     var s = 0.0;
     for (var c = tid; c < n; c += WG) {
-        s += a[ak * p.cols + c] * x[(p.first + arm) * p.cols + c];
+        s += a[ab + c] * x[row * p.cols + c];
     }
     partial[tid] = s;
     workgroupBarrier();

@@ -1,5 +1,5 @@
 // lora_down.wgsl for CPU adapters: one invocation per (a, k) dot product, no
-// workgroup memory and no barriers (see matvec_rows.wgsl).
+// workgroup memory and no barriers (see matvec_rows.wgsl); slots as lora_down.wgsl.
 // Defines: WG.
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -14,13 +14,15 @@ fn main(
     @builtin(local_invocation_index) tid: u32,
 ) {
     let ak = workgroup_index(wid, nwg) * WG + tid;
-    if (ak >= p.arms * p.rank) {
+    let row = p.first + ak / p.rank;
+    let batch_row = row % (p.first + p.arms);
+    if (ak >= p.slots * p.rank || batch_row < p.first) {
         return;
     }
-    let arm = ak / p.rank;
+    let ab = ((batch_row - p.first) * p.rank + ak % p.rank) * p.cols;
     var s = 0.0;
     for (var c = 0u; c < p.cols; c++) {
-        s += a[ak * p.cols + c] * x[(p.first + arm) * p.cols + c];
+        s += a[ab + c] * x[row * p.cols + c];
     }
     t[ak] = s;
 }

@@ -7,14 +7,17 @@
 // lora_epilogue.wgsl; the plain variant's returns 0).
 // Adds the projection's bias (bias_at: 0 without one) and stores through store_y
 // (matvec_store.wgsl).
-// Defines: WG (power of two), M (1..4), FMT, STORE, ACT.
+// M is the batch (base + ARM rows), or a prompt chunk's batches of every position:
+// the weights are decoded once for all M rows. The partials are reduced RT rows at a
+// time (RT divides M), so workgroup memory stays WG · RT floats however large M is.
+// Defines: WG (power of two), M, RT, FMT, STORE, ACT.
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> w: array<u32>;
 @group(0) @binding(2) var<storage, read> x: array<f32>;
 @group(0) @binding(3) var<storage, read_write> y: array<f32>;
 
-var<workgroup> partial: array<f32, WG * M>;
+var<workgroup> partial: array<f32, WG * RT>;
 
 @compute @workgroup_size(WG)
 fn main(
@@ -50,22 +53,27 @@ fn main(
             }
         }
     }
-    for (var r = 0u; r < M; r++) {
-        partial[r * WG + tid] = acc[r];
-    }
-    workgroupBarrier();
-    for (var s = WG / 2u; s > 0u; s >>= 1u) {
-        if (tid < s) {
-            for (var r = 0u; r < M; r++) {
-                partial[r * WG + tid] += partial[r * WG + tid + s];
-            }
+    for (var r0 = 0u; r0 < M; r0 += RT) {
+        for (var r = 0u; r < RT; r++) {
+            partial[r * WG + tid] = acc[r0 + r];
         }
         workgroupBarrier();
-    }
-    if (tid == 0u && live) {
-        for (var r = 0u; r < M; r++) {
-            let i = p.row_offset + row;
-            store_y(r * p.y_stride + i, partial[r * WG] + lora_delta(r, i) + bias_at(i));
+        for (var s = WG / 2u; s > 0u; s >>= 1u) {
+            if (tid < s) {
+                for (var r = 0u; r < RT; r++) {
+                    partial[r * WG + tid] += partial[r * WG + tid + s];
+                }
+            }
+            workgroupBarrier();
         }
+        if (tid == 0u && live) {
+            for (var r = 0u; r < RT; r++) {
+                let i = p.row_offset + row;
+                let v = partial[r * WG] + lora_delta(r0 + r, i) + bias_at(i);
+                store_y((r0 + r) * p.y_stride + i, v);
+            }
+        }
+        // The next tile overwrites what thread 0 has just read.
+        workgroupBarrier();
     }
 }

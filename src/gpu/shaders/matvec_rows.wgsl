@@ -5,7 +5,8 @@
 // Adds the LoRA delta as matvec.wgsl does.
 // Adds the projection's bias (bias_at: 0 without one) and stores through store_y
 // (matvec_store.wgsl).
-// Defines: WG, M (1..4), FMT, STORE, ACT.
+// M is the batch, or a prompt chunk's batches of every position (see matvec.wgsl).
+// Defines: WG, M, FMT, STORE, ACT.
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> w: array<u32>;

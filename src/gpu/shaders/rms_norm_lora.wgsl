@@ -2,7 +2,9 @@
 // workgroups 0..rows write y as rms_norm does; workgroup rows + ak computes
 // t[ak] = Σ_c A[ak, c] · y[first + ak / rank, c] from x itself (its own sum of
 // squares), so it needs nothing the other workgroups write. A and t are laid out as
-// lora_down's: `[arms, rank, n]` and `[arms, rank]`.
+// lora_down's: `[arms, rank, n]` and `[slots, rank]`. Over a prompt chunk the rows
+// are `batch`-row batches, one per position: t slot s belongs to row first + s, which
+// is adapted when its batch row (row % batch) is first or later.
 // Defines: WG (power of two).
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -24,7 +26,10 @@ fn main(
     let lora = idx >= p.rows;
     let ak = idx - select(0u, p.rows, lora);
     let row = select(idx, p.first + ak / p.rank, lora);
-    let live = idx < p.rows + p.arms * p.rank;
+    let live = idx < p.rows + (p.rows - p.first) * p.rank;
+    let batch_row = row % p.batch;
+    let adapted = lora && batch_row >= p.first;
+    let ab = ((batch_row - select(batch_row, p.first, adapted)) * p.rank + ak % p.rank) * p.n;
     let n = select(0u, p.n, live);
     let base = row * p.n;
     // (sum of squares, A-row · x·weight): the norm's 1/rms is applied once at the end.
@@ -32,8 +37,8 @@ fn main(
     for (var c = tid; c < n; c += WG) {
         let v = x[base + c];
         acc.x += v * v;
-        if (lora) {
-            acc.y += a[ak * p.n + c] * v * weight[c];
+        if (adapted) {
+            acc.y += a[ab + c] * v * weight[c];
         }
     }
     partial[tid] = acc;
@@ -46,7 +51,7 @@ fn main(
     }
     let inv = 1.0 / sqrt(partial[0].x / f32(p.n) + p.eps);
     if (lora) {
-        if (tid == 0u && live) {
+        if (tid == 0u && live && adapted) {
             t[ak] = partial[0].y * inv;
         }
         return;

@@ -7,6 +7,8 @@
 // capacity are not stored (the host refuses them first). inv_freq comes from the host
 // so Llama 3.1 scaling needs no shader change. Defines: WG, INTERLEAVED (GGUF/Meta
 // pairs (2i, 2i+1); otherwise HF half-split pairs (i, i + d/2)).
+// A prompt chunk's rows are `batch`-row batches, one per position: row r sits at
+// t = pos[pos_index] + r / batch and writes batch row r % batch's caches.
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read_write> qkv: array<f32>;
@@ -38,9 +40,11 @@ fn main(
     let q_len = p.heads * p.head_dim;
     let kv_len = p.kv_heads * p.head_dim;
     let row_len = q_len + 2u * kv_len;
-    let t = pos[p.pos_index];
     let j = select(gid - q_pairs, gid, gid < q_pairs);
     let i = j % half;
+    // The row of this pair's head: q heads then kv heads, each row's in a run.
+    let r = (j / half) / select(p.kv_heads, p.heads, gid < q_pairs);
+    let t = pos[p.pos_index] + r / p.batch;
     let angle = f32(t) * inv_freq[i];
     let c = cos(angle);
     let s = sin(angle);
@@ -61,7 +65,8 @@ fn main(
     let head = j / half;
     let k = (head / p.kv_heads) * row_len + q_len + (head % p.kv_heads) * p.head_dim + off;
     let v = k + kv_len;
-    let at = (head * p.capacity + t) * p.head_dim + off;
+    let cache_head = (r % p.batch) * p.kv_heads + head % p.kv_heads;
+    let at = (cache_head * p.capacity + t) * p.head_dim + off;
     let x0 = qkv[k.x];
     let x1 = qkv[k.y];
     k_cache[at.x] = x0 * c - x1 * s;

@@ -672,6 +672,7 @@ function runStats(run, summary, firstTokenMs) {
   p.dataset.tokensPerSecond = String(summary.tokensPerSecond);
   p.dataset.firstTokenMs = String(firstTokenMs);
   p.dataset.tokens = String(summary.tokens.length);
+  p.dataset.promptTokens = String(summary.promptTokens);
   if (summary.tokensPerSecond > 0) $('speed').textContent = `${summary.tokensPerSecond.toFixed(1)} tokens/s`;
 }
 

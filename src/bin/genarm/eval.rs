@@ -181,7 +181,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
         match &bar {
             Some(pb) => pb.set_position(done),
             None if done.is_multiple_of(50) || done == total => {
-                eprintln!("{done}/{total} responses")
+                noteln!("{done}/{total} responses")
             }
             None => {}
         }
@@ -302,7 +302,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
             s.forward_passes_per_token
         );
     }
-    eprintln!("wrote {}", args.out.display());
+    noteln!("wrote {}", args.out.display());
     Ok(())
 }
 

@@ -270,7 +270,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         objective: args.loss.parse().map_err(anyhow::Error::msg)?,
     };
     let (train, eval) = split_pairs(tokenized, args.eval_frac, args.seed);
-    eprintln!(
+    noteln!(
         "{} pairs ({} skipped by the length limits): {} train, {} held out; longest sequence {max_len} tokens",
         pairs.len(),
         skipped,
@@ -307,12 +307,15 @@ pub fn run(args: TrainArgs) -> Result<()> {
                         pb.set_position(s.step as u64);
                         pb.set_message(msg);
                     }
-                    None => eprintln!("step {}/{} {msg}", s.step, s.total_steps),
+                    None => noteln!("step {}/{} {msg}", s.step, s.total_steps),
                 }
             }
-            Event::Eval(e) => eprintln!(
+            Event::Eval(e) => noteln!(
                 "epoch {}: held-out pairwise accuracy {:.3} over {} pairs, loss {:.4}",
-                e.epoch, e.eval_accuracy, e.eval_pairs, e.eval_loss
+                e.epoch,
+                e.eval_accuracy,
+                e.eval_pairs,
+                e.eval_loss
             ),
             Event::Checkpoint(_) => {}
         },
@@ -320,7 +323,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     if let Some(pb) = bar {
         pb.finish_and_clear();
     }
-    eprintln!(
+    noteln!(
         "wrote {} ({} steps{})",
         args.out.display(),
         summary.steps,

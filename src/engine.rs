@@ -83,6 +83,16 @@ pub fn check_feed(tokens: &[u32], vocab: usize, position: usize, context: usize)
     Ok(())
 }
 
+/// The rewind contract: only to a position already fed.
+pub fn check_rewind(position: usize, fed: usize) -> Result<()> {
+    if position > fed {
+        return Err(Error::Request(format!(
+            "cannot rewind to position {position}: only {fed} tokens were fed"
+        )));
+    }
+    Ok(())
+}
+
 /// The guidance contract: one finite weight per ARM and valid sampling settings.
 pub fn check_guidance(alphas: &[f32], arms: usize, sampling: &SamplingParams) -> Result<()> {
     check_alphas(alphas, arms)?;
@@ -121,6 +131,10 @@ pub trait Engine {
     fn position(&self) -> usize;
     /// Starts a new sequence.
     fn reset(&mut self);
+    /// Forgets the tokens from `position` on and keeps those before it (their caches),
+    /// so that another continuation of the same prefix need not read it again.
+    /// Refused past the tokens fed.
+    fn rewind(&mut self, position: usize) -> Result<()>;
     /// Feeds tokens after the ones already seen; returns log-probs at the last one.
     fn step(&mut self, tokens: &[u32]) -> Result<StepLogProbs>;
     /// Feeds tokens without reading any log-prob back (a chunk of a prompt whose

@@ -140,6 +140,22 @@ impl Decoder {
         prompt: &[u32],
         opts: GenerateOptions,
     ) -> Result<Self> {
+        Self::after_prefix(engine, tokenizer, prompt, opts, 0)
+    }
+
+    /// [`Decoder::new`] for an engine that already holds the first `held` tokens of
+    /// `prompt` (a second run on the same prompt, e.g. the page's base-only column
+    /// after its guided one): the engine is rewound to them instead of reset, and only
+    /// the rest of the prompt is read. `held` is clamped to what the engine has fed and
+    /// to all but the prompt's last token (the first pick reads its log-probs); the
+    /// caller vouches that those tokens are the prompt's.
+    pub fn after_prefix(
+        engine: &mut dyn Engine,
+        tokenizer: Option<&TextTokenizer>,
+        prompt: &[u32],
+        opts: GenerateOptions,
+        held: usize,
+    ) -> Result<Self> {
         check_alphas(&opts.alphas, engine.arm_labels().len())?;
         opts.sampling.validate().map_err(Error::Request)?;
         if prompt.is_empty() {
@@ -152,7 +168,12 @@ impl Decoder {
                 prompt.len()
             )));
         }
-        engine.reset();
+        let held = held.min(prompt.len() - 1).min(engine.position());
+        if held == 0 {
+            engine.reset();
+        } else {
+            engine.rewind(held)?;
+        }
         Ok(Self {
             sampler: Sampler::new(opts.sampling.clone()),
             opts,
@@ -162,7 +183,7 @@ impl Decoder {
             tokens: Vec::new(),
             prompt_tokens: prompt.len(),
             feed: prompt.to_vec(),
-            fed_ahead: 0,
+            fed_ahead: held,
             stop: None,
             started: Instant::now(),
             first_token_at: None,

@@ -530,6 +530,9 @@ struct Shared {
     settings: RefCell<Settings>,
     /// The next prompt chunk's size.
     prompt_chunk: Cell<PromptChunk>,
+    /// The prompt of the last run: the engine still holds it (and what followed), so
+    /// the next run reads only what differs from it.
+    held_prompt: RefCell<Vec<u32>>,
 }
 
 fn busy_error() -> JsError {
@@ -706,6 +709,7 @@ impl Session {
                 busy: Cell::new(false),
                 settings: RefCell::new(settings),
                 prompt_chunk: Cell::new(PromptChunk::first()),
+                held_prompt: RefCell::new(Vec::new()),
             }),
             facts,
             n_arms,
@@ -721,7 +725,8 @@ impl Session {
 
     /// Starts a run (replacing any unfinished one). `request`: `{ prompt | promptIds,
     /// chat, system, maxNewTokens, alphas, sampling: { temperature, topP, topK, seed,
-    /// greedy } }`. Returns `{ promptTokens }`.
+    /// greedy } }`. Returns `{ promptTokens, reusedTokens }`: the tokens the prompt
+    /// shares with the last run's are not read again.
     pub fn start(&self, request: JsValue) -> std::result::Result<JsValue, JsError> {
         let req: StartRequest = from_js(request, "generation request")?;
         if self.shared.busy.get() {
@@ -768,16 +773,20 @@ impl Session {
         };
         let mut engine = self.shared.engine.borrow_mut();
         let engine = engine.as_mut().ok_or_else(busy_error)?;
-        let decoder = Decoder::new(
-            engine.engine_mut(),
-            self.facts.tokenizer.as_ref(),
-            &ids,
-            opts,
-        )
-        .map_err(js_error)?;
+        let mut held_prompt = self.shared.held_prompt.borrow_mut();
+        let held = held_prompt
+            .iter()
+            .zip(&ids)
+            .take_while(|(a, b)| a == b)
+            .count();
+        let tokenizer = self.facts.tokenizer.as_ref();
+        let decoder = Decoder::after_prefix(engine.engine_mut(), tokenizer, &ids, opts, held)
+            .map_err(js_error)?;
+        let reused = decoder.prompt_progress().fed;
+        held_prompt.clone_from(&ids);
         *self.shared.decoder.borrow_mut() = Some(decoder);
         self.shared.prompt_chunk.set(PromptChunk::first());
-        to_js(&serde_json::json!({ "promptTokens": ids.len() }))
+        to_js(&serde_json::json!({ "promptTokens": ids.len(), "reusedTokens": reused }))
     }
 
     /// Feeds the next chunk of the prompt, sized to take about `PROMPT_CHUNK_TIME`, so

@@ -198,6 +198,80 @@ fn prompt_in_chunks(engine: &mut dyn Engine) {
     );
 }
 
+/// A second run on the same prompt keeps what the engine holds of it (`rewind`) and
+/// picks what a fresh run picks.
+fn second_run_keeps_the_prompt(engine: &mut dyn Engine) {
+    let prompt: Vec<u32> = (0..7).map(|i| (i * 5 + 2) % 40).collect();
+    engine.reset();
+    let first = engine.step(&prompt).unwrap();
+    engine.step(&[9]).unwrap();
+    engine.step(&[11]).unwrap();
+    refused(
+        engine.rewind(10),
+        "cannot rewind to position 10",
+        "rewind past the fed tokens",
+    );
+    assert_eq!(engine.position(), 9, "a refused rewind moved the position");
+    engine.rewind(6).unwrap();
+    assert_eq!(engine.position(), 6);
+    let again = engine.step(&prompt[6..]).unwrap();
+    for (a, b) in first.base.iter().zip(&again.base) {
+        assert!((a - b).abs() < 1e-5, "the kept prefix changed: {a} vs {b}");
+    }
+
+    let opts = |alpha: f32| GenerateOptions {
+        max_new_tokens: 5,
+        alphas: vec![alpha],
+        sampling: SamplingParams {
+            seed: 3,
+            ..SamplingParams::default()
+        },
+        ignore_eos: true,
+        ..GenerateOptions::default()
+    };
+    let run = |engine: &mut dyn Engine, mut decoder: Decoder| {
+        let mut tokens = Vec::new();
+        while let Some(event) = decoder.next(engine).unwrap() {
+            tokens.push(event.id);
+        }
+        tokens
+    };
+    let fresh = Decoder::new(engine, None, &prompt, opts(0.0)).unwrap();
+    let want = run(engine, fresh);
+    // The guided run, then the base alone on the prompt it left in the engine.
+    let guided = Decoder::new(engine, None, &prompt, opts(1.5)).unwrap();
+    run(engine, guided);
+    let kept = Decoder::after_prefix(engine, None, &prompt, opts(0.0), prompt.len()).unwrap();
+    assert_eq!(
+        kept.prompt_progress().fed,
+        prompt.len() - 1,
+        "all but the last token kept"
+    );
+    assert_eq!(
+        run(engine, kept),
+        want,
+        "the kept prompt picks what a fresh run picks"
+    );
+    // More than the engine holds is clamped to what it has fed.
+    engine.reset();
+    engine.step(&prompt[..2]).unwrap();
+    let clamped = Decoder::after_prefix(engine, None, &prompt, opts(0.0), prompt.len()).unwrap();
+    assert_eq!(clamped.prompt_progress().fed, 2);
+    assert_eq!(run(engine, clamped), want);
+}
+
+#[test]
+fn cpu_engine_keeps_a_prompt_for_the_next_run() {
+    let (base, arms) = model_files();
+    second_run_keeps_the_prompt(cpu_engine(&base, &arms).as_mut());
+}
+
+#[test]
+fn gpu_engine_keeps_a_prompt_for_the_next_run() {
+    let (base, arms) = model_files();
+    second_run_keeps_the_prompt(gpu_engine(&base, &arms).as_mut());
+}
+
 #[test]
 fn cpu_engine_feeds_a_prompt_in_chunks() {
     let (base, arms) = model_files();

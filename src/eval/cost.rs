@@ -132,6 +132,9 @@ impl Engine for CountingEngine<'_> {
     fn reset(&mut self) {
         self.inner.reset()
     }
+    fn rewind(&mut self, position: usize) -> Result<()> {
+        self.inner.rewind(position)
+    }
     fn step(&mut self, tokens: &[u32]) -> Result<StepLogProbs> {
         self.count(tokens.len());
         self.inner.step(tokens)

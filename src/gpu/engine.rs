@@ -12,7 +12,9 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::engine::{check_feed, check_guidance, AsyncEngine, Chosen, Engine, StepLogProbs};
+use crate::engine::{
+    check_feed, check_guidance, check_rewind, AsyncEngine, Chosen, Engine, StepLogProbs,
+};
 use crate::error::{Error, Result};
 use crate::gpu::buffers::{storage_u32, storage_zeros};
 use crate::gpu::model::GpuLlama;
@@ -741,6 +743,16 @@ impl Engine for GpuEngine {
         self.pos = 0;
         self.speculative = None;
         self.last_chosen = None;
+    }
+
+    fn rewind(&mut self, position: usize) -> Result<()> {
+        check_rewind(position, self.pos)?;
+        // A speculative step still in flight writes past `position`; the queue runs it
+        // before anything fed from here, which overwrites it.
+        self.pos = position;
+        self.speculative = None;
+        self.last_chosen = None;
+        Ok(())
     }
 
     fn step(&mut self, tokens: &[u32]) -> Result<StepLogProbs> {

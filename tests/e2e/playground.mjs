@@ -171,7 +171,13 @@ async function generate(page) {
   return page.evaluate(({ guided, base }) => {
     const stats = (run) => {
       const d = document.getElementById(`stats-${run}`).dataset;
-      return { tokens: Number(d.tokens), firstTokenMs: Number(d.firstTokenMs), tokensPerSecond: Number(d.tokensPerSecond) };
+      return {
+        tokens: Number(d.tokens),
+        firstTokenMs: Number(d.firstTokenMs),
+        tokensPerSecond: Number(d.tokensPerSecond),
+        promptTokens: Number(d.promptTokens),
+        reusedTokens: Number(d.reusedTokens),
+      };
     };
     return { guided, base, guidedStats: stats('guided'), baseStats: stats('base') };
   }, { guided, base });
@@ -573,6 +579,8 @@ async function firstRun(url, metrics) {
       console.log(`seed ${seed}\n  guided: ${JSON.stringify(out.guided)}\n  base:   ${JSON.stringify(out.base)}`);
       check(out.guided.trim().length > 0 && out.guided !== out.base, `seed ${seed}: the guided text differs from the base's`);
       check(!loops(out.guided), `seed ${seed}: the guided text does not loop`);
+      const { promptTokens, reusedTokens } = out.baseStats;
+      check(reusedTokens === promptTokens - 1, `seed ${seed}: the base-only run keeps ${reusedTokens} of the guided run's ${promptTokens} prompt tokens`);
     }
   } finally {
     await browser.close();

@@ -83,8 +83,24 @@ pub fn check_feed(tokens: &[u32], vocab: usize, position: usize, context: usize)
     Ok(())
 }
 
+/// The rewind contract: only to a position already fed.
+pub fn check_rewind(position: usize, fed: usize) -> Result<()> {
+    if position > fed {
+        return Err(Error::Request(format!(
+            "cannot rewind to position {position}: only {fed} tokens were fed"
+        )));
+    }
+    Ok(())
+}
+
 /// The guidance contract: one finite weight per ARM and valid sampling settings.
 pub fn check_guidance(alphas: &[f32], arms: usize, sampling: &SamplingParams) -> Result<()> {
+    check_alphas(alphas, arms)?;
+    sampling.validate().map_err(Error::Request)
+}
+
+/// One finite weight per ARM.
+pub fn check_alphas(alphas: &[f32], arms: usize) -> Result<()> {
     if alphas.len() != arms {
         return Err(Error::Request(format!(
             "{} ARM weights given for {arms} ARMs",
@@ -97,7 +113,7 @@ pub fn check_guidance(alphas: &[f32], arms: usize, sampling: &SamplingParams) ->
             i + 1
         )));
     }
-    sampling.validate().map_err(Error::Request)
+    Ok(())
 }
 
 pub trait Engine {
@@ -115,6 +131,10 @@ pub trait Engine {
     fn position(&self) -> usize;
     /// Starts a new sequence.
     fn reset(&mut self);
+    /// Forgets the tokens from `position` on and keeps those before it (their caches),
+    /// so that another continuation of the same prefix need not read it again.
+    /// Refused past the tokens fed.
+    fn rewind(&mut self, position: usize) -> Result<()>;
     /// Feeds tokens after the ones already seen; returns log-probs at the last one.
     fn step(&mut self, tokens: &[u32]) -> Result<StepLogProbs>;
     /// Feeds tokens without reading any log-prob back (a chunk of a prompt whose
@@ -140,6 +160,61 @@ pub trait Engine {
         check_guidance(alphas, self.arm_labels().len(), sampler.params())?;
         let lp = self.step(tokens)?;
         pick_on_host(&lp, alphas, sampler)
+    }
+}
+
+/// The two calls the decoding loop makes on an engine, awaitable: in the browser the
+/// WebGPU engine must await its device (a page cannot block on a readback), while
+/// every [`Engine`] takes part through [`Ready`], whose futures are done when first
+/// polled. So [`crate::generate::Decoder`] has one loop for native and browser.
+// The loop runs on one thread (the page's, or a blocked caller's): no `Send` bound.
+#[allow(async_fn_in_trait)]
+pub trait AsyncEngine {
+    /// The engine's non-blocking facts: position, context, ARMs.
+    fn engine(&self) -> &dyn Engine;
+    /// [`Engine::feed`].
+    async fn feed(&mut self, tokens: &[u32]) -> Result<()>;
+    /// [`Engine::guided_step`].
+    async fn guided_step(
+        &mut self,
+        tokens: &[u32],
+        alphas: &[f32],
+        sampler: &mut Sampler,
+    ) -> Result<Chosen>;
+}
+
+/// A synchronous engine seen through [`AsyncEngine`].
+pub struct Ready<'a>(pub &'a mut dyn Engine);
+
+impl AsyncEngine for Ready<'_> {
+    fn engine(&self) -> &dyn Engine {
+        &*self.0
+    }
+
+    async fn feed(&mut self, tokens: &[u32]) -> Result<()> {
+        self.0.feed(tokens)
+    }
+
+    async fn guided_step(
+        &mut self,
+        tokens: &[u32],
+        alphas: &[f32],
+        sampler: &mut Sampler,
+    ) -> Result<Chosen> {
+        self.0.guided_step(tokens, alphas, sampler)
+    }
+}
+
+/// The output of a future that awaits only [`Ready`] calls: it is done on its first
+/// poll, so no executor is needed.
+pub fn resolve_ready<T>(future: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    let mut future = std::pin::pin!(future);
+    let mut context = std::task::Context::from_waker(std::task::Waker::noop());
+    match future.as_mut().poll(&mut context) {
+        std::task::Poll::Ready(out) => out,
+        std::task::Poll::Pending => Err(Error::Request(
+            "internal: a synchronous engine step did not complete".into(),
+        )),
     }
 }
 

@@ -3,7 +3,7 @@
 
 use web_time::Instant;
 
-use crate::engine::{Chosen, Engine};
+use crate::engine::{check_alphas, resolve_ready, AsyncEngine, Chosen, Engine, Ready};
 use crate::error::{Error, Result};
 use crate::guide::{Sampler, SamplingParams};
 use crate::model::tokenizer::{TextTokenizer, TokenOutputStream};
@@ -100,9 +100,20 @@ pub fn generate(
     decoder.finish()
 }
 
+/// How much of the prompt is in the engine (see [`Decoder::prefill`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct PromptProgress {
+    /// Prompt tokens in the engine.
+    pub fed: usize,
+    pub total: usize,
+    /// Nothing more to feed ahead (or the run stopped): the next step picks a token.
+    pub done: bool,
+}
+
 /// The decoding loop one token at a time, for callers that must return to their
 /// event loop between tokens (the browser worker): weights and sampling settings may
 /// change between calls to [`Decoder::next`] — the sliders move while text streams.
+/// [`Decoder::next_async`] is the loop itself; `next` runs it on a synchronous engine.
 pub struct Decoder {
     opts: GenerateOptions,
     sampler: Sampler,
@@ -113,6 +124,8 @@ pub struct Decoder {
     prompt_tokens: usize,
     /// What the next step feeds: the prompt first, then the last chosen token.
     feed: Vec<u32>,
+    /// How many of `feed` are already in the engine (prompt chunks fed ahead).
+    fed_ahead: usize,
     stop: Option<StopReason>,
     started: Instant,
     first_token_at: Option<Instant>,
@@ -127,7 +140,23 @@ impl Decoder {
         prompt: &[u32],
         opts: GenerateOptions,
     ) -> Result<Self> {
-        check_alphas(engine, &opts.alphas)?;
+        Self::after_prefix(engine, tokenizer, prompt, opts, 0)
+    }
+
+    /// [`Decoder::new`] for an engine that already holds the first `held` tokens of
+    /// `prompt` (a second run on the same prompt, e.g. the page's base-only column
+    /// after its guided one): the engine is rewound to them instead of reset, and only
+    /// the rest of the prompt is read. `held` is clamped to what the engine has fed and
+    /// to all but the prompt's last token (the first pick reads its log-probs); the
+    /// caller vouches that those tokens are the prompt's.
+    pub fn after_prefix(
+        engine: &mut dyn Engine,
+        tokenizer: Option<&TextTokenizer>,
+        prompt: &[u32],
+        opts: GenerateOptions,
+        held: usize,
+    ) -> Result<Self> {
+        check_alphas(&opts.alphas, engine.arm_labels().len())?;
         opts.sampling.validate().map_err(Error::Request)?;
         if prompt.is_empty() {
             return Err(Error::Request("the prompt is empty".into()));
@@ -139,7 +168,12 @@ impl Decoder {
                 prompt.len()
             )));
         }
-        engine.reset();
+        let held = held.min(prompt.len() - 1).min(engine.position());
+        if held == 0 {
+            engine.reset();
+        } else {
+            engine.rewind(held)?;
+        }
         Ok(Self {
             sampler: Sampler::new(opts.sampling.clone()),
             opts,
@@ -149,6 +183,7 @@ impl Decoder {
             tokens: Vec::new(),
             prompt_tokens: prompt.len(),
             feed: prompt.to_vec(),
+            fed_ahead: held,
             stop: None,
             started: Instant::now(),
             first_token_at: None,
@@ -158,7 +193,7 @@ impl Decoder {
 
     /// New ARM weights, from the next token on.
     pub fn set_alphas(&mut self, engine: &dyn Engine, alphas: Vec<f32>) -> Result<()> {
-        check_alphas(engine, &alphas)?;
+        check_alphas(&alphas, engine.arm_labels().len())?;
         self.opts.alphas = alphas;
         Ok(())
     }
@@ -200,17 +235,70 @@ impl Decoder {
 
     /// Chooses and returns the next token, or `None` once decoding has stopped.
     pub fn next(&mut self, engine: &mut dyn Engine) -> Result<Option<TokenEvent>> {
-        if !self.ready(&*engine) {
+        resolve_ready(self.next_async(&mut Ready(engine)))
+    }
+
+    /// [`Decoder::next`] on an engine that may await its device: feeds what is left of
+    /// the prompt (or the last chosen token) and picks the next token.
+    pub async fn next_async<E: AsyncEngine + ?Sized>(
+        &mut self,
+        engine: &mut E,
+    ) -> Result<Option<TokenEvent>> {
+        if !self.due(engine.engine()) {
             return Ok(None);
         }
-        let chosen = engine.guided_step(&self.feed, &self.opts.alphas, &mut self.sampler)?;
+        let feed = &self.feed[self.fed_ahead..];
+        let chosen = engine
+            .guided_step(feed, &self.opts.alphas, &mut self.sampler)
+            .await?;
         self.accept(chosen).map(Some)
     }
 
+    /// Feeds up to `max_tokens` more of the prompt ahead of the first pick, so that a
+    /// caller can report progress and hear Stop while a long prompt goes in. The last
+    /// prompt token is left for the first [`Decoder::next`], which picks from its
+    /// log-probs. Optional: without it the first `next` feeds the whole prompt.
+    pub fn prefill(
+        &mut self,
+        engine: &mut dyn Engine,
+        max_tokens: usize,
+    ) -> Result<PromptProgress> {
+        resolve_ready(self.prefill_async(&mut Ready(engine), max_tokens))
+    }
+
+    /// [`Decoder::prefill`] on an engine that may await its device.
+    pub async fn prefill_async<E: AsyncEngine + ?Sized>(
+        &mut self,
+        engine: &mut E,
+        max_tokens: usize,
+    ) -> Result<PromptProgress> {
+        let total = self.prompt_tokens;
+        if self.tokens.is_empty() && self.due(engine.engine()) && self.fed_ahead + 1 < total {
+            let end = (self.fed_ahead + max_tokens.max(1)).min(total - 1);
+            engine.feed(&self.feed[self.fed_ahead..end]).await?;
+            self.fed_ahead = end;
+        }
+        Ok(self.prompt_progress())
+    }
+
+    /// How much of the prompt is in the engine.
+    pub fn prompt_progress(&self) -> PromptProgress {
+        let total = self.prompt_tokens;
+        let fed = if self.tokens.is_empty() {
+            self.fed_ahead
+        } else {
+            total
+        };
+        PromptProgress {
+            fed,
+            total,
+            done: self.stop.is_some() || fed + 1 >= total,
+        }
+    }
+
     /// Whether another token is due; records the stop (max tokens, full context) when
-    /// not. With [`Decoder::step_inputs`] and [`Decoder::accept`] this is `next` taken
-    /// apart, for engines stepped asynchronously (WebGPU in the browser).
-    pub fn ready(&mut self, engine: &dyn Engine) -> bool {
+    /// not.
+    fn due(&mut self, engine: &dyn Engine) -> bool {
         if self.stop.is_some() {
             return false;
         }
@@ -218,20 +306,16 @@ impl Decoder {
             self.end(StopReason::MaxTokens);
             return false;
         }
-        if engine.position() + self.feed.len() > engine.context_len() {
+        let to_feed = self.feed.len() - self.fed_ahead;
+        if engine.position() + to_feed > engine.context_len() {
             self.end(StopReason::ContextFull);
             return false;
         }
         true
     }
 
-    /// What the next step feeds, with the ARM weights and the sampler it uses.
-    pub fn step_inputs(&mut self) -> (&[u32], &[f32], &mut Sampler) {
-        (&self.feed, &self.opts.alphas, &mut self.sampler)
-    }
-
     /// Takes the token a step chose: streams its text and checks the stops.
-    pub fn accept(&mut self, chosen: Chosen) -> Result<TokenEvent> {
+    fn accept(&mut self, chosen: Chosen) -> Result<TokenEvent> {
         let id = chosen.id;
         self.first_token_at.get_or_insert_with(Instant::now);
         self.tokens.push(id);
@@ -248,6 +332,7 @@ impl Decoder {
             self.end(StopReason::StopString);
         }
         self.feed = vec![id];
+        self.fed_ahead = 0;
         Ok(TokenEvent {
             id,
             text: piece,
@@ -277,22 +362,6 @@ impl Decoder {
             tokens: self.tokens,
         })
     }
-}
-
-fn check_alphas(engine: &dyn Engine, alphas: &[f32]) -> Result<()> {
-    let n_arms = engine.arm_labels().len();
-    if alphas.len() != n_arms {
-        return Err(Error::Request(format!(
-            "{} ARM weights given for {n_arms} ARMs",
-            alphas.len()
-        )));
-    }
-    if let Some(a) = alphas.iter().find(|a| !a.is_finite()) {
-        return Err(Error::Request(format!(
-            "ARM weight must be finite, got {a}"
-        )));
-    }
-    Ok(())
 }
 
 /// The byte offset of the earliest stop string in `text`.

@@ -25,11 +25,11 @@ use wasm_bindgen::JsCast;
 use web_time::{Duration, Instant};
 
 use crate::cpu::CpuEngine;
-use crate::engine::Engine;
+use crate::engine::{check_alphas, AsyncEngine, Chosen, Engine};
 use crate::error::{Error, Result};
-use crate::generate::{Decoder, GenerateOptions, TokenEvent};
+use crate::generate::{Decoder, GenerateOptions, PromptProgress};
 use crate::gpu::{GpuContext, GpuEngine};
-use crate::guide::SamplingParams;
+use crate::guide::{Sampler, SamplingParams};
 use crate::model::arm_plan::ArmPlan;
 use crate::model::lora::{LoraAdapter, ADAPTER_CONFIG, ADAPTER_WEIGHTS, ARM_INFO};
 use crate::model::weights::Bytes;
@@ -266,47 +266,41 @@ enum AnyEngine {
 }
 
 impl AnyEngine {
-    fn engine(&mut self) -> &mut dyn Engine {
+    fn engine_mut(&mut self) -> &mut dyn Engine {
         match self {
             Self::Cpu(e) => e,
             Self::Gpu(e) => e.as_mut(),
         }
     }
+}
 
-    /// Feeds `tokens` without choosing one (a chunk of the prompt).
-    async fn feed(&mut self, tokens: &[u32]) -> Result<()> {
+/// The CPU engine steps synchronously; the WebGPU engine awaits its device (the
+/// browser cannot block on a readback).
+impl AsyncEngine for AnyEngine {
+    fn engine(&self) -> &dyn Engine {
         match self {
-            Self::Cpu(e) => e.feed(tokens),
-            Self::Gpu(e) => e.feed_async(tokens).await,
+            Self::Cpu(e) => e,
+            Self::Gpu(e) => e.as_ref(),
         }
     }
 
-    /// One token: the CPU engine steps synchronously; the WebGPU engine awaits its
-    /// device (the browser cannot block on a readback). `fed_ahead` prompt tokens of
-    /// the decoder's feed are already in the engine ([`Session::prefill`]).
-    async fn next_token(
-        &mut self,
-        decoder: &mut Decoder,
-        fed_ahead: usize,
-    ) -> Result<Option<TokenEvent>> {
-        // `ready` counts the whole prompt as still to feed; when part of it was fed
-        // ahead, `prefill` asked it before the first chunk, and only a Stop since
-        // can end the run.
-        let due = if fed_ahead == 0 {
-            decoder.ready(self.engine())
-        } else {
-            decoder.stop_reason().is_none()
-        };
-        if !due {
-            return Ok(None);
+    async fn feed(&mut self, tokens: &[u32]) -> Result<()> {
+        match self {
+            Self::Cpu(e) => e.feed(tokens),
+            Self::Gpu(e) => AsyncEngine::feed(e.as_mut(), tokens).await,
         }
-        let (feed, alphas, sampler) = decoder.step_inputs();
-        let feed = &feed[fed_ahead..];
-        let chosen = match self {
-            Self::Cpu(e) => e.guided_step(feed, alphas, sampler)?,
-            Self::Gpu(e) => e.guided_step_async(feed, alphas, sampler).await?,
-        };
-        decoder.accept(chosen).map(Some)
+    }
+
+    async fn guided_step(
+        &mut self,
+        tokens: &[u32],
+        alphas: &[f32],
+        sampler: &mut Sampler,
+    ) -> Result<Chosen> {
+        match self {
+            Self::Cpu(e) => e.guided_step(tokens, alphas, sampler),
+            Self::Gpu(e) => AsyncEngine::guided_step(e.as_mut(), tokens, alphas, sampler).await,
+        }
     }
 }
 
@@ -502,46 +496,20 @@ const PROMPT_CHUNK_TIME: Duration = Duration::from_millis(400);
 const FIRST_PROMPT_CHUNK: usize = 4;
 const MAX_PROMPT_CHUNK: usize = 64;
 
-/// The prompt phase of a run: the prompt tokens already in the engine, and the size
-/// of the next chunk.
+/// The size of the next prompt chunk, from how long the last one took.
 #[derive(Clone, Copy, Debug)]
-struct PromptPhase {
-    total: usize,
-    fed: usize,
-    chunk: usize,
-}
+struct PromptChunk(usize);
 
-impl PromptPhase {
-    fn new(total: usize) -> Self {
-        Self {
-            total,
-            fed: 0,
-            chunk: FIRST_PROMPT_CHUNK,
-        }
+impl PromptChunk {
+    fn first() -> Self {
+        Self(FIRST_PROMPT_CHUNK)
     }
 
-    /// The next chunk's size, from how long `tokens` took.
     fn resize(&mut self, tokens: usize, took: Duration) {
         let per_token = took.as_secs_f64() / tokens.max(1) as f64;
         let fits = PROMPT_CHUNK_TIME.as_secs_f64() / per_token.max(1e-6);
-        self.chunk = (fits as usize).clamp(1, MAX_PROMPT_CHUNK);
+        self.0 = (fits as usize).clamp(1, MAX_PROMPT_CHUNK);
     }
-
-    /// The last prompt token is left for the first guided step, which picks a token
-    /// from its log-probs.
-    fn ahead_done(&self) -> bool {
-        self.fed + 1 >= self.total
-    }
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct PromptProgress {
-    /// Prompt tokens in the engine.
-    fed: usize,
-    total: usize,
-    /// Nothing more to feed ahead (or the run stopped): call `next`.
-    done: bool,
 }
 
 /// What the queued setters leave for the next step.
@@ -560,8 +528,11 @@ struct Shared {
     decoder: RefCell<Option<Decoder>>,
     busy: Cell<bool>,
     settings: RefCell<Settings>,
-    /// `Some` from `start` until the first token is picked.
-    prompt: Cell<Option<PromptPhase>>,
+    /// The next prompt chunk's size.
+    prompt_chunk: Cell<PromptChunk>,
+    /// The prompt of the last run: the engine still holds it (and what followed), so
+    /// the next run reads only what differs from it.
+    held_prompt: RefCell<Vec<u32>>,
 }
 
 fn busy_error() -> JsError {
@@ -609,34 +580,15 @@ impl Shared {
         decoder: &mut Decoder,
     ) -> Result<PromptProgress> {
         self.apply_settings(engine, decoder)?;
-        let Some(mut phase) = self.prompt.get() else {
-            // The first token is out: the prompt is in.
-            return Ok(PromptProgress {
-                fed: 0,
-                total: 0,
-                done: true,
-            });
-        };
-        // Before the first chunk, whether the run is due at all (max tokens 0).
-        let due = if phase.fed == 0 {
-            decoder.ready(engine.engine())
-        } else {
-            decoder.stop_reason().is_none()
-        };
-        if due && !phase.ahead_done() {
-            let end = (phase.fed + phase.chunk).min(phase.total - 1);
-            let chunk = decoder.step_inputs().0[phase.fed..end].to_vec();
-            let started = Instant::now();
-            engine.feed(&chunk).await?;
-            phase.resize(chunk.len(), started.elapsed());
-            phase.fed = end;
-            self.prompt.set(Some(phase));
+        let mut chunk = self.prompt_chunk.get();
+        let started = Instant::now();
+        let before = decoder.prompt_progress().fed;
+        let progress = decoder.prefill_async(engine, chunk.0).await?;
+        if progress.fed > before {
+            chunk.resize(progress.fed - before, started.elapsed());
+            self.prompt_chunk.set(chunk);
         }
-        Ok(PromptProgress {
-            fed: phase.fed,
-            total: phase.total,
-            done: !due || phase.ahead_done(),
-        })
+        Ok(progress)
     }
 
     /// Picks one token.
@@ -645,11 +597,10 @@ impl Shared {
             return Ok(JsValue::NULL);
         };
         // The first step feeds what `prefill` left of the prompt; later ones, a token.
-        let fed_ahead = self.prompt.take().map_or(0, |p| p.fed);
         let applied = self.apply_settings(&mut engine, &mut decoder);
         let alphas = decoder.alphas().to_vec();
         let result = match applied {
-            Ok(()) => engine.next_token(&mut decoder, fed_ahead).await,
+            Ok(()) => decoder.next_async(&mut engine).await,
             Err(e) => Err(e),
         };
         self.put_back(engine, decoder);
@@ -673,7 +624,7 @@ impl Shared {
         }
         if s.dirty {
             s.dirty = false;
-            decoder.set_alphas(engine.engine(), s.alphas.clone())?;
+            decoder.set_alphas(AsyncEngine::engine(engine), s.alphas.clone())?;
             decoder.set_sampling(s.sampling.clone())?;
         }
         Ok(())
@@ -725,12 +676,12 @@ impl Session {
             .unwrap_or(WEB_DEFAULT_CONTEXT)
             .min(base.config.max_position_embeddings)
             .max(2);
-        let (mut engine, backend) = open_engine(base, plans, context, &options)
+        let (engine, backend) = open_engine(base, plans, context, &options)
             .await
             .map_err(js_error)?;
-        let facts = engine.engine().facts().clone();
-        let vocab_size = engine.engine().vocab_size();
-        let context_len = engine.engine().context_len();
+        let facts = AsyncEngine::engine(&engine).facts().clone();
+        let vocab_size = AsyncEngine::engine(&engine).vocab_size();
+        let context_len = AsyncEngine::engine(&engine).context_len();
         let n_arms = arm_out.len();
         let info = SessionInfo {
             backend,
@@ -757,7 +708,8 @@ impl Session {
                 decoder: RefCell::new(None),
                 busy: Cell::new(false),
                 settings: RefCell::new(settings),
-                prompt: Cell::new(None),
+                prompt_chunk: Cell::new(PromptChunk::first()),
+                held_prompt: RefCell::new(Vec::new()),
             }),
             facts,
             n_arms,
@@ -773,7 +725,8 @@ impl Session {
 
     /// Starts a run (replacing any unfinished one). `request`: `{ prompt | promptIds,
     /// chat, system, maxNewTokens, alphas, sampling: { temperature, topP, topK, seed,
-    /// greedy } }`. Returns `{ promptTokens }`.
+    /// greedy } }`. Returns `{ promptTokens, reusedTokens }`: the tokens the prompt
+    /// shares with the last run's are not read again.
     pub fn start(&self, request: JsValue) -> std::result::Result<JsValue, JsError> {
         let req: StartRequest = from_js(request, "generation request")?;
         if self.shared.busy.get() {
@@ -820,11 +773,20 @@ impl Session {
         };
         let mut engine = self.shared.engine.borrow_mut();
         let engine = engine.as_mut().ok_or_else(busy_error)?;
-        let decoder = Decoder::new(engine.engine(), self.facts.tokenizer.as_ref(), &ids, opts)
+        let mut held_prompt = self.shared.held_prompt.borrow_mut();
+        let held = held_prompt
+            .iter()
+            .zip(&ids)
+            .take_while(|(a, b)| a == b)
+            .count();
+        let tokenizer = self.facts.tokenizer.as_ref();
+        let decoder = Decoder::after_prefix(engine.engine_mut(), tokenizer, &ids, opts, held)
             .map_err(js_error)?;
+        let reused = decoder.prompt_progress().fed;
+        held_prompt.clone_from(&ids);
         *self.shared.decoder.borrow_mut() = Some(decoder);
-        self.shared.prompt.set(Some(PromptPhase::new(ids.len())));
-        to_js(&serde_json::json!({ "promptTokens": ids.len() }))
+        self.shared.prompt_chunk.set(PromptChunk::first());
+        to_js(&serde_json::json!({ "promptTokens": ids.len(), "reusedTokens": reused }))
     }
 
     /// Feeds the next chunk of the prompt, sized to take about `PROMPT_CHUNK_TIME`, so
@@ -852,16 +814,7 @@ impl Session {
     /// later runs.
     #[wasm_bindgen(js_name = setAlphas)]
     pub fn set_alphas(&self, alphas: Vec<f32>) -> std::result::Result<(), JsError> {
-        if alphas.len() != self.n_arms {
-            return Err(JsError::new(&format!(
-                "{} ARM weights given for {} ARMs",
-                alphas.len(),
-                self.n_arms
-            )));
-        }
-        if let Some(a) = alphas.iter().find(|a| !a.is_finite()) {
-            return Err(JsError::new(&format!("ARM weight must be finite, got {a}")));
-        }
+        check_alphas(&alphas, self.n_arms).map_err(js_error)?;
         let mut s = self.shared.settings.borrow_mut();
         s.alphas = alphas;
         s.dirty = true;
@@ -896,7 +849,6 @@ impl Session {
         let Some(decoder) = self.shared.decoder.borrow_mut().take() else {
             return Ok(JsValue::NULL);
         };
-        self.shared.prompt.set(None);
         self.shared.settings.borrow_mut().cancel = false;
         let g = decoder.finish().map_err(js_error)?;
         to_js(&RunSummary {

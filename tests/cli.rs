@@ -762,6 +762,64 @@ fn closed_pipes_and_full_disks_end_without_a_panic() {
     }
 }
 
+/// Messages on stderr are for a person: with stderr closed a command still does its
+/// work and succeeds, and a failing one still exits with 1, neither with a panic.
+#[test]
+fn a_closed_stderr_ends_nothing() {
+    use std::process::{Command, Stdio};
+    let dir = temp_dir("cli-stderr");
+    let model = tiny_text_model(&dir);
+    let arm = dir.join("arm");
+    let run = |args: &[&str]| {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_genarm"))
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stderr.take());
+        child.wait_with_output().unwrap()
+    };
+    let init = run(&[
+        "init-lora",
+        "--model",
+        s(&model),
+        "--rank",
+        "2",
+        "--out",
+        s(&arm),
+    ]);
+    assert_eq!(init.status.code(), Some(0), "init-lora with stderr closed");
+    assert!(arm.join("adapter_model.safetensors").is_file());
+    let generate = run(&[
+        "generate",
+        "--model",
+        s(&model),
+        "--arm",
+        s(&arm),
+        "--prompt",
+        "say",
+        "--max-new-tokens",
+        "3",
+    ]);
+    assert_eq!(
+        generate.status.code(),
+        Some(0),
+        "generate with stderr closed"
+    );
+    assert!(
+        !generate.stdout.is_empty(),
+        "generate still prints its text"
+    );
+    let missing = dir.join("missing.gguf");
+    let failed = run(&["generate", "--model", s(&missing), "--prompt", "say"]);
+    assert_eq!(
+        failed.status.code(),
+        Some(1),
+        "a failure with stderr closed"
+    );
+}
+
 #[test]
 fn existing_outputs_and_inputs_are_not_overwritten_without_overwrite() {
     let dir = temp_dir("cli-overwrite");

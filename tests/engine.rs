@@ -381,3 +381,82 @@ fn lora_tensors_that_cannot_apply_are_refused() {
     });
     assert!(err.contains("mlp.q_proj"), "{err}");
 }
+
+/// ARMs adapted in their top layer only: the rows share the layers below it (one row
+/// runs them, every row's cache gets its keys and values). The numbers are each
+/// merged model's, whether the prompt goes in whole or token by token, and rows fed
+/// different tokens after a shared prefix (candidates) see a whole history.
+#[test]
+fn arms_adapted_in_top_layers_share_the_layers_below() {
+    let cfg = TinyConfig::default();
+    let model = TinyModel::random(&cfg, 12);
+    let top = format!("layers.{}.", cfg.num_layers - 1);
+    let top_only = |seed| {
+        let mut lora = TinyLora::random(&cfg, 4, 8.0, &genarm::model::lora::TARGETS, seed);
+        lora.pairs.retain(|prefix, _| prefix.contains(&top));
+        lora
+    };
+    let (lora_a, lora_b) = (top_only(80), top_only(81));
+    let dir = temp_dir("lora-top");
+    let gguf = dir.join("tiny.gguf");
+    model.write_gguf(&gguf, GgmlDType::F32);
+    let (arm_a, arm_b) = (dir.join("arm-a"), dir.join("arm-b"));
+    write_lora_dir(&arm_a, &lora_a, "some/hub-name");
+    write_lora_dir(&arm_b, &lora_b, "some/hub-name");
+    let models = [
+        model.clone(),
+        model.with_lora_merged(&lora_a),
+        model.with_lora_merged(&lora_b),
+    ];
+    let want: Vec<_> = models
+        .iter()
+        .map(|m| reference_logprobs(m, &TOKENS))
+        .collect();
+
+    let mut engine = load(&gguf, &[arm_a.clone(), arm_b.clone()]);
+    let whole = engine.teacher_forced(&TOKENS).unwrap();
+    engine.reset();
+    let mut stepped = vec![engine.step(&TOKENS[..5]).unwrap()];
+    for t in &TOKENS[5..] {
+        stepped.push(engine.step(&[*t]).unwrap());
+    }
+    for (m, name) in ["base", "arm a", "arm b"].iter().enumerate() {
+        for pos in 0..TOKENS.len() {
+            let what = format!("{name} position {pos}");
+            assert_close(&whole[m][pos], &want[m][pos], F32_ATOL, 0.0, &what);
+        }
+        for (i, lp) in stepped.iter().enumerate() {
+            let row = if m == 0 { &lp.base } else { &lp.arms[m - 1] };
+            let what = format!("{name} stepped to position {}", i + 4);
+            assert_close(row, &want[m][i + 4], F32_ATOL, 0.0, &what);
+        }
+    }
+
+    // Rows fed different tokens after a shared prefix.
+    let ckpt = genarm::model::Checkpoint::open(&gguf).unwrap();
+    let adapters =
+        [&arm_a, &arm_b].map(|d| genarm::model::lora::LoraAdapter::open(d, &Device::Cpu).unwrap());
+    let rows = [None, Some(&adapters[0]), Some(&adapters[1])];
+    let mut llama = genarm::cpu::llama::Llama::load(
+        ckpt.source.as_ref(),
+        &ckpt.config,
+        &rows,
+        TOKENS.len(),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let prefix = &TOKENS[..6];
+    llama.forward(prefix, false).unwrap();
+    let next = [TOKENS[6], 50, 9];
+    let logits = llama
+        .forward_rows(&next.map(|t| vec![t]), false)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    for (m, (row, &t)) in logits.iter().zip(&next).enumerate() {
+        let tokens = [prefix, &[t]].concat();
+        let want = reference_logits(&models[m], &tokens);
+        let what = format!("row {m} fed {t} after the shared prefix");
+        assert_close(row, &want[6], F32_ATOL * 10.0, 0.0, &what);
+    }
+}

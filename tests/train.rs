@@ -19,7 +19,7 @@ use genarm::model::Checkpoint;
 use genarm::train::data::TokenizedPair;
 use genarm::train::loss::{dpo_loss_f64, genarm_loss, genarm_loss_f64, Objective};
 use genarm::train::trainer::{split_pairs, ArmLabel, TrainConfig, Trainer};
-use genarm::{generate, Engine, GenerateOptions, SamplingParams};
+use genarm::Engine;
 
 fn tiny_base(name: &str, seed: u64) -> (PathBuf, TinyModel) {
     let model = TinyModel::random(&TinyConfig::default(), seed);
@@ -206,29 +206,6 @@ fn lora_gradients_match_finite_differences() {
     assert!(checked >= 12);
 }
 
-fn marker_frequency(base: &Path, arm: Option<&Path>, alpha: f32, marker: u32) -> f64 {
-    let arms: Vec<PathBuf> = arm.map(|a| vec![a.to_path_buf()]).unwrap_or_default();
-    let mut engine = CpuEngine::load(base, &arms, None, &Device::Cpu).unwrap();
-    let (mut hits, mut total) = (0usize, 0usize);
-    for seed in 0..40u64 {
-        let opts = GenerateOptions {
-            max_new_tokens: 4,
-            alphas: if arm.is_some() { vec![alpha] } else { vec![] },
-            sampling: SamplingParams {
-                seed,
-                ..Default::default()
-            },
-            ignore_eos: true,
-            ..Default::default()
-        };
-        let prompt = [2 + (seed % 50) as u32, 7, 9];
-        let g = generate(&mut engine, None, &prompt, &opts, &mut |_| true).unwrap();
-        hits += g.tokens.iter().filter(|&&t| t == marker).count();
-        total += g.tokens.len();
-    }
-    hits as f64 / total as f64
-}
-
 /// Trains on pairs preferring token 13 (from `base_seed`'s tiny model) and checks the
 /// held-out pairwise accuracy reaches 0.95 and guidance with the result raises the
 /// token's frequency; returns the output directory.
@@ -285,9 +262,7 @@ fn learns_a_synthetic_preference_and_guidance_follows_it() {
     assert_eq!(info["beta_r"], 0.5);
 }
 
-/// Trains with `cfg` straight through, and again "killed" after 7 steps (the last
-/// checkpoint is at 7) then resumed by a new trainer; `saved` (the output weights)
-/// must be the same. Returns the interrupted run's directory.
+/// [`assert_resume_matches_uninterrupted`] on a fresh tiny base from `base_seed`.
 fn assert_resume_equals_uninterrupted(
     name: &str,
     base_seed: u64,
@@ -295,23 +270,7 @@ fn assert_resume_equals_uninterrupted(
     saved: &str,
 ) -> PathBuf {
     let (path, _) = tiny_base(name, base_seed);
-    let base = Checkpoint::open(&path).unwrap();
-    let (train, eval) = split_pairs(marker_pairs(80, 5, 3), 0.1, 2);
-    let label = ArmLabel::default();
-    let run = |out: &Path, resume: bool, max_steps: Option<usize>| {
-        Trainer::new(&base, cfg.clone(), out, 32, &Device::Cpu)
-            .unwrap()
-            .train(&train, &eval, &label, resume, max_steps, &mut |_| {})
-            .unwrap()
-    };
-    let straight = temp_dir(&format!("{name}-straight"));
-    run(&straight, false, None);
-    let broken = temp_dir(&format!("{name}-broken"));
-    run(&broken, false, Some(7));
-    let summary = run(&broken, true, None);
-    assert_eq!(summary.resumed_from, Some(7));
-    assert_same_safetensors(&straight.join(saved), &broken.join(saved));
-    broken
+    assert_resume_matches_uninterrupted(&path, name, cfg, saved)
 }
 
 #[test]

@@ -672,6 +672,7 @@ function runStats(run, summary, firstTokenMs) {
   p.dataset.tokensPerSecond = String(summary.tokensPerSecond);
   p.dataset.firstTokenMs = String(firstTokenMs);
   p.dataset.tokens = String(summary.tokens.length);
+  p.dataset.promptTokens = String(summary.promptTokens);
   if (summary.tokensPerSecond > 0) $('speed').textContent = `${summary.tokensPerSecond.toFixed(1)} tokens/s`;
 }
 
@@ -724,12 +725,13 @@ worker.onmessage = ({ data: msg }) => {
     }
     case 'runStart':
       state.runs[msg.run] = { count: 0, reward: 0, promptTokens: msg.promptTokens };
-      $(`stats-${msg.run}`).textContent = `reading the prompt (${msg.promptTokens} tokens)…`;
+      $(`stats-${msg.run}`).dataset.reusedTokens = String(msg.reusedTokens || 0);
+      $(`stats-${msg.run}`).textContent = msg.reusedTokens
+        ? `reading the prompt (${msg.promptTokens} tokens, ${msg.reusedTokens} kept from the last run)…`
+        : `reading the prompt (${msg.promptTokens} tokens)…`;
       break;
     case 'prompt':
-      // The base-only run reads the prompt again: the engine holds one sequence (its
-      // caches), which the guided run's tokens have extended past the prompt.
-      $(`stats-${msg.run}`).textContent = `reading the prompt: ${msg.fed} / ${msg.total} tokens${msg.run === 'base' ? ' (again: the engine keeps one sequence, and the guided run moved it on)' : ''}…`;
+      $(`stats-${msg.run}`).textContent = `reading the prompt: ${msg.fed} / ${msg.total} tokens…`;
       break;
     case 'token':
       appendToken(msg.run, msg.token, msg.count, msg.seconds);

@@ -5,7 +5,7 @@
 //                  maxNewTokens, alphas, sampling, compare} | setAlphas {alphas} |
 //                  setSampling {sampling} | stop | unload | clearCache
 //   worker → page  progress {label, loaded, total, fromCache} | notice {level, text, scope} |
-//                  ready {info, loadSeconds, memory} | runStart {run, promptTokens} |
+//                  ready {info, loadSeconds, memory} | runStart {run, promptTokens, reusedTokens} |
 //                  prompt {run, fed, total} |
 //                  token {run, token, count, seconds} | runEnd {run, summary, firstTokenMs,
 //                  memory} | done {stopped} | cacheCleared |
@@ -317,7 +317,7 @@ async function generate(req) {
       if (stopRequested) break;
       currentRun = run;
       const started = performance.now();
-      const { promptTokens } = session.start({
+      const { promptTokens, reusedTokens } = session.start({
         prompt: req.prompt,
         chat: req.chat,
         system: req.system || undefined,
@@ -325,7 +325,7 @@ async function generate(req) {
         alphas: run === 'base' ? alphas.map(() => 0) : alphas,
         sampling: req.sampling,
       });
-      post({ type: 'runStart', run, promptTokens });
+      post({ type: 'runStart', run, promptTokens, reusedTokens });
       // The prompt goes in by chunks of about 0.4 s: Stop is heard between
       // them, and the page shows how far it is.
       for (;;) {

@@ -420,6 +420,11 @@ pub struct Llama {
     /// Tokens already in the caches (the position of the next token).
     pos: usize,
     rows: usize,
+    /// Layers below the first one where some row has a LoRA delta. Rows fed the same
+    /// tokens (a base with its LoRA ARMs, always, while decoding) hold the same
+    /// activations there, so those layers run one row and copy its keys and values to
+    /// every row: ARMs adapted in their top layers only cost those layers.
+    shared_layers: usize,
     device: Device,
     /// The activation type (see `Precision`); logits are always returned in f32.
     dtype: DType,
@@ -516,6 +521,16 @@ impl Llama {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
+        let adapted = |layer: usize| {
+            rows.iter().flatten().any(|a| {
+                Proj::ALL
+                    .iter()
+                    .any(|&p| a.modules.contains_key(&llama::module_path(layer, p)))
+            })
+        };
+        let shared_layers = (0..cfg.num_layers)
+            .find(|&l| adapted(l))
+            .unwrap_or(cfg.num_layers);
         Ok(Self {
             cfg: cfg.clone(),
             embed,
@@ -528,6 +543,7 @@ impl Llama {
             capacity,
             pos: 0,
             rows: rows.len(),
+            shared_layers,
             device: device.clone(),
             dtype,
         })
@@ -710,7 +726,18 @@ impl Llama {
                 self.cfg.vocab_size
             )));
         }
-        let ids = Tensor::from_vec(flat, (self.rows, seq), &self.device)?;
+        // Rows fed the same tokens run the layers no row adapts as one row.
+        let same_tokens = self.rows > 1 && tokens.iter().all(|t| t == &tokens[0]);
+        let shared = if same_tokens {
+            self.shared_layers.min(layers)
+        } else {
+            0
+        };
+        let ids = if shared > 0 {
+            Tensor::from_vec(tokens[0].clone(), (1, seq), &self.device)?
+        } else {
+            Tensor::from_vec(flat, (self.rows, seq), &self.device)?
+        };
         let mut x = self.embed.forward(&ids)?.to_dtype(self.dtype)?;
         let cos = self.cos.narrow(0, self.pos, seq)?;
         let sin = self.sin.narrow(0, self.pos, seq)?;
@@ -723,6 +750,9 @@ impl Llama {
             .take(layers)
             .enumerate()
         {
+            if layer == shared {
+                x = every_row(x, self.rows)?;
+            }
             let window = self.cfg.sliding_window(layer);
             let window_mask = match window {
                 Some(_) => llama::causal_mask(seq, self.pos, n_rep, window, &self.device)?,
@@ -752,8 +782,17 @@ impl Llama {
             x = (residual + h)?;
         }
         self.pos += seq;
-        Ok(x)
+        every_row(x, self.rows)
     }
+}
+
+/// `x` (`[1, seq, hidden]` after shared layers, else already `[rows, …]`) for every row.
+fn every_row(x: Tensor, rows: usize) -> Result<Tensor> {
+    let (n, seq, hidden) = x.dims3()?;
+    if n == rows {
+        return Ok(x);
+    }
+    Ok(x.broadcast_as((rows, seq, hidden))?.contiguous()?)
 }
 
 /// Refuses a KV cache larger than the machine's memory before allocating it (an
@@ -832,11 +871,21 @@ fn attention(
     let q = apply_rope(&q, cos, sin, cfg.rope_layout)?;
     let k = apply_rope(&k, cos, sin, cfg.rope_layout)?;
 
-    cache.k.slice_set(&k, 2, pos)?;
-    cache.v.slice_set(&v, 2, pos)?;
+    // A layer the rows share runs one row; every row's cache still gets its keys and
+    // values, so a later call with different rows (candidates) finds a whole history.
+    let cache_rows = cache.k.dim(0)?;
+    let every_row = |t: Tensor| -> candle_core::Result<Tensor> {
+        if rows == cache_rows {
+            Ok(t)
+        } else {
+            t.broadcast_as((cache_rows, nkv, seq, hd))?.contiguous()
+        }
+    };
+    cache.k.slice_set(&every_row(k)?, 2, pos)?;
+    cache.v.slice_set(&every_row(v)?, 2, pos)?;
     let total = pos + seq;
-    let keys = cache.k.narrow(2, 0, total)?;
-    let values = cache.v.narrow(2, 0, total)?;
+    let keys = cache.k.narrow(0, 0, rows)?.narrow(2, 0, total)?;
+    let values = cache.v.narrow(0, 0, rows)?.narrow(2, 0, total)?;
 
     // Grouped-query attention without copying K/V: the n_rep query heads that share a
     // KV head are stacked as extra query rows of that head.

@@ -18,7 +18,8 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 
 use crate::engine::{
-    check_feed, check_guidance, pick_on_host, Chosen, Engine, StepLogProbs, DEFAULT_CONTEXT,
+    check_feed, check_guidance, check_rewind, pick_on_host, Chosen, Engine, StepLogProbs,
+    DEFAULT_CONTEXT,
 };
 use crate::error::Result;
 use crate::guide::Sampler;
@@ -202,6 +203,11 @@ impl Engine for CpuEngine {
 
     fn reset(&mut self) {
         self.groups.iter_mut().for_each(Llama::reset);
+    }
+
+    fn rewind(&mut self, position: usize) -> Result<()> {
+        check_rewind(position, self.position())?;
+        self.groups.iter_mut().try_for_each(|g| g.rewind(position))
     }
 
     fn step(&mut self, tokens: &[u32]) -> Result<StepLogProbs> {

@@ -16,13 +16,14 @@ use web_time::Instant;
 
 use super::arm_reward::ArmRewardModel;
 use super::cost::{Cost, CountingEngine, ForwardPasses};
+use super::kl::policy_kl;
 use super::reward_model::ScalarRewardModel;
 use super::run::{sample_seed, score_all, SampleRecord, Setting, SweepSpec};
 use super::scorers::Scorer;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::generate::{generate, GenerateOptions, StopReason};
-use crate::guide::{mix64, SamplingParams, SPLITMIX_GAMMA};
+use crate::guide::{mix64, SPLITMIX_GAMMA};
 use crate::model::tokenizer::TextTokenizer;
 
 /// How best-of-N ranks its candidates.
@@ -163,10 +164,12 @@ pub fn policy_setting(dir: &Path, n_arms: usize) -> Setting {
 
 /// Samples every prompt and seed of `spec` from `policy` (base + a policy LoRA, no
 /// ARMs) exactly as the sweep samples the base: the same seeds, options and scorers.
-/// Records are numbered `setting` and carry `setting_row`'s method.
+/// Records are numbered `setting` and carry `setting_row`'s method; each response's KL
+/// is the policy's log-probs against `base`'s (the sweep's base, no ARMs).
 #[allow(clippy::too_many_arguments)]
 pub fn run_policy(
     policy: &mut dyn Engine,
+    base: &mut dyn Engine,
     tokenizer: &TextTokenizer,
     eos_ids: &[u32],
     prompts: &[String],
@@ -183,6 +186,7 @@ pub fn run_policy(
             // One candidate: candidate 0 of a pool is sampled with the base sample's seed.
             let c =
                 sample_candidates(policy, tokenizer, &ids, 1, seed, spec, eos_ids)?.swap_remove(0);
+            let kl = policy_kl(policy, base, &ids, &c.tokens, &spec.sampling(seed))?;
             let rec = SampleRecord {
                 setting,
                 method: setting_row.method.clone(),
@@ -195,6 +199,7 @@ pub fn run_policy(
                 complete: c.complete,
                 seconds: c.cost.seconds,
                 forward_passes: c.cost.passes,
+                kl: Some(kl),
             };
             on_sample(&rec);
             records.push(rec);
@@ -344,12 +349,7 @@ pub fn sample_candidates(
         .map(|j| {
             let opts = GenerateOptions {
                 max_new_tokens: spec.max_new_tokens,
-                sampling: SamplingParams {
-                    temperature: spec.temperature,
-                    top_p: spec.top_p,
-                    seed: candidate_seed(seed, j),
-                    ..Default::default()
-                },
+                sampling: spec.sampling(candidate_seed(seed, j)),
                 eos_ids: eos_ids.to_vec(),
                 ..Default::default()
             };
@@ -752,6 +752,7 @@ pub fn run_baselines(
                     complete,
                     seconds: cost.seconds,
                     forward_passes: cost.passes,
+                    kl: None,
                 };
                 on_sample(&rec);
                 records.push(rec);

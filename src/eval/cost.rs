@@ -93,6 +93,11 @@ impl<'a> CountingEngine<'a> {
         }
     }
 
+    /// The wrapped engine, for work that is not the method's (measuring its output).
+    pub fn uncounted(&mut self) -> &mut dyn Engine {
+        &mut *self.inner
+    }
+
     /// The count so far, and a fresh start.
     pub fn take(&mut self) -> ForwardPasses {
         std::mem::take(&mut self.passes)
@@ -126,6 +131,9 @@ impl Engine for CountingEngine<'_> {
     }
     fn reset(&mut self) {
         self.inner.reset()
+    }
+    fn rewind(&mut self, position: usize) -> Result<()> {
+        self.inner.rewind(position)
     }
     fn step(&mut self, tokens: &[u32]) -> Result<StepLogProbs> {
         self.count(tokens.len());

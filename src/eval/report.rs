@@ -1,6 +1,6 @@
 //! `results.md`: one Markdown table comparing every method of an eval run — score per
-//! objective (mean ± 95% CI), win rate against base sampling, length, seconds per
-//! response and forward passes per generated token.
+//! objective (mean ± 95% CI), win rate against base sampling, KL to the base, length,
+//! seconds per response and forward passes per generated token.
 
 use std::fmt::Write;
 use std::path::Path;
@@ -20,6 +20,7 @@ pub fn markdown_table(summary: &[SettingSummary]) -> String {
     header.push(format!("win rate vs base ({})", names.join(" / ")));
     header.extend(
         [
+            "KL to base (mean ± 95% CI)",
             "tokens",
             "s/response",
             "forward passes/token",
@@ -47,6 +48,10 @@ pub fn markdown_table(summary: &[SettingSummary]) -> String {
         row.push(wins.join(" / "));
         let p = &s.forward_passes;
         row.extend([
+            s.kl.map_or_else(
+                || "–".to_string(),
+                |kl| format!("{:.3} ± {:.3}", kl.mean, kl.ci95),
+            ),
             format!("{:.1}", s.mean_tokens),
             format!("{:.3}", s.seconds_per_response),
             format!("{:.1}", s.forward_passes_per_token),
@@ -64,8 +69,10 @@ pub fn write_report(dir: &Path, summary: &[SettingSummary], command: &str) -> Re
     md.push_str(&markdown_table(summary));
     md.push_str(
         "\nWin rates compare each response with base sampling on the same prompt and seed \
-         (ties count ½). Forward passes are token positions through a transformer, summed \
-         over models (see docs/evaluation.md).\n",
+         (ties count ½). KL to base is the mean over responses of Σ_t log π_dec(y_t) − \
+         log π_base(y_t), π_dec being the distribution each response was sampled from \
+         (– for best-of-N and ARGS). Forward passes are token positions through a \
+         transformer, summed over models (see docs/evaluation.md).\n",
     );
     crate::model::lora::write_atomic(&dir.join("results.md"), md.as_bytes())
 }

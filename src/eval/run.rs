@@ -1,7 +1,8 @@
 //! α sweeps: generate for every held-out prompt under every ARM-weight setting, score
 //! each response with every scorer, and summarise per setting (mean ± 95% CI, win rate
 //! against base-only decoding on the same prompts and seeds, length, distinct-n, cost in
-//! forward passes and seconds). The baselines (`baselines`) write the same records.
+//! forward passes and seconds, KL to the base). The baselines (`baselines`) write the
+//! same records.
 
 use std::collections::{BTreeMap, HashSet};
 use std::io::Write;
@@ -10,6 +11,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use super::cost::{CountingEngine, ForwardPasses};
+use super::kl::guided_kl;
 use super::scorers::Scorer;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
@@ -30,6 +32,18 @@ pub struct SweepSpec {
     pub chat: bool,
     /// `{}` stands for the prompt line.
     pub template: String,
+}
+
+impl SweepSpec {
+    /// How every method of the run samples a response seeded `seed`.
+    pub fn sampling(&self, seed: u64) -> SamplingParams {
+        SamplingParams {
+            temperature: self.temperature,
+            top_p: self.top_p,
+            seed,
+            ..Default::default()
+        }
+    }
 }
 
 /// Every α combination of `values` over `n_arms` ARMs (the full grid), base first.
@@ -115,6 +129,10 @@ pub struct SampleRecord {
     pub seconds: f64,
     /// Token positions each model computed for this response.
     pub forward_passes: ForwardPasses,
+    /// `Σ_t log π_dec(y_t) − log π_base(y_t)` over this response (`super::kl`), the
+    /// per-response estimate of the decoding distribution's KL to the base; `None` for
+    /// methods that do not sample token by token from one distribution (best-of-N, ARGS).
+    pub kl: Option<f64>,
 }
 
 /// Mean forward passes per response, per model.
@@ -135,6 +153,13 @@ pub struct ScoreSummary {
     pub win_rate_vs_base: f64,
 }
 
+/// Mean and 95% CI half-width of the responses' KL estimates.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct KlSummary {
+    pub mean: f64,
+    pub ci95: f64,
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct SettingSummary {
     pub method: String,
@@ -150,6 +175,8 @@ pub struct SettingSummary {
     pub forward_passes: MeanPasses,
     /// All forward passes over all generated tokens (sums, not a mean of ratios).
     pub forward_passes_per_token: f64,
+    /// KL of the decoding distribution to the base, over the responses that have one.
+    pub kl: Option<KlSummary>,
 }
 
 /// Mean and 95% CI half-width of `xs`.
@@ -205,18 +232,15 @@ pub fn run_sweep(
                 let opts = GenerateOptions {
                     max_new_tokens: spec.max_new_tokens,
                     alphas: alphas.clone(),
-                    sampling: SamplingParams {
-                        temperature: spec.temperature,
-                        top_p: spec.top_p,
-                        seed,
-                        ..Default::default()
-                    },
+                    sampling: spec.sampling(seed),
                     eos_ids: eos_ids.to_vec(),
                     ..Default::default()
                 };
                 let started = web_time::Instant::now();
                 let g = generate(&mut engine, Some(tokenizer), &ids, &opts, &mut |_| true)?;
                 let seconds = started.elapsed().as_secs_f64();
+                let forward_passes = engine.take();
+                let kl = guided_kl(engine.uncounted(), &ids, &g.tokens, alphas, &opts.sampling)?;
                 let complete = g.stop == crate::generate::StopReason::Eos;
                 let text = g.text.unwrap_or_default();
                 let scores = score_all(scorers, &text, g.tokens.len(), complete);
@@ -231,7 +255,8 @@ pub fn run_sweep(
                     complete,
                     scores,
                     seconds,
-                    forward_passes: engine.take(),
+                    forward_passes,
+                    kl: Some(kl),
                 };
                 on_sample(&rec);
                 records.push(rec);
@@ -292,6 +317,11 @@ pub fn summarise(records: &[SampleRecord], settings: &[Setting]) -> Vec<SettingS
             let texts: Vec<&str> = rs.iter().map(|r| r.text.as_str()).collect();
             let passes: ForwardPasses = rs.iter().map(|r| r.forward_passes).sum();
             let tokens: usize = rs.iter().map(|r| r.tokens).sum();
+            let kls: Vec<f64> = rs.iter().filter_map(|r| r.kl).collect();
+            let kl = (!kls.is_empty()).then(|| {
+                let (mean, ci95) = mean_ci(&kls);
+                KlSummary { mean, ci95 }
+            });
             SettingSummary {
                 method: setting.method.clone(),
                 alphas: setting.alphas.clone(),
@@ -309,6 +339,7 @@ pub fn summarise(records: &[SampleRecord], settings: &[Setting]) -> Vec<SettingS
                     total: passes.total() as f64 / n,
                 },
                 forward_passes_per_token: passes.total() as f64 / tokens.max(1) as f64,
+                kl,
             }
         })
         .collect()
@@ -347,6 +378,8 @@ pub fn write_summary(dir: &Path, summary: &[SettingSummary]) -> Result<()> {
             "forward_passes_rm",
             "forward_passes_total",
             "forward_passes_per_token",
+            "kl_mean",
+            "kl_ci95",
         ]
         .map(String::from),
     );
@@ -373,6 +406,11 @@ pub fn write_summary(dir: &Path, summary: &[SettingSummary]) -> Result<()> {
         row.extend(
             [p.base, p.arm, p.rm, p.total, s.forward_passes_per_token].map(|x| format!("{x:.3}")),
         );
+        // Empty cells for the methods without a KL estimate.
+        row.extend(match s.kl {
+            Some(kl) => [kl.mean, kl.ci95].map(|x| format!("{x:.6}")),
+            None => [String::new(), String::new()],
+        });
         writeln!(csv, "{}", row.join(",")).map_err(|e| Error::io(dir, e))?;
     }
     crate::model::lora::write_atomic(&dir.join("summary.csv"), &csv)

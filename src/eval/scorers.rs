@@ -10,6 +10,7 @@
 //! |-------------------|-----------------------------------------------------------------|
 //! | `sentiment`       | [`SentimentScorer`] on VADER (`DATA_DIR/vader_lexicon.txt`)     |
 //! | `sentiment-afinn` | [`SentimentScorer`] on AFINN-165 (`DATA_DIR/AFINN-en-165.txt`)  |
+//! | `sentiment-once`  | VADER with each listed word or phrase counted once per text     |
 //! | `concise`         | [`ConciseScorer`]: fewer tokens for a complete answer           |
 //! | `length`          | [`LengthScorer`]: minus the response's tokens (concise, averaged) |
 //! | `wordlist:FILE`   | [`WordlistScorer`]: minus the number of listed words in the text |
@@ -45,7 +46,8 @@ impl std::fmt::Debug for dyn Scorer {
 }
 
 /// The scorer names [`scorer_from_spec`] accepts.
-pub const SCORER_SPECS: &str = "sentiment, sentiment-afinn, concise, length, wordlist:FILE";
+pub const SCORER_SPECS: &str =
+    "sentiment, sentiment-afinn, sentiment-once, concise, length, wordlist:FILE";
 
 /// Builds a scorer from its spec (see the module docs). Lexicons are read from
 /// `data_dir`; the `FILE` of `wordlist:FILE` is taken as given (relative paths are
@@ -60,6 +62,12 @@ pub fn scorer_from_spec(spec: &str, data_dir: &Path) -> Result<Box<dyn Scorer>> 
         "sentiment-afinn" => {
             let lexicon = Lexicon::afinn(&data_dir.join(AFINN_FILE))?;
             Ok(Box::new(SentimentScorer::new("sentiment-afinn", lexicon)))
+        }
+        "sentiment-once" => {
+            let lexicon = Lexicon::vader(&data_dir.join(VADER_FILE))?;
+            Ok(Box::new(
+                SentimentScorer::new("sentiment-once", lexicon).counting_repeats_once(),
+            ))
         }
         "concise" => Ok(Box::new(ConciseScorer)),
         "length" => Ok(Box::new(LengthScorer)),
@@ -368,6 +376,8 @@ pub const NEGATION_SCOPE: usize = 3;
 pub struct SentimentScorer {
     name: String,
     lexicon: Lexicon,
+    /// Count a listed word or phrase only at its first match in a text.
+    once: bool,
 }
 
 impl SentimentScorer {
@@ -375,7 +385,16 @@ impl SentimentScorer {
         Self {
             name: name.into(),
             lexicon,
+            once: false,
         }
+    }
+
+    /// The same scorer with each listed word or phrase counted once per text (its
+    /// first match; later ones add nothing), so that repeating a sentiment word scores
+    /// no higher than saying it once: a labeller for ARMs that should stay fluent.
+    pub fn counting_repeats_once(mut self) -> Self {
+        self.once = true;
+        self
     }
 
     pub fn lexicon(&self) -> &Lexicon {
@@ -388,6 +407,7 @@ impl SentimentScorer {
         let mut sum = 0.0;
         // Words still inside the current negation scope.
         let mut negated_left = 0usize;
+        let mut counted = std::collections::HashSet::new();
         let mut i = 0;
         while i < words.len() {
             let (valence, used) = if let Some(hit) = self.lexicon.phrase_at(&words, i) {
@@ -404,7 +424,11 @@ impl SentimentScorer {
             } else {
                 (self.lexicon.entries.get(&words[i].text).copied(), 1)
             };
-            if let Some(v) = valence {
+            let first = !self.once || {
+                let key: Vec<&str> = words[i..i + used].iter().map(|w| w.text.as_str()).collect();
+                counted.insert(key)
+            };
+            if let (Some(v), true) = (valence, first) {
                 sum += if negated_left > 0 {
                     v * NEGATION_FACTOR
                 } else {
@@ -659,6 +683,29 @@ mod tests {
         assert!(close(
             sc.score("a good happy cat", 7, false),
             5.0 / 5f64.sqrt()
+        ));
+    }
+
+    #[test]
+    fn counting_repeats_once() {
+        let s = tiny().counting_repeats_once();
+        // n = 5, only the first "good" counts: sum = 2 + 3.
+        assert!(close(
+            s.sentiment("good good happy good cat"),
+            5.0 / 6f64.sqrt()
+        ));
+        // Repeating adds nothing; words alone dilute, so repetition scores lower.
+        assert!(s.sentiment("good happy good happy") < s.sentiment("good happy"));
+        // Phrases count once too; a negated first match is the one counted.
+        assert!(close(
+            s.sentiment("I can't stand it, can't stand it"),
+            -3.0 / 8f64.sqrt()
+        ));
+        assert!(close(s.sentiment("not good. good"), -1.48 / 4f64.sqrt()));
+        // Without repeats it is the plain score.
+        assert!(close(
+            s.sentiment("a good happy cat"),
+            tiny().sentiment("a good happy cat")
         ));
     }
 

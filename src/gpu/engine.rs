@@ -12,7 +12,9 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::engine::{check_feed, check_guidance, Chosen, Engine, StepLogProbs};
+use crate::engine::{
+    check_feed, check_guidance, check_rewind, AsyncEngine, Chosen, Engine, StepLogProbs,
+};
 use crate::error::{Error, Result};
 use crate::gpu::buffers::{storage_u32, storage_zeros};
 use crate::gpu::model::GpuLlama;
@@ -792,6 +794,16 @@ impl Engine for GpuEngine {
         self.last_chosen = None;
     }
 
+    fn rewind(&mut self, position: usize) -> Result<()> {
+        check_rewind(position, self.pos)?;
+        // A speculative step still in flight writes past `position`; the queue runs it
+        // before anything fed from here, which overwrites it.
+        self.pos = position;
+        self.speculative = None;
+        self.last_chosen = None;
+        Ok(())
+    }
+
     fn step(&mut self, tokens: &[u32]) -> Result<StepLogProbs> {
         block_on(self.step_async(tokens))
     }
@@ -811,6 +823,26 @@ impl Engine for GpuEngine {
         sampler: &mut Sampler,
     ) -> Result<Chosen> {
         block_on(self.guided_step_async(tokens, alphas, sampler))
+    }
+}
+
+/// The decoding loop's seam without blocking: what the browser awaits.
+impl AsyncEngine for GpuEngine {
+    fn engine(&self) -> &dyn Engine {
+        self
+    }
+
+    async fn feed(&mut self, tokens: &[u32]) -> Result<()> {
+        self.feed_async(tokens).await
+    }
+
+    async fn guided_step(
+        &mut self,
+        tokens: &[u32],
+        alphas: &[f32],
+        sampler: &mut Sampler,
+    ) -> Result<Chosen> {
+        self.guided_step_async(tokens, alphas, sampler).await
     }
 }
 

@@ -134,37 +134,36 @@ impl Checkpoint {
             return Err(Error::format(dir, "no *.safetensors weights"));
         }
         shards.sort_by(|a, b| a.0.cmp(&b.0));
-        let mut config = HfConfig::from_json(&config_json, &cfg_path)?.into_runtime(&cfg_path)?;
+        let config = HfConfig::from_json(&config_json, &cfg_path)?.into_runtime(&cfg_path)?;
         let tokenizer = tokenizer_json
             .map(|t| TextTokenizer::from_bytes(&t, tokenizer_config_json.as_deref()))
             .transpose()?;
-        if config.eos_token_ids.is_empty() {
-            if let Some(t) = &tokenizer {
-                config.eos_token_ids = t.eos_ids().to_vec();
-            }
-        }
         let source = SafetensorsFiles::from_shards(dir, shards)?;
-        source.check_layer_count(config.num_layers)?;
-        Ok(Self {
-            path: dir.into(),
-            source: Box::new(source),
-            config,
-            tokenizer,
-            tokenizer_note: None,
-        })
+        Self::hf(dir, config, tokenizer, source)
     }
 
     pub fn open_hf_dir(dir: &Path) -> Result<Self> {
         let cfg_path = dir.join("config.json");
         let bytes = weights::read_regular_file(&cfg_path, weights::MAX_JSON_FILE_LEN)?;
-        let mut config = HfConfig::from_json(&bytes, &cfg_path)?.into_runtime(&cfg_path)?;
+        let config = HfConfig::from_json(&bytes, &cfg_path)?.into_runtime(&cfg_path)?;
         let tokenizer = TextTokenizer::from_hf_dir(dir)?;
+        let source = SafetensorsFiles::open(dir)?;
+        Self::hf(dir, config, tokenizer, source)
+    }
+
+    /// An HF checkpoint from its parts: stop ids from the tokenizer when the config
+    /// names none, and as many layers as the config says.
+    fn hf(
+        dir: &Path,
+        mut config: LlamaConfig,
+        tokenizer: Option<TextTokenizer>,
+        source: SafetensorsFiles,
+    ) -> Result<Self> {
         if config.eos_token_ids.is_empty() {
             if let Some(t) = &tokenizer {
                 config.eos_token_ids = t.eos_ids().to_vec();
             }
         }
-        let source = SafetensorsFiles::open(dir)?;
         source.check_layer_count(config.num_layers)?;
         Ok(Self {
             path: dir.into(),

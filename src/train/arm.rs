@@ -47,8 +47,14 @@ pub enum Tuning {
     Lora(LoraSpec),
     /// Every weight of the top `layers` blocks (projections, their biases, both norms)
     /// and the final norm; with `train_head` also the LM head (a tied base's head is
-    /// trained as a copy: the input embeddings stay frozen).
-    Full { layers: usize, train_head: bool },
+    /// trained as a copy: the input embeddings stay frozen). With `keep_layers` the
+    /// model is the base's bottom K layers only (a weak ARM for a stronger base; see
+    /// [`super::full::keep_bottom_layers`]), and `layers` counts from the top of those.
+    Full {
+        layers: usize,
+        train_head: bool,
+        keep_layers: Option<usize>,
+    },
 }
 
 impl Tuning {
@@ -132,10 +138,19 @@ impl TrainableArm {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        let cfg = base.config.clone();
-        let (lora_spec, train_head) = match tuning {
-            Tuning::Lora(spec) => (Some(spec), false),
-            Tuning::Full { train_head, .. } => (None, *train_head),
+        let (lora_spec, train_head, cfg) = match tuning {
+            Tuning::Lora(spec) => (Some(spec), false, base.config.clone()),
+            Tuning::Full {
+                train_head,
+                keep_layers,
+                ..
+            } => {
+                let cfg = match keep_layers {
+                    Some(k) => super::full::keep_bottom_layers(&base.config, *k)?,
+                    None => base.config.clone(),
+                };
+                (None, *train_head, cfg)
+            }
         };
         if let Some(spec) = lora_spec {
             validate_lora(spec)?;

@@ -12,6 +12,10 @@
 //!   directory stands alone: an HF base's `tokenizer.json`, `tokenizer_config.json` and
 //!   `generation_config.json` are copied; a GGUF's embedded tokenizer is exported.
 //!
+//! With `--keep-layers K` the model is the base cut to its bottom K decoder layers
+//! (embedding, layers 0..K, final norm, head): a smaller ARM for the base it came from,
+//! the demo-scale analogue of a 7B ARM guiding a 70B base.
+//!
 //! Each file is written atomically, and `config.json` last, so a directory with a
 //! `config.json` holds a whole model. LoRA files a previous run left in the same
 //! directory are removed: loaders would take the directory for an adapter.
@@ -23,6 +27,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::arm::load_hf_order;
 use crate::error::{Error, Result};
+use crate::model::config::LlamaConfig;
 use crate::model::llama;
 use crate::model::lora::{write_atomic, ADAPTER_CONFIG, ADAPTER_WEIGHTS, SCORE_HEAD_WEIGHTS};
 use crate::model::Checkpoint;
@@ -35,6 +40,23 @@ const TOKENIZER_FILES: [&str; 3] = [
     "tokenizer_config.json",
     "generation_config.json",
 ];
+
+/// The configuration of `cfg`'s bottom `keep` decoder layers as a model of its own: the
+/// same embedding, final norm and head (and so the same vocabulary) over fewer layers.
+/// The weights need no copy: a loader given this configuration reads layers 0..keep of
+/// the base's weight source and never asks for the rest.
+pub fn keep_bottom_layers(cfg: &LlamaConfig, keep: usize) -> Result<LlamaConfig> {
+    if keep == 0 || keep > cfg.num_layers {
+        return Err(Error::Request(format!(
+            "--keep-layers must be in 1..={} (the base's layers), got {keep}",
+            cfg.num_layers
+        )));
+    }
+    let mut kept = cfg.clone();
+    kept.num_layers = keep;
+    kept.sliding_windows.truncate(keep);
+    Ok(kept)
+}
 
 /// Writes `out` as an HF model: `trained` (HF names) over `base`'s weights, in `dtype`.
 pub fn write_model_dir(

@@ -64,6 +64,11 @@ pub struct TrainConfig {
     /// With `full`, the LM head trains too (a tied base's head becomes an untied copy).
     #[serde(default)]
     pub train_head: bool,
+    /// With `full`, the model is the base's bottom K layers (embedding, layers 0..K,
+    /// final norm, head) rather than all of them: a smaller ARM for the same base.
+    /// `lora_layers` then counts the trained layers from the top of those K.
+    #[serde(default)]
+    pub keep_layers: Option<usize>,
     /// λ of the anchor term `λ·(−Σ log π(y_w) / |y_w|)` added to the GenARM loss (0: off).
     #[serde(default)]
     pub sft_weight: f64,
@@ -173,6 +178,7 @@ impl Default for TrainConfig {
             scalar_head: false,
             full: false,
             train_head: false,
+            keep_layers: None,
             sft_weight: 0.0,
             objective: Objective::Genarm,
         }
@@ -368,10 +374,27 @@ impl Trainer {
                 "training the LM head needs full fine-tuning (--full)".into(),
             ));
         }
+        if let Some(k) = config.keep_layers {
+            if !config.full {
+                return Err(Error::Request(
+                    "--keep-layers cuts the base into a smaller model of its own: it needs \
+                     full fine-tuning (--full)"
+                        .into(),
+                ));
+            }
+            super::full::keep_bottom_layers(&base.config, k)?;
+            if config.lora_layers != usize::MAX && config.lora_layers > k {
+                return Err(Error::Request(format!(
+                    "--layers {} trains more layers than --keep-layers {k} keeps",
+                    config.lora_layers
+                )));
+            }
+        }
         let tuning = if config.full {
             Tuning::Full {
                 layers: config.lora_layers,
                 train_head: config.train_head,
+                keep_layers: config.keep_layers,
             }
         } else {
             Tuning::Lora(LoraSpec {
@@ -770,6 +793,10 @@ impl Trainer {
             // readers of `ArmInfo` ignore it.
             json["base_model"] = base.into();
         }
+        if let Some(k) = cfg.keep_layers {
+            // A weak ARM: the base's bottom K layers (readers of `ArmInfo` ignore it).
+            json["keep_layers"] = k.into();
+        }
         write_atomic(
             &self.out.join(ARM_INFO),
             serde_json::to_string_pretty(&json)?.as_bytes(),
@@ -780,7 +807,10 @@ impl Trainer {
     /// `super::full::write_model_dir`) plus `genarm.json`, whose `base_model` records
     /// the checkpoint it was tuned from.
     pub fn write_full_model(&self, label: &ArmLabel) -> Result<()> {
-        let base = Checkpoint::open(&self.base_path)?;
+        let mut base = Checkpoint::open(&self.base_path)?;
+        if let Some(k) = self.config.keep_layers {
+            base.config = super::full::keep_bottom_layers(&base.config, k)?;
+        }
         let trained = self.trained_tensors(self.save_dtype)?;
         super::full::write_model_dir(&base, &trained, &self.out, self.save_dtype)?;
         self.write_info(label, Some(self.base_name(label)))

@@ -457,6 +457,60 @@ pub fn tiny_train_config(layers: usize) -> genarm::train::trainer::TrainConfig {
     }
 }
 
+/// How often `marker` is sampled (40 seeds, 4 tokens each, EOS ignored) from `base`
+/// alone or guided by `arm` at `alpha`.
+pub fn marker_frequency(base: &Path, arm: Option<&Path>, alpha: f32, marker: u32) -> f64 {
+    let arms: Vec<PathBuf> = arm.map(|a| vec![a.to_path_buf()]).unwrap_or_default();
+    let mut engine = genarm::cpu::CpuEngine::load(base, &arms, None, &Device::Cpu).unwrap();
+    let (mut hits, mut total) = (0usize, 0usize);
+    for seed in 0..40u64 {
+        let opts = genarm::GenerateOptions {
+            max_new_tokens: 4,
+            alphas: if arm.is_some() { vec![alpha] } else { vec![] },
+            sampling: genarm::SamplingParams {
+                seed,
+                ..Default::default()
+            },
+            ignore_eos: true,
+            ..Default::default()
+        };
+        let prompt = [2 + (seed % 50) as u32, 7, 9];
+        let g = genarm::generate(&mut engine, None, &prompt, &opts, &mut |_| true).unwrap();
+        hits += g.tokens.iter().filter(|&&t| t == marker).count();
+        total += g.tokens.len();
+    }
+    hits as f64 / total as f64
+}
+
+/// Trains on `base` with `cfg` straight through, and again "killed" after 7 steps (the
+/// last checkpoint is at 7) then resumed by a new trainer; `saved` (the output weights)
+/// must be the same. Returns the interrupted run's directory.
+pub fn assert_resume_matches_uninterrupted(
+    base: &Path,
+    name: &str,
+    cfg: genarm::train::trainer::TrainConfig,
+    saved: &str,
+) -> PathBuf {
+    use genarm::train::trainer::{split_pairs, ArmLabel, Trainer};
+    let base = genarm::model::Checkpoint::open(base).unwrap();
+    let (train, eval) = split_pairs(marker_pairs(80, 5, 3), 0.1, 2);
+    let label = ArmLabel::default();
+    let run = |out: &Path, resume: bool, max_steps: Option<usize>| {
+        Trainer::new(&base, cfg.clone(), out, 32, &Device::Cpu)
+            .unwrap()
+            .train(&train, &eval, &label, resume, max_steps, &mut |_| {})
+            .unwrap()
+    };
+    let straight = super::temp_dir(&format!("{name}-straight"));
+    run(&straight, false, None);
+    let broken = super::temp_dir(&format!("{name}-broken"));
+    run(&broken, false, Some(7));
+    let summary = run(&broken, true, None);
+    assert_eq!(summary.resumed_from, Some(7));
+    super::assert_same_safetensors(&straight.join(saved), &broken.join(saved));
+    broken
+}
+
 /// The WebGPU engine on `ctx` for a base and its ARMs, opened as the CLI opens them.
 pub fn gpu_engine_on(
     ctx: std::sync::Arc<genarm::gpu::GpuContext>,

@@ -66,6 +66,14 @@ pub fn log_softmax(xs: &[f64]) -> Vec<f64> {
     xs.iter().map(|x| x - log_sum).collect()
 }
 
+/// Log-probabilities at every position of `tokens`: `log_softmax` of [`reference_logits`].
+pub fn reference_logprobs(model: &TinyModel, tokens: &[u32]) -> Vec<Vec<f64>> {
+    reference_logits(model, tokens)
+        .iter()
+        .map(|l| log_softmax(l))
+        .collect()
+}
+
 /// Logits at every position of `tokens` (the sequence starts at position 0).
 pub fn reference_logits(model: &TinyModel, tokens: &[u32]) -> Vec<Vec<f64>> {
     let cfg = &model.config;

@@ -50,6 +50,13 @@ const LONG_PROMPT = Array.from(
     'a museum of maps and clocks, lunch in a square full of pigeons, and an evening spent writing postcards home.',
 ).join(' ');
 
+// About 100 tokens once the chat template wraps it: the time-to-first-token case.
+const CHAT_PROMPT =
+  'I am planning a weekend trip to a small coastal town with two friends who love hiking, ' +
+  'seafood and old bookshops. We arrive on Friday evening by train and leave on Sunday ' +
+  'afternoon. Could you suggest a relaxed plan for the two days, with one long walk along ' +
+  'the cliffs, a good place for dinner, and something to do if it rains?';
+
 const MIME = {
   '.html': 'text/html; charset=utf-8',
   '.js': 'text/javascript',
@@ -164,7 +171,13 @@ async function generate(page) {
   return page.evaluate(({ guided, base }) => {
     const stats = (run) => {
       const d = document.getElementById(`stats-${run}`).dataset;
-      return { tokens: Number(d.tokens), firstTokenMs: Number(d.firstTokenMs), tokensPerSecond: Number(d.tokensPerSecond) };
+      return {
+        tokens: Number(d.tokens),
+        firstTokenMs: Number(d.firstTokenMs),
+        tokensPerSecond: Number(d.tokensPerSecond),
+        promptTokens: Number(d.promptTokens),
+        reusedTokens: Number(d.reusedTokens),
+      };
     };
     return { guided, base, guidedStats: stats('guided'), baseStats: stats('base') };
   }, { guided, base });
@@ -566,7 +579,35 @@ async function firstRun(url, metrics) {
       console.log(`seed ${seed}\n  guided: ${JSON.stringify(out.guided)}\n  base:   ${JSON.stringify(out.base)}`);
       check(out.guided.trim().length > 0 && out.guided !== out.base, `seed ${seed}: the guided text differs from the base's`);
       check(!loops(out.guided), `seed ${seed}: the guided text does not loop`);
+      const { promptTokens, reusedTokens } = out.baseStats;
+      check(reusedTokens === promptTokens - 1, `seed ${seed}: the base-only run keeps ${reusedTokens} of the guided run's ${promptTokens} prompt tokens`);
     }
+  } finally {
+    await browser.close();
+    check(!log.some((l) => l.startsWith('[pageerror]') || l.startsWith('[offsite]')), 'no page errors, no off-site requests');
+  }
+}
+
+// Time to the first token as a visitor of the hosted demo meets it: chat mode, both
+// demo ARMs at the page's default weights, a prompt of about 100 tokens after the chat
+// template, on the wasm CPU engine (no WebGPU). Recorded in artifacts/playground.json
+// (README, Playground), not asserted: it depends on the machine.
+async function firstTokenTime(url, metrics) {
+  const log = [];
+  const browser = await launch(false);
+  try {
+    const { page } = await openPage(browser, url, log);
+    await loadDemo(page);
+    await page.check('#mode-chat');
+    await page.fill('#prompt', CHAT_PROMPT);
+    await page.fill('#max-tokens', '16');
+    await page.uncheck('#compare');
+    const out = await generate(page);
+    const promptTokens = await page.evaluate(() => Number(document.getElementById('stats-guided').dataset.promptTokens));
+    const arms = await page.locator('#sliders input[type=range]').count();
+    metrics.firstToken = { promptTokens, arms, firstTokenMs: out.guidedStats.firstTokenMs, tokensPerSecond: out.guidedStats.tokensPerSecond };
+    check(promptTokens >= 80 && promptTokens <= 130 && arms === 2, `a ${promptTokens}-token chat prompt with ${arms} ARMs`);
+    check(Number.isFinite(out.guidedStats.firstTokenMs) && out.guidedStats.tokens > 0, `first token after ${Math.round(out.guidedStats.firstTokenMs)} ms, then ${out.guidedStats.tokensPerSecond.toFixed(1)} tokens/s`);
   } finally {
     await browser.close();
     check(!log.some((l) => l.startsWith('[pageerror]') || l.startsWith('[offsite]')), 'no page errors, no off-site requests');
@@ -641,6 +682,7 @@ try {
   if (wants('keyboard')) await keyboardOnly(url, metrics);
   if (wants('firstrun')) await firstRun(url, metrics);
   if (wants('phone')) await phone(url, metrics);
+  if (wants('ttft')) await firstTokenTime(url, metrics);
   mkdirSync(artifacts, { recursive: true });
   writeFileSync(join(artifacts, 'playground.json'), `${JSON.stringify(metrics, null, 2)}\n`);
   console.log(JSON.stringify(metrics, null, 2));

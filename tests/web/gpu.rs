@@ -178,10 +178,8 @@ async fn the_engine_matches_the_candle_engine_in_the_page() {
             .tokens;
         let mut decoder = Decoder::new(&mut gpu, None, &tokens[..4], opts).unwrap();
         let mut got = Vec::new();
-        while decoder.ready(&gpu) {
-            let (feed, alphas, sampler) = decoder.step_inputs();
-            let chosen = gpu.guided_step_async(feed, alphas, sampler).await.unwrap();
-            got.push(decoder.accept(chosen).unwrap().id);
+        while let Some(event) = decoder.next_async(&mut gpu).await.unwrap() {
+            got.push(event.id);
         }
         assert_eq!(got, want, "greedy tokens at alpha {alpha}");
     }

@@ -9,7 +9,7 @@ use clap::Args;
 use genarm::eval::baselines::{
     baseline_settings, expand_baselines, policy_setting, run_policy, BaselineArg, BaselineSpec,
 };
-use genarm::eval::charts::write_sweep_charts;
+use genarm::eval::charts::{write_kl_chart, write_sweep_charts};
 use genarm::eval::prompts::read_lines;
 use genarm::eval::run::{alpha_grid, run_sweep, summarise, write_summary, Setting, SweepSpec};
 use genarm::eval::scorers::scorer_from_spec;
@@ -29,7 +29,7 @@ pub struct EvalArgs {
     /// Prompts, one per line (held out from training).
     #[arg(long, value_name = "FILE")]
     pub prompts: PathBuf,
-    /// Scorers (repeatable): sentiment, sentiment-afinn, concise, length, wordlist:FILE.
+    /// Scorers (repeatable): sentiment, sentiment-afinn, sentiment-once, concise, length, wordlist:FILE.
     #[arg(long = "scorer", required = true)]
     pub scorers: Vec<String>,
     /// α values (finite); every ARM takes each (the full grid), base-only first.
@@ -62,7 +62,8 @@ pub struct EvalArgs {
     #[arg(long, default_value = "models/data")]
     pub data_dir: PathBuf,
     /// Output directory: samples.jsonl, summary.json, summary.csv, results.md,
-    /// reward_vs_alpha.svg, and with two or more scorers
+    /// reward_vs_alpha.svg, reward_vs_kl.svg (mean score against the KL of each row's
+    /// decoding distribution to the base), and with two or more scorers
     /// pareto.json + pareto.svg (the front over the first two, in --scorer order).
     /// Refused when it exists and is not empty, unless --overwrite.
     #[arg(long, value_name = "DIR")]
@@ -180,7 +181,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
         match &bar {
             Some(pb) => pb.set_position(done),
             None if done.is_multiple_of(50) || done == total => {
-                eprintln!("{done}/{total} responses")
+                noteln!("{done}/{total} responses")
             }
             None => {}
         }
@@ -213,19 +214,24 @@ pub fn run(args: EvalArgs) -> Result<()> {
         .iter()
         .map(|dir| policy_setting(dir, n_arms))
         .collect();
-    for (i, (dir, row)) in policies.iter().zip(&policy_rows).enumerate() {
-        let mut policy = load_engine_with(&args.models, Some(dir), &[])?.engine;
-        let setting = settings.len() + baselines.len() + i;
-        records.extend(run_policy(
-            policy.as_mut(),
-            &tok,
-            &eos,
-            &prompts,
-            &scorers,
-            &spec,
-            (setting, row),
-            &mut on_sample,
-        )?);
+    if !policies.is_empty() {
+        // The base the policies' KL is measured against: the sweep's, without ARMs.
+        let mut kl_base = load_engine(&args.models, &[])?.engine;
+        for (i, (dir, row)) in policies.iter().zip(&policy_rows).enumerate() {
+            let mut policy = load_engine_with(&args.models, Some(dir), &[])?.engine;
+            let setting = settings.len() + baselines.len() + i;
+            records.extend(run_policy(
+                policy.as_mut(),
+                kl_base.as_mut(),
+                &tok,
+                &eos,
+                &prompts,
+                &scorers,
+                &spec,
+                (setting, row),
+                &mut on_sample,
+            )?);
+        }
     }
     if let Some(e) = write_error {
         return Err(e).with_context(|| format!("writing {}", samples_path.display()));
@@ -261,6 +267,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
         &summary[..settings.len()],
         args.hv_ref,
     )?;
+    write_kl_chart(&args.out, &arm_names, &scorer_names, &summary)?;
     if let Some(p) = front {
         outln!(
             "Pareto front of {} settings, hypervolume {:.4} over {:?}",
@@ -282,8 +289,11 @@ pub fn run(args: EvalArgs) -> Result<()> {
                 )
             })
             .collect();
+        let kl =
+            s.kl.map(|kl| format!(", KL {:.3} ± {:.3}", kl.mean, kl.ci95))
+                .unwrap_or_default();
         outln!(
-            "{} (α = {:?}): {}  | {:.1} tokens, {:.2} s/response, {:.1} forward passes/token",
+            "{} (α = {:?}): {}{kl}  | {:.1} tokens, {:.2} s/response, {:.1} forward passes/token",
             s.method,
             s.alphas,
             scores.join(", "),
@@ -292,7 +302,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
             s.forward_passes_per_token
         );
     }
-    eprintln!("wrote {}", args.out.display());
+    noteln!("wrote {}", args.out.display());
     Ok(())
 }
 

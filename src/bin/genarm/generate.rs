@@ -77,7 +77,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         writeln!(stdout)
             .and_then(|()| stdout.flush())
             .context("writing to stdout")?;
-        eprintln!(
+        noteln!(
             "[{} prompt tokens, {} new, {:.1} tokens/s decode, stop: {:?}, backend {}]",
             gen.prompt_tokens,
             gen.tokens.len(),

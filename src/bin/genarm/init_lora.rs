@@ -53,7 +53,7 @@ pub fn run(args: InitLoraArgs) -> Result<()> {
         args.b_std,
         args.seed,
     )?;
-    eprintln!("wrote {}", args.out.display());
+    noteln!("wrote {}", args.out.display());
     Ok(())
 }
 

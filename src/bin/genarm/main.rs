@@ -21,6 +21,16 @@ macro_rules! outln {
     }};
 }
 
+/// Prints a line to stderr, ignoring a failed write: what goes there is for a person
+/// watching, and a stderr pipe whose reader has gone must not end the command with
+/// `eprintln!`'s panic.
+macro_rules! noteln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 mod args;
 mod bench;
 mod eval;
@@ -103,7 +113,7 @@ fn main() -> ExitCode {
         // for Unix tools. Any other failed write (a full disk) is an error.
         Err(e) if is_closed_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {}", error_text(&e));
+            noteln!("error: {}", error_text(&e));
             ExitCode::FAILURE
         }
     }

@@ -25,7 +25,7 @@ pub struct PrefsArgs {
     /// Continuations sampled per prompt, 2..=256 (the best and worst make the pair).
     #[arg(long, value_name = "K", default_value_t = 4, value_parser = int_in(2, MAX_SAMPLES))]
     pub samples: usize,
-    /// sentiment, sentiment-afinn, concise or wordlist:FILE.
+    /// sentiment, sentiment-afinn, sentiment-once, concise or wordlist:FILE.
     #[arg(long)]
     pub scorer: String,
     /// Output JSONL (TRL style: prompt, chosen, rejected, plus the scores). Refused when
@@ -112,12 +112,12 @@ pub fn run(args: PrefsArgs) -> Result<()> {
         &Device::Cpu,
     )?;
     if args.resume && part.is_file() {
-        eprintln!("continuing {}", part.display());
+        noteln!("continuing {}", part.display());
     }
     let started = std::time::Instant::now();
     let mut on_progress = |p: &PairsProgress| {
         if p.prompts_done.is_multiple_of(25) || p.prompts_done == p.prompts {
-            eprintln!(
+            noteln!(
                 "{}/{} prompts, {} pairs, {} ties skipped, {:.1} s",
                 p.prompts_done,
                 p.prompts,
@@ -140,7 +140,7 @@ pub fn run(args: PrefsArgs) -> Result<()> {
     )?;
     std::fs::rename(&part, &args.out).with_context(|| format!("writing {}", args.out.display()))?;
     let _ = std::fs::remove_file(PrefsRun::record_path(&part));
-    eprintln!(
+    noteln!(
         "wrote {} pairs to {} ({} ties skipped)",
         done.pairs,
         args.out.display(),

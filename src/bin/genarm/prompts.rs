@@ -63,7 +63,7 @@ pub fn run(args: PromptsArgs) -> Result<()> {
     let (train, eval) = split_train_eval(prompts, args.eval_frac, args.seed);
     write_lines(&args.out_train, &train)?;
     write_lines(&args.out_eval, &eval)?;
-    eprintln!(
+    noteln!(
         "wrote {} train prompts to {} and {} held-out prompts to {}",
         train.len(),
         args.out_train.display(),

@@ -95,6 +95,13 @@ pub struct TrainArgs {
     /// head (the input embeddings never train).
     #[arg(long, requires = "full")]
     pub train_head: bool,
+    /// With --full, start from the base's bottom K decoder layers only (its embedding,
+    /// layers 0..K, final norm and head): OUT is a K-layer HF model, a smaller ARM for
+    /// the same base (weak-to-strong guidance, `--arm OUT` on the full base). --layers
+    /// then counts from the top of those K [default: all K train]. 1..=the model's layer
+    /// count.
+    #[arg(long, value_name = "K", requires = "full", value_parser = int_in(1, MAX_TOKENS))]
+    pub keep_layers: Option<usize>,
     /// With --full, the dtype of the saved weights: f32 (exactly what was trained) or
     /// bf16 (half the size).
     #[arg(long, value_name = "DTYPE", default_value = "f32", value_parser = ["f32", "bf16"], requires = "full")]
@@ -184,8 +191,17 @@ pub fn run(args: TrainArgs) -> Result<()> {
             args.lora_rank
         );
     }
+    if let Some(k) = args.keep_layers.filter(|&k| k > n_layers) {
+        bail!("--keep-layers must be in 1..={n_layers} (the model's layers), got {k}");
+    }
+    let n_layers = args.keep_layers.unwrap_or(n_layers);
     if let Some(n) = args.layers.filter(|&n| n > n_layers) {
-        bail!("--layers must be in 1..={n_layers} (the model's layers), got {n}");
+        match args.keep_layers {
+            Some(k) => {
+                bail!("--layers must be in 1..={k} (the layers --keep-layers keeps), got {n}")
+            }
+            None => bail!("--layers must be in 1..={n_layers} (the model's layers), got {n}"),
+        }
     }
     let tok = base
         .tokenizer
@@ -250,10 +266,11 @@ pub fn run(args: TrainArgs) -> Result<()> {
         scalar_head: args.scalar_head,
         full: args.full,
         train_head: args.train_head,
+        keep_layers: args.keep_layers,
         objective: args.loss.parse().map_err(anyhow::Error::msg)?,
     };
     let (train, eval) = split_pairs(tokenized, args.eval_frac, args.seed);
-    eprintln!(
+    noteln!(
         "{} pairs ({} skipped by the length limits): {} train, {} held out; longest sequence {max_len} tokens",
         pairs.len(),
         skipped,
@@ -290,12 +307,15 @@ pub fn run(args: TrainArgs) -> Result<()> {
                         pb.set_position(s.step as u64);
                         pb.set_message(msg);
                     }
-                    None => eprintln!("step {}/{} {msg}", s.step, s.total_steps),
+                    None => noteln!("step {}/{} {msg}", s.step, s.total_steps),
                 }
             }
-            Event::Eval(e) => eprintln!(
+            Event::Eval(e) => noteln!(
                 "epoch {}: held-out pairwise accuracy {:.3} over {} pairs, loss {:.4}",
-                e.epoch, e.eval_accuracy, e.eval_pairs, e.eval_loss
+                e.epoch,
+                e.eval_accuracy,
+                e.eval_pairs,
+                e.eval_loss
             ),
             Event::Checkpoint(_) => {}
         },
@@ -303,7 +323,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     if let Some(pb) = bar {
         pb.finish_and_clear();
     }
-    eprintln!(
+    noteln!(
         "wrote {} ({} steps{})",
         args.out.display(),
         summary.steps,

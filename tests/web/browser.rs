@@ -246,16 +246,22 @@ async fn greedy_ids(session: &Session, prompt: &str, chunked: bool) -> (Vec<u32>
 /// tokens of the prompt fed at once.
 #[wasm_bindgen_test]
 async fn a_prompt_fed_in_chunks_gives_the_same_tokens() {
-    let session = open(base_files(), vec![arm_files()], false).await;
     // 72 tokens (one per character) of the fixture's 96.
     let prompt = "hello world ".repeat(6);
-    let (whole, _) = greedy_ids(&session, &prompt, false).await;
+    let whole_session = open(base_files(), vec![arm_files()], false).await;
+    let (whole, _) = greedy_ids(&whole_session, &prompt, false).await;
+    // A session of its own: a second run on one session keeps the prompt it shares.
+    let session = open(base_files(), vec![arm_files()], false).await;
     let (chunked, fed) = greedy_ids(&session, &prompt, true).await;
     assert!(
         fed.len() > 1 && fed.windows(2).all(|w| w[0] < w[1]),
         "chunks: {fed:?}"
     );
     assert_eq!(chunked, whole);
+    // The same prompt again: all but its last token are still in the engine.
+    let (again, fed) = greedy_ids(&session, &prompt, true).await;
+    assert_eq!(fed.len(), 1, "the kept prompt needs no chunk: {fed:?}");
+    assert_eq!(again, whole);
 }
 
 #[wasm_bindgen_test]

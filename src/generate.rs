@@ -168,12 +168,9 @@ impl Decoder {
                 prompt.len()
             )));
         }
+        // Rewinding to 0 is a reset.
         let held = held.min(prompt.len() - 1).min(engine.position());
-        if held == 0 {
-            engine.reset();
-        } else {
-            engine.rewind(held)?;
-        }
+        engine.rewind(held)?;
         Ok(Self {
             sampler: Sampler::new(opts.sampling.clone()),
             opts,

@@ -786,13 +786,15 @@ impl Llama {
     }
 }
 
-/// `x` (`[1, seq, hidden]` after shared layers, else already `[rows, …]`) for every row.
-fn every_row(x: Tensor, rows: usize) -> Result<Tensor> {
-    let (n, seq, hidden) = x.dims3()?;
-    if n == rows {
-        return Ok(x);
+/// `t` for every row: a one-row tensor from a shared layer copied to `rows` rows along
+/// the first dimension; a tensor that already has them as it is.
+fn every_row(t: Tensor, rows: usize) -> Result<Tensor> {
+    if t.dim(0)? == rows {
+        return Ok(t);
     }
-    Ok(x.broadcast_as((rows, seq, hidden))?.contiguous()?)
+    let mut shape = t.dims().to_vec();
+    shape[0] = rows;
+    Ok(t.broadcast_as(shape)?.contiguous()?)
 }
 
 /// Refuses a KV cache larger than the machine's memory before allocating it (an
@@ -874,15 +876,8 @@ fn attention(
     // A layer the rows share runs one row; every row's cache still gets its keys and
     // values, so a later call with different rows (candidates) finds a whole history.
     let cache_rows = cache.k.dim(0)?;
-    let every_row = |t: Tensor| -> candle_core::Result<Tensor> {
-        if rows == cache_rows {
-            Ok(t)
-        } else {
-            t.broadcast_as((cache_rows, nkv, seq, hd))?.contiguous()
-        }
-    };
-    cache.k.slice_set(&every_row(k)?, 2, pos)?;
-    cache.v.slice_set(&every_row(v)?, 2, pos)?;
+    cache.k.slice_set(&every_row(k, cache_rows)?, 2, pos)?;
+    cache.v.slice_set(&every_row(v, cache_rows)?, 2, pos)?;
     let total = pos + seq;
     let keys = cache.k.narrow(0, 0, rows)?.narrow(2, 0, total)?;
     let values = cache.v.narrow(0, 0, rows)?.narrow(2, 0, total)?;

@@ -12,6 +12,8 @@
 #   ./build.sh bench           decode speed on the demo model (base, +1, +2 LoRA ARMs)
 #   ./build.sh cuda            the CUDA build (CUDA 13.0 from PyPI, sm_90; no GPU needed) in target/cuda/
 #   ./build.sh train-demo-arms rebuild the demo ARM in www/arms/ (long; not part of CI)
+#   ./build.sh paper-claims    DPO and a weak ARM against the demo ARM (README "Paper claims
+#                              at demo scale"; long; not part of CI)
 #   ./build.sh fetch-model     download the demo model into models/ if absent
 #   ./build.sh fetch-data      download the scorers' lexicons and the prompt corpus into models/data/
 #   ./build.sh setup           install the toolchain pieces (wasm32 target, lavapipe, wasm-pack,
@@ -178,8 +180,11 @@ build_native() {
   cargo build --release --bin genarm
 }
 
-# The demo ARMs committed under www/arms/ (trained by `genarm train`, see README).
+# The demo ARMs committed under www/arms/ (trained by `genarm train`, see README), and
+# the α each one's playground slider starts at: a guided text that stays fluent
+# (README "The demo ARMs").
 DEMO_ARMS=(www/arms/positive www/arms/concise)
+DEMO_ARM_ALPHAS=(1.5 1)
 
 run() {
   fetch_model
@@ -188,7 +193,7 @@ run() {
   # The positive ARM: this is a plain-text prompt, and concise was trained on chat ones.
   local arms=()
   local arm=www/arms/positive
-  [ -f "$arm/adapter_config.json" ] && arms+=(--arm "$arm:${GENARM_ALPHA:-1}")
+  [ -f "$arm/adapter_config.json" ] && arms+=(--arm "$arm:${GENARM_ALPHA:-${DEMO_ARM_ALPHAS[0]}}")
   log "genarm generate --model $DEMO_MODEL ${arms[*]} --prompt \"$prompt\" $*"
   ./target/release/genarm generate --model "$DEMO_MODEL" "${arms[@]}" \
     --prompt "$prompt" --temperature 0.8 --top-p 0.95 --seed 1 --max-new-tokens 48 "$@"
@@ -209,9 +214,11 @@ web() {
   # The page fetches the demo model from demo.json's URL: this origin by default, or a
   # model host given by GENARM_DEMO_MODEL_URL (then the site need not carry 98 MB).
   GENARM_DEMO_MODEL_URL="${GENARM_DEMO_MODEL_URL:-}" \
+    DEMO_ARM_ALPHAS="${DEMO_ARM_ALPHAS[*]}" \
     python3 - "$model_name" "${DEMO_ARMS[@]}" >www/models/demo.json.part <<'PY'
 import json, os, sys
 model, arms = sys.argv[1], sys.argv[2:]
+alphas = [float(a) for a in os.environ["DEMO_ARM_ALPHAS"].split()]
 def entry(path, url):
     return {"name": os.path.basename(path), "url": url, "size": os.path.getsize(path)}
 model_url = os.environ["GENARM_DEMO_MODEL_URL"] or "models/" + model
@@ -219,13 +226,13 @@ out = {
     "base": {"name": model, "files": [entry("www/models/" + model, model_url)]},
     "arms": [],
 }
-for arm in arms:
+for arm, alpha in zip(arms, alphas, strict=True):
     rel = os.path.relpath(arm, "www")
     files = [f for f in ("adapter_config.json", "adapter_model.safetensors", "genarm.json")
              if os.path.isfile(os.path.join(arm, f))]
     if "adapter_config.json" in files:
         name = os.path.basename(arm)
-        out["arms"].append({"name": name,
+        out["arms"].append({"name": name, "alpha": alpha,
                             "files": [entry(os.path.join(arm, f), rel + "/" + f) for f in files]})
 json.dump(out, sys.stdout, indent=1)
 PY
@@ -376,6 +383,24 @@ cuda() {
   ldd "$carry" | sed 's/^/    /' >&2
 }
 
+# The sentence prompts and the positive pairs every sentiment experiment shares (README
+# "The demo ARMs"): the labeller counts each sentiment word once, so a pair never
+# prefers a continuation for repeating "love love love".
+demo_positive_pairs() {
+  local bin=./target/release/genarm dir=target/demo
+  mkdir -p "$dir"
+  [ -s "$dir/sent-train.txt" ] || $bin prompts --corpus "$DATA_DIR/sentences.txt" --n 2600 \
+    --eval-frac 0.1 --out-train "$dir/sent-train.txt" --out-eval "$dir/sent-eval.txt"
+  [ -s "$dir/positive-once-pairs.jsonl" ] || $bin prefs --model "$DEMO_MODEL" --prompts "$dir/sent-train.txt" \
+    --samples 4 --scorer sentiment-once --max-new-tokens 24 --seed 1 --resume --out "$dir/positive-once-pairs.jsonl"
+}
+
+# The LoRA shape and schedule of every sentiment model trained on those pairs (ARM, DPO
+# policy, scalar reward model), so that the comparisons differ only in the loss.
+SENTIMENT_TRAIN=(--lora-layers 6 --lr 1e-3 --batch-size 16 --micro-batch 8 --warmup 10
+  --eval-frac 0.05 --max-prompt-len 32 --max-len 64 --seed 1 --resume
+  --base-name HuggingFaceTB/SmolLM2-135M-Instruct)
+
 # Rebuilds the demo ARMs from scratch (positive: ~20 min of data synthesis and ~15 min of
 # training on 2 cores, its scalar reward model ~15 min and the evaluation ~25 min;
 # concise: ~30 min of pairs and ~35 min of training on one thread; never run by CI). Interrupted steps resume
@@ -385,23 +410,17 @@ train_demo_arms() {
   fetch_data
   build_native
   local bin=./target/release/genarm dir=target/demo
-  mkdir -p "$dir"
-  [ -s "$dir/sent-train.txt" ] || $bin prompts --corpus "$DATA_DIR/sentences.txt" --n 2600 \
-    --eval-frac 0.1 --out-train "$dir/sent-train.txt" --out-eval "$dir/sent-eval.txt"
-  [ -s "$dir/positive-pairs.jsonl" ] || $bin prefs --model "$DEMO_MODEL" --prompts "$dir/sent-train.txt" \
-    --samples 4 --scorer sentiment --max-new-tokens 24 --seed 1 --resume --out "$dir/positive-pairs.jsonl"
-  $bin train --model "$DEMO_MODEL" --data "$dir/positive-pairs.jsonl" --out www/arms/positive \
-    --lora-layers 6 --beta-r 0.1 --lr 1e-3 --batch-size 16 --micro-batch 8 --warmup 10 \
-    --eval-frac 0.05 --max-prompt-len 32 --max-len 64 --seed 1 --resume --name positive \
-    --objective "positive sentiment (VADER valence of the continuation)" \
-    --base-name HuggingFaceTB/SmolLM2-135M-Instruct
+  demo_positive_pairs
+  # The anchor (--sft-weight) keeps the ARM a language model: without it, guidance at
+  # α ≥ 2 repeats the words the lexicon likes (README "The demo ARMs").
+  $bin train --model "$DEMO_MODEL" --data "$dir/positive-once-pairs.jsonl" --out www/arms/positive \
+    "${SENTIMENT_TRAIN[@]}" --beta-r 0.1 --sft-weight 0.1 --name positive \
+    --objective "positive sentiment (VADER valence of the continuation)"
   # The conventional scalar reward model on the same pairs, then GenARM against best-of-N
   # and ARGS (docs/evaluation.md; the README's baseline table).
-  $bin train --scalar-head --model "$DEMO_MODEL" --data "$dir/positive-pairs.jsonl" --out "$dir/rm-positive" \
-    --lora-layers 6 --lr 1e-3 --batch-size 16 --micro-batch 8 --warmup 10 \
-    --eval-frac 0.05 --max-prompt-len 32 --max-len 64 --seed 1 --resume --name positive-rm \
-    --objective "positive sentiment (VADER valence), scalar reward model" \
-    --base-name HuggingFaceTB/SmolLM2-135M-Instruct
+  $bin train --scalar-head --model "$DEMO_MODEL" --data "$dir/positive-once-pairs.jsonl" \
+    --out "$dir/rm-positive" "${SENTIMENT_TRAIN[@]}" --name positive-rm \
+    --objective "positive sentiment (VADER valence), scalar reward model"
   $bin eval --model "$DEMO_MODEL" --arm www/arms/positive --prompts "$dir/sent-eval.txt" --limit 120 \
     --scorer sentiment --scorer sentiment-afinn --alphas 0,0.5,1,2 --max-new-tokens 24 --seed 7 \
     --data-dir "$DATA_DIR" --reward-model "$dir/rm-positive" --baseline bon:4 --baseline bon:16 \
@@ -421,6 +440,52 @@ train_demo_arms() {
     --prompts "$dir/sent-eval.txt" --limit 100 --chat --template "Complete this sentence: {}" \
     --scorer length --scorer sentiment --scorer sentiment-afinn --alphas 0,0.5,1,2 \
     --max-new-tokens 40 --seed 7 --data-dir "$DATA_DIR" --overwrite --out "$dir/eval-2d"
+}
+
+# The paper's other two claims at demo scale (README "Paper claims at demo scale"; never
+# run by CI; ~2 h on 2 cores, resumable): DPO policies at three β against the positive
+# ARM's α sweep, reward against KL to the base, and a weak ARM cut to the bottom 6 of the
+# base's 30 layers against the full-depth LoRA ARM. Needs www/arms/positive (train-demo-arms).
+PAPER_CLAIMS_DIR=target/demo/claims
+DPO_BETAS=(0.03 0.1 0.3)
+
+paper_claims() {
+  fetch_model
+  fetch_data
+  build_native
+  local bin=./target/release/genarm dir=$PAPER_CLAIMS_DIR pairs=target/demo/positive-once-pairs.jsonl
+  demo_positive_pairs
+  mkdir -p "$dir"
+  local beta dpo=()
+  for beta in "${DPO_BETAS[@]}"; do
+    timed_train "$dir/dpo-$beta" --model "$DEMO_MODEL" --data "$pairs" --loss dpo --beta "$beta" \
+      "${SENTIMENT_TRAIN[@]}" --name "positive-dpo-$beta" --objective "positive sentiment (DPO, β = $beta)"
+    dpo+=(--baseline "dpo:$dir/dpo-$beta")
+  done
+  # The weak ARM: --full trains its 6 layers and final norm; the anchor keeps the cut a
+  # language model (an untrained cut pulls every response into punctuation).
+  timed_train "$dir/weak6" --model "$DEMO_MODEL" --data "$pairs" --full --keep-layers 6 \
+    --beta-r 0.1 --sft-weight 1 --lr 1e-4 --batch-size 16 --micro-batch 8 --warmup 10 \
+    --eval-frac 0.05 --max-prompt-len 32 --max-len 64 --seed 1 --resume --save-dtype bf16 \
+    --name positive-weak6 --objective "positive sentiment (6-layer ARM)" \
+    --base-name HuggingFaceTB/SmolLM2-135M-Instruct
+  local common=(--model "$DEMO_MODEL" --prompts target/demo/sent-eval.txt --limit 120 --scorer sentiment
+    --scorer sentiment-afinn --max-new-tokens 24 --seed 7 --data-dir "$DATA_DIR" --overwrite)
+  $bin eval "${common[@]}" --arm www/arms/positive --alphas 0,0.5,1,2,3 "${dpo[@]}" --out "$dir/eval-dpo"
+  $bin eval "${common[@]}" --arm "$dir/weak6" --alphas 0,0.5,1,2,3 --out "$dir/eval-weak6"
+  log "results: $dir/eval-dpo/results.md, $dir/eval-weak6/results.md; training times in $dir/*/wall_seconds"
+}
+
+# `genarm train --out DIR ARGS...`, recording the wall-clock seconds of a run that starts
+# from nothing in DIR/wall_seconds (a resumed run's time would be partial).
+timed_train() {
+  local out=$1
+  shift
+  [ -f "$out/genarm.json" ] && [ -f "$out/wall_seconds" ] && return 0
+  local fresh=1 start=$SECONDS
+  [ -d "$out" ] && fresh=0
+  ./target/release/genarm train --out "$out" "$@"
+  [ "$fresh" = 0 ] || echo $((SECONDS - start)) >"$out/wall_seconds"
 }
 
 # The prepared GPU check (scripts/gpu_check/, README "GPU"): a bundle in target/gpu-check/
@@ -547,9 +612,10 @@ case "$cmd" in
   bench) bench "$@" ;;
   cuda) cuda ;;
   train-demo-arms) train_demo_arms ;;
+  paper-claims) paper_claims ;;
   fetch-model) fetch_model ;;
   fetch-data) fetch_data ;;
   setup) setup ;;
   gpu-check) gpu_check "$@" ;;
-  *) echo "usage: $0 [run|web|serve|site|test|test-web|bench|cuda|train-demo-arms|fetch-model|fetch-data|setup|gpu-check]" >&2; exit 2 ;;
+  *) echo "usage: $0 [run|web|serve|site|test|test-web|bench|cuda|train-demo-arms|paper-claims|fetch-model|fetch-data|setup|gpu-check]" >&2; exit 2 ;;
 esac

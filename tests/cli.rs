@@ -383,6 +383,7 @@ fn eval_writes_every_documented_file() {
         "complete_rate",
         "distinct_1",
         "distinct_2",
+        "distinct_1_per_response",
         "seconds_per_response",
     ] {
         assert!(settings[1][field].is_number(), "summary lacks {field}");

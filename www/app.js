@@ -416,13 +416,24 @@ async function dropped(dataTransfer) {
 // Controls
 // ---------------------------------------------------------------------------
 
+// The sliders' range: past it the demo ARMs' guided text turns into repeated words (README
+// "The demo ARMs").
+const ALPHA_MAX = 3;
+
+// An ARM's starting weight: the demo manifest's `alpha` (an α its evaluation found
+// fluent) for a demo ARM, else 1. The session's ARMs are the staged ones, in order.
+function startAlpha(i) {
+  const alpha = state.staged.filter((s) => s.role === 'arm')[i]?.alpha;
+  return Number.isFinite(alpha) ? Math.min(Math.max(alpha, 0), ALPHA_MAX) : 1;
+}
+
 // One slider per ARM with a line saying what it pushes the text towards. Before a load
 // the staged ARMs get disabled sliders, so the page does not shift when they arrive.
 function renderSliders(info) {
   const box = $('sliders');
   box.replaceChildren();
   const arms = info ? info.arms : state.staged.filter((s) => s.role === 'arm').map((s) => ({ name: s.name, objective: null }));
-  if (info) state.alphas = info.arms.map(() => 1);
+  if (info) state.alphas = info.arms.map((_, i) => startAlpha(i));
   arms.forEach((arm, i) => {
     const knob = document.createElement('div');
     knob.className = 'knob arm-slider';
@@ -433,9 +444,9 @@ function renderSliders(info) {
     const input = document.createElement('input');
     input.type = 'range';
     input.min = '0';
-    input.max = '4';
+    input.max = String(ALPHA_MAX);
     input.step = '0.1';
-    input.value = '1';
+    input.value = String(startAlpha(i));
     input.disabled = !info;
     input.dataset.arm = arm.name;
     input.setAttribute('aria-label', `weight of the ${arm.name} ARM`);
@@ -446,7 +457,7 @@ function renderSliders(info) {
       : 'available once the models are loaded';
     input.setAttribute('aria-describedby', what.id);
     const out = document.createElement('output');
-    out.textContent = '1.0';
+    out.textContent = startAlpha(i).toFixed(1);
     input.addEventListener('input', () => {
       state.alphas[i] = Number(input.value);
       out.textContent = Number(input.value).toFixed(1);

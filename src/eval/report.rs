@@ -1,6 +1,7 @@
 //! `results.md`: one Markdown table comparing every method of an eval run — score per
 //! objective (mean ± 95% CI), win rate against base sampling, KL to the base, length,
-//! seconds per response and forward passes per generated token.
+//! distinct-1 (pooled and per response), seconds per response and forward passes per
+//! generated token.
 
 use std::fmt::Write;
 use std::path::Path;
@@ -22,6 +23,7 @@ pub fn markdown_table(summary: &[SettingSummary]) -> String {
         [
             "KL to base (mean ± 95% CI)",
             "tokens",
+            "distinct-1 (pooled / per response)",
             "s/response",
             "forward passes/token",
             "passes/response (base / ARM / RM)",
@@ -53,6 +55,7 @@ pub fn markdown_table(summary: &[SettingSummary]) -> String {
                 |kl| format!("{:.3} ± {:.3}", kl.mean, kl.ci95),
             ),
             format!("{:.1}", s.mean_tokens),
+            format!("{:.2} / {:.2}", s.distinct_1, s.distinct_1_per_response),
             format!("{:.3}", s.seconds_per_response),
             format!("{:.1}", s.forward_passes_per_token),
             format!("{:.0} / {:.0} / {:.0}", p.base, p.arm, p.rm),

@@ -168,8 +168,13 @@ pub struct SettingSummary {
     pub scores: BTreeMap<String, ScoreSummary>,
     pub mean_tokens: f64,
     pub complete_rate: f64,
+    /// Pooled over all responses: falls when they share words, e.g. a sharper
+    /// distribution, even with no word repeated inside a response.
     pub distinct_1: f64,
     pub distinct_2: f64,
+    /// Mean of each response's own distinct-1: falls with repetition inside a response
+    /// ("love love love"), the degeneration guidance can cause.
+    pub distinct_1_per_response: f64,
     pub seconds_per_response: f64,
     /// Mean token positions per response, per model.
     pub forward_passes: MeanPasses,
@@ -208,6 +213,20 @@ pub fn distinct_n(texts: &[&str], n: usize) -> f64 {
         0.0
     } else {
         seen.len() as f64 / total as f64
+    }
+}
+
+/// Mean over the texts with words of each one's distinct-1 (0 when none has a word).
+pub fn distinct_1_per_text(texts: &[&str]) -> f64 {
+    let each: Vec<f64> = texts
+        .iter()
+        .filter(|t| t.split_whitespace().next().is_some())
+        .map(|t| distinct_n(&[t], 1))
+        .collect();
+    if each.is_empty() {
+        0.0
+    } else {
+        each.iter().sum::<f64>() / each.len() as f64
     }
 }
 
@@ -331,6 +350,7 @@ pub fn summarise(records: &[SampleRecord], settings: &[Setting]) -> Vec<SettingS
                 complete_rate: rs.iter().filter(|r| r.complete).count() as f64 / n,
                 distinct_1: distinct_n(&texts, 1),
                 distinct_2: distinct_n(&texts, 2),
+                distinct_1_per_response: distinct_1_per_text(&texts),
                 seconds_per_response: rs.iter().map(|r| r.seconds).sum::<f64>() / n,
                 forward_passes: MeanPasses {
                     base: passes.base as f64 / n,
@@ -380,6 +400,7 @@ pub fn write_summary(dir: &Path, summary: &[SettingSummary]) -> Result<()> {
             "forward_passes_per_token",
             "kl_mean",
             "kl_ci95",
+            "distinct_1_per_response",
         ]
         .map(String::from),
     );
@@ -411,6 +432,7 @@ pub fn write_summary(dir: &Path, summary: &[SettingSummary]) -> Result<()> {
             Some(kl) => [kl.mean, kl.ci95].map(|x| format!("{x:.6}")),
             None => [String::new(), String::new()],
         });
+        row.push(format!("{:.6}", s.distinct_1_per_response));
         writeln!(csv, "{}", row.join(",")).map_err(|e| Error::io(dir, e))?;
     }
     crate::model::lora::write_atomic(&dir.join("summary.csv"), &csv)
@@ -451,5 +473,18 @@ mod tests {
     fn distinct_counts_unique_ngrams() {
         assert!((distinct_n(&["a b a b"], 1) - 0.5).abs() < 1e-12);
         assert!((distinct_n(&["a b a b"], 2) - 2.0 / 3.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn distinct_per_text_sees_repetition_that_pooling_hides() {
+        // Two responses with no repeat inside either, but the same words: pooled 0.5,
+        // each 1.
+        let same = ["good day", "good day"];
+        assert!((distinct_n(&same, 1) - 0.5).abs() < 1e-12);
+        assert!((distinct_1_per_text(&same) - 1.0).abs() < 1e-12);
+        // One looping response: (1 + 1/4) / 2; an empty text is left out of the mean.
+        let looping = ["good day", "love love love love", ""];
+        assert!((distinct_1_per_text(&looping) - 0.625).abs() < 1e-12);
+        assert_eq!(distinct_1_per_text(&[""]), 0.0);
     }
 }

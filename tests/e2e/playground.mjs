@@ -212,6 +212,10 @@ async function withWebGpu(url, metrics) {
     const slider = page.locator('#sliders input[type=range][data-arm="positive"]');
     check((await slider.count()) === 1, 'one slider, labelled by the ARM name "positive"');
     check(/positive/.test(await page.locator('#sliders').innerText()), 'slider label names the ARM');
+    // Each demo ARM starts at the α its manifest suggests (a fluent guided text).
+    const demo = JSON.parse(readFileSync(join(www, 'models/demo.json'), 'utf8'));
+    const suggested = demo.arms.find((a) => a.name === 'positive').alpha;
+    check(Number(await slider.inputValue()) === suggested, `the positive slider starts at demo.json's α ${suggested}`);
 
     await setControls(page);
     await slider.fill('0');
@@ -256,7 +260,7 @@ async function withWebGpu(url, metrics) {
     // Back to the side-by-side view for the screenshot.
     await page.check('#compare');
     await page.fill('#max-tokens', String(MAX_TOKENS));
-    await slider.fill('3');
+    await slider.fill(String(suggested));
     await generate(page);
     mkdirSync(artifacts, { recursive: true });
     await page.screenshot({ path: join(artifacts, 'playground.png'), fullPage: true });

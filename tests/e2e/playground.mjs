@@ -188,7 +188,9 @@ async function setControls(page) {
   await page.fill('#prompt', PROMPT);
   await page.fill('#max-tokens', String(MAX_TOKENS));
   await page.fill('#seed', '3');
-  // The runs are guided by the positive ARM alone: any other demo ARM at α = 0.
+  // The runs are guided by the positive ARM alone, at α = 1 whatever the manifest's
+  // starting α: any other demo ARM at α = 0.
+  await page.locator('#sliders input[type=range][data-arm="positive"]').fill('1');
   for (const other of await page.locator('#sliders input[type=range]:not([data-arm="positive"])').all()) {
     await other.fill('0');
   }

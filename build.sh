@@ -476,16 +476,17 @@ paper_claims() {
   log "results: $dir/eval-dpo/results.md, $dir/eval-weak6/results.md; training times in $dir/*/wall_seconds"
 }
 
-# `genarm train --out DIR ARGS...`, recording the wall-clock seconds of a run that starts
-# from nothing in DIR/wall_seconds (a resumed run's time would be partial).
+# `genarm train --out DIR ARGS...` unless DIR/wall_seconds says it finished; the
+# seconds are written only for a run that started from nothing (a resumed run's would
+# be partial).
 timed_train() {
-  local out=$1
+  local out=$1 start=$SECONDS
   shift
-  [ -f "$out/genarm.json" ] && [ -f "$out/wall_seconds" ] && return 0
-  local fresh=1 start=$SECONDS
-  [ -d "$out" ] && fresh=0
+  [ ! -f "$out/wall_seconds" ] || return 0
+  local resumed=0
+  [ ! -d "$out" ] || resumed=1
   ./target/release/genarm train --out "$out" "$@"
-  [ "$fresh" = 0 ] || echo $((SECONDS - start)) >"$out/wall_seconds"
+  [ "$resumed" = 1 ] || echo $((SECONDS - start)) >"$out/wall_seconds"
 }
 
 # The prepared GPU check (scripts/gpu_check/, README "GPU"): a bundle in target/gpu-check/

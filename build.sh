@@ -10,6 +10,8 @@
 #   ./build.sh test            everything the project checks (what .ci/run runs), the CUDA build included
 #   ./build.sh test-web        only the browser tests (wasm API in Chromium, playground end to end)
 #   ./build.sh bench           decode speed on the demo model (base, +1, +2 LoRA ARMs)
+#   ./build.sh bench-web       the wasm CPU engine in headless Chromium against the native one on
+#                              one thread: first token of a 100-token chat prompt, decode tokens/s
 #   ./build.sh cuda            the CUDA build (CUDA 13.0 from PyPI, sm_90; no GPU needed) in target/cuda/
 #   ./build.sh train-demo-arms rebuild the demo ARM in www/arms/ (long; not part of CI)
 #   ./build.sh paper-claims    DPO and a weak ARM against the demo ARM (README "Paper claims
@@ -314,6 +316,30 @@ bench() {
     --arm "$dir/random-1:1" --arm "$dir/random-2:1" --tokens 128 --runs 5 "$@"
 }
 
+# The browser's CPU engine against the native one, back to back on this machine: the
+# playground's speed part (both demo ARMs, one wasm thread) and `genarm bench` on one thread
+# with the same model and ARMs. The ratio is issue-level goal "wasm ≥ 50% of native".
+bench_web() {
+  web
+  build_native
+  log "playground speed part (tests/e2e/playground.mjs ttft → artifacts/playground.json)"
+  node tests/e2e/playground.mjs ttft
+  log "native engine, one thread, the same model and demo ARMs"
+  local native
+  native=$(RAYON_NUM_THREADS=1 ./target/release/genarm bench --model "$DEMO_MODEL" \
+    --arm www/arms/positive:1 --arm www/arms/concise:1 --tokens 64 --runs 3)
+  echo "$native"
+  python3 - "$native" <<'PY'
+import json, re, sys
+native = float(re.search(r"base \+ 2 ARMs\s+([\d.]+) tok/s", sys.argv[1]).group(1))
+web = json.load(open("artifacts/playground.json"))
+wasm = web["decode"]["tokensPerSecond"]
+print(f"decode with both demo ARMs: wasm {wasm:.1f} tokens/s, native (1 thread) {native:.1f}: "
+      f"{wasm / native:.2f}x; first token of a {web['firstToken']['promptTokens']}-token chat "
+      f"prompt in wasm: {web['firstToken']['firstTokenMs'] / 1000:.2f} s")
+PY
+}
+
 # The CUDA build, made without a GPU: nvcc and the headers come from NVIDIA's PyPI wheels,
 # pinned to CUDA 13.0 because the GPU machine's driver (580) is CUDA 13.0 and cannot load
 # PTX from a newer nvcc. It has its own target dir (target/cuda/, not target/release/):
@@ -444,10 +470,12 @@ train_demo_arms() {
 
 # The paper's other two claims at demo scale (README "Paper claims at demo scale"; never
 # run by CI; ~2 h on 2 cores, resumable): DPO policies at three β against the positive
-# ARM's α sweep, reward against KL to the base, and a weak ARM cut to the bottom 6 of the
+# ARM's α sweep, reward against KL to the base, and weak ARMs cut to the bottom 6 and 12 of the
 # base's 30 layers against the full-depth LoRA ARM. Needs www/arms/positive (train-demo-arms).
 PAPER_CLAIMS_DIR=target/demo/claims
 DPO_BETAS=(0.03 0.1 0.3)
+# Layers kept by the weak ARMs (of the base's 30).
+WEAK_ARM_LAYERS=(6 12)
 
 paper_claims() {
   fetch_model
@@ -462,18 +490,23 @@ paper_claims() {
       "${SENTIMENT_TRAIN[@]}" --name "positive-dpo-$beta" --objective "positive sentiment (DPO, β = $beta)"
     dpo+=(--baseline "dpo:$dir/dpo-$beta")
   done
-  # The weak ARM: --full trains its 6 layers and final norm; the anchor keeps the cut a
+  # The weak ARMs: --full trains their K layers and final norm; the anchor keeps the cut a
   # language model (an untrained cut pulls every response into punctuation).
-  timed_train "$dir/weak6" --model "$DEMO_MODEL" --data "$pairs" --full --keep-layers 6 \
-    --beta-r 0.1 --sft-weight 1 --lr 1e-4 --batch-size 16 --micro-batch 8 --warmup 10 \
-    --eval-frac 0.05 --max-prompt-len 32 --max-len 64 --seed 1 --resume --save-dtype bf16 \
-    --name positive-weak6 --objective "positive sentiment (6-layer ARM)" \
-    --base-name HuggingFaceTB/SmolLM2-135M-Instruct
+  local k
+  for k in "${WEAK_ARM_LAYERS[@]}"; do
+    timed_train "$dir/weak$k" --model "$DEMO_MODEL" --data "$pairs" --full --keep-layers "$k" \
+      --beta-r 0.1 --sft-weight 1 --lr 1e-4 --batch-size 16 --micro-batch 8 --warmup 10 \
+      --eval-frac 0.05 --max-prompt-len 32 --max-len 64 --seed 1 --resume --save-dtype bf16 \
+      --name "positive-weak$k" --objective "positive sentiment ($k-layer ARM)" \
+      --base-name HuggingFaceTB/SmolLM2-135M-Instruct
+  done
   local common=(--model "$DEMO_MODEL" --prompts target/demo/sent-eval.txt --limit 120 --scorer sentiment
     --scorer sentiment-afinn --max-new-tokens 24 --seed 7 --data-dir "$DATA_DIR" --overwrite)
   $bin eval "${common[@]}" --arm www/arms/positive --alphas 0,0.5,1,2,3 "${dpo[@]}" --out "$dir/eval-dpo"
-  $bin eval "${common[@]}" --arm "$dir/weak6" --alphas 0,0.5,1,2,3 --out "$dir/eval-weak6"
-  log "results: $dir/eval-dpo/results.md, $dir/eval-weak6/results.md; training times in $dir/*/wall_seconds"
+  for k in "${WEAK_ARM_LAYERS[@]}"; do
+    $bin eval "${common[@]}" --arm "$dir/weak$k" --alphas 0,0.5,1,2,3 --out "$dir/eval-weak$k"
+  done
+  log "results: $dir/eval-dpo/results.md, $dir/eval-weak*/results.md; training times in $dir/*/wall_seconds"
 }
 
 # `genarm train --out DIR ARGS...` unless DIR/wall_seconds says it finished; the
@@ -611,6 +644,7 @@ case "$cmd" in
   test) test_all ;;
   test-web) test_web ;;
   bench) bench "$@" ;;
+  bench-web) bench_web ;;
   cuda) cuda ;;
   train-demo-arms) train_demo_arms ;;
   paper-claims) paper_claims ;;
@@ -618,5 +652,5 @@ case "$cmd" in
   fetch-data) fetch_data ;;
   setup) setup ;;
   gpu-check) gpu_check "$@" ;;
-  *) echo "usage: $0 [run|web|serve|site|test|test-web|bench|cuda|train-demo-arms|paper-claims|fetch-model|fetch-data|setup|gpu-check]" >&2; exit 2 ;;
+  *) echo "usage: $0 [run|web|serve|site|test|test-web|bench|bench-web|cuda|train-demo-arms|paper-claims|fetch-model|fetch-data|setup|gpu-check]" >&2; exit 2 ;;
 esac

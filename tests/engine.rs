@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device};
 use common::*;
-use genarm::cpu::CpuEngine;
+use genarm::cpu::{CpuEngine, Precision};
 use genarm::Engine;
 
 /// f32 activations and weights against f64: a few ulps per op over two layers.
@@ -235,8 +235,45 @@ fn arm_with_larger_vocabulary_is_cut_to_the_base() {
 }
 
 #[test]
+fn int16_activations_on_the_demo_model_are_within_f32_noise() {
+    // What the browser's CPU engine computes, on the demo model and its positive ARM:
+    // per position, the KL divergence from the f32 engine's next-token distribution and
+    // whether the most likely token is the same (README "Speed" cites this output).
+    let arms = [Path::new(env!("CARGO_MANIFEST_DIR")).join("www/arms/positive")];
+    let load_as = |precision| {
+        CpuEngine::load_with(&demo_model(), &arms, None, &Device::Cpu, precision).unwrap()
+    };
+    let text = "The movie I watched last night was a quiet story about a family who moves \
+                to a small town by the sea, where the father works at the harbour.";
+    let ids = demo_tokenizer().encode_prompt(text, false, None).unwrap();
+    let f32 = load_as(Precision::F32).teacher_forced(&ids).unwrap();
+    let int16 = load_as(Precision::Int16).teacher_forced(&ids).unwrap();
+    for (model, (a, b)) in f32.iter().zip(&int16).enumerate() {
+        let argmax = |r: &[f32]| (0..r.len()).max_by(|&i, &j| r[i].total_cmp(&r[j])).unwrap();
+        let (mut kl, mut same) = (0f64, 0usize);
+        for (p, q) in a.iter().zip(b) {
+            kl += p
+                .iter()
+                .zip(q)
+                .map(|(&p, &q)| (p as f64).exp() * (p as f64 - q as f64))
+                .sum::<f64>();
+            same += usize::from(argmax(p) == argmax(q));
+        }
+        let kl = kl / a.len() as f64;
+        eprintln!(
+            "model {model}: mean KL(f32 ‖ int16) {kl:.2e} nats over {} positions, \
+             same top token at {same}",
+            a.len()
+        );
+        assert!(kl < 1e-4, "model {model}: KL {kl}");
+        assert_eq!(same, a.len(), "model {model}: the top token moved");
+    }
+}
+
+#[test]
 fn lora_rows_on_quantized_weights_match_merged_reference() {
-    // The CPU block kernel applies LoRA rows inside its op: check it on every format.
+    // The CPU block kernel applies LoRA rows inside its op: check it on every format,
+    // with f32 and with 16-bit integer activations.
     let cfg = TinyConfig::default();
     let model = TinyModel::random(&cfg, 12);
     let targets = genarm::model::lora::TARGETS;
@@ -277,6 +314,26 @@ fn lora_rows_on_quantized_weights_match_merged_reference() {
             0.0,
             "cached partial arm",
         );
+        // `Precision::Int16` (the wasm build's default) rounds the activations to 16-bit
+        // integers: still near the reference, but not the f32 numbers, so the setting
+        // demonstrably reaches the kernel.
+        let int16 = CpuEngine::load_with(
+            &path,
+            &[arm.clone(), arm2.clone()],
+            None,
+            &Device::Cpu,
+            Precision::Int16,
+        )
+        .unwrap()
+        .teacher_forced(&TOKENS)
+        .unwrap();
+        for (m, want_m) in want.iter().enumerate() {
+            for pos in 0..TOKENS.len() {
+                let what = format!("{dtype:?} Int16 model {m} position {pos}");
+                assert_close(&int16[m][pos], &want_m[pos], 1e-3, 0.0, &what);
+            }
+        }
+        assert_ne!(int16, got, "{dtype:?}: Int16 gave the f32 numbers");
     }
 }
 

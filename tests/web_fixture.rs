@@ -1,6 +1,7 @@
 //! The tiny model and ARM that the browser tests (`tests/web/browser.rs`) loads from bytes, with
 //! the greedy tokens the native engine gives on them: the wasm engine must give the
-//! same. The fixture is committed (the browser cannot run the writers in
+//! same. Both at the wasm build's precision, `Precision::Int16` (16-bit integer activations, whose
+//! portable kernel is the simd128 one lane for lane). The fixture is committed (the browser cannot run the writers in
 //! `tests/common`); `GENARM_BLESS=1 cargo test --test web_fixture` rewrites it.
 //! Also: an HF model folder opened from bytes (`Checkpoint::from_hf_files`, the
 //! playground's folder picker) gives the same log-probs as opened from disk.
@@ -13,7 +14,7 @@ use std::path::{Path, PathBuf};
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device};
 use common::*;
-use genarm::cpu::CpuEngine;
+use genarm::cpu::{CpuEngine, Precision};
 use genarm::model::Checkpoint;
 use genarm::{Engine, GenerateOptions, SamplingParams};
 
@@ -75,11 +76,12 @@ fn native_greedy_tokens_match_the_web_fixture() {
         std::fs::create_dir_all(&dir).unwrap();
         write_fixture(&dir);
     }
-    let mut engine = CpuEngine::load(
+    let mut engine = CpuEngine::load_with(
         &dir.join("base.gguf"),
         &[dir.join("arm")],
         None,
         &Device::Cpu,
+        Precision::Int16,
     )
     .expect("fixture loads (GENARM_BLESS=1 rewrites it)");
     assert_eq!(engine.arm_labels(), vec!["tiny-arm".to_string()]);

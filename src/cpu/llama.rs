@@ -13,15 +13,15 @@ use candle_core::{DType, Device, Module, Tensor, D};
 
 use super::lowrank::{BlockLoraMatMul, LowRank, PartDeltas};
 use super::precision::{rms_norm_f32, softmax_f32, Precision};
-use super::quant::{BlockMatMul, BlockMatrix};
+use super::quant::{Activations, BlockMatMul, BlockMatrix};
 use crate::error::{Error, Result};
 use crate::model::config::{Activation, LlamaConfig, RopeLayout};
 use crate::model::llama::{self, Proj};
 use crate::model::lora::{LoraAdapter, LoraPair};
 use crate::model::weights::{Weight, WeightSource};
 
-/// How a weight is multiplied: our block kernel for Q4_0/Q4_1/Q8_0 on the CPU (f32
-/// activations, weights dequantised in registers), candle's `QMatMul` otherwise (dense
+/// How a weight is multiplied: our block kernel for Q4_0/Q4_1/Q8_0 on the CPU (f32 or
+/// 16-bit integer activations, weights decoded in registers), candle's `QMatMul` otherwise (dense
 /// weights, K-quants, CUDA).
 #[derive(Clone)]
 enum Kernel {
@@ -39,10 +39,17 @@ struct Projection {
 }
 
 impl Projection {
-    fn new(weight: Weight, bias: Option<Tensor>, device: &Device) -> Result<Self> {
+    fn new(
+        weight: Weight,
+        bias: Option<Tensor>,
+        device: &Device,
+        activations: Activations,
+    ) -> Result<Self> {
         let kernel = match weight {
             Weight::Quantized(q) => match (device, BlockMatrix::from_qtensor(&q)) {
-                (Device::Cpu, Some(blocks)) => Kernel::Blocks(BlockMatMul(Arc::new(blocks))),
+                (Device::Cpu, Some(blocks)) => {
+                    Kernel::Blocks(BlockMatMul(Arc::new(blocks.with_activations(activations))))
+                }
                 _ => Kernel::Candle(QMatMul::from_arc(q)?),
             },
             Weight::Dense(t) => Kernel::Candle(QMatMul::Tensor(t)),
@@ -56,6 +63,7 @@ impl Projection {
         weights: Vec<Weight>,
         biases: Vec<Option<Tensor>>,
         device: &Device,
+        activations: Activations,
     ) -> Result<Option<Self>> {
         let bias = if biases.iter().all(Option::is_some) {
             Some(Tensor::cat(
@@ -76,7 +84,12 @@ impl Projection {
             .collect();
         if let Some(dense) = dense {
             let stacked = Tensor::cat(&dense, 0)?;
-            return Ok(Some(Self::new(Weight::Dense(stacked), bias, device)?));
+            return Ok(Some(Self::new(
+                Weight::Dense(stacked),
+                bias,
+                device,
+                activations,
+            )?));
         }
         if !device.is_cpu() {
             return Ok(None);
@@ -90,7 +103,7 @@ impl Projection {
             .collect();
         let stacked = blocks.and_then(|b| BlockMatrix::concat_rows(&b.iter().collect::<Vec<_>>()));
         Ok(stacked.map(|m| Self {
-            kernel: Kernel::Blocks(BlockMatMul(Arc::new(m))),
+            kernel: Kernel::Blocks(BlockMatMul(Arc::new(m.with_activations(activations)))),
             bias,
         }))
     }
@@ -258,6 +271,8 @@ struct Loader<'a> {
     device: &'a Device,
     /// The type of dense weights and activations.
     dtype: DType,
+    /// What block-quantised weights are multiplied with.
+    activations: Activations,
 }
 
 impl Loader<'_> {
@@ -300,7 +315,13 @@ impl Loader<'_> {
             );
         }
         let stack = if projs.len() > 1 {
-            Projection::fused(weights.clone(), biases.clone(), self.device)?.map(Stack::Fused)
+            Projection::fused(
+                weights.clone(),
+                biases.clone(),
+                self.device,
+                self.activations,
+            )?
+            .map(Stack::Fused)
         } else {
             None
         };
@@ -310,7 +331,7 @@ impl Loader<'_> {
                 weights
                     .into_iter()
                     .zip(biases)
-                    .map(|(w, b)| Projection::new(w, b, self.device))
+                    .map(|(w, b)| Projection::new(w, b, self.device, self.activations))
                     .collect::<Result<_>>()?,
             ),
         };
@@ -389,13 +410,31 @@ struct LayerCache {
 
 /// The token embedding: quantized rows are dequantised on lookup.
 enum Embedding {
-    Quantized(std::sync::Arc<candle_core::quantized::QTensor>),
+    /// Q4_0/Q4_1/Q8_0 on the CPU: rows decoded on lookup; a tied head shares the blocks.
+    Blocks(Arc<BlockMatrix>),
+    Quantized(Arc<candle_core::quantized::QTensor>),
     Dense(Tensor),
 }
 
 impl Embedding {
     fn forward(&self, ids: &Tensor) -> Result<Tensor> {
         Ok(match self {
+            Self::Blocks(blocks) => {
+                let (rows, seq) = ids.dims2()?;
+                let hidden = blocks.cols();
+                let ids = ids.flatten_all()?.to_vec1::<u32>()?;
+                let mut out = vec![0f32; ids.len() * hidden];
+                for (&id, row) in ids.iter().zip(out.chunks_exact_mut(hidden)) {
+                    if id as usize >= blocks.rows() {
+                        return Err(Error::Request(format!(
+                            "token id {id} is outside the embedding's {} rows",
+                            blocks.rows()
+                        )));
+                    }
+                    blocks.dequantize_row(id as usize, row);
+                }
+                Tensor::from_vec(out, (rows, seq, hidden), &Device::Cpu)?
+            }
             Self::Quantized(q) => q.embedding(ids)?,
             Self::Dense(w) => {
                 let (rows, seq) = ids.dims2()?;
@@ -459,18 +498,25 @@ impl Llama {
         let h = cfg.hidden_size;
         let hd = cfg.head_dim;
         let dtype = precision.compute_dtype(src, device);
+        let activations = precision.block_activations();
         let ld = Loader {
             src,
             cfg,
             rows,
             device,
             dtype,
+            activations,
         };
         for adapter in rows.iter().flatten() {
             llama::check_adapter_modules(adapter, cfg)?;
         }
         let embed = match src.load_shaped_as(llama::EMBED, &[cfg.vocab_size, h], dtype, device)? {
-            Weight::Quantized(q) => Embedding::Quantized(q),
+            Weight::Quantized(q) => match (device, BlockMatrix::from_qtensor(&q)) {
+                (Device::Cpu, Some(blocks)) => {
+                    Embedding::Blocks(Arc::new(blocks.with_activations(activations)))
+                }
+                _ => Embedding::Quantized(q),
+            },
             Weight::Dense(t) => Embedding::Dense(t),
         };
         let mut blocks = Vec::with_capacity(cfg.num_layers);
@@ -490,11 +536,20 @@ impl Llama {
         }
         let norm = src.load_dense(llama::FINAL_NORM, &[h], device)?;
         let head_name = llama::head_tensor(cfg, src);
-        let lm_head = Projection::new(
-            src.load_shaped_as(head_name, &[cfg.vocab_size, h], dtype, device)?,
-            None,
-            device,
-        )?;
+        let lm_head = match &embed {
+            // A tied head multiplies by the embedding's own blocks: one copy of the
+            // largest matrix (a sixth of SmolLM2-135M), not two.
+            Embedding::Blocks(blocks) if head_name == llama::EMBED => Projection {
+                kernel: Kernel::Blocks(BlockMatMul(blocks.clone())),
+                bias: None,
+            },
+            _ => Projection::new(
+                src.load_shaped_as(head_name, &[cfg.vocab_size, h], dtype, device)?,
+                None,
+                device,
+                activations,
+            )?,
+        };
 
         let capacity = capacity.min(cfg.max_position_embeddings).max(1);
         let cache_floats = [

@@ -81,7 +81,9 @@ impl CpuEngine {
         Self::from_parts_with(base, plans, context, device, Precision::Auto)
     }
 
-    fn from_parts_with(
+    /// `from_parts` with the precision chosen (the browser's GPU tests check the WebGPU
+    /// engine against the f32 CPU engine, not the wasm build's default integer one).
+    pub fn from_parts_with(
         base: Checkpoint,
         plans: Vec<(PathBuf, ArmPlan)>,
         context: Option<usize>,

@@ -2,10 +2,13 @@
 //! check, so it keeps every dense weight and activation in f32; on a GPU a bf16/f16
 //! checkpoint stays in its own type (a 7B model is 14 GB there, not 28 GB of f32), with
 //! the steps whose precision matters — norms, softmax, logits — done in f32, as
-//! transformers does in half precision.
+//! transformers does in half precision. Block-quantised weights (Q4_0, Q4_1, Q8_0) meet
+//! f32 activations too, except in WebAssembly, where 16-bit integer activations are the
+//! fast path (`quant::Activations`).
 
 use candle_core::{DType, Device, Tensor};
 
+use super::quant::Activations;
 use crate::error::Result;
 use crate::model::llama;
 use crate::model::weights::WeightSource;
@@ -18,7 +21,11 @@ pub enum Precision {
     /// Dense weights in the checkpoint's own float type (the embedding's), activations
     /// in that type. Quantized checkpoints compute in f32 either way.
     Stored,
-    /// `F32` on the CPU, `Stored` on any other device.
+    /// `F32`, except that block-quantised weights are multiplied by activations rounded
+    /// to 16-bit integers per 32-block (`Activations::Int16`).
+    Int16,
+    /// `F32` on the CPU (`Int16` in WebAssembly, where it is the faster kernel), `Stored`
+    /// on any other device.
     #[default]
     Auto,
 }
@@ -31,10 +38,19 @@ impl Precision {
             _ => DType::F32,
         };
         match self {
-            Self::F32 => DType::F32,
+            Self::F32 | Self::Int16 => DType::F32,
             Self::Stored => stored(),
             Self::Auto if device.is_cpu() => DType::F32,
             Self::Auto => stored(),
+        }
+    }
+
+    /// What the block kernel multiplies quantised weights with.
+    pub fn block_activations(self) -> Activations {
+        match self {
+            Self::F32 => Activations::F32,
+            Self::Int16 => Activations::Int16,
+            Self::Stored | Self::Auto => Activations::fastest(),
         }
     }
 }

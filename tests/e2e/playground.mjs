@@ -21,10 +21,12 @@
 //      Generate with the page's defaults gives guided text unlike the base's;
 //   6. phone (390×844): once loaded, the prompt, sliders, Generate and output come before
 //      the model list, every control is at least 32 px; screenshots at 1280×900 and
-//      390×844 in artifacts/.
+//      390×844 in artifacts/;
+//   7. speed on the wasm CPU engine with both demo ARMs: the time to the first token of a
+//      100-token chat prompt, and decode tokens/s over 64 new tokens.
 //
 //   node tests/e2e/playground.mjs [PART...]   (parts: webgpu, cpu, deadends, keyboard,
-//                                              firstrun, phone; default all;
+//                                              firstrun, phone, ttft; default all;
 //                                              CHROMIUM=path overrides the browser)
 
 import { createServer } from 'node:http';
@@ -614,6 +616,15 @@ async function firstTokenTime(url, metrics) {
     metrics.firstToken = { promptTokens, arms, firstTokenMs: out.guidedStats.firstTokenMs, tokensPerSecond: out.guidedStats.tokensPerSecond };
     check(promptTokens >= 80 && promptTokens <= 130 && arms === 2, `a ${promptTokens}-token chat prompt with ${arms} ARMs`);
     check(Number.isFinite(out.guidedStats.firstTokenMs) && out.guidedStats.tokens > 0, `first token after ${Math.round(out.guidedStats.firstTokenMs)} ms, then ${out.guidedStats.tokensPerSecond.toFixed(1)} tokens/s`);
+    // Decode speed over more tokens (what `genarm bench` measures natively); the chat
+    // default stops early, plain text runs to the limit.
+    await page.check('#mode-plain');
+    await page.fill('#prompt', PROMPT);
+    await page.fill('#max-tokens', '64');
+    const long = await generate(page);
+    metrics.decode = { arms, tokens: long.guidedStats.tokens, tokensPerSecond: long.guidedStats.tokensPerSecond };
+    metrics.memoryAfterRuns = await page.locator('#memory').innerText();
+    check(long.guidedStats.tokens >= 32, `decode: ${long.guidedStats.tokens} tokens at ${long.guidedStats.tokensPerSecond.toFixed(1)} tokens/s with ${arms} ARMs`);
   } finally {
     await browser.close();
     check(!log.some((l) => l.startsWith('[pageerror]') || l.startsWith('[offsite]')), 'no page errors, no off-site requests');

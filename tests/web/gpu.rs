@@ -11,7 +11,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use wasm_bindgen_test::*;
 
-use crate::cpu::CpuEngine;
+use crate::cpu::{CpuEngine, Precision};
 use crate::engine::Engine;
 use crate::generate::{Decoder, GenerateOptions};
 use crate::gpu::buffers::{storage_f32, storage_zeros};
@@ -137,12 +137,25 @@ fn arm_plan() -> (std::path::PathBuf, ArmPlan) {
     ("arm".into(), ArmPlan::SharedLora(adapter))
 }
 
+/// The WebGPU engine and its reference, the candle engine in f32 (the wasm build's
+/// default integer activations would be another computation), on the fixture with its ARM.
+fn both_engines(ctx: Arc<GpuContext>) -> (GpuEngine, CpuEngine) {
+    let gpu = GpuEngine::new(ctx, checkpoint(), vec![arm_plan()], Some(64)).unwrap();
+    let cpu = CpuEngine::from_parts_with(
+        checkpoint(),
+        vec![arm_plan()],
+        Some(64),
+        &Device::Cpu,
+        Precision::F32,
+    )
+    .unwrap();
+    (gpu, cpu)
+}
+
 #[wasm_bindgen_test]
 async fn the_engine_matches_the_candle_engine_in_the_page() {
     let ctx = context().await;
-    let mut gpu = GpuEngine::new(ctx, checkpoint(), vec![arm_plan()], Some(64)).unwrap();
-    let mut cpu =
-        CpuEngine::from_parts(checkpoint(), vec![arm_plan()], Some(64), &Device::Cpu).unwrap();
+    let (mut gpu, mut cpu) = both_engines(ctx);
     let tokens = [3u32, 17, 42, 0, 59, 8, 8, 23, 1, 60, 31, 5];
 
     // Every position's log-probs, base and ARM. WGSL lets exp, log and sqrt be a few
@@ -227,9 +240,7 @@ async fn the_engine_matches_the_candle_engine_in_the_page() {
 #[wasm_bindgen_test]
 async fn prompt_chunks_match_the_candle_engine_in_the_page() {
     let ctx = context().await;
-    let mut gpu = GpuEngine::new(ctx, checkpoint(), vec![arm_plan()], Some(64)).unwrap();
-    let mut cpu =
-        CpuEngine::from_parts(checkpoint(), vec![arm_plan()], Some(64), &Device::Cpu).unwrap();
+    let (mut gpu, mut cpu) = both_engines(ctx);
     let n = gpu.chunk_positions();
     let vocab = gpu.vocab_size() as u64;
     let mut rng = crate::test_rng::SplitMix64::new(81);

@@ -10,12 +10,16 @@
 //! product is `d·Σq·x + o·Σx`. `Σx` per block only depends on the activations, so it is
 //! computed once per call and the inner loop is just `Σq·x`.
 //!
+//! With `Activations::Int16` the activations are rounded to 16-bit integers per block
+//! first (`int16`): faster where integer dot products are (WebAssembly), within f32 noise.
+//!
 //! One file per instruction set, as candle-core's `quantized/{avx,neon,simd128}`: this
 //! module holds the block formats, the matrix type and the choice of kernel; `tiling` cuts
 //! one matmul into parallel tasks; `scalar`, `simd128`, `avx2` and `avx512` are the row
 //! kernels; `custom_op` plugs the matmul into candle.
 
 mod custom_op;
+mod int16;
 mod scalar;
 mod tiling;
 
@@ -84,6 +88,29 @@ impl BlockFormat {
     }
 }
 
+/// What the weights are multiplied with.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Activations {
+    /// The f32 activations themselves: the reference the GPU engine is checked against.
+    #[default]
+    F32,
+    /// The activations rounded to 16-bit integers per 32-block (`x ≈ dx·qx`), the dot
+    /// products summed as integers (see `int16`).
+    Int16,
+}
+
+impl Activations {
+    /// The faster choice on this build: `Int16` where the kernel has integer dot products
+    /// and no f32 FMA (WebAssembly SIMD), `F32` elsewhere.
+    pub const fn fastest() -> Self {
+        if cfg!(all(target_arch = "wasm32", target_feature = "simd128")) {
+            Self::Int16
+        } else {
+            Self::F32
+        }
+    }
+}
+
 /// Format tags for the x86 kernels, which monomorphise one kernel per format so the block
 /// decode has no per-block branch (stable Rust takes no enum as a const parameter).
 #[cfg(target_arch = "x86_64")]
@@ -111,6 +138,7 @@ pub struct BlockMatrix {
     rows: usize,
     cols: usize,
     data: Vec<u8>,
+    activations: Activations,
 }
 
 impl BlockMatrix {
@@ -138,7 +166,14 @@ impl BlockMatrix {
             rows,
             cols,
             data,
+            activations: Activations::F32,
         })
+    }
+
+    /// The same weights multiplied with `activations` from now on.
+    pub fn with_activations(mut self, activations: Activations) -> Self {
+        self.activations = activations;
+        self
     }
 
     /// A 2-D Q4_0/Q4_1/Q8_0 tensor's blocks (candle's CPU storage holds the GGUF block bytes
@@ -160,7 +195,9 @@ impl BlockMatrix {
         }
         let data = parts.iter().flat_map(|p| p.data.iter().copied()).collect();
         let rows = parts.iter().map(|p| p.rows).sum();
-        Self::new(first.format, rows, first.cols, data).ok()
+        Self::new(first.format, rows, first.cols, data)
+            .ok()
+            .map(|m| m.with_activations(first.activations))
     }
 
     pub fn rows(&self) -> usize {
@@ -173,6 +210,10 @@ impl BlockMatrix {
 
     pub fn format(&self) -> BlockFormat {
         self.format
+    }
+
+    pub fn activations(&self) -> Activations {
+        self.activations
     }
 
     fn blocks_per_row(&self) -> usize {
@@ -336,6 +377,48 @@ impl Kernel {
                 unsafe { avx512::rows_dot(format, &[row], xs, cols, res.len(), &mut out) };
                 res.copy_from_slice(&out[0][..res.len()]);
             }
+        }
+    }
+}
+
+impl Kernel {
+    /// Whether `rows_dot_int` should get two weight rows at once for `n` activation rows:
+    /// the simd128 kernel shares each activation load between them, which pays while
+    /// both rows' decoded blocks and accumulators fit in 16 registers (decode, n ≤ 2;
+    /// measured slower on a prompt's full tiles).
+    fn pairs_rows_int(self, n: usize) -> bool {
+        #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+        if self == Kernel::Simd128 {
+            return n <= 2;
+        }
+        let _ = n;
+        false
+    }
+
+    /// `res[r][i] = Σ_c W_r[c] · x_i[c]` for the weight rows `w` (one or two) and `i < n`,
+    /// with the activations as 16-bit integers.
+    fn rows_dot_int(
+        self,
+        format: BlockFormat,
+        w: &[&[u8]],
+        acts: int16::IntTile<'_>,
+        cols: usize,
+        n: usize,
+        res: &mut [[f32; TILE]; 2],
+    ) {
+        #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+        if self == Kernel::Simd128 {
+            return simd128::rows_dot_int(format, w, acts, cols, n, res);
+        }
+        // x86 runs f32 activations by default; the portable kernel otherwise.
+        for (&row, res) in w.iter().zip(res.iter_mut()) {
+            let args = int16::IntRowArgs {
+                format,
+                row,
+                acts,
+                cols,
+            };
+            int16::row_dot(args, &mut res[..n]);
         }
     }
 }

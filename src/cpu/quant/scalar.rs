@@ -3,11 +3,29 @@
 use super::{BlockFormat, RowArgs, BLOCK, TILE};
 
 /// Little-endian f16 at `at`, as f32.
+#[inline]
 fn f16_at(bytes: &[u8], at: usize) -> f32 {
-    half::f16::from_le_bytes([bytes[at], bytes[at + 1]]).to_f32()
+    f16_to_f32(u16::from_le_bytes([bytes[at], bytes[at + 1]]))
+}
+
+/// An f16's bits as f32, exactly, without branches: WebAssembly has no conversion
+/// instruction, and `half`'s portable one (a call with branches per block scale) took a
+/// sixth of the wasm matmul time. The magnitude's bits shifted into f32 position are
+/// the value times 2^-112 (the exponent biases differ by 112; f16 subnormals land on f32
+/// subnormals), so one exact multiply rescales it; infinities and NaNs keep an all-ones
+/// exponent.
+#[inline]
+pub fn f16_to_f32(h: u16) -> f32 {
+    const TWO_POW_112: f32 = f32::from_bits((127 + 112) << 23);
+    let sign = u32::from(h & 0x8000) << 16;
+    let magnitude = u32::from(h & 0x7FFF);
+    let finite = (f32::from_bits(magnitude << 13) * TWO_POW_112).to_bits();
+    let special = 0x7F80_0000 | ((magnitude & 0x3FF) << 13);
+    f32::from_bits(sign | if magnitude >= 0x7C00 { special } else { finite })
 }
 
 /// A block's scale and offset `(d, o)`, with `w = d·q + o`.
+#[inline]
 pub fn scales(format: BlockFormat, block: &[u8]) -> (f32, f32) {
     let d = f16_at(block, 0);
     let o = match format {

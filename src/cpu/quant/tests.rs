@@ -289,3 +289,121 @@ fn new_checks_sizes() {
     assert!(BlockMatrix::new(BlockFormat::Q4_0, 2, 32, vec![0; 36]).is_ok());
     assert_eq!(BlockFormat::from_ggml(GgmlDType::F32), None);
 }
+
+/// The bound on what integer activations change in row `j` of `W·x_i`: each activation is
+/// off by at most half its block's step `dx`, so a block's dot product by at most
+/// `Σ|w|·dx/2`.
+fn int16_error_bound(w: &[f32], x: &[f32]) -> f64 {
+    w.chunks(BLOCK)
+        .zip(x.chunks(BLOCK))
+        .map(|(w, x)| {
+            let amax = x.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
+            let l1: f64 = w.iter().map(|&v| (v as f64).abs()).sum();
+            l1 * amax / 32767.0 / 2.0
+        })
+        .sum()
+}
+
+#[test]
+fn int16_activations_stay_within_the_rounding_bound_of_the_f64_reference() {
+    for (format, dtype) in FORMATS {
+        for (rows, cols) in [(1, 32), (3, 96), (65, 576), (131, 1536)] {
+            let (w, deq) = quantized(dtype, rows, cols, (rows + 5 * cols) as u64);
+            let w = w.with_activations(Activations::Int16);
+            for m in [1, 2, 3, 4, 5, 9] {
+                // Activations with a wide range inside a block, as real hidden states have.
+                let x: Vec<f32> = random(m * cols, 40 + m as u64)
+                    .iter()
+                    .enumerate()
+                    .map(|(k, v)| if k % 29 == 0 { 8.0 * v } else { *v })
+                    .collect();
+                let mut out = vec![f32::NAN; m * rows];
+                w.matmul(&x, m, &mut out);
+                for i in 0..m {
+                    let xi = &x[i * cols..(i + 1) * cols];
+                    for (j, wj) in deq.iter().enumerate() {
+                        let want: f64 = wj.iter().zip(xi).map(|(&a, &b)| a as f64 * b as f64).sum();
+                        let bound = int16_error_bound(wj, xi) + 1e-4 * (1.0 + want.abs());
+                        let got = out[i * rows + j] as f64;
+                        assert!(
+                            (got - want).abs() <= bound,
+                            "{format:?} m={m} [{rows}, {cols}] ({i}, {j}): {got} vs {want}, bound {bound}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn int16_kernels_agree_bit_for_bit() {
+    // The portable kernel is the simd128 one lane for lane, so the native engine gives
+    // the browser's numbers exactly (`tests/web_fixture.rs` relies on it).
+    for (format, dtype) in FORMATS {
+        // An odd row count: pairs of weight rows and a lone last one.
+        let (w, _) = quantized(dtype, 71, 576, 13);
+        let w = w.with_activations(Activations::Int16);
+        for m in [1, 2, 3, 4, 9] {
+            let x = random(m * 576, 14 + m as u64);
+            let mut want = vec![f32::NAN; m * 71];
+            w.matmul_with(Kernel::Scalar, &x, m, &mut want);
+            for kernel in kernels() {
+                let mut got = vec![f32::NAN; m * 71];
+                w.matmul_with(kernel, &x, m, &mut got);
+                let (got, want): (Vec<u32>, Vec<u32>) = (
+                    got.iter().map(|v| v.to_bits()).collect(),
+                    want.iter().map(|v| v.to_bits()).collect(),
+                );
+                assert_eq!(got, want, "{format:?} {kernel:?} m={m}");
+            }
+        }
+    }
+}
+
+#[test]
+fn int16_activations_carry_nan_and_zero_blocks() {
+    for (format, dtype) in FORMATS {
+        let (w, _) = quantized(dtype, 4, 96, 2);
+        let w = w.with_activations(Activations::Int16);
+        // An all-zero block quantises to zero codes (no division by a zero step).
+        let mut x = random(96, 3);
+        x[32..64].fill(0.0);
+        let mut out = [f32::NAN; 4];
+        w.matmul(&x, 1, &mut out);
+        assert!(out.iter().all(|v| v.is_finite()), "{format:?}: {out:?}");
+        // A NaN activation makes every output NaN, as in f32, not a silent zero code.
+        x[40] = f32::NAN;
+        w.matmul(&x, 1, &mut out);
+        assert!(out.iter().all(|v| v.is_nan()), "{format:?}: {out:?}");
+    }
+}
+
+#[test]
+fn concat_rows_keeps_the_activations() {
+    let (a, _) = quantized(GgmlDType::Q4_0, 8, 64, 1);
+    let (b, _) = quantized(GgmlDType::Q4_0, 8, 64, 2);
+    let (a, b) = (
+        a.with_activations(Activations::Int16),
+        b.with_activations(Activations::Int16),
+    );
+    let ab = BlockMatrix::concat_rows(&[&a, &b]).unwrap();
+    assert_eq!(ab.activations(), Activations::Int16);
+}
+
+#[test]
+fn f16_conversion_is_exact_for_every_value() {
+    for bits in 0..=u16::MAX {
+        let want = half::f16::from_bits(bits).to_f32();
+        let got = scalar::f16_to_f32(bits);
+        if want.is_nan() {
+            assert!(got.is_nan(), "{bits:#06x}: {got}");
+        } else {
+            assert_eq!(
+                got.to_bits(),
+                want.to_bits(),
+                "{bits:#06x}: {got} vs {want}"
+            );
+        }
+    }
+}

@@ -3,7 +3,8 @@
 
 use std::ops::Range;
 
-use super::{BlockMatrix, Kernel, BLOCK, TILE};
+use super::int16::QuantizedActs;
+use super::{Activations, BlockMatrix, Kernel, BLOCK, TILE};
 
 /// Weight rows per cache block inside a task: with large `m` the rows are revisited once per
 /// activation tile, so they should stay in L2 (64 rows × 1536 cols of Q8_0 is ~100 KB).
@@ -15,15 +16,14 @@ pub(super) fn matmul(w: &BlockMatrix, kernel: Kernel, x: &[f32], m: usize, out: 
     if m == 0 || w.rows == 0 {
         return;
     }
-    let sums = if kernel.needs_sums(w.format) {
-        block_sums(x, w.cols)
-    } else {
-        Vec::new()
+    let acts = match w.activations {
+        Activations::F32 if kernel.needs_sums(w.format) => Acts::F32(x, block_sums(x, w.cols)),
+        Activations::F32 => Acts::F32(x, Vec::new()),
+        Activations::Int16 => Acts::Int16(QuantizedActs::new(x)),
     };
     let job = Job {
         w,
-        x,
-        sums: &sums,
+        acts: &acts,
         m,
         kernel,
     };
@@ -76,12 +76,17 @@ impl OutPtr {
     }
 }
 
+/// The activations as the kernel reads them.
+enum Acts<'a> {
+    /// `x` and its `Σx` per block (`[m, cols/32]`; empty when the kernel does not read it).
+    F32(&'a [f32], Vec<f32>),
+    Int16(QuantizedActs),
+}
+
 /// Everything one `matmul` call shares between its tasks.
 struct Job<'a> {
     w: &'a BlockMatrix,
-    x: &'a [f32],
-    /// `Σx` per block, `[m, cols/32]`; empty when the format has no offset term.
-    sums: &'a [f32],
+    acts: &'a Acts<'a>,
     m: usize,
     kernel: Kernel,
 }
@@ -92,31 +97,24 @@ impl Job<'_> {
     /// # Safety
     /// `out` points at an `[m, w.rows]` buffer and no other thread writes these columns.
     unsafe fn run(&self, rows: Range<usize>, out: &OutPtr) {
-        let (cols, nb, n_rows) = (self.w.cols, self.w.blocks_per_row(), self.w.rows);
+        let n_rows = self.w.rows;
         // Row blocks outside, activation tiles inside: a row block's weights stay in cache
         // while every tile passes over them, and a tile of x stays in L1 across the rows.
         for rb in rows.clone().step_by(ROW_BLOCK) {
             let rb_end = (rb + ROW_BLOCK).min(rows.end);
             for t0 in (0..self.m).step_by(TILE) {
                 let n = TILE.min(self.m - t0);
-                let xs = &self.x[t0 * cols..(t0 + n) * cols];
-                let sums = if self.sums.is_empty() {
-                    &[][..]
-                } else {
-                    &self.sums[t0 * nb..(t0 + n) * nb]
-                };
                 let mut j = rb;
                 while j < rb_end {
                     // Two weight rows at a time where the kernel shares x loads between them.
-                    let r = if self.kernel.pairs_rows(self.w.format) && j + 1 < rb_end {
-                        2
-                    } else {
-                        1
+                    let pairs = match self.acts {
+                        Acts::F32(..) => self.kernel.pairs_rows(self.w.format),
+                        Acts::Int16(_) => self.kernel.pairs_rows_int(n),
                     };
+                    let r = if pairs && j + 1 < rb_end { 2 } else { 1 };
                     let w = [self.w.row_bytes(j), self.w.row_bytes(j + r - 1)];
                     let mut res = [[0f32; TILE]; 2];
-                    self.kernel
-                        .rows_dot(self.w.format, &w[..r], xs, sums, cols, n, &mut res);
+                    self.rows_dot(&w[..r], t0, n, &mut res);
                     for (dj, res) in res[..r].iter().enumerate() {
                         for (k, &v) in res[..n].iter().enumerate() {
                             // SAFETY: (t0 + k) < m and j + dj < rows, so the index is inside
@@ -127,6 +125,26 @@ impl Job<'_> {
                     }
                     j += r;
                 }
+            }
+        }
+    }
+
+    /// `res[r][k]` = weight row `w[r]` times activation row `t0 + k`, for `k < n`.
+    fn rows_dot(&self, w: &[&[u8]], t0: usize, n: usize, res: &mut [[f32; TILE]; 2]) {
+        let (cols, nb, format) = (self.w.cols, self.w.blocks_per_row(), self.w.format);
+        match self.acts {
+            Acts::F32(x, sums) => {
+                let xs = &x[t0 * cols..(t0 + n) * cols];
+                let sums = if sums.is_empty() {
+                    &[][..]
+                } else {
+                    &sums[t0 * nb..(t0 + n) * nb]
+                };
+                self.kernel.rows_dot(format, w, xs, sums, cols, n, res);
+            }
+            Acts::Int16(acts) => {
+                let tile = acts.tile(t0, n, cols);
+                self.kernel.rows_dot_int(format, w, tile, cols, n, res);
             }
         }
     }

@@ -10,6 +10,9 @@
 #   ./build.sh test            everything the project checks (what .ci/run runs), the CUDA build included
 #   ./build.sh test-web        only the browser tests (wasm API in Chromium, playground end to end)
 #   ./build.sh bench           decode speed on the demo model (base, +1, +2 LoRA ARMs)
+#   ./build.sh bench-scale     the CPU engine on the demo model and on random models of TinyLlama-1.1B's
+#                              shape (Q4_0, Q4_1, Q8_0): decode, prefill, +1/+2 ARMs, peak memory;
+#                              llama.cpp's llama-bench beside it where installed (LLAMA_BENCH=path)
 #   ./build.sh bench-web       the wasm CPU engine in headless Chromium against the native one on
 #                              one thread: first token of a 100-token chat prompt, decode tokens/s
 #   ./build.sh cuda            the CUDA build (CUDA 13.0 from PyPI, sm_90; no GPU needed) in target/cuda/
@@ -314,6 +317,49 @@ bench() {
   done
   ./target/release/genarm bench --model "$DEMO_MODEL" \
     --arm "$dir/random-1:1" --arm "$dir/random-2:1" --tokens 128 --runs 5 "$@"
+}
+
+# The CPU engine at the size people run: random-weight models of TinyLlama-1.1B's shape
+# (22 layers, hidden 2048, FFN 5632, 32/4 heads) with the demo model's tokenizer, written
+# by `genarm init-model`, next to the demo model. Each gets `genarm bench` (base, +1 and +2
+# random LoRA ARMs, r 8 on all projections) and the peak RSS of a 32-token generate; with
+# llama.cpp installed (llama-bench on PATH or LLAMA_BENCH=path, llama-cli beside it), its
+# figures for the same files follow. The models are ~0.7–1.2 GB each, kept in
+# target/bench-scale/.
+BENCH_SCALE_DIR=target/bench-scale
+bench_scale() {
+  fetch_model
+  build_native
+  local dir=$BENCH_SCALE_DIR bin=./target/release/genarm models=("$DEMO_MODEL") format m i
+  mkdir -p "$dir"
+  for format in q4_0 q4_1 q8_0; do
+    m="$dir/tinyllama-shape-$format.gguf"
+    [ -s "$m" ] || $bin init-model --like "$DEMO_MODEL" --out "$m" --format "${format//_/-}"
+    models+=("$m")
+  done
+  local llama_bench=${LLAMA_BENCH:-$(command -v llama-bench || true)} llama_cli=""
+  [ -z "$llama_bench" ] || llama_cli="$(dirname "$llama_bench")/llama-cli"
+  for m in "${models[@]}"; do
+    local arms
+    arms="$dir/arms-$(basename "$m" .gguf)"
+    for i in 1 2; do
+      [ -f "$arms/random-$i/adapter_model.safetensors" ] ||
+        $bin init-lora --model "$m" --out "$arms/random-$i" --seed "$i"
+    done
+    log "$m: genarm bench"
+    $bin bench --model "$m" --arm "$arms/random-1:1" --arm "$arms/random-2:1" --tokens 64 --runs 3
+    log "$m: peak RSS of a 32-token generate (context 512)"
+    /usr/bin/time -f "genarm: peak RSS %M KB" $bin generate --model "$m" --prompt Hello \
+      --max-new-tokens 32 --context 512 >/dev/null
+    if [ -n "$llama_bench" ]; then
+      log "$m: llama-bench"
+      "$llama_bench" -m "$m" -t "$(nproc)" -p 64 -n 64 -r 3
+      if [ -x "$llama_cli" ]; then
+        /usr/bin/time -f "llama.cpp: peak RSS %M KB" "$llama_cli" -m "$m" -p Hello -n 32 -c 512 \
+          -t "$(nproc)" -no-cnv --no-warmup 2>&1 >/dev/null </dev/null | grep "peak RSS" || true
+      fi
+    fi
+  done
 }
 
 # The browser's CPU engine against the native one, back to back on this machine: the
@@ -645,6 +691,7 @@ case "$cmd" in
   test-web) test_web ;;
   bench) bench "$@" ;;
   bench-web) bench_web ;;
+  bench-scale) bench_scale ;;
   cuda) cuda ;;
   train-demo-arms) train_demo_arms ;;
   paper-claims) paper_claims ;;
@@ -652,5 +699,5 @@ case "$cmd" in
   fetch-data) fetch_data ;;
   setup) setup ;;
   gpu-check) gpu_check "$@" ;;
-  *) echo "usage: $0 [run|web|serve|site|test|test-web|bench|bench-web|cuda|train-demo-arms|paper-claims|fetch-model|fetch-data|setup|gpu-check]" >&2; exit 2 ;;
+  *) echo "usage: $0 [run|web|serve|site|test|test-web|bench|bench-scale|bench-web|cuda|train-demo-arms|paper-claims|fetch-model|fetch-data|setup|gpu-check]" >&2; exit 2 ;;
 esac

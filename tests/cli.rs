@@ -1161,3 +1161,67 @@ fn readme_cli_synopsis_lists_exactly_the_flags_of_help() {
         drift.join("\n")
     );
 }
+
+#[test]
+fn init_model_writes_a_runnable_model_of_the_asked_shape() {
+    let dir = temp_dir("init-model");
+    let out = dir.join("random.gguf");
+    let shape = [
+        "--layers",
+        "2",
+        "--hidden",
+        "64",
+        "--ffn",
+        "96",
+        "--heads",
+        "4",
+        "--kv-heads",
+        "2",
+    ];
+    let like = demo_model();
+    let mut args = vec!["init-model", "--like", s(&like), "--out", s(&out)];
+    args.extend(["--format", "q4-0"]);
+    args.extend(shape);
+    let o = genarm(&args);
+    assert!(o.status.success(), "init-model: {}", stderr(&o));
+
+    // The shape, the format and the reference's vocabulary, as the loader reads them.
+    let ckpt = genarm::model::Checkpoint::open(&out).unwrap();
+    let cfg = &ckpt.config;
+    assert_eq!(
+        (cfg.num_layers, cfg.hidden_size, cfg.intermediate_size),
+        (2, 64, 96)
+    );
+    assert_eq!(
+        (cfg.num_heads, cfg.num_kv_heads, cfg.vocab_size),
+        (4, 2, 49_152)
+    );
+    let mut file = std::fs::File::open(&out).unwrap();
+    let content = candle_core::quantized::gguf_file::Content::read(&mut file).unwrap();
+    assert_eq!(
+        content.tensor_infos["blk.1.ffn_down.weight"].ggml_dtype,
+        GgmlDType::Q4_0
+    );
+    assert!(content.tensor_infos.contains_key("output.weight"));
+
+    // It runs, with its tokenizer, and an existing file is not replaced.
+    let gen = json(&genarm(&[
+        "generate",
+        "--model",
+        s(&out),
+        "--prompt",
+        "Hello",
+        "--max-new-tokens",
+        "4",
+        "--json",
+    ]));
+    assert_eq!(gen["tokens"].as_array().unwrap().len(), 4);
+    let again = genarm(&args);
+    assert!(!again.status.success());
+    assert!(
+        stderr(&again).contains("already exists"),
+        "{}",
+        stderr(&again)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

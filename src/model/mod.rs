@@ -8,6 +8,7 @@ pub mod gguf_header;
 pub mod hf_config;
 pub mod llama;
 pub mod lora;
+pub mod random_gguf;
 pub mod safetensors;
 pub mod tokenizer;
 pub mod weights;

@@ -36,6 +36,7 @@ mod bench;
 mod eval;
 mod generate;
 mod init_lora;
+mod init_model;
 mod load;
 mod logits;
 mod prefs;
@@ -65,6 +66,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Write a PEFT LoRA adapter with random weights for a model (for timing and tests).
     InitLora(init_lora::InitLoraArgs),
+    /// Write a GGUF Llama model with random weights of a given shape (default TinyLlama-1.1B's), for timing.
+    InitModel(init_model::InitModelArgs),
     /// Train an ARM (LoRA, or with --full all weights of its top layers) on preference
     /// pairs with the GenARM loss, or with --scalar-head a conventional scalar reward
     /// model (Bradley–Terry loss).
@@ -102,6 +105,7 @@ fn main() -> ExitCode {
         Command::Logits(a) => logits::run(a),
         Command::Bench(a) => bench::run(a),
         Command::InitLora(a) => init_lora::run(a),
+        Command::InitModel(a) => init_model::run(a),
         Command::Train(a) => train::run(a),
         Command::Prefs(a) => prefs::run(a),
         Command::Prompts(a) => prompts::run(a),

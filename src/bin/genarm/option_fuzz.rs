@@ -53,6 +53,7 @@ fn valid(cmd: &str) -> Vec<&'static str> {
         "logits" => &["logits", "--model", "m.gguf", "--tokens", "1,2"],
         "bench" => &["bench", "--model", "m.gguf"],
         "init-lora" => &["init-lora", "--model", "m.gguf", "--out", "o"],
+        "init-model" => &["init-model", "--like", "m.gguf", "--out", "o.gguf"],
         "train" => &[
             "train", "--model", "m.gguf", "--data", "d.jsonl", "--out", "o",
         ],

@@ -1119,6 +1119,7 @@ fn readme_cli_synopsis_lists_exactly_the_flags_of_help() {
             "logits",
             "bench",
             "init-lora",
+            "init-model",
             "train",
             "prompts",
             "prefs",

@@ -119,27 +119,6 @@ impl IntRowArgs<'_> {
     }
 }
 
-/// A block's 32 weight codes as integers (Q4: 0..=15, Q8_0: −128..=127).
-fn weight_codes(format: BlockFormat, block: &[u8]) -> [i16; BLOCK] {
-    let codes = &block[format.codes_offset()..format.block_bytes()];
-    let mut q = [0i16; BLOCK];
-    match format {
-        // Element i is the low nibble of byte i, element i + 16 the high one.
-        BlockFormat::Q4_0 | BlockFormat::Q4_1 => {
-            for (i, &b) in codes.iter().enumerate() {
-                q[i] = i16::from(b & 0x0F);
-                q[i + 16] = i16::from(b >> 4);
-            }
-        }
-        BlockFormat::Q8_0 => {
-            for (q_k, &b) in q.iter_mut().zip(codes) {
-                *q_k = i16::from(b as i8);
-            }
-        }
-    }
-    q
-}
-
 /// `res[i] = Σ_c W[row, c] · x_i[c]` with `x` quantised, for `i < res.len() ≤ TILE`.
 pub fn row_dot(args: IntRowArgs<'_>, res: &mut [f32]) {
     let (format, n) = (args.format, res.len());
@@ -148,7 +127,7 @@ pub fn row_dot(args: IntRowArgs<'_>, res: &mut [f32]) {
     let mut offsets = [0f32; TILE];
     for (b, block) in args.blocks() {
         let (d, o) = super::scalar::scales(format, block);
-        let q = weight_codes(format, block);
+        let q: [i16; BLOCK] = super::scalar::block_codes(format, block);
         for i in 0..n {
             let x = args.codes(i, b);
             let mut dot = [0i32; LANES];

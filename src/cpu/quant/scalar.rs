@@ -36,23 +36,33 @@ pub fn scales(format: BlockFormat, block: &[u8]) -> (f32, f32) {
     (d, o)
 }
 
-/// Decodes a block's codes into `q`; returns `(d, o)` with `w = d·q + o`.
-pub fn decode(format: BlockFormat, block: &[u8], q: &mut [f32; BLOCK]) -> (f32, f32) {
+/// A block's 32 integer codes (Q4: 0..=15, Q8_0: −128..=127) as `T`, element order.
+pub fn block_codes<T: From<u8> + From<i8> + Copy + Default>(
+    format: BlockFormat,
+    block: &[u8],
+) -> [T; BLOCK] {
     let codes = &block[format.codes_offset()..format.block_bytes()];
+    let mut q = [T::default(); BLOCK];
     match format {
         BlockFormat::Q4_0 | BlockFormat::Q4_1 => {
             // Element i is the low nibble of byte i, element i + 16 the high one.
             for (i, &b) in codes.iter().enumerate() {
-                q[i] = f32::from(b & 0x0F);
-                q[i + 16] = f32::from(b >> 4);
+                q[i] = T::from(b & 0x0F);
+                q[i + 16] = T::from(b >> 4);
             }
         }
         BlockFormat::Q8_0 => {
             for (q_k, &b) in q.iter_mut().zip(codes) {
-                *q_k = f32::from(b as i8);
+                *q_k = T::from(b as i8);
             }
         }
     }
+    q
+}
+
+/// Decodes a block's codes into `q`; returns `(d, o)` with `w = d·q + o`.
+pub fn decode(format: BlockFormat, block: &[u8], q: &mut [f32; BLOCK]) -> (f32, f32) {
+    *q = block_codes(format, block);
     scales(format, block)
 }
 

@@ -8,58 +8,26 @@ use std::arch::wasm32::*;
 use super::int16::{IntRowArgs, IntTile};
 use super::{scalar, BlockFormat, RowArgs, BLOCK, TILE};
 
-/// 16 bytes from `bytes` as a vector.
-fn load16(bytes: &[u8]) -> v128 {
-    let bytes: &[u8; 16] = bytes[..16].try_into().expect("16 bytes");
-    // SAFETY: the array has 16 readable bytes; wasm loads need no alignment.
-    unsafe { v128_load(bytes.as_ptr().cast()) }
-}
-
 /// Four f32 from `x` as a vector.
 fn load4(x: &[f32]) -> v128 {
     let x: &[f32; 4] = x[..4].try_into().expect("4 floats");
-    // SAFETY: as in `load16`.
+    // SAFETY: the array has 4 readable floats; wasm loads need no alignment.
     unsafe { v128_load(x.as_ptr().cast()) }
 }
 
-/// Sixteen unsigned bytes as four f32x4 (in element order).
-fn u8_to_f32(v: v128) -> [v128; 4] {
-    let (lo, hi) = (u16x8_extend_low_u8x16(v), u16x8_extend_high_u8x16(v));
-    [
-        f32x4_convert_u32x4(u32x4_extend_low_u16x8(lo)),
-        f32x4_convert_u32x4(u32x4_extend_high_u16x8(lo)),
-        f32x4_convert_u32x4(u32x4_extend_low_u16x8(hi)),
-        f32x4_convert_u32x4(u32x4_extend_high_u16x8(hi)),
-    ]
-}
-
-/// Sixteen signed bytes as four f32x4 (in element order).
-fn i8_to_f32(v: v128) -> [v128; 4] {
-    let (lo, hi) = (i16x8_extend_low_i8x16(v), i16x8_extend_high_i8x16(v));
-    [
-        f32x4_convert_i32x4(i32x4_extend_low_i16x8(lo)),
-        f32x4_convert_i32x4(i32x4_extend_high_i16x8(lo)),
-        f32x4_convert_i32x4(i32x4_extend_low_i16x8(hi)),
-        f32x4_convert_i32x4(i32x4_extend_high_i16x8(hi)),
-    ]
-}
-
-/// A block's 32 integer codes as eight f32x4, element order.
+/// A block's 32 integer codes as eight f32x4, element order (the i16 codes widened).
 fn codes(format: BlockFormat, block: &[u8]) -> [v128; 8] {
     let codes = &block[format.codes_offset()..format.block_bytes()];
-    let (a, b) = match format {
-        // Element i is the low nibble of byte i, element i + 16 the high one.
-        BlockFormat::Q4_0 | BlockFormat::Q4_1 => {
-            let bytes = load16(codes);
-            let low = v128_and(bytes, u8x16_splat(0x0F));
-            (u8_to_f32(low), u8_to_f32(u8x16_shr(bytes, 4)))
-        }
-        BlockFormat::Q8_0 => (
-            i8_to_f32(load16(&codes[..16])),
-            i8_to_f32(load16(&codes[16..])),
-        ),
+    // SAFETY: `codes` holds the block's 16 (Q4) or 32 (Q8_0) code bytes.
+    let q = unsafe { codes_i16_at(format, codes.as_ptr()) };
+    let widen = |v: v128| {
+        [
+            f32x4_convert_i32x4(i32x4_extend_low_i16x8(v)),
+            f32x4_convert_i32x4(i32x4_extend_high_i16x8(v)),
+        ]
     };
-    [a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3]]
+    let [a, b, c, d] = q.map(widen);
+    [a[0], a[1], b[0], b[1], c[0], c[1], d[0], d[1]]
 }
 
 fn hsum(v: v128) -> f32 {

@@ -51,33 +51,49 @@ fn demo_model_matches_the_transformers_reference() {
         .iter()
         .map(|v| v.to_string())
         .collect();
-    let out = json(&genarm(&[
-        "logits",
-        "--model",
-        s(&model),
-        "--tokens",
-        &ids.join(","),
-        "--json",
-    ]));
-    let got: Vec<f64> = out["next_token_logprobs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_f64().unwrap())
-        .collect();
     let want: Vec<f64> = fixture["next_token_logprobs"]
         .as_array()
         .unwrap()
         .iter()
         .map(|v| v.as_f64().unwrap())
         .collect();
-    assert_eq!(got.len(), want.len());
+    let logits = |precision: &str| {
+        json(&genarm(&[
+            "logits",
+            "--model",
+            s(&model),
+            "--tokens",
+            &ids.join(","),
+            "--precision",
+            precision,
+            "--json",
+        ]))
+    };
+    let logprobs = |out: &serde_json::Value| -> Vec<f64> {
+        out["next_token_logprobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect()
+    };
     // Same dequantised weights, f32 activations throughout: the fixture's own f32-vs-f64
     // noise is ~1e-5; allow 1e-3 for a different summation order over 30 layers.
+    let out = logits("f32");
+    let got = logprobs(&out);
+    assert_eq!(got.len(), want.len());
     for (i, (g, w)) in got.iter().zip(&want).enumerate() {
         assert!(
             (g - w).abs() < 1e-3,
             "position {i}: got {g}, transformers {w}"
+        );
+    }
+    // 16-bit integer activations (the default where their kernel is faster; README
+    // "Precision"): within 1e-2 nats of transformers at every position.
+    for (i, (g, w)) in logprobs(&logits("int16")).iter().zip(&want).enumerate() {
+        assert!(
+            (g - w).abs() < 1e-2,
+            "int16, position {i}: got {g}, transformers {w}"
         );
     }
     assert_eq!(out["last_logprobs"].as_array().unwrap().len(), 49152);

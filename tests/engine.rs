@@ -17,8 +17,10 @@ const F32_ATOL: f64 = 1e-4;
 
 const TOKENS: [u32; 12] = [3, 17, 42, 0, 59, 8, 8, 23, 1, 60, 31, 5];
 
+/// The engine with f32 activations, the precision the f64 references check (the
+/// default rounds quantised weights' activations to 16 bits on some CPUs).
 fn load(base: &Path, arms: &[PathBuf]) -> CpuEngine {
-    CpuEngine::load(base, arms, None, &Device::Cpu).expect("engine loads")
+    CpuEngine::load_with(base, arms, None, &Device::Cpu, Precision::F32).expect("engine loads")
 }
 
 /// Reference log-probs at every position.

@@ -12,7 +12,7 @@ use std::sync::{Arc, OnceLock};
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device};
 use common::*;
-use genarm::cpu::CpuEngine;
+use genarm::cpu::{CpuEngine, Precision};
 use genarm::gpu::{GpuContext, GpuEngine};
 use genarm::guide::{combine, Sampler, SamplingParams};
 use genarm::model::Checkpoint;
@@ -40,8 +40,10 @@ fn gpu(base: &Path, arms: &[PathBuf], context: Option<usize>) -> GpuEngine {
     gpu_engine_on(ctx(), base, arms, context)
 }
 
+/// The reference: the CPU engine with f32 activations, as the WebGPU engine computes.
 fn cpu(base: &Path, arms: &[PathBuf], context: Option<usize>) -> CpuEngine {
-    CpuEngine::load(base, arms, context, &Device::Cpu).expect("CPU engine loads")
+    CpuEngine::load_with(base, arms, context, &Device::Cpu, Precision::F32)
+        .expect("CPU engine loads")
 }
 
 fn reference_logprobs(model: &TinyModel, tokens: &[u32]) -> Vec<Vec<f64>> {

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use candle_core::Device;
-use genarm::cpu::CpuEngine;
+use genarm::cpu::{CpuEngine, Precision};
 use genarm::gpu::{GpuContext, GpuEngine};
 use genarm::model::arm_plan::plan_arm;
 use genarm::model::Checkpoint;
@@ -155,7 +155,14 @@ fn load(
     arms: &[PathBuf],
 ) -> genarm::Result<Box<dyn Engine>> {
     match engine {
-        EngineKind::Cpu => Ok(Box::new(CpuEngine::load(base, arms, None, &Device::Cpu)?)),
+        // f32 activations: the Python references compute in f32 (or f64).
+        EngineKind::Cpu => Ok(Box::new(CpuEngine::load_with(
+            base,
+            arms,
+            None,
+            &Device::Cpu,
+            Precision::F32,
+        )?)),
         EngineKind::Webgpu => {
             let ctx = ctx.expect("WebGPU rows run only with a device");
             let plans = arms

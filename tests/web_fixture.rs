@@ -1,7 +1,9 @@
 //! The tiny model and ARM that the browser tests (`tests/web/browser.rs`) loads from bytes, with
 //! the greedy tokens the native engine gives on them: the wasm engine must give the
-//! same. Both at the wasm build's precision, `Precision::Int16` (16-bit integer activations, whose
-//! portable kernel is the simd128 one lane for lane). The fixture is committed (the browser cannot run the writers in
+//! same. Both at the wasm build's precision, `Precision::Int16` (16-bit integer activations:
+//! without AVX-512 VNNI the portable kernel is the simd128 one lane for lane; with it the
+//! same integer products are summed in another order, and the greedy tokens must still
+//! agree). The fixture is committed (the browser cannot run the writers in
 //! `tests/common`); `GENARM_BLESS=1 cargo test --test web_fixture` rewrites it.
 //! Also: an HF model folder opened from bytes (`Checkpoint::from_hf_files`, the
 //! playground's folder picker) gives the same log-probs as opened from disk.

@@ -3,8 +3,8 @@
 //! checkpoint stays in its own type (a 7B model is 14 GB there, not 28 GB of f32), with
 //! the steps whose precision matters — norms, softmax, logits — done in f32, as
 //! transformers does in half precision. Block-quantised weights (Q4_0, Q4_1, Q8_0) meet
-//! f32 activations too, except in WebAssembly, where 16-bit integer activations are the
-//! fast path (`quant::Activations`).
+//! f32 activations under `F32`; `Auto` rounds their activations to 16-bit integers where
+//! that kernel is the faster one (WebAssembly, x86 with AVX-512 VNNI; `quant::Activations`).
 
 use candle_core::{DType, Device, Tensor};
 
@@ -24,8 +24,8 @@ pub enum Precision {
     /// `F32`, except that block-quantised weights are multiplied by activations rounded
     /// to 16-bit integers per 32-block (`Activations::Int16`).
     Int16,
-    /// `F32` on the CPU (`Int16` in WebAssembly, where it is the faster kernel), `Stored`
-    /// on any other device.
+    /// On the CPU `F32`, or `Int16` where its kernel is the faster one (WebAssembly, x86
+    /// with AVX-512 VNNI); `Stored` on any other device.
     #[default]
     Auto,
 }

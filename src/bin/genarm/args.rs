@@ -18,6 +18,29 @@ pub enum Backend {
     Webgpu,
 }
 
+/// How the CPU and CUDA engines compute (`genarm::cpu::Precision`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum PrecisionArg {
+    /// `int16` on CPUs where its kernel is the faster one (AVX-512 VNNI; WebAssembly),
+    /// `f32` on other CPUs; on CUDA, half-precision checkpoints stay in their own type.
+    Auto,
+    /// f32 activations throughout: transformers' numbers up to summation order.
+    F32,
+    /// GGUF Q4_0/Q4_1/Q8_0 weights multiplied by activations rounded to 16-bit integers
+    /// per 32 values (a relative error of ~1e-5 per product).
+    Int16,
+}
+
+impl From<PrecisionArg> for genarm::cpu::Precision {
+    fn from(p: PrecisionArg) -> Self {
+        match p {
+            PrecisionArg::Auto => Self::Auto,
+            PrecisionArg::F32 => Self::F32,
+            PrecisionArg::Int16 => Self::Int16,
+        }
+    }
+}
+
 /// The models: a base and any number of ARMs.
 #[derive(Args)]
 pub struct ModelArgs {
@@ -35,6 +58,10 @@ pub struct ModelArgs {
     /// Which engine runs the models.
     #[arg(long, value_enum, default_value = "cpu")]
     pub backend: Backend,
+    /// How the cpu and cuda backends multiply block-quantised (GGUF Q4_0/Q4_1/Q8_0)
+    /// weights; dense weights compute in f32 on the CPU either way.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub precision: PrecisionArg,
     /// KV-cache length in tokens, 1..=1048576 (capped at the model's context).
     #[arg(long, value_name = "N", default_value_t = DEFAULT_CONTEXT, value_parser = int_in(1, MAX_TOKENS))]
     pub context: usize,

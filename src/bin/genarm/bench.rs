@@ -57,6 +57,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
         .collect();
     let rows = decode_round_robin(&mut engines, &prompt, args.tokens, args.runs)?;
     let threads = candle_core::utils::get_num_threads();
+    // What quantised weights meet on the CPU engine (`--precision`).
+    let activations = (backend == "cpu").then(|| {
+        match genarm::cpu::Precision::from(args.models.precision).block_activations() {
+            genarm::cpu::quant::Activations::F32 => "f32",
+            genarm::cpu::quant::Activations::Int16 => "int16",
+        }
+    });
     // Every configuration's engine is loaded at once, so this is their sum.
     let peak_rss = peak_rss_bytes();
     if args.json {
@@ -75,6 +82,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             serde_json::json!({
                 "backend": backend,
                 "threads": threads,
+                "block_activations": activations,
                 "weight_bytes_per_token": weight_bytes,
                 "peak_rss_bytes": peak_rss,
                 "prompt_len": args.prompt_len,
@@ -84,9 +92,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
         return Ok(());
     }
     outln!(
-        "decode tokens/s on {backend}, median of {} runs of {} tokens ({threads} CPU threads)",
+        "decode tokens/s on {backend}, median of {} runs of {} tokens ({threads} CPU threads{})",
         args.runs,
         args.tokens,
+        activations.map_or(String::new(), |a| format!(
+            ", {a} activations for quantised weights"
+        ))
     );
     for (row, dispatches) in rows.iter().zip(&dispatches) {
         let dispatches = dispatches.map_or(String::new(), |d| format!("   {d} dispatches/token"));

@@ -62,12 +62,14 @@ pub fn load_engine_with(
                 engine: Box::new(e),
             })
         } else {
-            CpuEngine::from_parts(base, plans, context, &dev).map(|e| Loaded {
-                weight_bytes: None,
-                dispatches: None,
-                prompt_dispatches: None,
-                engine: Box::new(e),
-            })
+            CpuEngine::from_parts_with(base, plans, context, &dev, models.precision.into()).map(
+                |e| Loaded {
+                    weight_bytes: None,
+                    dispatches: None,
+                    prompt_dispatches: None,
+                    engine: Box::new(e),
+                },
+            )
         }
     });
     if let Some(pb) = spinner {

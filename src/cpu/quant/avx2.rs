@@ -20,24 +20,7 @@ pub fn available() -> bool {
 /// # Safety
 /// The CPU has AVX2, FMA and F16C.
 pub unsafe fn row_dot(args: RowArgs<'_>, res: &mut [f32]) {
-    // One monomorphised kernel per (format, tile height) so the accumulators are
-    // registers and the decode has no per-block branches.
-    macro_rules! by_n {
-        ($fmt:expr) => {
-            match res.len() {
-                1 => kernel::<$fmt, 1>(args, res),
-                2 => kernel::<$fmt, 2>(args, res),
-                3 => kernel::<$fmt, 3>(args, res),
-                4 => kernel::<$fmt, 4>(args, res),
-                n => unreachable!("tile of {n} rows"),
-            }
-        };
-    }
-    match args.format {
-        BlockFormat::Q4_0 => by_n!(Q4_0),
-        BlockFormat::Q4_1 => by_n!(Q4_1),
-        BlockFormat::Q8_0 => by_n!(Q8_0),
-    }
+    by_format_and_height!(args.format, res.len(), kernel(args, res))
 }
 
 /// The row kernel for format `FMT` and `N` activation rows.

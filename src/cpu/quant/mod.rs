@@ -11,15 +11,45 @@
 //! computed once per call and the inner loop is just `Σq·x`.
 //!
 //! With `Activations::Int16` the activations are rounded to 16-bit integers per block
-//! first (`int16`): faster where integer dot products are (WebAssembly), within f32 noise.
+//! first (`int16`): faster where integer dot products are (WebAssembly; AVX-512 VNNI,
+//! where the weights are also interleaved in 16-row groups, `interleaved`), within f32
+//! noise.
 //!
 //! One file per instruction set, as candle-core's `quantized/{avx,neon,simd128}`: this
 //! module holds the block formats, the matrix type and the choice of kernel; `tiling` cuts
 //! one matmul into parallel tasks; `scalar`, `simd128`, `avx2` and `avx512` are the row
-//! kernels; `custom_op` plugs the matmul into candle.
+//! kernels, `interleaved` and `vnni` the 16-row group kernels; `custom_op` plugs the
+//! matmul into candle.
+
+/// `$kernel::<FMT, N>($arg, …)` for the runtime block format `$format` and tile height `$n`
+/// (1..=TILE): one monomorphised x86 kernel per pair, so the accumulators are registers
+/// and the block decode has no per-block branch.
+#[cfg(target_arch = "x86_64")]
+macro_rules! by_format_and_height {
+    ($format:expr, $n:expr, $kernel:ident($($arg:expr),*)) => {{
+        use $crate::cpu::quant::tag::{Q4_0, Q4_1, Q8_0};
+        macro_rules! by_n {
+            ($fmt:expr) => {
+                match $n {
+                    1 => $kernel::<$fmt, 1>($($arg),*),
+                    2 => $kernel::<$fmt, 2>($($arg),*),
+                    3 => $kernel::<$fmt, 3>($($arg),*),
+                    4 => $kernel::<$fmt, 4>($($arg),*),
+                    n => unreachable!("tile of {n} rows"),
+                }
+            };
+        }
+        match $format {
+            BlockFormat::Q4_0 => by_n!(Q4_0),
+            BlockFormat::Q4_1 => by_n!(Q4_1),
+            BlockFormat::Q8_0 => by_n!(Q8_0),
+        }
+    }};
+}
 
 mod custom_op;
 mod int16;
+mod interleaved;
 mod scalar;
 mod tiling;
 
@@ -29,6 +59,8 @@ mod avx2;
 mod avx512;
 #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
 mod simd128;
+#[cfg(target_arch = "x86_64")]
+mod vnni;
 
 #[cfg(test)]
 mod tests;
@@ -100,15 +132,37 @@ pub enum Activations {
 }
 
 impl Activations {
-    /// The faster choice on this build: `Int16` where the kernel has integer dot products
-    /// and no f32 FMA (WebAssembly SIMD), `F32` elsewhere.
-    pub const fn fastest() -> Self {
-        if cfg!(all(target_arch = "wasm32", target_feature = "simd128")) {
+    /// The faster choice on this CPU: `Int16` where a kernel has integer dot products
+    /// (WebAssembly SIMD, which has no f32 FMA; AVX-512 VNNI over interleaved rows), `F32`
+    /// elsewhere.
+    pub fn fastest() -> Self {
+        if cfg!(all(target_arch = "wasm32", target_feature = "simd128")) || interleaves() {
             Self::Int16
         } else {
             Self::F32
         }
     }
+}
+
+/// How a matrix's blocks are ordered in memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Layout {
+    /// Row after row, as in the GGUF file.
+    Rows,
+    /// Groups of 16 rows interleaved block by block (`interleaved`), for the integer
+    /// kernel with rows across lanes.
+    Groups,
+}
+
+/// Whether integer activations get the interleaved layout here (the AVX-512 VNNI kernel).
+fn interleaves() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static VNNI: OnceLock<bool> = OnceLock::new();
+        *VNNI.get_or_init(vnni::available)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
 }
 
 /// Format tags for the x86 kernels, which monomorphise one kernel per format so the block
@@ -139,6 +193,7 @@ pub struct BlockMatrix {
     cols: usize,
     data: Vec<u8>,
     activations: Activations,
+    layout: Layout,
 }
 
 impl BlockMatrix {
@@ -167,12 +222,33 @@ impl BlockMatrix {
             cols,
             data,
             activations: Activations::F32,
+            layout: Layout::Rows,
         })
     }
 
-    /// The same weights multiplied with `activations` from now on.
+    /// The same weights multiplied with `activations` from now on, in the layout the
+    /// fastest kernel for them reads.
     pub fn with_activations(mut self, activations: Activations) -> Self {
         self.activations = activations;
+        let groups = activations == Activations::Int16
+            && interleaves()
+            && self.rows.is_multiple_of(interleaved::GROUP);
+        self.with_layout(if groups { Layout::Groups } else { Layout::Rows })
+    }
+
+    /// The same weights in `layout` (`Groups` needs a multiple of 16 rows).
+    fn with_layout(mut self, layout: Layout) -> Self {
+        let (format, rows, cols) = (self.format, self.rows, self.cols);
+        self.data = match (self.layout, layout) {
+            (Layout::Rows, Layout::Groups) => {
+                interleaved::interleave(format, rows, cols, &self.data)
+            }
+            (Layout::Groups, Layout::Rows) => {
+                interleaved::deinterleave(format, rows, cols, &self.data)
+            }
+            _ => return self,
+        };
+        self.layout = layout;
         self
     }
 
@@ -193,11 +269,17 @@ impl BlockMatrix {
         if !parts.iter().all(same) {
             return None;
         }
+        // Interleaved parts are whole groups, so their bytes concatenate as rows do.
+        let layout = first.layout;
+        if parts.iter().any(|p| p.layout != layout) {
+            return None;
+        }
         let data = parts.iter().flat_map(|p| p.data.iter().copied()).collect();
         let rows = parts.iter().map(|p| p.rows).sum();
-        Self::new(first.format, rows, first.cols, data)
-            .ok()
-            .map(|m| m.with_activations(first.activations))
+        let mut m = Self::new(first.format, rows, first.cols, data).ok()?;
+        m.activations = first.activations;
+        m.layout = layout;
+        Some(m)
     }
 
     pub fn rows(&self) -> usize {
@@ -220,20 +302,38 @@ impl BlockMatrix {
         self.cols / BLOCK
     }
 
-    /// The bytes of weight row `row`.
+    /// The bytes of weight row `row` (`Layout::Rows`).
     fn row_bytes(&self, row: usize) -> &[u8] {
+        debug_assert_eq!(self.layout, Layout::Rows);
         let len = self.blocks_per_row() * self.format.block_bytes();
         &self.data[row * len..(row + 1) * len]
+    }
+
+    /// The bytes of the 16-row group `g` (`Layout::Groups`).
+    fn group_bytes(&self, g: usize) -> &[u8] {
+        debug_assert_eq!(self.layout, Layout::Groups);
+        let len = self.blocks_per_row() * interleaved::superblock_bytes(self.format);
+        &self.data[g * len..(g + 1) * len]
     }
 
     /// Writes row `row` as f32 into `out` (`cols` long).
     pub fn dequantize_row(&self, row: usize, out: &mut [f32]) {
         assert!(row < self.rows, "row {row} of {}", self.rows);
         assert_eq!(out.len(), self.cols, "output length");
-        let blocks = self.row_bytes(row).chunks_exact(self.format.block_bytes());
-        for (block, out) in blocks.zip(out.chunks_exact_mut(BLOCK)) {
+        let format = self.format;
+        for (b, out) in out.chunks_exact_mut(BLOCK).enumerate() {
             let mut q = [0f32; BLOCK];
-            let (d, o) = scalar::decode(self.format, block, &mut q);
+            let (d, o) = match self.layout {
+                Layout::Rows => {
+                    let bb = format.block_bytes();
+                    let block = &self.row_bytes(row)[b * bb..(b + 1) * bb];
+                    scalar::decode(format, block, &mut q)
+                }
+                Layout::Groups => {
+                    let block = interleaved::block_of(format, &self.data, self.cols, row, b);
+                    scalar::decode(format, &block[..format.block_bytes()], &mut q)
+                }
+            };
             for (o_k, q_k) in out.iter_mut().zip(q) {
                 *o_k = d * q_k + o;
             }
@@ -393,6 +493,23 @@ impl Kernel {
         }
         let _ = n;
         false
+    }
+
+    /// `res[i][r] = Σ_c W[16g + r, c] · x_i[c]` for the interleaved 16-row group in `args`
+    /// (`Layout::Groups`) and `i < n`, with the activations as 16-bit integers.
+    fn group_dot(
+        self,
+        args: interleaved::GroupArgs<'_>,
+        n: usize,
+        res: &mut [[f32; interleaved::GROUP]; TILE],
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        if self == Kernel::Avx512 && interleaves() {
+            // SAFETY: `interleaves()` checked for AVX-512 VNNI and the features
+            // `Kernel::Avx512` needs.
+            return unsafe { vnni::group_dot(args, n, res) };
+        }
+        interleaved::group_dot(args, n, res)
     }
 
     /// `res[r][i] = Σ_c W_r[c] · x_i[c]` for the weight rows `w` (one or two) and `i < n`,

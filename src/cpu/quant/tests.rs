@@ -304,13 +304,35 @@ fn int16_error_bound(w: &[f32], x: &[f32]) -> f64 {
         .sum()
 }
 
+/// `w` with integer activations in the interleaved layout, whatever this CPU's kernel
+/// (the portable group kernel where it has no VNNI).
+fn grouped(w: BlockMatrix) -> BlockMatrix {
+    let mut w = w.with_layout(Layout::Groups);
+    w.activations = Activations::Int16;
+    w
+}
+
+/// `w` with integer activations in each layout that fits it: row-major, and interleaved
+/// when its rows are whole groups.
+fn int16_layouts(w: BlockMatrix) -> Vec<BlockMatrix> {
+    let mut by_rows = w.clone().with_layout(Layout::Rows);
+    by_rows.activations = Activations::Int16;
+    let mut layouts = vec![by_rows];
+    if w.rows.is_multiple_of(interleaved::GROUP) {
+        layouts.push(grouped(w));
+    }
+    layouts
+}
+
 #[test]
 fn int16_activations_stay_within_the_rounding_bound_of_the_f64_reference() {
     for (format, dtype) in FORMATS {
-        for (rows, cols) in [(1, 32), (3, 96), (65, 576), (131, 1536)] {
+        for (rows, cols) in [(1, 32), (3, 96), (65, 576), (131, 1536), (32, 1536)] {
             let (w, deq) = quantized(dtype, rows, cols, (rows + 5 * cols) as u64);
-            let w = w.with_activations(Activations::Int16);
-            for m in [1, 2, 3, 4, 5, 9] {
+            for (w, m) in int16_layouts(w)
+                .iter()
+                .flat_map(|w| [1, 2, 3, 4, 5, 9].map(|m| (w, m)))
+            {
                 // Activations with a wide range inside a block, as real hidden states have.
                 let x: Vec<f32> = random(m * cols, 40 + m as u64)
                     .iter()
@@ -327,7 +349,8 @@ fn int16_activations_stay_within_the_rounding_bound_of_the_f64_reference() {
                         let got = out[i * rows + j] as f64;
                         assert!(
                             (got - want).abs() <= bound,
-                            "{format:?} m={m} [{rows}, {cols}] ({i}, {j}): {got} vs {want}, bound {bound}"
+                            "{format:?} {:?} m={m} [{rows}, {cols}] ({i}, {j}): {got} vs {want}, bound {bound}",
+                            w.layout
                         );
                     }
                 }
@@ -364,18 +387,19 @@ fn int16_kernels_agree_bit_for_bit() {
 #[test]
 fn int16_activations_carry_nan_and_zero_blocks() {
     for (format, dtype) in FORMATS {
-        let (w, _) = quantized(dtype, 4, 96, 2);
-        let w = w.with_activations(Activations::Int16);
-        // An all-zero block quantises to zero codes (no division by a zero step).
-        let mut x = random(96, 3);
-        x[32..64].fill(0.0);
-        let mut out = [f32::NAN; 4];
-        w.matmul(&x, 1, &mut out);
-        assert!(out.iter().all(|v| v.is_finite()), "{format:?}: {out:?}");
-        // A NaN activation makes every output NaN, as in f32, not a silent zero code.
-        x[40] = f32::NAN;
-        w.matmul(&x, 1, &mut out);
-        assert!(out.iter().all(|v| v.is_nan()), "{format:?}: {out:?}");
+        let (w, _) = quantized(dtype, 16, 96, 2);
+        for w in int16_layouts(w) {
+            // An all-zero block quantises to zero codes (no division by a zero step).
+            let mut x = random(96, 3);
+            x[32..64].fill(0.0);
+            let mut out = [f32::NAN; 16];
+            w.matmul(&x, 1, &mut out);
+            assert!(out.iter().all(|v| v.is_finite()), "{format:?}: {out:?}");
+            // A NaN activation makes every output NaN, as in f32, not a silent zero code.
+            x[40] = f32::NAN;
+            w.matmul(&x, 1, &mut out);
+            assert!(out.iter().all(|v| v.is_nan()), "{format:?}: {out:?}");
+        }
     }
 }
 
@@ -406,4 +430,98 @@ fn f16_conversion_is_exact_for_every_value() {
             );
         }
     }
+}
+
+#[test]
+fn interleaving_keeps_every_weight() {
+    for (format, dtype) in FORMATS {
+        let (rows_major, _) = quantized(dtype, 48, 576, 21);
+        let g = rows_major.clone().with_layout(Layout::Groups);
+        assert_ne!(
+            g.data, rows_major.data,
+            "{format:?}: same bytes after interleaving"
+        );
+        let (mut a, mut b) = (vec![0f32; 576], vec![0f32; 576]);
+        for row in 0..48 {
+            rows_major.dequantize_row(row, &mut a);
+            g.dequantize_row(row, &mut b);
+            assert_eq!(a, b, "{format:?} row {row}");
+        }
+        assert_eq!(
+            g.with_layout(Layout::Rows).data,
+            rows_major.data,
+            "{format:?}"
+        );
+    }
+}
+
+#[test]
+fn interleaved_kernels_agree_bit_for_bit_and_with_the_row_kernel() {
+    // The SIMD group kernel (where this CPU has it) against the portable one, exactly;
+    // both against the row-major integer kernel within rounding (same codes, other order).
+    for (format, dtype) in FORMATS {
+        let (w, deq) = quantized(dtype, 64, 576, 31);
+        let rows = w.clone().with_layout(Layout::Rows);
+        let (mut rows, g) = (rows, grouped(w));
+        rows.activations = Activations::Int16;
+        for m in [1, 2, 3, 4, 5, 9] {
+            let x = random(m * 576, 32 + m as u64);
+            let mut want = vec![f32::NAN; m * 64];
+            g.matmul_with(Kernel::Scalar, &x, m, &mut want);
+            let mut got = vec![f32::NAN; m * 64];
+            g.matmul(&x, m, &mut got);
+            let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&want), "{format:?} m={m}");
+            let mut by_rows = vec![f32::NAN; m * 64];
+            rows.matmul(&x, m, &mut by_rows);
+            check_against_reference(&got, &deq, &x, m, &format!("{format:?} m={m} groups"));
+            for (a, b) in got.iter().zip(&by_rows) {
+                assert!(
+                    (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
+                    "{format:?} m={m}: {a} vs {b}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn interleaved_parts_concatenate_by_groups() {
+    let (a, _) = quantized(GgmlDType::Q4_1, 32, 64, 51);
+    let (b, _) = quantized(GgmlDType::Q4_1, 16, 64, 52);
+    let (ga, gb) = (grouped(a.clone()), grouped(b.clone()));
+    let ab = BlockMatrix::concat_rows(&[&ga, &gb]).unwrap();
+    assert_eq!(ab.layout, Layout::Groups);
+    let x = random(2 * 64, 53);
+    let mut got = vec![0f32; 2 * 48];
+    ab.matmul(&x, 2, &mut got);
+    let (mut wa, mut wb) = (vec![0f32; 2 * 32], vec![0f32; 2 * 16]);
+    ga.matmul(&x, 2, &mut wa);
+    gb.matmul(&x, 2, &mut wb);
+    for i in 0..2 {
+        assert_eq!(&got[i * 48..i * 48 + 32], &wa[i * 32..(i + 1) * 32]);
+        assert_eq!(&got[i * 48 + 32..(i + 1) * 48], &wb[i * 16..(i + 1) * 16]);
+    }
+    // Parts in different layouts are not mixed.
+    assert!(BlockMatrix::concat_rows(&[&ga, &b]).is_none());
+}
+
+#[test]
+fn integer_activations_pick_the_layout_of_this_cpus_kernel() {
+    let (w, _) = quantized(GgmlDType::Q4_0, 32, 64, 61);
+    let int = w.clone().with_activations(Activations::Int16);
+    let want = if interleaves() {
+        Layout::Groups
+    } else {
+        Layout::Rows
+    };
+    assert_eq!(int.layout, want);
+    // Back to f32: the row-major bytes the f32 kernels read.
+    assert_eq!(int.with_activations(Activations::F32).data, w.data);
+    // A row count that is not whole groups stays row-major.
+    let (odd, _) = quantized(GgmlDType::Q4_0, 33, 64, 62);
+    assert_eq!(
+        odd.with_activations(Activations::Int16).layout,
+        Layout::Rows
+    );
 }

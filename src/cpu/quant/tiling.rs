@@ -4,7 +4,8 @@
 use std::ops::Range;
 
 use super::int16::QuantizedActs;
-use super::{Activations, BlockMatrix, Kernel, BLOCK, TILE};
+use super::interleaved::{GroupArgs, GROUP};
+use super::{Activations, BlockMatrix, Kernel, Layout, BLOCK, TILE};
 
 /// Weight rows per cache block inside a task: with large `m` the rows are revisited once per
 /// activation tile, so they should stay in L2 (64 rows × 1536 cols of Q8_0 is ~100 KB).
@@ -42,11 +43,11 @@ pub(super) fn matmul(w: &BlockMatrix, kernel: Kernel, x: &[f32], m: usize, out: 
     });
 }
 
-/// Rows per task: several tasks per thread so uneven threads even out, but at least 16
-/// rows so the per-task overhead stays small.
+/// Rows per task: several tasks per thread so uneven threads even out, whole 16-row
+/// groups (the interleaved layout's unit, and small per-task overhead).
 fn rows_per_task(rows: usize) -> usize {
     let tasks = 4 * (candle_core::utils::barrier_pool().n_workers() + 1);
-    rows.div_ceil(tasks).max(16)
+    rows.div_ceil(tasks).next_multiple_of(GROUP)
 }
 
 /// `Σx` over every 32-block of every activation row: `[m, cols/32]`.
@@ -97,6 +98,9 @@ impl Job<'_> {
     /// # Safety
     /// `out` points at an `[m, w.rows]` buffer and no other thread writes these columns.
     unsafe fn run(&self, rows: Range<usize>, out: &OutPtr) {
+        if let (Layout::Groups, Acts::Int16(acts)) = (self.w.layout, self.acts) {
+            return self.run_groups(acts, rows, out);
+        }
         let n_rows = self.w.rows;
         // Row blocks outside, activation tiles inside: a row block's weights stay in cache
         // while every tile passes over them, and a tile of x stays in L1 across the rows.
@@ -124,6 +128,35 @@ impl Job<'_> {
                         }
                     }
                     j += r;
+                }
+            }
+        }
+    }
+
+    /// `run` for interleaved weights (`rows` starts on a group): a group's weights stay in
+    /// L1/L2 while every activation tile passes over them.
+    ///
+    /// # Safety
+    /// As `run`.
+    unsafe fn run_groups(&self, acts: &QuantizedActs, rows: Range<usize>, out: &OutPtr) {
+        let (n_rows, cols) = (self.w.rows, self.w.cols);
+        for g0 in rows.step_by(GROUP) {
+            let group = self.w.group_bytes(g0 / GROUP);
+            for t0 in (0..self.m).step_by(TILE) {
+                let n = TILE.min(self.m - t0);
+                let mut res = [[0f32; GROUP]; TILE];
+                let args = GroupArgs {
+                    format: self.w.format,
+                    group,
+                    acts: acts.tile(t0, n, cols),
+                    cols,
+                };
+                self.kernel.group_dot(args, n, &mut res);
+                for (k, res) in res[..n].iter().enumerate() {
+                    for (r, &v) in res.iter().enumerate() {
+                        // SAFETY: as in `run`; the group's rows are inside this task's.
+                        out.write((t0 + k) * n_rows + g0 + r, v);
+                    }
                 }
             }
         }

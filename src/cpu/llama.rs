@@ -46,10 +46,9 @@ impl Projection {
         activations: Activations,
     ) -> Result<Self> {
         let kernel = match weight {
-            Weight::Quantized(q) => match (device, BlockMatrix::from_qtensor(&q)) {
-                (Device::Cpu, Some(blocks)) => {
-                    Kernel::Blocks(BlockMatMul(Arc::new(blocks.with_activations(activations))))
-                }
+            Weight::Quantized(q) => match (device, BlockMatrix::from_qtensor_with(&q, activations))
+            {
+                (Device::Cpu, Some(blocks)) => Kernel::Blocks(BlockMatMul(Arc::new(blocks))),
                 _ => Kernel::Candle(QMatMul::from_arc(q)?),
             },
             Weight::Dense(t) => Kernel::Candle(QMatMul::Tensor(t)),
@@ -97,13 +96,14 @@ impl Projection {
         let blocks: Option<Vec<BlockMatrix>> = weights
             .iter()
             .map(|w| match w {
-                Weight::Quantized(q) => BlockMatrix::from_qtensor(q),
+                Weight::Quantized(q) => BlockMatrix::from_qtensor_with(q, activations),
                 Weight::Dense(_) => None,
             })
             .collect();
+        // Parts in different layouts (a part that is not whole 16-row groups) stay apart.
         let stacked = blocks.and_then(|b| BlockMatrix::concat_rows(&b.iter().collect::<Vec<_>>()));
         Ok(stacked.map(|m| Self {
-            kernel: Kernel::Blocks(BlockMatMul(Arc::new(m.with_activations(activations)))),
+            kernel: Kernel::Blocks(BlockMatMul(Arc::new(m))),
             bias,
         }))
     }
@@ -511,10 +511,9 @@ impl Llama {
             llama::check_adapter_modules(adapter, cfg)?;
         }
         let embed = match src.load_shaped_as(llama::EMBED, &[cfg.vocab_size, h], dtype, device)? {
-            Weight::Quantized(q) => match (device, BlockMatrix::from_qtensor(&q)) {
-                (Device::Cpu, Some(blocks)) => {
-                    Embedding::Blocks(Arc::new(blocks.with_activations(activations)))
-                }
+            Weight::Quantized(q) => match (device, BlockMatrix::from_qtensor_with(&q, activations))
+            {
+                (Device::Cpu, Some(blocks)) => Embedding::Blocks(Arc::new(blocks)),
                 _ => Embedding::Quantized(q),
             },
             Weight::Dense(t) => Embedding::Dense(t),

@@ -21,6 +21,7 @@
 #![cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 
 use super::int16::IntTile;
+use super::pages::WeightBuf;
 use super::scalar::f16_to_f32;
 use super::{BlockFormat, BLOCK, TILE};
 
@@ -46,31 +47,30 @@ pub const fn superblock_bytes(format: BlockFormat) -> usize {
 }
 
 /// Row-major blocks (`rows` a multiple of 16) in the interleaved layout.
-pub fn interleave(format: BlockFormat, rows: usize, cols: usize, data: &[u8]) -> Vec<u8> {
+pub fn interleave(format: BlockFormat, rows: usize, cols: usize, data: &[u8]) -> WeightBuf {
     debug_assert_eq!(rows % GROUP, 0);
     let (nb, bb) = (cols / BLOCK, format.block_bytes());
     let (off, codes) = (format.codes_offset(), code_bytes(format));
-    let mut out = Vec::with_capacity(data.len());
-    for g in 0..rows / GROUP {
-        for b in 0..nb {
-            let block = |r: usize| {
-                let at = ((g * GROUP + r) * nb + b) * bb;
-                &data[at..at + bb]
-            };
-            // Scales (and mins): the f16s of the block header, each field for all rows.
-            for field in (0..off).step_by(2) {
-                for r in 0..GROUP {
-                    out.extend_from_slice(&block(r)[field..field + 2]);
-                }
-            }
-            for k in (0..codes).step_by(2) {
-                for r in 0..GROUP {
-                    out.extend_from_slice(&block(r)[off + k..off + k + 2]);
+    WeightBuf::filled(data.len(), |out| {
+        let mut out = out.chunks_exact_mut(2);
+        for g in 0..rows / GROUP {
+            for b in 0..nb {
+                let block = |r: usize| {
+                    let at = ((g * GROUP + r) * nb + b) * bb;
+                    &data[at..at + bb]
+                };
+                // Each 16-bit field of the block header (scale, min), then each pair of
+                // code bytes, for all 16 rows in turn.
+                let fields = (0..off).step_by(2).chain((off..off + codes).step_by(2));
+                for field in fields {
+                    for r in 0..GROUP {
+                        let to = out.next().expect("output sized as the input");
+                        to.copy_from_slice(&block(r)[field..field + 2]);
+                    }
                 }
             }
         }
-    }
-    out
+    })
 }
 
 /// Block `b` of row `row` in the row-major layout (the first `block_bytes` bytes).
@@ -97,15 +97,17 @@ pub fn block_of(
 }
 
 /// The interleaved layout back in row-major order.
-pub fn deinterleave(format: BlockFormat, rows: usize, cols: usize, data: &[u8]) -> Vec<u8> {
+pub fn deinterleave(format: BlockFormat, rows: usize, cols: usize, data: &[u8]) -> WeightBuf {
     let bb = format.block_bytes();
-    let mut out = Vec::with_capacity(data.len());
-    for row in 0..rows {
-        for b in 0..cols / BLOCK {
-            out.extend_from_slice(&block_of(format, data, cols, row, b)[..bb]);
+    WeightBuf::filled(data.len(), |out| {
+        let mut out = out.chunks_exact_mut(bb);
+        for row in 0..rows {
+            for b in 0..cols / BLOCK {
+                let to = out.next().expect("output sized as the input");
+                to.copy_from_slice(&block_of(format, data, cols, row, b)[..bb]);
+            }
         }
-    }
-    out
+    })
 }
 
 /// What a group kernel reads: one interleaved 16-row group of `format` blocks and a tile of

@@ -50,6 +50,7 @@ macro_rules! by_format_and_height {
 mod custom_op;
 mod int16;
 mod interleaved;
+mod pages;
 mod scalar;
 mod tiling;
 
@@ -68,6 +69,8 @@ mod tests;
 use std::sync::OnceLock;
 
 use candle_core::quantized::{GgmlDType, QTensor};
+
+use pages::WeightBuf;
 
 pub use custom_op::BlockMatMul;
 
@@ -154,6 +157,22 @@ enum Layout {
     Groups,
 }
 
+impl Layout {
+    /// The layout the fastest kernel for `activations` reads, for a matrix of `rows` rows:
+    /// `Groups` for integer activations where the VNNI kernel runs and the rows are whole
+    /// groups.
+    fn for_kernel(activations: Activations, rows: usize) -> Self {
+        let groups = activations == Activations::Int16
+            && interleaves()
+            && rows.is_multiple_of(interleaved::GROUP);
+        if groups {
+            Self::Groups
+        } else {
+            Self::Rows
+        }
+    }
+}
+
 /// Whether integer activations get the interleaved layout here (the AVX-512 VNNI kernel).
 fn interleaves() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -191,7 +210,7 @@ pub struct BlockMatrix {
     format: BlockFormat,
     rows: usize,
     cols: usize,
-    data: Vec<u8>,
+    data: WeightBuf,
     activations: Activations,
     layout: Layout,
 }
@@ -203,6 +222,16 @@ impl BlockMatrix {
         rows: usize,
         cols: usize,
         data: Vec<u8>,
+    ) -> Result<Self, String> {
+        Self::from_bytes(format, rows, cols, WeightBuf::copy_of(&data))
+    }
+
+    /// `new` for bytes already in a weight buffer.
+    fn from_bytes(
+        format: BlockFormat,
+        rows: usize,
+        cols: usize,
+        data: WeightBuf,
     ) -> Result<Self, String> {
         if !cols.is_multiple_of(BLOCK) {
             return Err(format!(
@@ -230,10 +259,8 @@ impl BlockMatrix {
     /// fastest kernel for them reads.
     pub fn with_activations(mut self, activations: Activations) -> Self {
         self.activations = activations;
-        let groups = activations == Activations::Int16
-            && interleaves()
-            && self.rows.is_multiple_of(interleaved::GROUP);
-        self.with_layout(if groups { Layout::Groups } else { Layout::Rows })
+        let layout = Layout::for_kernel(activations, self.rows);
+        self.with_layout(layout)
     }
 
     /// The same weights in `layout` (`Groups` needs a multiple of 16 rows).
@@ -255,10 +282,27 @@ impl BlockMatrix {
     /// A 2-D Q4_0/Q4_1/Q8_0 tensor's blocks (candle's CPU storage holds the GGUF block bytes
     /// verbatim); `None` for other dtypes, ranks or devices.
     pub fn from_qtensor(q: &QTensor) -> Option<Self> {
+        Self::from_qtensor_with(q, Activations::F32)
+    }
+
+    /// `from_qtensor(q).with_activations(activations)`, copying the bytes once (straight
+    /// into the layout the kernel reads).
+    pub fn from_qtensor_with(q: &QTensor, activations: Activations) -> Option<Self> {
         let format = BlockFormat::from_ggml(q.dtype())?;
         let (rows, cols) = q.shape().dims2().ok()?;
-        let data = q.data().ok()?.into_owned();
-        Self::new(format, rows, cols, data).ok()
+        let bytes = q.data().ok()?;
+        let layout = Layout::for_kernel(activations, rows);
+        let data = match layout {
+            Layout::Groups if bytes.len() == rows * (cols / BLOCK) * format.block_bytes() => {
+                interleaved::interleave(format, rows, cols, &bytes)
+            }
+            Layout::Groups => return None,
+            Layout::Rows => WeightBuf::copy_of(&bytes),
+        };
+        let mut m = Self::from_bytes(format, rows, cols, data).ok()?;
+        m.activations = activations;
+        m.layout = layout;
+        Some(m)
     }
 
     /// The parts stacked row-wise (fuses q/k/v or gate/up into one matmul); `None` when
@@ -274,9 +318,16 @@ impl BlockMatrix {
         if parts.iter().any(|p| p.layout != layout) {
             return None;
         }
-        let data = parts.iter().flat_map(|p| p.data.iter().copied()).collect();
+        let len = parts.iter().map(|p| p.data.len()).sum();
+        let data = WeightBuf::filled(len, |out| {
+            let mut at = 0;
+            for p in parts {
+                out[at..at + p.data.len()].copy_from_slice(&p.data);
+                at += p.data.len();
+            }
+        });
         let rows = parts.iter().map(|p| p.rows).sum();
-        let mut m = Self::new(first.format, rows, first.cols, data).ok()?;
+        let mut m = Self::from_bytes(first.format, rows, first.cols, data).ok()?;
         m.activations = first.activations;
         m.layout = layout;
         Some(m)

@@ -438,7 +438,8 @@ fn interleaving_keeps_every_weight() {
         let (rows_major, _) = quantized(dtype, 48, 576, 21);
         let g = rows_major.clone().with_layout(Layout::Groups);
         assert_ne!(
-            g.data, rows_major.data,
+            g.data[..],
+            rows_major.data[..],
             "{format:?}: same bytes after interleaving"
         );
         let (mut a, mut b) = (vec![0f32; 576], vec![0f32; 576]);
@@ -448,8 +449,8 @@ fn interleaving_keeps_every_weight() {
             assert_eq!(a, b, "{format:?} row {row}");
         }
         assert_eq!(
-            g.with_layout(Layout::Rows).data,
-            rows_major.data,
+            g.with_layout(Layout::Rows).data[..],
+            rows_major.data[..],
             "{format:?}"
         );
     }
@@ -517,11 +518,41 @@ fn integer_activations_pick_the_layout_of_this_cpus_kernel() {
     };
     assert_eq!(int.layout, want);
     // Back to f32: the row-major bytes the f32 kernels read.
-    assert_eq!(int.with_activations(Activations::F32).data, w.data);
+    assert_eq!(int.with_activations(Activations::F32).data[..], w.data[..]);
     // A row count that is not whole groups stays row-major.
     let (odd, _) = quantized(GgmlDType::Q4_0, 33, 64, 62);
     assert_eq!(
         odd.with_activations(Activations::Int16).layout,
         Layout::Rows
     );
+}
+
+#[test]
+fn qtensors_load_straight_into_the_kernels_layout() {
+    for (format, dtype) in FORMATS {
+        let t = Tensor::from_vec(random(48 * 64, 71), (48, 64), &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&t, dtype).unwrap();
+        for activations in [Activations::F32, Activations::Int16] {
+            let direct = BlockMatrix::from_qtensor_with(&q, activations).unwrap();
+            let via = BlockMatrix::from_qtensor(&q)
+                .unwrap()
+                .with_activations(activations);
+            assert_eq!(direct.layout, via.layout, "{format:?} {activations:?}");
+            assert_eq!(direct.activations(), activations);
+            assert_eq!(direct.data[..], via.data[..], "{format:?} {activations:?}");
+        }
+    }
+}
+
+#[test]
+fn weight_buffers_hold_their_bytes_at_every_size() {
+    // Below one huge page, exactly one, and past it (aligned and advised differently).
+    for len in [0, 1, 63, 4096, 2 << 20, (2 << 20) + 17] {
+        let bytes: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
+        let buf = pages::WeightBuf::copy_of(&bytes);
+        assert_eq!(buf.len(), len);
+        assert_eq!(buf[..], bytes[..], "{len} bytes");
+        assert_eq!(buf.clone()[..], bytes[..], "clone of {len} bytes");
+        assert!(pages::WeightBuf::zeroed(len).iter().all(|&b| b == 0));
+    }
 }

@@ -11,6 +11,10 @@ use super::{Activations, BlockMatrix, Kernel, Layout, BLOCK, TILE};
 /// activation tile, so they should stay in L2 (64 rows × 1536 cols of Q8_0 is ~100 KB).
 const ROW_BLOCK: usize = 64;
 
+/// Tasks per thread in one matmul: threads take tasks from a shared cursor, so the last
+/// one's straggling is at most one task (1/16 of a thread's share) of idle for the others.
+const TASKS_PER_THREAD: usize = 16;
+
 /// `out[i*rows + j] = Σ_c x[i*cols + c] · W[j, c]` on `kernel`; the caller has checked the
 /// slice lengths.
 pub(super) fn matmul(w: &BlockMatrix, kernel: Kernel, x: &[f32], m: usize, out: &mut [f32]) {
@@ -43,10 +47,10 @@ pub(super) fn matmul(w: &BlockMatrix, kernel: Kernel, x: &[f32], m: usize, out: 
     });
 }
 
-/// Rows per task: several tasks per thread so uneven threads even out, whole 16-row
-/// groups (the interleaved layout's unit, and small per-task overhead).
+/// Rows per task: `TASKS_PER_THREAD` tasks per thread so uneven threads even out, in whole
+/// 16-row groups (the interleaved layout's unit, and small per-task overhead).
 fn rows_per_task(rows: usize) -> usize {
-    let tasks = 4 * (candle_core::utils::barrier_pool().n_workers() + 1);
+    let tasks = TASKS_PER_THREAD * (candle_core::utils::barrier_pool().n_workers() + 1);
     rows.div_ceil(tasks).next_multiple_of(GROUP)
 }
 

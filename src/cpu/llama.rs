@@ -9,8 +9,9 @@
 use std::sync::Arc;
 
 use candle_core::quantized::QMatMul;
-use candle_core::{DType, Device, Module, Tensor, D};
+use candle_core::{CpuStorage, DType, Device, Module, Storage, Tensor, D};
 
+use super::decode_attention;
 use super::lowrank::{BlockLoraMatMul, LowRank, PartDeltas};
 use super::precision::{rms_norm_f32, softmax_f32, Precision};
 use super::quant::{Activations, BlockMatMul, BlockMatrix};
@@ -933,6 +934,11 @@ fn attention(
     cache.k.slice_set(&every_row(k, cache_rows)?, 2, pos)?;
     cache.v.slice_set(&every_row(v, cache_rows)?, 2, pos)?;
     let total = pos + seq;
+    if seq == 1 && mask.is_none() {
+        if let Some(out) = attend_from_cache(&q, cache, rows, cfg, total)? {
+            return attn.o.forward1(&out);
+        }
+    }
     let keys = cache.k.narrow(0, 0, rows)?.narrow(2, 0, total)?;
     let values = cache.v.narrow(0, 0, rows)?.narrow(2, 0, total)?;
 
@@ -951,6 +957,54 @@ fn attention(
         .transpose(1, 2)?
         .reshape((rows, seq, nh * hd))?;
     attn.o.forward1(&out)
+}
+
+/// One query position per row attending to the cache's first `len` positions, by
+/// `decode_attention` when the tensors are f32 on the CPU (`None` otherwise: the general
+/// path runs). `q` is `[rows, heads, 1, head_dim]`; returns `[rows, 1, heads·head_dim]`.
+fn attend_from_cache(
+    q: &Tensor,
+    cache: &LayerCache,
+    rows: usize,
+    cfg: &LlamaConfig,
+    len: usize,
+) -> Result<Option<Tensor>> {
+    if !q.device().is_cpu() || q.dtype() != DType::F32 || cache.k.dtype() != DType::F32 {
+        return Ok(None);
+    }
+    let queries = q.flatten_all()?.to_vec1::<f32>()?;
+    let (_, kv_heads, capacity, head_dim) = cache.k.dims4()?;
+    let shape = decode_attention::Shape {
+        rows,
+        heads: cfg.num_heads,
+        kv_heads,
+        head_dim,
+        capacity,
+        len,
+    };
+    let (k_storage, k_layout) = cache.k.storage_and_layout();
+    let (v_storage, v_layout) = cache.v.storage_and_layout();
+    let (Storage::Cpu(CpuStorage::F32(k)), Storage::Cpu(CpuStorage::F32(v))) =
+        (&*k_storage, &*v_storage)
+    else {
+        return Ok(None);
+    };
+    if !k_layout.is_contiguous() || !v_layout.is_contiguous() {
+        return Ok(None);
+    }
+    let mut out = vec![0f32; shape.query_len()];
+    decode_attention::decode_attention(
+        &queries,
+        &k[k_layout.start_offset()..],
+        &v[v_layout.start_offset()..],
+        shape,
+        &mut out,
+    );
+    Ok(Some(Tensor::from_vec(
+        out,
+        (rows, 1, cfg.num_heads * head_dim),
+        q.device(),
+    )?))
 }
 
 fn mlp(mlp: &Mlp, x: &Tensor, act: Activation) -> Result<Tensor> {

@@ -7,6 +7,7 @@
 
 #[cfg(not(target_arch = "wasm32"))]
 pub mod cuda_device;
+pub mod decode_attention;
 pub mod device_sample;
 pub mod llama;
 pub mod lowrank;

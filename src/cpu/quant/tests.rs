@@ -556,3 +556,23 @@ fn weight_buffers_hold_their_bytes_at_every_size() {
         assert!(pages::WeightBuf::zeroed(len).iter().all(|&b| b == 0));
     }
 }
+
+#[test]
+fn activation_codes_round_to_nearest_ties_to_even() {
+    let mut values = vec![
+        0.5,
+        1.5,
+        2.5,
+        -0.5,
+        -2.5,
+        0.499_999_97,
+        32_766.5,
+        -32_767.0,
+        32_767.0,
+    ];
+    values.extend(random(10_000, 81).iter().map(|v| v * 32_767.0));
+    for v in values {
+        assert_eq!(int16::round_to_code(v), v.round_ties_even() as i16, "{v}");
+    }
+    assert_eq!(int16::round_to_code(f32::NAN), 0);
+}

@@ -31,6 +31,9 @@ pub struct QuantizedActs {
     pub codes: Vec<i16>,
     pub scales: Vec<f32>,
     pub sums: Vec<f32>,
+    /// The codes split as `256·high + low` (`split_bytes`; empty until then).
+    pub high: Vec<i8>,
+    pub low: Vec<u8>,
 }
 
 impl QuantizedActs {
@@ -41,6 +44,8 @@ impl QuantizedActs {
             codes: vec![0; x.len()],
             scales: Vec::with_capacity(blocks),
             sums: Vec::with_capacity(blocks),
+            high: Vec::new(),
+            low: Vec::new(),
         };
         for (block, codes) in x
             .chunks_exact(BLOCK)
@@ -62,13 +67,24 @@ impl QuantizedActs {
         acts
     }
 
+    /// Fills `high` and `low`: each code as `256·high + low` with `high` signed and `low`
+    /// unsigned bytes, exactly, for kernels whose dot products take bytes (a Q4 code
+    /// times a 16-bit code is two byte dot products, `256·Σq·high + Σq·low`).
+    pub fn split_bytes(&mut self) {
+        self.high = self.codes.iter().map(|&c| (c >> 8) as i8).collect();
+        self.low = self.codes.iter().map(|&c| c as u8).collect();
+    }
+
     /// Activation rows `t0..t0 + n` of a `cols`-wide matrix.
     pub fn tile(&self, t0: usize, n: usize, cols: usize) -> IntTile<'_> {
         let nb = cols / BLOCK;
+        let rows = t0 * cols..(t0 + n) * cols;
         IntTile {
-            codes: &self.codes[t0 * cols..(t0 + n) * cols],
+            codes: &self.codes[rows.clone()],
             scales: &self.scales[t0 * nb..(t0 + n) * nb],
             sums: &self.sums[t0 * nb..(t0 + n) * nb],
+            high: self.high.get(rows.clone()).unwrap_or_default(),
+            low: self.low.get(rows).unwrap_or_default(),
         }
     }
 }
@@ -105,6 +121,11 @@ pub struct IntTile<'a> {
     pub codes: &'a [i16],
     pub scales: &'a [f32],
     pub sums: &'a [f32],
+    /// The codes' bytes (`QuantizedActs::split_bytes`), or empty; read by the x86 kernel.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    pub high: &'a [i8],
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    pub low: &'a [u8],
 }
 
 /// What an integer-activation row kernel reads: one weight row of `format` blocks and a tile of

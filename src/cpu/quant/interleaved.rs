@@ -3,19 +3,21 @@
 //! reference, bit for bit).
 //!
 //! A row-major kernel sums each row's products across lanes and reduces them at the end.
-//! Here lane `r` of every vector belongs to row `r` of the group: one `vpdpwssd` adds two
-//! products to each of 16 rows, the per-block scales are one vector load of the 16 rows'
-//! f16s, and there is no horizontal sum at all. This is the layout llama.cpp repacks Q4_0
+//! Here lane `r` of every vector belongs to row `r` of the group: one dot instruction adds
+//! two or four products to each of 16 rows, the per-block scales are one vector load of the
+//! 16 rows' f16s, and there is no horizontal sum at all. This is the layout llama.cpp repacks Q4_0
 //! into for its x86 and Arm GEMV kernels, here for Q4_0, Q4_1 and Q8_0 with 16-bit
 //! activation codes (`int16`).
 //!
 //! Group `g`, block `b` is a superblock of the 16 rows' block `b`, in this order: their 16
-//! f16 scales `d`, for Q4_1 their 16 f16 mins `m`, then the code bytes as 32-byte chunks.
-//! Chunk `k` holds code bytes `2k` and `2k + 1` of each row, row after row, so widening it
-//! to 16-bit lanes puts a row's two consecutive elements in one 32-bit lane, as the dot
-//! instruction pairs them. For Q4 those bytes hold elements `2k, 2k + 1` (low nibbles) and
-//! `2k + 16, 2k + 17` (high nibbles); for Q8_0 elements `2k, 2k + 1`. Superblocks follow
-//! each other block by block, group by group, so a group is one contiguous stream.
+//! f16 scales `d`, for Q4_1 their 16 f16 mins `m`, then the code bytes in chunks of `w`
+//! bytes per row (`chunk_width`), row after row: chunk `k` holds code bytes `w·k ..
+//! w·k + w` of each row, so a row's consecutive elements share one 32-bit lane, as the
+//! dot instructions group them. Q8_0 (`w = 2`, 32-byte chunks): elements `2k, 2k + 1`,
+//! which widen to the two 16-bit halves `vpdpwssd` pairs. Q4 (`w = 4`, 64-byte chunks):
+//! elements `4k .. 4k + 4` in the low nibbles and `4k + 16 .. 4k + 20` in the high ones,
+//! four bytes per lane after masking, as `vpdpbusd` takes them. Superblocks follow each
+//! other block by block, group by group, so a group is one contiguous stream.
 
 // Only x86 with AVX-512 VNNI lays weights out this way; elsewhere the tests run it.
 #![cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
@@ -41,6 +43,14 @@ const fn code_bytes(format: BlockFormat) -> usize {
     format.block_bytes() - format.codes_offset()
 }
 
+/// Code bytes of one row per chunk (see the module comment).
+pub const fn chunk_width(format: BlockFormat) -> usize {
+    match format {
+        BlockFormat::Q8_0 => 2,
+        BlockFormat::Q4_0 | BlockFormat::Q4_1 => 4,
+    }
+}
+
 /// Bytes of one superblock: 16 rows' block.
 pub const fn superblock_bytes(format: BlockFormat) -> usize {
     GROUP * format.block_bytes()
@@ -50,22 +60,27 @@ pub const fn superblock_bytes(format: BlockFormat) -> usize {
 pub fn interleave(format: BlockFormat, rows: usize, cols: usize, data: &[u8]) -> WeightBuf {
     debug_assert_eq!(rows % GROUP, 0);
     let (nb, bb) = (cols / BLOCK, format.block_bytes());
-    let (off, codes) = (format.codes_offset(), code_bytes(format));
+    let (off, codes, w) = (
+        format.codes_offset(),
+        code_bytes(format),
+        chunk_width(format),
+    );
     WeightBuf::filled(data.len(), |out| {
-        let mut out = out.chunks_exact_mut(2);
+        let mut at = 0;
         for g in 0..rows / GROUP {
             for b in 0..nb {
                 let block = |r: usize| {
-                    let at = ((g * GROUP + r) * nb + b) * bb;
-                    &data[at..at + bb]
+                    let start = ((g * GROUP + r) * nb + b) * bb;
+                    &data[start..start + bb]
                 };
-                // Each 16-bit field of the block header (scale, min), then each pair of
+                // Each 16-bit field of the block header (scale, min), then each chunk's
                 // code bytes, for all 16 rows in turn.
-                let fields = (0..off).step_by(2).chain((off..off + codes).step_by(2));
-                for field in fields {
+                let fields = (0..off).step_by(2).map(|f| (f, 2));
+                let chunks = (off..off + codes).step_by(w).map(|c| (c, w));
+                for (start, width) in fields.chain(chunks) {
                     for r in 0..GROUP {
-                        let to = out.next().expect("output sized as the input");
-                        to.copy_from_slice(&block(r)[field..field + 2]);
+                        out[at..at + width].copy_from_slice(&block(r)[start..start + width]);
+                        at += width;
                     }
                 }
             }
@@ -89,9 +104,10 @@ pub fn block_of(
         let at = field * GROUP + 2 * r;
         block[field..field + 2].copy_from_slice(&sb[at..at + 2]);
     }
-    for k in (0..codes).step_by(2) {
-        let at = scale_bytes(format) + k * GROUP + 2 * r;
-        block[off + k..off + k + 2].copy_from_slice(&sb[at..at + 2]);
+    let w = chunk_width(format);
+    for k in (0..codes).step_by(w) {
+        let at = scale_bytes(format) + k * GROUP + w * r;
+        block[off + k..off + k + w].copy_from_slice(&sb[at..at + w]);
     }
     block
 }

@@ -5,7 +5,7 @@ use std::ops::Range;
 
 use super::int16::QuantizedActs;
 use super::interleaved::{GroupArgs, GROUP};
-use super::{Activations, BlockMatrix, Kernel, Layout, BLOCK, TILE};
+use super::{Activations, BlockFormat, BlockMatrix, Kernel, Layout, BLOCK, TILE};
 
 /// Weight rows per cache block inside a task: with large `m` the rows are revisited once per
 /// activation tile, so they should stay in L2 (64 rows × 1536 cols of Q8_0 is ~100 KB).
@@ -24,7 +24,13 @@ pub(super) fn matmul(w: &BlockMatrix, kernel: Kernel, x: &[f32], m: usize, out: 
     let acts = match w.activations {
         Activations::F32 if kernel.needs_sums(w.format) => Acts::F32(x, block_sums(x, w.cols)),
         Activations::F32 => Acts::F32(x, Vec::new()),
-        Activations::Int16 => Acts::Int16(QuantizedActs::new(x)),
+        Activations::Int16 => {
+            let mut acts = QuantizedActs::new(x);
+            if w.layout == Layout::Groups && w.format != BlockFormat::Q8_0 {
+                acts.split_bytes();
+            }
+            Acts::Int16(acts)
+        }
     };
     let job = Job {
         w,

@@ -41,29 +41,57 @@ pub struct BlockLoraMatMul {
 
 impl BlockLoraMatMul {
     /// Adds every row's deltas to `y` (`[rows·seq, out]`) for input `x` (`[rows·seq, in]`).
+    /// One task per (projection part, position with a delta) on candle's pool: the deltas'
+    /// f32 matrices are read from memory once per token, as much as a tenth of the block
+    /// weights' bytes at rank 8, and would otherwise leave the other threads idle.
     fn add_deltas(&self, x: &[f32], y: &mut [f32], rows: usize, seq: usize) {
         let (inp, out) = (self.weight.cols(), self.weight.rows());
-        let mut low = Vec::new();
-        for part in self.parts.iter() {
-            for (r, delta) in part.rows.iter().enumerate().take(rows) {
-                let Some(d) = delta else { continue };
-                low.resize(d.rank, 0.0);
-                for s in 0..seq {
-                    let i = r * seq + s;
-                    let xi = &x[i * inp..(i + 1) * inp];
-                    for (k, l) in low.iter_mut().enumerate() {
-                        *l = dot(&d.a[k * inp..(k + 1) * inp], xi);
-                    }
-                    let yi = &mut y[i * out + part.offset..i * out + part.offset + part.width];
-                    for (k, &l) in low.iter().enumerate() {
-                        let bk = &d.b_t[k * part.width..(k + 1) * part.width];
-                        for (yj, &b) in yi.iter_mut().zip(bk) {
-                            *yj += l * b;
-                        }
+        let tasks: Vec<(&PartDeltas, &LowRank, usize)> = self
+            .parts
+            .iter()
+            .flat_map(|part| {
+                let with_delta = part.rows.iter().take(rows).enumerate();
+                with_delta.filter_map(move |(r, d)| d.as_ref().map(|d| (part, d, r)))
+            })
+            .flat_map(|(part, d, r)| (0..seq).map(move |s| (part, d, r * seq + s)))
+            .collect();
+        let y_ptr = OutPtr(y.as_mut_ptr());
+        candle_core::utils::barrier_pool().execute_chunked(tasks.len(), |range| {
+            let mut low = Vec::new();
+            for &(part, d, i) in &tasks[range] {
+                let xi = &x[i * inp..(i + 1) * inp];
+                low.clear();
+                low.extend((0..d.rank).map(|k| dot(&d.a[k * inp..(k + 1) * inp], xi)));
+                // SAFETY: the (part, position) slices of `y` are disjoint, so this task is
+                // their only writer, and `y` outlives the parallel loop.
+                let yi = unsafe { y_ptr.slice(i * out + part.offset, part.width) };
+                for (k, &l) in low.iter().enumerate() {
+                    let bk = &d.b_t[k * part.width..(k + 1) * part.width];
+                    for (yj, &b) in yi.iter_mut().zip(bk) {
+                        *yj += l * b;
                     }
                 }
             }
-        }
+        });
+    }
+}
+
+/// The output pointer shared by the delta tasks.
+struct OutPtr(*mut f32);
+
+// SAFETY: tasks write disjoint slices through it; the owning `&mut [f32]` outlives them.
+unsafe impl Send for OutPtr {}
+// SAFETY: as above.
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// `len` elements from `at`.
+    ///
+    /// # Safety
+    /// The range is inside the output and no other task uses it.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn slice(&self, at: usize, len: usize) -> &mut [f32] {
+        std::slice::from_raw_parts_mut(self.0.add(at), len)
     }
 }
 

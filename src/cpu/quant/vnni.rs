@@ -101,29 +101,33 @@ unsafe fn kernel<const FMT: u8, const N: usize>(
                     dots[3] = dpbusd(dots[3], quad(low, i, e_hi), hi);
                 }
             }
-            for dots in &mut dots {
-                let high = _mm512_slli_epi32::<8>(_mm512_add_epi32(dots[0], dots[2]));
-                dots[0] = high;
-                dots[2] = _mm512_setzero_si512();
-            }
         }
-        let m = if FMT == Q4_1 {
-            _mm512_cvtph_ps(_mm256_loadu_si256(sb.add(2 * GROUP) as *const __m256i))
-        } else {
-            _mm512_setzero_ps()
+        // The offset term's factor per row, `o` with `w = d·q + o`: `−8d` for Q4_0 (exact,
+        // so `o·Σx` rounds as `d·(−8Σx)` would), Q4_1's `m`.
+        let o = match FMT {
+            Q4_0 => _mm512_mul_ps(d, _mm512_set1_ps(-8.0)),
+            Q4_1 => _mm512_cvtph_ps(_mm256_loadu_si256(sb.add(2 * GROUP) as *const __m256i)),
+            _ => _mm512_setzero_ps(),
         };
         for (i, (acc, dots)) in acc.iter_mut().zip(dots).enumerate() {
             let k = i * nb + b;
             let (dx, sum) = (*acts.scales.get_unchecked(k), *acts.sums.get_unchecked(k));
-            let sum01 = _mm512_add_epi32(dots[0], dots[1]);
-            let dot =
-                _mm512_cvtepi32_ps(_mm512_add_epi32(sum01, _mm512_add_epi32(dots[2], dots[3])));
-            *acc = _mm512_fmadd_ps(dot, _mm512_mul_ps(d, _mm512_set1_ps(dx)), *acc);
-            *acc = match FMT {
-                Q4_0 => _mm512_fmadd_ps(d, _mm512_set1_ps(-8.0 * sum), *acc),
-                Q4_1 => _mm512_fmadd_ps(m, _mm512_set1_ps(sum), *acc),
-                _ => *acc,
+            let dot = if FMT == Q8_0 {
+                let (a, b) = (
+                    _mm512_add_epi32(dots[0], dots[1]),
+                    _mm512_add_epi32(dots[2], dots[3]),
+                );
+                _mm512_add_epi32(a, b)
+            } else {
+                // `256·Σq·high + Σq·low`.
+                let high = _mm512_slli_epi32::<8>(_mm512_add_epi32(dots[0], dots[2]));
+                _mm512_add_epi32(high, _mm512_add_epi32(dots[1], dots[3]))
             };
+            let scale = _mm512_mul_ps(d, _mm512_set1_ps(dx));
+            *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, *acc);
+            if FMT != Q8_0 {
+                *acc = _mm512_fmadd_ps(o, _mm512_set1_ps(sum), *acc);
+            }
         }
     }
     for (res, acc) in res.iter_mut().zip(acc) {

@@ -10,6 +10,8 @@
 
 use std::ops::Range;
 
+use super::host_ops::{dot, SharedOut};
+
 /// The sizes of one decode attention call.
 #[derive(Clone, Copy, Debug)]
 pub struct Shape {
@@ -52,7 +54,7 @@ pub fn decode_attention(q: &[f32], k: &[f32], v: &[f32], shape: Shape, out: &mut
     assert!(k.len() >= shape.cache_len() && v.len() >= shape.cache_len());
     let n_rep = heads / kv_heads;
     let scale = 1.0 / (head_dim as f32).sqrt();
-    let out_ptr = OutPtr(out.as_mut_ptr());
+    let out_ptr = SharedOut::new(out);
     let task = |pairs: Range<usize>| {
         let mut scores = vec![0f32; len];
         let mut acc = vec![0f32; head_dim];
@@ -76,30 +78,11 @@ pub fn decode_attention(q: &[f32], k: &[f32], v: &[f32], shape: Shape, out: &mut
                 }
                 // SAFETY: each (row, head) output slice belongs to one pair's task, and
                 // `out` outlives the parallel loop.
-                unsafe { out_ptr.write(at, &acc) };
+                unsafe { out_ptr.slice(at, head_dim) }.copy_from_slice(&acc);
             }
         }
     };
     candle_core::utils::barrier_pool().execute_chunked(rows * kv_heads, task);
-}
-
-/// `a · b` in eight lanes (the compiler vectorises lane arrays, not a serial sum).
-#[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut lanes = [0f32; 8];
-    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = a8
-        .remainder()
-        .iter()
-        .zip(b8.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in a8.zip(b8) {
-        for k in 0..8 {
-            lanes[k] += x[k] * y[k];
-        }
-    }
-    lanes.iter().sum::<f32>() + tail
 }
 
 /// Softmax of `s` in place, max-subtracted.
@@ -112,25 +95,6 @@ fn softmax_in_place(s: &mut [f32]) {
     }
     for x in s.iter_mut() {
         *x /= total;
-    }
-}
-
-/// The output pointer shared by the tasks of one call.
-struct OutPtr(*mut f32);
-
-// SAFETY: tasks write disjoint slices through it, and the owning `&mut [f32]` outlives the
-// parallel loop.
-unsafe impl Send for OutPtr {}
-// SAFETY: as above; it is never read through.
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    /// Copies `values` to `at..at + values.len()`.
-    ///
-    /// # Safety
-    /// The range is inside the output and no other thread touches it.
-    unsafe fn write(&self, at: usize, values: &[f32]) {
-        std::ptr::copy_nonoverlapping(values.as_ptr(), self.0.add(at), values.len());
     }
 }
 

@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
 
+use super::host_ops::{dot, SharedOut};
 use super::quant::BlockMatrix;
 
 /// One row's LoRA delta for one projection, in host memory.
@@ -55,7 +56,7 @@ impl BlockLoraMatMul {
             })
             .flat_map(|(part, d, r)| (0..seq).map(move |s| (part, d, r * seq + s)))
             .collect();
-        let y_ptr = OutPtr(y.as_mut_ptr());
+        let y_ptr = SharedOut::new(y);
         candle_core::utils::barrier_pool().execute_chunked(tasks.len(), |range| {
             let mut low = Vec::new();
             for &(part, d, i) in &tasks[range] {
@@ -74,41 +75,6 @@ impl BlockLoraMatMul {
             }
         });
     }
-}
-
-/// The output pointer shared by the delta tasks.
-struct OutPtr(*mut f32);
-
-// SAFETY: tasks write disjoint slices through it; the owning `&mut [f32]` outlives them.
-unsafe impl Send for OutPtr {}
-// SAFETY: as above.
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    /// `len` elements from `at`.
-    ///
-    /// # Safety
-    /// The range is inside the output and no other task uses it.
-    #[allow(clippy::mut_from_ref)]
-    unsafe fn slice(&self, at: usize, len: usize) -> &mut [f32] {
-        std::slice::from_raw_parts_mut(self.0.add(at), len)
-    }
-}
-
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    // Eight partial sums so the compiler can vectorise without reassociating floats.
-    let mut acc = [0f32; 8];
-    let chunks = a.len() / 8;
-    for c in 0..chunks {
-        for l in 0..8 {
-            acc[l] += a[c * 8 + l] * b[c * 8 + l];
-        }
-    }
-    let mut sum: f32 = acc.iter().sum();
-    for i in chunks * 8..a.len() {
-        sum += a[i] * b[i];
-    }
-    sum
 }
 
 impl CustomOp1 for BlockLoraMatMul {

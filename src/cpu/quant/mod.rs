@@ -184,6 +184,22 @@ fn interleaves() -> bool {
     false
 }
 
+/// Checks a `[rows, cols]` matrix of `format` blocks: `cols % 32 == 0` and `len` bytes.
+fn check_size(format: BlockFormat, rows: usize, cols: usize, len: usize) -> Result<(), String> {
+    if !cols.is_multiple_of(BLOCK) {
+        return Err(format!(
+            "{format:?} matrix: cols {cols} is not a multiple of {BLOCK}"
+        ));
+    }
+    let want = rows * (cols / BLOCK) * format.block_bytes();
+    if len != want {
+        return Err(format!(
+            "{format:?} matrix [{rows}, {cols}]: {len} bytes of blocks, expected {want}"
+        ));
+    }
+    Ok(())
+}
+
 /// Format tags for the x86 kernels, which monomorphise one kernel per format so the block
 /// decode has no per-block branch (stable Rust takes no enum as a const parameter).
 #[cfg(target_arch = "x86_64")]
@@ -223,35 +239,16 @@ impl BlockMatrix {
         cols: usize,
         data: Vec<u8>,
     ) -> Result<Self, String> {
-        Self::from_bytes(format, rows, cols, WeightBuf::copy_of(&data))
-    }
-
-    /// `new` for bytes already in a weight buffer.
-    fn from_bytes(
-        format: BlockFormat,
-        rows: usize,
-        cols: usize,
-        data: WeightBuf,
-    ) -> Result<Self, String> {
-        if !cols.is_multiple_of(BLOCK) {
-            return Err(format!(
-                "{format:?} matrix: cols {cols} is not a multiple of {BLOCK}"
-            ));
-        }
-        let want = rows * (cols / BLOCK) * format.block_bytes();
-        if data.len() != want {
-            return Err(format!(
-                "{format:?} matrix [{rows}, {cols}]: {} bytes of blocks, expected {want}",
-                data.len()
-            ));
-        }
+        check_size(format, rows, cols, data.len())?;
+        let data = WeightBuf::copy_of(&data);
+        let (activations, layout) = (Activations::F32, Layout::Rows);
         Ok(Self {
             format,
             rows,
             cols,
             data,
-            activations: Activations::F32,
-            layout: Layout::Rows,
+            activations,
+            layout,
         })
     }
 
@@ -291,18 +288,20 @@ impl BlockMatrix {
         let format = BlockFormat::from_ggml(q.dtype())?;
         let (rows, cols) = q.shape().dims2().ok()?;
         let bytes = q.data().ok()?;
+        check_size(format, rows, cols, bytes.len()).ok()?;
         let layout = Layout::for_kernel(activations, rows);
         let data = match layout {
-            Layout::Groups if bytes.len() == rows * (cols / BLOCK) * format.block_bytes() => {
-                interleaved::interleave(format, rows, cols, &bytes)
-            }
-            Layout::Groups => return None,
+            Layout::Groups => interleaved::interleave(format, rows, cols, &bytes),
             Layout::Rows => WeightBuf::copy_of(&bytes),
         };
-        let mut m = Self::from_bytes(format, rows, cols, data).ok()?;
-        m.activations = activations;
-        m.layout = layout;
-        Some(m)
+        Some(Self {
+            format,
+            rows,
+            cols,
+            data,
+            activations,
+            layout,
+        })
     }
 
     /// The parts stacked row-wise (fuses q/k/v or gate/up into one matmul); `None` when
@@ -327,10 +326,15 @@ impl BlockMatrix {
             }
         });
         let rows = parts.iter().map(|p| p.rows).sum();
-        let mut m = Self::from_bytes(first.format, rows, first.cols, data).ok()?;
-        m.activations = first.activations;
-        m.layout = layout;
-        Some(m)
+        let (format, cols, activations) = (first.format, first.cols, first.activations);
+        Some(Self {
+            format,
+            rows,
+            cols,
+            data,
+            activations,
+            layout,
+        })
     }
 
     pub fn rows(&self) -> usize {

@@ -14,7 +14,7 @@ use std::ptr::NonNull;
 /// Huge-page size on x86-64 and most Arm Linux kernels.
 const HUGE_PAGE: usize = 2 << 20;
 
-/// Zero-initialised bytes; on Linux, when they span a huge page, aligned to one and
+/// Weight bytes; on Linux, when they span a huge page, aligned to one and
 /// advised to the kernel as huge-page memory (a hint: nothing changes where it declines).
 pub struct WeightBuf {
     ptr: NonNull<u8>,
@@ -31,6 +31,24 @@ unsafe impl Sync for WeightBuf {}
 impl WeightBuf {
     /// `len` zero bytes.
     pub fn zeroed(len: usize) -> Self {
+        let buf = Self::uninit(len);
+        // SAFETY: the allocation holds `layout.size()` bytes.
+        unsafe { buf.ptr.as_ptr().write_bytes(0, buf.layout.size()) };
+        buf
+    }
+
+    /// A copy of `bytes` (written once: no zeroing first).
+    pub fn copy_of(bytes: &[u8]) -> Self {
+        let buf = Self::uninit(bytes.len());
+        // SAFETY: the allocation holds at least `bytes.len()` bytes and is not `bytes`; a
+        // zero-length buffer's one allocated byte is never read.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), buf.ptr.as_ptr(), bytes.len()) };
+        buf
+    }
+
+    /// The allocation, advised but not yet written (the first write picks the page size,
+    /// so the advice comes before it); every constructor writes all `len` bytes.
+    fn uninit(len: usize) -> Self {
         // Huge-page alignment only where there is advice to give: elsewhere (WebAssembly's
         // linear memory) it would only waste the padding.
         let huge = cfg!(target_os = "linux") && len >= HUGE_PAGE;
@@ -49,18 +67,7 @@ impl WeightBuf {
             // the kernel backs it, never its contents.
             unsafe { libc::madvise(ptr.as_ptr().cast(), whole, libc::MADV_HUGEPAGE) };
         }
-        // Zeroed here, after the advice: the first write is what picks the page size
-        // (`alloc_zeroed` would write, or map, before it).
-        // SAFETY: the allocation holds `layout.size()` bytes.
-        unsafe { ptr.as_ptr().write_bytes(0, layout.size()) };
         Self { ptr, len, layout }
-    }
-
-    /// A copy of `bytes`.
-    pub fn copy_of(bytes: &[u8]) -> Self {
-        let mut buf = Self::zeroed(bytes.len());
-        buf.copy_from_slice(bytes);
-        buf
     }
 
     /// The buffer filled by `fill`, which gets it zeroed.
@@ -75,7 +82,7 @@ impl Deref for WeightBuf {
     type Target = [u8];
 
     fn deref(&self) -> &[u8] {
-        // SAFETY: `ptr` holds at least `len` initialised (zeroed, then written) bytes.
+        // SAFETY: `ptr` holds at least `len` bytes, all written by the constructor.
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
     }
 }

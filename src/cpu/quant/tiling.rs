@@ -3,6 +3,7 @@
 
 use std::ops::Range;
 
+use super::super::host_ops::SharedOut;
 use super::int16::QuantizedActs;
 use super::interleaved::{GroupArgs, GROUP};
 use super::{Activations, BlockFormat, BlockMatrix, Kernel, Layout, BLOCK, TILE};
@@ -39,7 +40,7 @@ pub(super) fn matmul(w: &BlockMatrix, kernel: Kernel, x: &[f32], m: usize, out: 
         kernel,
     };
     let chunk = rows_per_task(w.rows);
-    let out = OutPtr(out.as_mut_ptr());
+    let out = SharedOut::new(out);
     // candle's own spinning pool, not rayon: candle's ops already keep its workers hot,
     // and a second pool spinning beside it would steal the same cores.
     candle_core::utils::barrier_pool().execute_chunked(w.rows.div_ceil(chunk), |tasks| {
@@ -68,25 +69,6 @@ pub(super) fn block_sums(x: &[f32], cols: usize) -> Vec<f32> {
     x.chunks_exact(BLOCK).map(|b| b.iter().sum()).collect()
 }
 
-/// The output pointer shared by the tasks of one `matmul`.
-struct OutPtr(*mut f32);
-
-// SAFETY: tasks only write disjoint elements through it (their own output columns), and the
-// owning `&mut [f32]` outlives the parallel loop.
-unsafe impl Send for OutPtr {}
-// SAFETY: as above; it is never read through.
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    /// Writes `value` at `index`.
-    ///
-    /// # Safety
-    /// `index` is inside the output slice and no other thread touches that element.
-    unsafe fn write(&self, index: usize, value: f32) {
-        *self.0.add(index) = value;
-    }
-}
-
 /// The activations as the kernel reads them.
 enum Acts<'a> {
     /// `x` and its `Σx` per block (`[m, cols/32]`; empty when the kernel does not read it).
@@ -107,7 +89,7 @@ impl Job<'_> {
     ///
     /// # Safety
     /// `out` points at an `[m, w.rows]` buffer and no other thread writes these columns.
-    unsafe fn run(&self, rows: Range<usize>, out: &OutPtr) {
+    unsafe fn run(&self, rows: Range<usize>, out: &SharedOut) {
         if let (Layout::Groups, Acts::Int16(acts)) = (self.w.layout, self.acts) {
             return self.run_groups(acts, rows, out);
         }
@@ -148,7 +130,7 @@ impl Job<'_> {
     ///
     /// # Safety
     /// As `run`.
-    unsafe fn run_groups(&self, acts: &QuantizedActs, rows: Range<usize>, out: &OutPtr) {
+    unsafe fn run_groups(&self, acts: &QuantizedActs, rows: Range<usize>, out: &SharedOut) {
         let (n_rows, cols) = (self.w.rows, self.w.cols);
         for g0 in rows.step_by(GROUP) {
             let group = self.w.group_bytes(g0 / GROUP);

@@ -135,35 +135,34 @@ unsafe fn kernel<const FMT: u8, const N: usize>(
     }
 }
 
-/// `acc + vpdpwssd(a, b)`, as the one instruction: LLVM otherwise splits it into
-/// `vpmaddwd` + `vpaddd` to shorten the accumulator chain, which doubles the work on the
-/// two vector ports this kernel is bound by.
-#[inline]
-#[target_feature(enable = "avx512f,avx512vnni")]
-unsafe fn dpwssd(acc: __m512i, a: __m512i, b: __m512i) -> __m512i {
-    let mut acc = acc;
-    std::arch::asm!(
-        "vpdpwssd {acc}, {a}, {b}",
-        acc = inout(zmm_reg) acc,
-        a = in(zmm_reg) a,
-        b = in(zmm_reg) b,
-        options(pure, nomem, nostack, preserves_flags),
-    );
-    acc
+/// `fn $name(acc, a, b) = acc + $insn(a, b)` as that one instruction: LLVM otherwise
+/// splits the VNNI dot products (`vpdpwssd` into `vpmaddwd` + `vpaddd`) to shorten the
+/// accumulator chain, which doubles the work on the two vector ports this kernel is bound by.
+macro_rules! vnni_dot {
+    ($(#[$doc:meta])* $name:ident = $insn:literal) => {
+        $(#[$doc])*
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512vnni")]
+        unsafe fn $name(acc: __m512i, a: __m512i, b: __m512i) -> __m512i {
+            let mut acc = acc;
+            std::arch::asm!(
+                concat!($insn, " {acc}, {a}, {b}"),
+                acc = inout(zmm_reg) acc,
+                a = in(zmm_reg) a,
+                b = in(zmm_reg) b,
+                options(pure, nomem, nostack, preserves_flags),
+            );
+            acc
+        }
+    };
 }
 
-/// `acc + vpdpbusd(a, b)` (unsigned bytes of `a` times signed bytes of `b`, four per
-/// 32-bit lane), as the one instruction, for the reason `dpwssd` gives.
-#[inline]
-#[target_feature(enable = "avx512f,avx512vnni")]
-unsafe fn dpbusd(acc: __m512i, a: __m512i, b: __m512i) -> __m512i {
-    let mut acc = acc;
-    std::arch::asm!(
-        "vpdpbusd {acc}, {a}, {b}",
-        acc = inout(zmm_reg) acc,
-        a = in(zmm_reg) a,
-        b = in(zmm_reg) b,
-        options(pure, nomem, nostack, preserves_flags),
-    );
-    acc
-}
+vnni_dot!(
+    /// Pairs of signed 16-bit products added to each 32-bit lane.
+    dpwssd = "vpdpwssd"
+);
+vnni_dot!(
+    /// Four products of unsigned bytes of `a` and signed bytes of `b` added to each
+    /// 32-bit lane.
+    dpbusd = "vpdpbusd"
+);

@@ -113,6 +113,8 @@ async function launch(webgpu) {
       '--disable-component-update',
       '--disable-sync',
       '--no-first-run',
+      // Extra flags for profiling, e.g. GENARM_CHROMIUM_ARGS='--js-flags=--perf-basic-prof'.
+      ...(process.env.GENARM_CHROMIUM_ARGS || '').split(' ').filter(Boolean),
     ],
   });
 }

@@ -9,20 +9,17 @@
 //! 16 bits is within f32 noise). On x86 the same codes meet `vpdpwssd` (AVX-512 VNNI)
 //! over interleaved weights (`vnni`); elsewhere x86 keeps f32 activations.
 //!
-//! The portable kernel here mirrors the simd128 one lane for lane (four integer lanes,
-//! each converted and scaled per block, summed in the same order at the end), so the two
-//! give bit-identical results: a CPU without VNNI reproduces the browser's numbers
-//! exactly, one with VNNI sums the same integer products in another order.
+//! The portable kernel here does the simd128 kernel's float operations in the same order
+//! (each block's exact integer sum converted and scaled once, offsets summed apart), so
+//! the two give bit-identical results: a CPU without VNNI reproduces the browser's
+//! numbers exactly; the VNNI kernel sums the same integer products but fuses its
+//! multiply-adds.
 
 use super::{BlockFormat, BLOCK, TILE};
 
-/// The largest code: `±MAX_CODE` times a Q8_0 weight (|q| ≤ 128), two products per lane
-/// and four dot instructions per block stay far inside i32.
+/// The largest code: 32 products of `±MAX_CODE` and a Q8_0 weight (|q| ≤ 128), a block's
+/// whole integer sum, stay inside i32 (2^27 at most).
 const MAX_CODE: f32 = 32767.0;
-
-/// Integer lanes per partial sum: `i32x4.dot_i16x8_s` puts the products of elements
-/// `2j` and `2j + 1` of every 8-element group into lane `j`.
-const LANES: usize = 4;
 
 /// Activation rows `[m, cols]` quantised per 32-block: codes widened to i16 (what the
 /// dot instruction takes; widened once here, not once per weight row), and per block
@@ -168,32 +165,32 @@ impl IntRowArgs<'_> {
 }
 
 /// `res[i] = Σ_c W[row, c] · x_i[c]` with `x` quantised, for `i < res.len() ≤ TILE`.
+///
+/// Per block the integer sum `Σq·qx` is exact (any order gives it), converted once and
+/// scaled by `d·dx`; the offsets `o·Σx` are summed apart and added at the end. The simd128
+/// kernel does these float operations in this order, four weight rows to a vector.
 pub fn row_dot(args: IntRowArgs<'_>, res: &mut [f32]) {
     let (format, n) = (args.format, res.len());
     args.check(n);
-    let mut lanes = [[0f32; LANES]; TILE];
+    let mut scaled = [0f32; TILE];
     let mut offsets = [0f32; TILE];
     for (b, block) in args.blocks() {
         let (d, o) = super::scalar::scales(format, block);
         let q: [i16; BLOCK] = super::scalar::block_codes(format, block);
         for i in 0..n {
-            let x = args.codes(i, b);
-            let mut dot = [0i32; LANES];
-            for (k, (&q, &x)) in q.iter().zip(x).enumerate() {
-                dot[(k % 8) / 2] += i32::from(q) * i32::from(x);
-            }
+            let dot: i32 = q
+                .iter()
+                .zip(args.codes(i, b))
+                .map(|(&q, &x)| i32::from(q) * i32::from(x))
+                .sum();
             let (dx, sum) = args.scale_and_sum(i, b);
-            let scale = d * dx;
-            for (lane, dot) in lanes[i].iter_mut().zip(dot) {
-                *lane += dot as f32 * scale;
-            }
+            scaled[i] += dot as f32 * (d * dx);
             if format.has_offset() {
                 offsets[i] += o * sum;
             }
         }
     }
     for (i, r) in res.iter_mut().enumerate() {
-        let [a, b, c, d] = lanes[i];
-        *r = a + b + c + d + offsets[i];
+        *r = scaled[i] + offsets[i];
     }
 }

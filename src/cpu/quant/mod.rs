@@ -81,6 +81,9 @@ const BLOCK: usize = 32;
 /// times, and `TILE` accumulators plus the decoded block still fit in 16 AVX2 registers.
 const TILE: usize = 4;
 
+/// Weight rows an integer-activation row kernel takes at once (`Kernel::int_rows`).
+const INT_ROWS: usize = 4;
+
 /// GGUF block formats the kernel runs: 32 weights per block.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BlockFormat {
@@ -537,17 +540,14 @@ impl Kernel {
 }
 
 impl Kernel {
-    /// Whether `rows_dot_int` should get two weight rows at once for `n` activation rows:
-    /// the simd128 kernel shares each activation load between them, which pays while
-    /// both rows' decoded blocks and accumulators fit in 16 registers (decode, n ≤ 2;
-    /// measured slower on a prompt's full tiles).
-    fn pairs_rows_int(self, n: usize) -> bool {
+    /// How many weight rows `rows_dot_int` should get at once: four for simd128, which
+    /// puts them across a vector's lanes.
+    fn int_rows(self) -> usize {
         #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
         if self == Kernel::Simd128 {
-            return n <= 2;
+            return INT_ROWS;
         }
-        let _ = n;
-        false
+        1
     }
 
     /// `res[i][r] = Σ_c W[16g + r, c] · x_i[c]` for the interleaved 16-row group in `args`
@@ -567,8 +567,8 @@ impl Kernel {
         interleaved::group_dot(args, n, res)
     }
 
-    /// `res[r][i] = Σ_c W_r[c] · x_i[c]` for the weight rows `w` (one or two) and `i < n`,
-    /// with the activations as 16-bit integers.
+    /// `res[r][i] = Σ_c W_r[c] · x_i[c]` for the weight rows `w` (up to `INT_ROWS`) and
+    /// `i < n`, with the activations as 16-bit integers.
     fn rows_dot_int(
         self,
         format: BlockFormat,
@@ -576,7 +576,7 @@ impl Kernel {
         acts: int16::IntTile<'_>,
         cols: usize,
         n: usize,
-        res: &mut [[f32; TILE]; 2],
+        res: &mut [[f32; TILE]; INT_ROWS],
     ) {
         #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
         if self == Kernel::Simd128 {

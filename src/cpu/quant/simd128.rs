@@ -6,7 +6,7 @@
 use std::arch::wasm32::*;
 
 use super::int16::{IntRowArgs, IntTile};
-use super::{scalar, BlockFormat, RowArgs, BLOCK, TILE};
+use super::{scalar, BlockFormat, RowArgs, BLOCK, INT_ROWS, TILE};
 
 /// Four f32 from `x` as a vector.
 fn load4(x: &[f32]) -> v128 {
@@ -96,42 +96,42 @@ unsafe fn codes_i16_at(format: BlockFormat, codes: *const u8) -> [v128; 4] {
     }
 }
 
-/// `int16::row_dot` for one or two weight rows (`w`) and `n ≤ TILE` activation rows,
-/// with the integer sums in `i32x4.dot_i16x8_s`: the same lanes, so the same result bit
-/// for bit. Two weight rows share each activation load.
+/// `int16::row_dot` for up to `INT_ROWS` (four) weight rows `w` and `n ≤ TILE` activation
+/// rows, the four rows across a vector's lanes: the per-block float work (the rows' f16
+/// scales, `d·dx`, the offsets) is one vector operation for all four, and no row needs a
+/// horizontal sum. The same float operations in the same order as `int16::row_dot`, so
+/// the same result bit for bit. Fewer than four rows repeat the last one.
 pub fn rows_dot_int(
     format: BlockFormat,
     w: &[&[u8]],
     acts: IntTile<'_>,
     cols: usize,
     n: usize,
-    res: &mut [[f32; TILE]; 2],
+    res: &mut [[f32; TILE]; INT_ROWS],
 ) {
-    // Fixed sizes keep the accumulators in registers and unroll the row loops.
-    let f = match (w.len(), n) {
-        (1, 1) => rows_dot_int_tile::<1, 1>,
-        (1, 2) => rows_dot_int_tile::<1, 2>,
-        (1, 3) => rows_dot_int_tile::<1, 3>,
-        (1, _) => rows_dot_int_tile::<1, TILE>,
-        (_, 1) => rows_dot_int_tile::<2, 1>,
-        (_, 2) => rows_dot_int_tile::<2, 2>,
-        (_, 3) => rows_dot_int_tile::<2, 3>,
-        (_, _) => rows_dot_int_tile::<2, TILE>,
+    assert!((1..=INT_ROWS).contains(&w.len()));
+    let rows: [&[u8]; INT_ROWS] = std::array::from_fn(|r| w[r.min(w.len() - 1)]);
+    // A fixed height keeps the accumulators in registers and unrolls the row loops.
+    let f = match n {
+        1 => rows_dot_int_tile::<1>,
+        2 => rows_dot_int_tile::<2>,
+        3 => rows_dot_int_tile::<3>,
+        _ => rows_dot_int_tile::<TILE>,
     };
-    f(format, w, acts, cols, res);
+    f(format, rows, acts, cols, res);
 }
 
-fn rows_dot_int_tile<const R: usize, const N: usize>(
+fn rows_dot_int_tile<const N: usize>(
     format: BlockFormat,
-    w: &[&[u8]],
+    w: [&[u8]; INT_ROWS],
     acts: IntTile<'_>,
     cols: usize,
-    res: &mut [[f32; TILE]; 2],
+    res: &mut [[f32; TILE]; INT_ROWS],
 ) {
     // Everything below reads inside the sizes checked here: no bounds checks in the loop
     // (they were a third of its instructions).
-    assert!(w.len() == R && N <= TILE);
-    for &row in w {
+    assert!(N <= TILE);
+    for row in w {
         let args = IntRowArgs {
             format,
             row,
@@ -142,55 +142,124 @@ fn rows_dot_int_tile<const R: usize, const N: usize>(
     }
     let nb = cols / BLOCK;
     let (bytes, offset) = (format.block_bytes(), format.codes_offset());
-    let rows: [*const u8; R] = std::array::from_fn(|r| w[r].as_ptr());
+    let rows = w.map(<[u8]>::as_ptr);
     let (codes, scales, sums) = (
         acts.codes.as_ptr(),
         acts.scales.as_ptr(),
         acts.sums.as_ptr(),
     );
-    let mut lanes = [[f32x4_splat(0.0); N]; R];
-    let mut offsets = [[0f32; N]; R];
+    // Lane r: weight row r. The scaled integer sums and the offsets apart, as in `int16`.
+    let mut scaled = [f32x4_splat(0.0); N];
+    let mut offsets = [f32x4_splat(0.0); N];
     for b in 0..nb {
+        let at = b * bytes;
         // SAFETY: `check` asserted each row's length is nb·bytes, codes ≥ N·cols, scales
         // and sums ≥ N·nb; b < nb and i < N keep every read inside those.
         unsafe {
-            let mut d = [0f32; R];
-            let mut o = [0f32; R];
-            let mut q = [[f32x4_splat(0.0); 4]; R];
-            for r in 0..R {
-                let block = std::slice::from_raw_parts(rows[r].add(b * bytes), bytes);
-                (d[r], o[r]) = scalar::scales(format, block);
-                q[r] = codes_i16_at(format, rows[r].add(b * bytes + offset));
+            let d = f16x4_at(rows, at);
+            let o = match format {
+                BlockFormat::Q4_0 => f32x4_mul(f32x4_splat(-8.0), d),
+                BlockFormat::Q4_1 => f16x4_at(rows, at + 2),
+                BlockFormat::Q8_0 => f32x4_splat(0.0),
+            };
+            // Rows in pairs: each pair's four-lane dot products folded into one vector
+            // right away keeps few vectors live.
+            let mut pairs = [[i32x4_splat(0); N]; 2];
+            for (p, pair) in pairs.iter_mut().enumerate() {
+                let qa = codes_i16_at(format, rows[2 * p].add(at + offset));
+                let qb = codes_i16_at(format, rows[2 * p + 1].add(at + offset));
+                for (i, pair) in pair.iter_mut().enumerate() {
+                    let x = block_codes_of(codes.add(i * cols + b * BLOCK));
+                    *pair = fold_pair(dot_block(&qa, &x), dot_block(&qb, &x));
+                }
             }
             for i in 0..N {
-                let p = codes.add(i * cols + b * BLOCK);
-                let x = [
-                    v128_load(p.cast()),
-                    v128_load(p.add(8).cast()),
-                    v128_load(p.add(16).cast()),
-                    v128_load(p.add(24).cast()),
-                ];
+                let total = fold_pairs(pairs[0][i], pairs[1][i]);
                 let k = i * nb + b;
-                let (dx, sum) = (*scales.add(k), *sums.add(k));
-                for r in 0..R {
-                    let q = &q[r];
-                    let dot = i32x4_add(
-                        i32x4_add(i32x4_dot_i16x8(q[0], x[0]), i32x4_dot_i16x8(q[1], x[1])),
-                        i32x4_add(i32x4_dot_i16x8(q[2], x[2]), i32x4_dot_i16x8(q[3], x[3])),
-                    );
-                    let scale = f32x4_splat(d[r] * dx);
-                    lanes[r][i] =
-                        f32x4_add(lanes[r][i], f32x4_mul(f32x4_convert_i32x4(dot), scale));
-                    if format.has_offset() {
-                        offsets[r][i] += o[r] * sum;
-                    }
+                let scale = f32x4_mul(d, f32x4_splat(*scales.add(k)));
+                scaled[i] = f32x4_add(scaled[i], f32x4_mul(f32x4_convert_i32x4(total), scale));
+                if format.has_offset() {
+                    offsets[i] = f32x4_add(offsets[i], f32x4_mul(o, f32x4_splat(*sums.add(k))));
                 }
             }
         }
     }
-    for r in 0..R {
-        for i in 0..N {
-            res[r][i] = hsum(lanes[r][i]) + offsets[r][i];
+    for i in 0..N {
+        let v = f32x4_add(scaled[i], offsets[i]);
+        let lanes = [
+            f32x4_extract_lane::<0>(v),
+            f32x4_extract_lane::<1>(v),
+            f32x4_extract_lane::<2>(v),
+            f32x4_extract_lane::<3>(v),
+        ];
+        for (res, lane) in res.iter_mut().zip(lanes) {
+            res[i] = lane;
         }
     }
+}
+
+/// A block's 32 activation codes (at `p`) as four i16x8.
+///
+/// # Safety
+/// `p` points at 32 readable i16.
+#[inline(always)]
+unsafe fn block_codes_of(p: *const i16) -> [v128; 4] {
+    [
+        v128_load(p.cast()),
+        v128_load(p.add(8).cast()),
+        v128_load(p.add(16).cast()),
+        v128_load(p.add(24).cast()),
+    ]
+}
+
+/// `Σ q·x` over a block as four i32 lanes (exact; their sum is the block's dot product).
+#[inline(always)]
+fn dot_block(q: &[v128; 4], x: &[v128; 4]) -> v128 {
+    i32x4_add(
+        i32x4_add(i32x4_dot_i16x8(q[0], x[0]), i32x4_dot_i16x8(q[1], x[1])),
+        i32x4_add(i32x4_dot_i16x8(q[2], x[2]), i32x4_dot_i16x8(q[3], x[3])),
+    )
+}
+
+/// Rows a and b's four-lane sums folded to two lanes each: `[a0+a2, b0+b2, a1+a3, b1+b3]`.
+#[inline(always)]
+fn fold_pair(a: v128, b: v128) -> v128 {
+    i32x4_add(
+        i32x4_shuffle::<0, 4, 1, 5>(a, b),
+        i32x4_shuffle::<2, 6, 3, 7>(a, b),
+    )
+}
+
+/// Two folded pairs (rows 0–1, rows 2–3) to one total per row, lane r for row r.
+#[inline(always)]
+fn fold_pairs(p01: v128, p23: v128) -> v128 {
+    i32x4_add(
+        i32x4_shuffle::<0, 1, 4, 5>(p01, p23),
+        i32x4_shuffle::<2, 3, 6, 7>(p01, p23),
+    )
+}
+
+/// The little-endian f16 at byte `at` of each of four rows, as f32x4 (lane r: row r),
+/// exactly as `scalar::f16_to_f32` converts each.
+///
+/// # Safety
+/// Each row has two readable bytes at `at`.
+#[inline(always)]
+pub(super) unsafe fn f16x4_at(rows: [*const u8; INT_ROWS], at: usize) -> v128 {
+    // Each f16 into the low half of an i32 lane (i16 lanes 0, 2, 4, 6).
+    let mut h = i32x4_splat(0);
+    h = v128_load16_lane::<0>(h, rows[0].add(at).cast());
+    h = v128_load16_lane::<2>(h, rows[1].add(at).cast());
+    h = v128_load16_lane::<4>(h, rows[2].add(at).cast());
+    h = v128_load16_lane::<6>(h, rows[3].add(at).cast());
+    const TWO_POW_112: f32 = f32::from_bits((127 + 112) << 23);
+    let sign = i32x4_shl(v128_and(h, i32x4_splat(0x8000)), 16);
+    let magnitude = v128_and(h, i32x4_splat(0x7FFF));
+    let finite = f32x4_mul(i32x4_shl(magnitude, 13), f32x4_splat(TWO_POW_112));
+    let special = v128_or(
+        i32x4_splat(0x7F80_0000),
+        i32x4_shl(v128_and(magnitude, i32x4_splat(0x3FF)), 13),
+    );
+    let is_special = i32x4_ge(magnitude, i32x4_splat(0x7C00));
+    v128_or(sign, v128_bitselect(special, finite, is_special))
 }

@@ -6,7 +6,7 @@ use std::ops::Range;
 use super::super::host_ops::SharedOut;
 use super::int16::QuantizedActs;
 use super::interleaved::{GroupArgs, GROUP};
-use super::{Activations, BlockFormat, BlockMatrix, Kernel, Layout, BLOCK, TILE};
+use super::{Activations, BlockFormat, BlockMatrix, Kernel, Layout, BLOCK, INT_ROWS, TILE};
 
 /// Weight rows per cache block inside a task: with large `m` the rows are revisited once per
 /// activation tile, so they should stay in L2 (64 rows × 1536 cols of Q8_0 is ~100 KB).
@@ -102,14 +102,16 @@ impl Job<'_> {
                 let n = TILE.min(self.m - t0);
                 let mut j = rb;
                 while j < rb_end {
-                    // Two weight rows at a time where the kernel shares x loads between them.
-                    let pairs = match self.acts {
-                        Acts::F32(..) => self.kernel.pairs_rows(self.w.format),
-                        Acts::Int16(_) => self.kernel.pairs_rows_int(n),
+                    // Several weight rows at a time where the kernel shares work between them.
+                    let at_once = match self.acts {
+                        Acts::F32(..) if self.kernel.pairs_rows(self.w.format) => 2,
+                        Acts::F32(..) => 1,
+                        Acts::Int16(_) => self.kernel.int_rows(),
                     };
-                    let r = if pairs && j + 1 < rb_end { 2 } else { 1 };
-                    let w = [self.w.row_bytes(j), self.w.row_bytes(j + r - 1)];
-                    let mut res = [[0f32; TILE]; 2];
+                    let r = at_once.min(rb_end - j);
+                    let w: [&[u8]; INT_ROWS] =
+                        std::array::from_fn(|k| self.w.row_bytes(j + k.min(r - 1)));
+                    let mut res = [[0f32; TILE]; INT_ROWS];
                     self.rows_dot(&w[..r], t0, n, &mut res);
                     for (dj, res) in res[..r].iter().enumerate() {
                         for (k, &v) in res[..n].iter().enumerate() {
@@ -155,7 +157,7 @@ impl Job<'_> {
     }
 
     /// `res[r][k]` = weight row `w[r]` times activation row `t0 + k`, for `k < n`.
-    fn rows_dot(&self, w: &[&[u8]], t0: usize, n: usize, res: &mut [[f32; TILE]; 2]) {
+    fn rows_dot(&self, w: &[&[u8]], t0: usize, n: usize, res: &mut [[f32; TILE]; INT_ROWS]) {
         let (cols, nb, format) = (self.w.cols, self.w.blocks_per_row(), self.w.format);
         match self.acts {
             Acts::F32(x, sums) => {
@@ -165,7 +167,9 @@ impl Job<'_> {
                 } else {
                     &sums[t0 * nb..(t0 + n) * nb]
                 };
-                self.kernel.rows_dot(format, w, xs, sums, cols, n, res);
+                // The f32 kernels take at most two rows.
+                let [pair @ .., _, _] = res;
+                self.kernel.rows_dot(format, w, xs, sums, cols, n, pair);
             }
             Acts::Int16(acts) => {
                 let tile = acts.tile(t0, n, cols);

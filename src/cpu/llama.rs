@@ -12,6 +12,7 @@ use candle_core::quantized::QMatMul;
 use candle_core::{CpuStorage, DType, Device, Module, Storage, Tensor, D};
 
 use super::decode_attention;
+use super::fused;
 use super::lowrank::{BlockLoraMatMul, LowRank, PartDeltas};
 use super::precision::{rms_norm_f32, softmax_f32, Precision};
 use super::quant::{Activations, BlockMatMul, BlockMatrix};
@@ -179,6 +180,17 @@ impl RowLinear {
             .zip(&self.deltas)
             .map(|(y, deltas)| add_row_deltas(y, x, deltas))
             .collect()
+    }
+
+    /// The projections' outputs side by side in one tensor `[rows, seq, Σ widths]`, where
+    /// one kernel computes them all (no row delta left outside it); `None` otherwise.
+    fn forward_stacked(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        match &self.stack {
+            Stack::Fused(p) if self.deltas.iter().flatten().all(Option::is_none) => {
+                Ok(Some(p.forward(x)?))
+            }
+            _ => Ok(None),
+        }
     }
 
     /// The single output of an unfused projection.
@@ -796,6 +808,16 @@ impl Llama {
         let mut x = self.embed.forward(&ids)?.to_dtype(self.dtype)?;
         let cos = self.cos.narrow(0, self.pos, seq)?;
         let sin = self.sin.narrow(0, self.pos, seq)?;
+        // One position in f32 on the CPU: the fused decode ops (`fused`) take the tables.
+        let decode_rope = if seq == 1 && self.device.is_cpu() && self.dtype == DType::F32 {
+            Some(fused::Rope {
+                cos: cos.flatten_all()?.to_vec1()?,
+                sin: sin.flatten_all()?.to_vec1()?,
+                layout: self.cfg.rope_layout,
+            })
+        } else {
+            None
+        };
         let n_rep = self.cfg.num_heads / self.cfg.num_kv_heads;
         let full_mask = llama::causal_mask(seq, self.pos, n_rep, None, &self.device)?;
         for (layer, (block, cache)) in self
@@ -826,8 +848,7 @@ impl Llama {
                 cache,
                 &self.cfg,
                 self.pos,
-                &cos,
-                &sin,
+                (&cos, &sin, decode_rope.as_ref()),
                 mask,
             )?;
             x = (residual + h)?;
@@ -901,19 +922,26 @@ fn apply_rope(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// The rotary tables at the positions fed (`[seq, head_dim/2]` each), and for a single
+/// position in f32 on the CPU the same as host vectors.
+type RopeAt<'a> = (&'a Tensor, &'a Tensor, Option<&'a fused::Rope>);
+
 fn attention(
     attn: &Attention,
     x: &Tensor,
     cache: &mut LayerCache,
     cfg: &LlamaConfig,
     pos: usize,
-    cos: &Tensor,
-    sin: &Tensor,
+    (cos, sin, decode_rope): RopeAt<'_>,
     mask: Option<&Tensor>,
 ) -> Result<Tensor> {
     let (rows, seq, _) = x.dims3()?;
     let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+    if let (Some(rope), None) = (decode_rope, mask) {
+        if let Some(out) = attend_fused(attn, x, cache, cfg, pos, rope)? {
+            return attn.o.forward1(&out);
+        }
+    }
     let n_rep = nh / nkv;
     let heads = |t: Tensor, n: usize| -> candle_core::Result<Tensor> {
         t.reshape((rows, seq, n, hd))?.transpose(1, 2)?.contiguous()
@@ -957,6 +985,48 @@ fn attention(
         .transpose(1, 2)?
         .reshape((rows, seq, nh * hd))?;
     attn.o.forward1(&out)
+}
+
+/// The decode step's attention as three host ops (`fused`): keys and values written
+/// into the cache from the fused q/k/v output, then attention with the queries rotated
+/// on the way. `None` where q, k and v are not one kernel's output or the cache is not
+/// f32: the general path runs.
+fn attend_fused(
+    attn: &Attention,
+    x: &Tensor,
+    cache: &LayerCache,
+    cfg: &LlamaConfig,
+    pos: usize,
+    rope: &fused::Rope,
+) -> Result<Option<Tensor>> {
+    if cache.k.dtype() != DType::F32 || x.dim(1)? != 1 {
+        return Ok(None);
+    }
+    let Some(qkv) = attn.qkv.forward_stacked(x)? else {
+        return Ok(None);
+    };
+    let layout = fused::Qkv {
+        heads: cfg.num_heads,
+        kv_heads: cfg.num_kv_heads,
+        head_dim: cfg.head_dim,
+    };
+    let qkv = qkv.contiguous()?;
+    let write = |cache: &Tensor, rope| {
+        let op = fused::WriteCache {
+            qkv: layout,
+            position: pos,
+            rope,
+        };
+        cache.inplace_op2(&qkv, &op)
+    };
+    write(&cache.k, Some(rope))?;
+    write(&cache.v, None)?;
+    let attend = fused::Attend {
+        qkv: layout,
+        len: pos + 1,
+        rope,
+    };
+    Ok(Some(qkv.apply_op3_no_bwd(&cache.k, &cache.v, &attend)?))
 }
 
 /// One query position per row attending to the cache's first `len` positions, by
@@ -1008,6 +1078,12 @@ fn attend_from_cache(
 }
 
 fn mlp(mlp: &Mlp, x: &Tensor, act: Activation) -> Result<Tensor> {
+    if act == Activation::Silu && x.device().is_cpu() && x.dtype() == DType::F32 {
+        if let Some(gate_up) = mlp.gate_up.forward_stacked(x)? {
+            let h = gate_up.contiguous()?.apply_op1_no_bwd(&fused::SwiGlu)?;
+            return mlp.down.forward1(&h);
+        }
+    }
     let mut gate_up = mlp.gate_up.forward(x)?.into_iter();
     let (Some(gate), Some(up)) = (gate_up.next(), gate_up.next()) else {
         return Err(Error::Request("the MLP needs gate and up".into()));

@@ -9,6 +9,7 @@
 pub mod cuda_device;
 pub mod decode_attention;
 pub mod device_sample;
+mod fused;
 mod host_ops;
 pub mod llama;
 pub mod lowrank;

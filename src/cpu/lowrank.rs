@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
 
-use super::host_ops::{dot, SharedOut};
+use super::host_ops::{axpy, dot, SharedOut};
 use super::quant::BlockMatrix;
 
 /// One row's LoRA delta for one projection, in host memory.
@@ -67,10 +67,7 @@ impl BlockLoraMatMul {
                 // their only writer, and `y` outlives the parallel loop.
                 let yi = unsafe { y_ptr.slice(i * out + part.offset, part.width) };
                 for (k, &l) in low.iter().enumerate() {
-                    let bk = &d.b_t[k * part.width..(k + 1) * part.width];
-                    for (yj, &b) in yi.iter_mut().zip(bk) {
-                        *yj += l * b;
-                    }
+                    axpy(l, &d.b_t[k * part.width..(k + 1) * part.width], yi);
                 }
             }
         });

@@ -102,14 +102,20 @@ fn sum_and_amax(block: &[f32; BLOCK]) -> (f32, f32) {
     (sum, amax.into_iter().fold(0f32, f32::max))
 }
 
-/// `v` (|v| ≤ 32767, or not finite) rounded to the nearest integer, ties to even: adding
-/// and subtracting 1.5·2^23 leaves no fraction bits, with no branch or library call
-/// (x86-64's baseline and WebAssembly's scalar code have no rounding instruction).
-/// Not finite gives 0 after the saturating cast, which the block's NaN scale overrides.
+/// `v` (|v| ≤ 32767, or not finite) rounded to the nearest integer, ties to even, with no
+/// branch, library call or saturating cast (x86-64's baseline and WebAssembly's scalar
+/// code have no rounding instruction): adding 1.5·2^23 leaves no fraction bits, and the
+/// sum's low mantissa bits are then `1.5·2^23`'s plus the integer. Not finite gives 0
+/// (the block's NaN scale carries it to the output).
 #[inline]
 pub(super) fn round_to_code(v: f32) -> i16 {
     const SHIFTER: f32 = 12_582_912.0; // 1.5 · 2^23
-    ((v + SHIFTER) - SHIFTER) as i16
+    let code = ((v + SHIFTER).to_bits() as i32).wrapping_sub(SHIFTER.to_bits() as i32);
+    if v.is_finite() {
+        code as i16
+    } else {
+        0
+    }
 }
 
 /// Up to `TILE` quantised activation rows.

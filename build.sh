@@ -189,7 +189,7 @@ build_native() {
 # the α each one's playground slider starts at: a guided text that stays fluent
 # (README "The demo ARMs").
 DEMO_ARMS=(www/arms/positive www/arms/concise)
-DEMO_ARM_ALPHAS=(1.5 1)
+DEMO_ARM_ALPHAS=(1 1)
 
 run() {
   fetch_model
@@ -484,9 +484,10 @@ train_demo_arms() {
   local bin=./target/release/genarm dir=target/demo
   demo_positive_pairs
   # The anchor (--sft-weight) keeps the ARM a language model: without it, guidance at
-  # α ≥ 2 repeats the words the lexicon likes (README "The demo ARMs").
+  # α ≥ 2 repeats the words the lexicon likes; λ = 0.2 over two epochs is the sweep's run
+  # that keeps both the reward and the wording at α = 2 (README "Fluency").
   $bin train --model "$DEMO_MODEL" --data "$dir/positive-once-pairs.jsonl" --out www/arms/positive \
-    "${SENTIMENT_TRAIN[@]}" --beta-r 0.1 --sft-weight 0.1 --name positive \
+    "${SENTIMENT_TRAIN[@]}" --beta-r 0.1 --sft-weight 0.2 --epochs 2 --name positive \
     --objective "positive sentiment (VADER valence of the continuation)"
   # The conventional scalar reward model on the same pairs, then GenARM against best-of-N
   # and ARGS (docs/evaluation.md; the README's baseline table).

@@ -12,6 +12,7 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, InplaceOp2, Layout, Shape};
 
 use super::decode_attention::{self, Shape as AttentionShape};
+use super::host_ops::{contiguous_f32, contiguous_f32_mut};
 use crate::model::config::RopeLayout;
 
 /// The rotary embedding's tables at one position: `head_dim / 2` cosines and sines.
@@ -68,21 +69,6 @@ impl Qkv {
     }
 }
 
-/// The f32 slice a contiguous CPU tensor's layout points at.
-fn contiguous_f32<'a>(
-    storage: &'a CpuStorage,
-    layout: &Layout,
-    what: &str,
-) -> candle_core::Result<&'a [f32]> {
-    let CpuStorage::F32(data) = storage else {
-        candle_core::bail!("{what}: f32 expected");
-    };
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => candle_core::bail!("{what}: contiguous tensor expected"),
-    }
-}
-
 /// Writes one position's keys (rotated) or values from the q/k/v output `[rows, 1,
 /// width]` into a cache `[cache_rows, kv_heads, capacity, head_dim]`, in place. One
 /// output row (a layer the rows share) goes to every cache row.
@@ -125,12 +111,7 @@ impl InplaceOp2 for WriteCache<'_> {
                 src_l.dims()
             );
         }
-        let CpuStorage::F32(cache) = dst else {
-            candle_core::bail!("write-kv-cache: f32 cache expected");
-        };
-        let Some((start, _)) = dst_l.contiguous_offsets() else {
-            candle_core::bail!("write-kv-cache: contiguous cache expected");
-        };
+        let cache = contiguous_f32_mut(dst, dst_l, self.name())?;
         let offset = match self.rope {
             Some(_) => self.qkv.k_offset(),
             None => self.qkv.v_offset(),
@@ -139,7 +120,7 @@ impl InplaceOp2 for WriteCache<'_> {
             let row = if rows == 1 { 0 } else { cache_row };
             for g in 0..kv_heads {
                 let from = row * width + offset + g * head_dim;
-                let to = start + ((cache_row * kv_heads + g) * capacity + self.position) * head_dim;
+                let to = ((cache_row * kv_heads + g) * capacity + self.position) * head_dim;
                 let slot = &mut cache[to..to + head_dim];
                 slot.copy_from_slice(&src[from..from + head_dim]);
                 if let Some(rope) = self.rope {

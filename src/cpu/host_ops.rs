@@ -1,5 +1,38 @@
-//! What the CPU ops that run on host slices share: the output pointer their parallel tasks
-//! write through, the dot product and `y += a·x`.
+//! What the CPU ops that run on host slices share: their inputs as f32 slices, the output
+//! pointer their parallel tasks write through, the dot product and `y += a·x`.
+
+use candle_core::{CpuStorage, Layout};
+
+/// The f32 elements of a contiguous CPU tensor (`storage` seen through `layout`); `op`
+/// names the custom op in the error.
+pub fn contiguous_f32<'a>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    op: &str,
+) -> candle_core::Result<&'a [f32]> {
+    let CpuStorage::F32(data) = storage else {
+        candle_core::bail!("{op}: the input must be f32");
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("{op}: the input must be contiguous");
+    };
+    Ok(&data[start..end])
+}
+
+/// `contiguous_f32` for a tensor an in-place op writes.
+pub fn contiguous_f32_mut<'a>(
+    storage: &'a mut CpuStorage,
+    layout: &Layout,
+    op: &str,
+) -> candle_core::Result<&'a mut [f32]> {
+    let CpuStorage::F32(data) = storage else {
+        candle_core::bail!("{op}: the tensor written must be f32");
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("{op}: the tensor written must be contiguous");
+    };
+    Ok(&mut data[start..end])
+}
 
 /// An output slice that tasks on candle's pool write disjoint parts of.
 pub struct SharedOut(*mut f32);

@@ -999,7 +999,7 @@ fn attend_fused(
     pos: usize,
     rope: &fused::Rope,
 ) -> Result<Option<Tensor>> {
-    if cache.k.dtype() != DType::F32 || x.dim(1)? != 1 {
+    if cache.k.dtype() != DType::F32 {
         return Ok(None);
     }
     let Some(qkv) = attn.qkv.forward_stacked(x)? else {

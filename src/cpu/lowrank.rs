@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
 
-use super::host_ops::{axpy, dot, SharedOut};
+use super::host_ops::{axpy, contiguous_f32, dot, SharedOut};
 use super::quant::BlockMatrix;
 
 /// One row's LoRA delta for one projection, in host memory.
@@ -91,10 +91,7 @@ impl CustomOp1 for BlockLoraMatMul {
                 self.weight.cols()
             );
         }
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("block-lora-matmul: input must be contiguous");
-        };
-        let x = &storage.as_slice::<f32>()?[start..end];
+        let x = contiguous_f32(storage, layout, self.name())?;
         let out = self.weight.rows();
         let mut y = vec![0f32; rows * seq * out];
         self.weight.matmul(x, rows * seq, &mut y);

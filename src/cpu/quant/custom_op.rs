@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use candle_core::{CpuStorage, CudaStorage, CustomOp1, Layout, MetalStorage, Shape};
 
+use super::super::host_ops::contiguous_f32;
 use super::BlockMatrix;
 
 /// The kernel as a candle op: input f32 `[.., cols]` (any leading dims, contiguous) →
@@ -22,12 +23,7 @@ impl CustomOp1 for BlockMatMul {
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let w = &self.0;
-        let CpuStorage::F32(data) = storage else {
-            candle_core::bail!("block matmul: the input must be f32");
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("block matmul: the input must be contiguous");
-        };
+        let x = contiguous_f32(storage, layout, "block matmul")?;
         let dims = layout.shape().dims();
         let Some((&cols, lead)) = dims.split_last() else {
             candle_core::bail!("block matmul: the input must have at least one dimension");
@@ -41,7 +37,7 @@ impl CustomOp1 for BlockMatMul {
         }
         let m: usize = lead.iter().product();
         let mut out = vec![0f32; m * w.rows()];
-        w.matmul(&data[start..end], m, &mut out);
+        w.matmul(x, m, &mut out);
         let mut out_dims = lead.to_vec();
         out_dims.push(w.rows());
         Ok((CpuStorage::F32(out), Shape::from(out_dims)))

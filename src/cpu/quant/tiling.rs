@@ -110,7 +110,7 @@ impl Job<'_> {
                     };
                     let r = at_once.min(rb_end - j);
                     let w: [&[u8]; INT_ROWS] =
-                        std::array::from_fn(|k| self.w.row_bytes(j + k.min(r - 1)));
+                        std::array::from_fn(|k| if k < r { self.w.row_bytes(j + k) } else { &[] });
                     let mut res = [[0f32; TILE]; INT_ROWS];
                     self.rows_dot(&w[..r], t0, n, &mut res);
                     for (dj, res) in res[..r].iter().enumerate() {

@@ -616,6 +616,37 @@ impl Shared {
         }
     }
 
+    /// Starts the engine's sequence over with `tokens` fed, held for the next run to
+    /// share (see `Session::warm_chat`). Refused while a run is unfinished.
+    async fn hold(&self, tokens: &[u32]) -> std::result::Result<(), JsError> {
+        if self.decoder.borrow().is_some() {
+            return Err(JsError::new("finish the run before reading a new opening"));
+        }
+        if self.busy.replace(true) {
+            return Err(busy_error());
+        }
+        let Some(mut engine) = self.engine.borrow_mut().take() else {
+            self.busy.set(false);
+            return Err(JsError::new("internal: the engine is missing"));
+        };
+        engine.engine_mut().reset();
+        let fed = if tokens.is_empty() {
+            Ok(())
+        } else {
+            AsyncEngine::feed(&mut engine, tokens).await
+        };
+        // Whatever happened, the engine now holds these tokens or none.
+        let mut held = self.held_prompt.borrow_mut();
+        held.clear();
+        if fed.is_ok() {
+            held.extend_from_slice(tokens);
+        }
+        drop(held);
+        *self.engine.borrow_mut() = Some(engine);
+        self.busy.set(false);
+        fed.map_err(js_error)
+    }
+
     fn apply_settings(&self, engine: &mut AnyEngine, decoder: &mut Decoder) -> Result<()> {
         let mut s = self.settings.borrow_mut();
         if s.cancel {
@@ -787,6 +818,25 @@ impl Session {
         *self.shared.decoder.borrow_mut() = Some(decoder);
         self.shared.prompt_chunk.set(PromptChunk::first());
         to_js(&serde_json::json!({ "promptTokens": ids.len(), "reusedTokens": reused }))
+    }
+
+    /// Reads the chat template's opening with this system turn (or the template's
+    /// default one) — the tokens every chat prompt starts with, up to the user's words —
+    /// so that the first chat run reads only what the user wrote, as a later run on the
+    /// same prompt does. A promise of the tokens now held: 0 for a model without a
+    /// tokenizer or chat template. Refused while a run is unfinished.
+    #[wasm_bindgen(js_name = warmChat)]
+    pub fn warm_chat(&self, system: Option<String>) -> js_sys::Promise {
+        let opening = match self.facts.tokenizer.as_ref() {
+            Some(t) if t.chat_template().is_some() => t.chat_opening(system.as_deref()),
+            _ => Ok(Vec::new()),
+        };
+        let shared = Rc::clone(&self.shared);
+        wasm_bindgen_futures::future_to_promise(async move {
+            let opening = opening.map_err(js_error)?;
+            shared.hold(&opening).await?;
+            Ok(JsValue::from(opening.len() as u32))
+        })
     }
 
     /// Feeds the next chunk of the prompt, sized to take about `PROMPT_CHUNK_TIME`, so

@@ -148,6 +148,35 @@ fn smollm2_chat_template() {
     assert!(!without.ends_with("<|im_start|>assistant\n"), "{without:?}");
 }
 
+/// The chat opening is the prefix of every chat prompt with that system turn, and it
+/// stops right where the user's words begin: the system turn and the user header.
+#[test]
+fn smollm2_chat_opening_prefixes_every_chat_prompt() {
+    let tok = demo_tokenizer();
+    for system in [None, Some("You answer in French.")] {
+        let opening = tok.chat_opening(system).unwrap();
+        let text = tok.decode(&opening, false).unwrap();
+        assert!(text.starts_with("<|im_start|>system\n"), "{text:?}");
+        assert!(text.ends_with("<|im_start|>user\n"), "{text:?}");
+        if let Some(system) = system {
+            assert!(text.contains(system), "{text:?}");
+        }
+        for user in [
+            "What is the capital of France?",
+            " spaced",
+            "\nnewline",
+            "日本",
+        ] {
+            let prompt = tok.encode_prompt(user, true, system).unwrap();
+            assert!(prompt.starts_with(&opening), "{user:?} after {system:?}");
+            assert!(prompt.len() > opening.len());
+        }
+    }
+    // No template, no opening: the error encode_prompt gives.
+    let bare = TextTokenizer::from_bytes(TINY_TOKENIZER_JSON.as_bytes(), None).unwrap();
+    let err = bare.chat_opening(None).unwrap_err();
+    assert!(matches!(err, Error::Template(_)), "{err}");
+}
 #[test]
 fn same_vocabulary_compares_token_strings() {
     let a = demo_tokenizer();

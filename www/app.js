@@ -738,7 +738,7 @@ worker.onmessage = ({ data: msg }) => {
       state.runs[msg.run] = { count: 0, reward: 0, promptTokens: msg.promptTokens };
       $(`stats-${msg.run}`).dataset.reusedTokens = String(msg.reusedTokens || 0);
       $(`stats-${msg.run}`).textContent = msg.reusedTokens
-        ? `reading the prompt (${msg.promptTokens} tokens, ${msg.reusedTokens} kept from the last run)…`
+        ? `reading the prompt (${msg.promptTokens} tokens, ${msg.reusedTokens} already read)…`
         : `reading the prompt (${msg.promptTokens} tokens)…`;
       break;
     case 'prompt':

@@ -136,6 +136,16 @@ async function load({ base, arms, backend, context }) {
   }
   info = session.info();
   alphas = info.arms.map(() => 1);
+  // The chat template's opening (its system turn and user header) is read now, as part
+  // of loading: the first chat prompt then reads only the user's words.
+  if (info.chatTemplate) {
+    post({ type: 'progress', label: 'reading the chat template', loaded: progress.loaded, total: progress.total });
+    try {
+      await session.warmChat();
+    } catch (e) {
+      post({ type: 'notice', level: 'warn', scope: 'load', text: `The chat template's opening was not read ahead (${errorText(e)}); the first prompt reads it.` });
+    }
+  }
   const loadSeconds = (performance.now() - started) / 1000;
   post({ type: 'ready', info, loadSeconds, fromCache: progress.fromCache === true, memory: memory() });
 }

@@ -12,6 +12,7 @@
 use std::ops::Range;
 
 use super::host_ops::{dot, SharedOut};
+use super::row_ops;
 
 /// The sizes of one decode attention call.
 #[derive(Clone, Copy, Debug)]
@@ -121,12 +122,16 @@ fn attend_head(
     out.iter_mut().for_each(|o| *o *= inv);
 }
 
-/// `s ← exp(s − max s)` in place; returns the sum (the softmax's denominator).
+/// `s ← exp(s − max s)` in place (`row_ops::exp`, no libm call); returns the sum (the
+/// softmax's denominator).
 fn exp_shifted_in_place(s: &mut [f32]) -> f32 {
-    let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let max = s
+        .iter()
+        .copied()
+        .fold(f32::NEG_INFINITY, |m, x| if x > m { x } else { m });
     let mut total = 0.0;
     for x in s.iter_mut() {
-        *x = (*x - max).exp();
+        *x = row_ops::exp(*x - max);
         total += *x;
     }
     total

@@ -13,6 +13,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp3, InplaceOp2, Layout, Shape};
 
 use super::decode_attention::{self, Shape as AttentionShape};
 use super::host_ops::{contiguous_f32, contiguous_f32_mut};
+use super::row_ops::silu_times;
 use crate::model::config::RopeLayout;
 
 /// The rotary embedding's tables at one position: `head_dim / 2` cosines and sines.
@@ -219,12 +220,8 @@ impl CustomOp1 for SwiGlu {
         let mut out = Vec::with_capacity(x.len() / 2);
         for row in x.chunks_exact(2 * ffn) {
             let (gate, up) = row.split_at(ffn);
-            // candle's silu, `v / (1 + e^−v)`, then the product.
-            out.extend(
-                gate.iter()
-                    .zip(up)
-                    .map(|(&g, &u)| g / (1.0 + (-g).exp()) * u),
-            );
+            // The unfused path's expression (`row_ops::SiluTimes`).
+            out.extend(gate.iter().zip(up).map(|(&g, &u)| silu_times(g, u)));
         }
         Ok((CpuStorage::F32(out), Shape::from(dims)))
     }
@@ -248,12 +245,16 @@ mod tests {
     }
 
     #[test]
-    fn swiglu_is_candles_silu_times_up_bit_for_bit() {
+    fn swiglu_is_the_unfused_silu_times_up_bit_for_bit() {
         let mut rng = SplitMix64::new(3);
         let x = tensor(&mut rng, &[2, 3, 2 * 40]);
-        let want = (x.narrow(D::Minus1, 0, 40).unwrap().silu().unwrap()
-            * x.narrow(D::Minus1, 40, 40).unwrap())
-        .unwrap();
+        let (gate, up) = (
+            x.narrow(D::Minus1, 0, 40).unwrap().contiguous().unwrap(),
+            x.narrow(D::Minus1, 40, 40).unwrap().contiguous().unwrap(),
+        );
+        let want = gate
+            .apply_op2_no_bwd(&up, &super::super::row_ops::SiluTimes)
+            .unwrap();
         let got = x.apply_op1_no_bwd(&SwiGlu).unwrap();
         assert_eq!(got.dims(), &[2, 3, 40]);
         assert_eq!(bits(&got), bits(&want));

@@ -16,6 +16,7 @@ use super::fused;
 use super::lowrank::{BlockLoraMatMul, LowRank, PartDeltas};
 use super::precision::{rms_norm_f32, softmax_f32, Precision};
 use super::quant::{Activations, BlockMatMul, BlockMatrix};
+use super::row_ops;
 use crate::error::{Error, Result};
 use crate::model::config::{Activation, LlamaConfig, RopeLayout};
 use crate::model::llama::{self, Proj};
@@ -676,6 +677,13 @@ impl Llama {
             .to_dtype(DType::F32)?)
     }
 
+    /// Reads `tokens` into the caches and stops there: no final norm, no LM head (a
+    /// prompt chunk whose next-token distribution nobody asks for).
+    pub fn feed(&mut self, tokens: &[u32]) -> Result<()> {
+        let rows = vec![tokens.to_vec(); self.rows];
+        self.blocks_forward(&rows, self.cfg.num_layers).map(drop)
+    }
+
     /// `final_hidden_rows` in the activation type.
     fn final_hidden(&mut self, tokens: &[Vec<u32>], all_positions: bool) -> Result<Tensor> {
         let x = self.blocks_forward(tokens, self.cfg.num_layers)?;
@@ -978,7 +986,11 @@ fn attention(
         Some(m) => scores.broadcast_add(&m.to_dtype(scores.dtype())?)?,
         None => scores,
     };
-    let probs = softmax_f32(&scores)?;
+    let probs = if on_host_f32(&scores) {
+        scores.contiguous()?.apply_op1_no_bwd(&row_ops::Softmax)?
+    } else {
+        softmax_f32(&scores)?
+    };
     let out = probs.matmul(&values)?;
     let out = out
         .reshape((rows, nh, seq, hd))?
@@ -1088,12 +1100,28 @@ fn mlp(mlp: &Mlp, x: &Tensor, act: Activation) -> Result<Tensor> {
     let (Some(gate), Some(up)) = (gate_up.next(), gate_up.next()) else {
         return Err(Error::Request("the MLP needs gate and up".into()));
     };
-    mlp.down.forward1(&(llama::activate(&gate, act)? * up)?)
+    let h = if act == Activation::Silu && on_host_f32(&gate) && on_host_f32(&up) {
+        gate.contiguous()?
+            .apply_op2_no_bwd(&up.contiguous()?, &row_ops::SiluTimes)?
+    } else {
+        (llama::activate(&gate, act)? * up)?
+    };
+    mlp.down.forward1(&h)
 }
 
 /// Log-softmax over the last dimension, in f32.
 pub fn log_softmax(logits: &Tensor) -> Result<Tensor> {
+    if on_host_f32(logits) {
+        return Ok(logits
+            .contiguous()?
+            .apply_op1_no_bwd(&row_ops::LogSoftmax)?);
+    }
     Ok(candle_nn::ops::log_softmax(logits, D::Minus1)?)
+}
+
+/// Whether `t` is f32 on the CPU, where the host ops of `row_ops` run.
+fn on_host_f32(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == DType::F32
 }
 
 /// Log-softmax over the first `vocab` logits of the last dimension: an ARM whose

@@ -15,6 +15,7 @@ pub mod llama;
 pub mod lowrank;
 pub mod precision;
 pub mod quant;
+mod row_ops;
 
 use std::path::{Path, PathBuf};
 
@@ -230,7 +231,8 @@ impl Engine for CpuEngine {
     }
 
     fn feed(&mut self, tokens: &[u32]) -> Result<()> {
-        self.step_log_probs(tokens).map(drop)
+        check_feed(tokens, self.vocab, self.position(), self.context_len())?;
+        self.groups.iter_mut().try_for_each(|g| g.feed(tokens))
     }
 
     fn guided_step(

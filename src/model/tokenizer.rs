@@ -312,6 +312,18 @@ impl TextTokenizer {
         self.encode(&rendered, false)
     }
 
+    /// The tokens every chat prompt with this system turn starts with: the template's
+    /// opening up to where the user's words go (the system turn, the user header). An
+    /// engine can read them before the user has typed anything. Found as what two
+    /// prompts with different user words share, so a template that merges the header
+    /// into the first word just yields a shorter opening.
+    pub fn chat_opening(&self, system: Option<&str>) -> Result<Vec<u32>> {
+        let a = self.encode_prompt("a", true, system)?;
+        let b = self.encode_prompt("b", true, system)?;
+        let shared = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
+        Ok(a[..shared].to_vec())
+    }
+
     /// Renders the model's chat template like `transformers`' `apply_chat_template`
     /// (trim_blocks, lstrip_blocks, Python string methods, `raise_exception`).
     pub fn apply_chat_template(

@@ -59,6 +59,9 @@ const CHAT_PROMPT =
   'afternoon. Could you suggest a relaxed plan for the two days, with one long walk along ' +
   'the cliffs, a good place for dinner, and something to do if it rains?';
 
+// About as long as the template's default system turn it replaces.
+const SYSTEM_PROMPT = 'You are a friendly travel guide who knows the coast well.';
+
 const MIME = {
   '.html': 'text/html; charset=utf-8',
   '.js': 'text/javascript',
@@ -613,11 +616,20 @@ async function firstTokenTime(url, metrics) {
     await page.fill('#max-tokens', '16');
     await page.uncheck('#compare');
     const out = await generate(page);
-    const promptTokens = await page.evaluate(() => Number(document.getElementById('stats-guided').dataset.promptTokens));
+    const { promptTokens, reusedTokens } = out.guidedStats;
     const arms = await page.locator('#sliders input[type=range]').count();
-    metrics.firstToken = { promptTokens, arms, firstTokenMs: out.guidedStats.firstTokenMs, tokensPerSecond: out.guidedStats.tokensPerSecond };
+    metrics.firstToken = { promptTokens, reusedTokens, arms, firstTokenMs: out.guidedStats.firstTokenMs, tokensPerSecond: out.guidedStats.tokensPerSecond };
     check(promptTokens >= 80 && promptTokens <= 130 && arms === 2, `a ${promptTokens}-token chat prompt with ${arms} ARMs`);
+    // The chat template's opening was read with the model: the run reads the rest.
+    check(reusedTokens > 0 && reusedTokens < promptTokens / 2, `the chat opening (${reusedTokens} tokens) was read at load`);
     check(Number.isFinite(out.guidedStats.firstTokenMs) && out.guidedStats.tokens > 0, `first token after ${Math.round(out.guidedStats.firstTokenMs)} ms, then ${out.guidedStats.tokensPerSecond.toFixed(1)} tokens/s`);
+    // The same words after a system prompt of the visitor's own: the opening differs, so
+    // (nearly) the whole prompt is read before the first token.
+    await page.fill('#system', SYSTEM_PROMPT);
+    const cold = await generate(page);
+    metrics.firstTokenNewOpening = { promptTokens: cold.guidedStats.promptTokens, reusedTokens: cold.guidedStats.reusedTokens, firstTokenMs: cold.guidedStats.firstTokenMs };
+    check(cold.guidedStats.tokens > 0, `with a system prompt: ${cold.guidedStats.promptTokens} tokens, ${cold.guidedStats.reusedTokens} kept, first token after ${Math.round(cold.guidedStats.firstTokenMs)} ms`);
+    await page.fill('#system', '');
     // Decode speed over more tokens (what `genarm bench` measures natively); the chat
     // default stops early, plain text runs to the limit.
     await page.check('#mode-plain');

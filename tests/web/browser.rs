@@ -264,6 +264,22 @@ async fn a_prompt_fed_in_chunks_gives_the_same_tokens() {
     assert_eq!(again, whole);
 }
 
+/// A model without a chat template has no opening to read ahead: `warmChat` holds
+/// nothing, and runs after it are the native engine's. Refused during a run.
+#[wasm_bindgen_test]
+async fn warm_chat_without_a_template_holds_nothing() {
+    let e = expected();
+    let session = open(base_files(), vec![arm_files()], false).await;
+    let held = JsFuture::from(session.warm_chat(None))
+        .await
+        .map_err(message);
+    assert_eq!(held.unwrap().as_f64(), Some(0.0));
+    assert_native_greedy(&session, &e).await;
+    start_greedy(&session, &[1.0], 2);
+    let refused = JsFuture::from(session.warm_chat(None)).await.unwrap_err();
+    assert_contains(&message(refused), "finish the run");
+}
+
 #[wasm_bindgen_test]
 async fn cancel_during_the_prompt_ends_the_run_without_a_token() {
     let e = expected();

@@ -87,19 +87,22 @@ impl QuantizedActs {
 }
 
 /// `(Σx, max |x|)` of a block, summed in eight lanes (a fixed order every build
-/// shares, which the compiler can vectorise).
+/// shares, which the compiler can vectorise). The maximum is a comparison, not
+/// `f32::max`: WebAssembly has no instruction with its NaN rule, so that is a call to
+/// `fmaxf` per element there (3% of a prompt's time). Both skip NaN.
 #[inline]
 fn sum_and_amax(block: &[f32; BLOCK]) -> (f32, f32) {
+    let larger = |a: f32, b: f32| if b > a { b } else { a };
     let (mut sums, mut amax) = ([0f32; 8], [0f32; 8]);
     for chunk in block.chunks_exact(8) {
         for k in 0..8 {
             sums[k] += chunk[k];
-            amax[k] = amax[k].max(chunk[k].abs());
+            amax[k] = larger(amax[k], chunk[k].abs());
         }
     }
     let sum =
         ((sums[0] + sums[4]) + (sums[2] + sums[6])) + ((sums[1] + sums[5]) + (sums[3] + sums[7]));
-    (sum, amax.into_iter().fold(0f32, f32::max))
+    (sum, amax.into_iter().fold(0f32, larger))
 }
 
 /// `v` (|v| ≤ 32767, or not finite) rounded to the nearest integer, ties to even, with no

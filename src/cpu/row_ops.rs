@@ -14,16 +14,16 @@ use super::host_ops::contiguous_f32;
 /// `e^x` within 2 ulp over f32's range (Cephes' `expf` polynomial on `x − n·ln 2`,
 /// scaled by `2^n` through the exponent bits). NaN stays NaN; below `e^−87.33` (the
 /// smallest normal) it is 0 — so a masked score of −∞ weighs exactly nothing — and
-/// above `e^88.37` infinity.
+/// above `e^88.37` infinity. No branch, so a loop over it vectorises.
 #[inline]
 pub fn exp(x: f32) -> f32 {
     const LOW: f32 = -87.33;
-    const HIGH: f32 = 88.37;
-    const LN2_HIGH: f32 = 0.693_359_4; // 355/512: n·LN2_HIGH is exact for |n| ≤ 127
+    // Past 127.5/log2(e), n = 128 and the scale's exponent bits are infinity's.
+    const HIGH: f32 = 88.75;
+    const LN2_HIGH: f32 = 0.693_359_4; // 355/512: n·LN2_HIGH is exact for |n| ≤ 128
     const LN2_LOW: f32 = -2.121_944_4e-4;
     const SHIFTER: f32 = 12_582_912.0; // 1.5 · 2^23: adding it rounds to an integer
-                                       // `clamp` is two comparisons (no libm call); NaN passes through.
-    let c = x.clamp(LOW, HIGH);
+    let c = x.clamp(LOW, HIGH); // two comparisons; NaN passes through
     let shifted = c * std::f32::consts::LOG2_E + SHIFTER;
     let n = (shifted.to_bits() as i32).wrapping_sub(SHIFTER.to_bits() as i32);
     let nf = shifted - SHIFTER;
@@ -33,14 +33,9 @@ pub fn exp(x: f32) -> f32 {
         * r
         + 0.5;
     let e = (p * (r * r) + r) + 1.0;
-    let scale = f32::from_bits(((n + 127) as u32) << 23);
-    if x < LOW {
-        0.0
-    } else if x > HIGH {
-        f32::INFINITY
-    } else {
-        e * scale
-    }
+    let scale = f32::from_bits((n.wrapping_add(127) as u32) << 23);
+    let below = if x < LOW { 0 } else { u32::MAX };
+    f32::from_bits((e * scale).to_bits() & below)
 }
 
 /// The larger of two, NaN skipped (as `f32::max`, without its libm call on WebAssembly).
@@ -68,9 +63,25 @@ fn lane_sum(v: &[f32], f: impl Fn(f32) -> f32) -> f32 {
         + tail
 }
 
+/// `max(v)` in eight lanes (NaN skipped).
+fn lane_max(v: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let mut chunks = v.chunks_exact(8);
+    for chunk in &mut chunks {
+        for k in 0..8 {
+            lanes[k] = larger(lanes[k], chunk[k]);
+        }
+    }
+    let tail = chunks.remainder().iter().copied();
+    lanes
+        .into_iter()
+        .chain(tail)
+        .fold(f32::NEG_INFINITY, larger)
+}
+
 /// `softmax(row)` in place: `e^(x − max) / Σ`.
 pub fn softmax(row: &mut [f32]) {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, larger);
+    let max = lane_max(row);
     row.iter_mut().for_each(|x| *x = exp(*x - max));
     let sum = lane_sum(row, |e| e);
     row.iter_mut().for_each(|x| *x /= sum);
@@ -78,7 +89,7 @@ pub fn softmax(row: &mut [f32]) {
 
 /// `log_softmax(row)` in place: `(x − max) − ln Σ e^(x − max)`.
 pub fn log_softmax(row: &mut [f32]) {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, larger);
+    let max = lane_max(row);
     row.iter_mut().for_each(|x| *x -= max);
     let log_sum = lane_sum(row, exp).ln();
     row.iter_mut().for_each(|x| *x -= log_sum);

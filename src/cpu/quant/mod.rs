@@ -51,6 +51,7 @@ mod custom_op;
 mod int16;
 mod interleaved;
 mod pages;
+mod quad_scales;
 mod scalar;
 mod tiling;
 
@@ -66,7 +67,7 @@ mod vnni;
 #[cfg(test)]
 mod tests;
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use candle_core::quantized::{GgmlDType, QTensor};
 
@@ -232,6 +233,8 @@ pub struct BlockMatrix {
     data: WeightBuf,
     activations: Activations,
     layout: Layout,
+    /// The simd128 kernel's f32 block scales (`quad_scales`); empty where it reads none.
+    quad_scales: Arc<[f32]>,
 }
 
 impl BlockMatrix {
@@ -245,14 +248,35 @@ impl BlockMatrix {
         check_size(format, rows, cols, data.len())?;
         let data = WeightBuf::copy_of(&data);
         let (activations, layout) = (Activations::F32, Layout::Rows);
-        Ok(Self {
+        Ok(Self::assemble(
             format,
             rows,
             cols,
             data,
             activations,
             layout,
-        })
+        ))
+    }
+
+    /// The matrix of checked parts, with what its kernel reads besides the blocks.
+    fn assemble(
+        format: BlockFormat,
+        rows: usize,
+        cols: usize,
+        data: WeightBuf,
+        activations: Activations,
+        layout: Layout,
+    ) -> Self {
+        Self {
+            format,
+            rows,
+            cols,
+            data,
+            activations,
+            layout,
+            quad_scales: Arc::from([]),
+        }
+        .with_quad_scales()
     }
 
     /// The same weights multiplied with `activations` from now on, in the layout the
@@ -260,7 +284,30 @@ impl BlockMatrix {
     pub fn with_activations(mut self, activations: Activations) -> Self {
         self.activations = activations;
         let layout = Layout::for_kernel(activations, self.rows);
-        self.with_layout(layout)
+        self.with_layout(layout).with_quad_scales()
+    }
+
+    /// The simd128 kernel's f32 scales built where it will read them: integer activations
+    /// on row-major blocks in the wasm build.
+    fn with_quad_scales(mut self) -> Self {
+        let reads = cfg!(all(target_arch = "wasm32", target_feature = "simd128"))
+            && self.activations == Activations::Int16
+            && self.layout == Layout::Rows;
+        self.quad_scales = if reads {
+            quad_scales::build(self.format, self.rows, self.cols, &self.data)
+        } else {
+            Arc::from([])
+        };
+        self
+    }
+
+    /// The simd128 kernel's scales of rows `row..row + 4` (`row` a multiple of four;
+    /// empty where it reads none).
+    fn quad_scales_of(&self, row: usize) -> &[f32] {
+        if self.quad_scales.is_empty() {
+            return &[];
+        }
+        quad_scales::quad(&self.quad_scales, self.format, self.cols, row)
     }
 
     /// The same weights in `layout` (`Groups` needs a multiple of 16 rows).
@@ -297,14 +344,14 @@ impl BlockMatrix {
             Layout::Groups => interleaved::interleave(format, rows, cols, &bytes),
             Layout::Rows => WeightBuf::copy_of(&bytes),
         };
-        Some(Self {
+        Some(Self::assemble(
             format,
             rows,
             cols,
             data,
             activations,
             layout,
-        })
+        ))
     }
 
     /// The parts stacked row-wise (fuses q/k/v or gate/up into one matmul); `None` when
@@ -330,14 +377,14 @@ impl BlockMatrix {
         });
         let rows = parts.iter().map(|p| p.rows).sum();
         let (format, cols, activations) = (first.format, first.cols, first.activations);
-        Some(Self {
+        Some(Self::assemble(
             format,
             rows,
             cols,
             data,
             activations,
             layout,
-        })
+        ))
     }
 
     pub fn rows(&self) -> usize {
@@ -568,11 +615,14 @@ impl Kernel {
     }
 
     /// `res[r][i] = Σ_c W_r[c] · x_i[c]` for the weight rows `w` (up to `INT_ROWS`) and
-    /// `i < n`, with the activations as 16-bit integers.
+    /// `i < n`, with the activations as 16-bit integers; `scales`: those rows' f32 block
+    /// scales (`quad_scales`) where the simd128 kernel reads them.
+    #[allow(clippy::too_many_arguments)]
     fn rows_dot_int(
         self,
         format: BlockFormat,
         w: &[&[u8]],
+        scales: &[f32],
         acts: int16::IntTile<'_>,
         cols: usize,
         n: usize,
@@ -580,8 +630,10 @@ impl Kernel {
     ) {
         #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
         if self == Kernel::Simd128 {
-            return simd128::rows_dot_int(format, w, acts, cols, n, res);
+            return simd128::rows_dot_int(format, w, scales, acts, cols, n, res);
         }
+        // The other kernels read the blocks' own f16 scales.
+        let _ = scales;
         // x86 runs f32 activations by default; the portable kernel otherwise.
         for (&row, res) in w.iter().zip(res.iter_mut()) {
             let args = int16::IntRowArgs {

@@ -6,7 +6,7 @@
 use std::arch::wasm32::*;
 
 use super::int16::{IntRowArgs, IntTile};
-use super::{scalar, BlockFormat, RowArgs, BLOCK, INT_ROWS, TILE};
+use super::{quad_scales, scalar, BlockFormat, RowArgs, BLOCK, INT_ROWS, TILE};
 
 /// Four f32 from `x` as a vector.
 fn load4(x: &[f32]) -> v128 {
@@ -97,19 +97,27 @@ unsafe fn codes_i16_at(format: BlockFormat, codes: *const u8) -> [v128; 4] {
 }
 
 /// `int16::row_dot` for up to `INT_ROWS` (four) weight rows `w` and `n ≤ TILE` activation
-/// rows, the four rows across a vector's lanes: the per-block float work (the rows' f16
+/// rows, the four rows across a vector's lanes: the per-block float work (the rows'
 /// scales, `d·dx`, the offsets) is one vector operation for all four, and no row needs a
-/// horizontal sum. The same float operations in the same order as `int16::row_dot`, so
-/// the same result bit for bit. Fewer than four rows repeat the last one.
+/// horizontal sum. `scales`: the four rows' block scales as f32 (`quad_scales`), one
+/// vector load per block. The same float operations in the same order as
+/// `int16::row_dot`, so the same result bit for bit. Fewer than four rows repeat the last
+/// one.
 pub fn rows_dot_int(
     format: BlockFormat,
     w: &[&[u8]],
+    scales: &[f32],
     acts: IntTile<'_>,
     cols: usize,
     n: usize,
     res: &mut [[f32; TILE]; INT_ROWS],
 ) {
     assert!((1..=INT_ROWS).contains(&w.len()));
+    assert_eq!(
+        scales.len(),
+        quad_scales::quad_len(format, cols),
+        "the rows' f32 scales (BlockMatrix::with_quad_scales)"
+    );
     let rows: [&[u8]; INT_ROWS] = std::array::from_fn(|r| w[r.min(w.len() - 1)]);
     // A fixed height keeps the accumulators in registers and unrolls the row loops.
     let f = match n {
@@ -118,12 +126,13 @@ pub fn rows_dot_int(
         3 => rows_dot_int_tile::<3>,
         _ => rows_dot_int_tile::<TILE>,
     };
-    f(format, rows, acts, cols, res);
+    f(format, rows, scales, acts, cols, res);
 }
 
 fn rows_dot_int_tile<const N: usize>(
     format: BlockFormat,
     w: [&[u8]; INT_ROWS],
+    scales: &[f32],
     acts: IntTile<'_>,
     cols: usize,
     res: &mut [[f32; TILE]; INT_ROWS],
@@ -143,23 +152,28 @@ fn rows_dot_int_tile<const N: usize>(
     let nb = cols / BLOCK;
     let (bytes, offset) = (format.block_bytes(), format.codes_offset());
     let rows = w.map(<[u8]>::as_ptr);
-    let (codes, scales, sums) = (
+    let (codes, act_scales, sums) = (
         acts.codes.as_ptr(),
         acts.scales.as_ptr(),
         acts.sums.as_ptr(),
     );
+    let fields = quad_scales::fields(format);
+    let weight_scales = scales.as_ptr();
     // Lane r: weight row r. The scaled integer sums and the offsets apart, as in `int16`.
     let mut scaled = [f32x4_splat(0.0); N];
     let mut offsets = [f32x4_splat(0.0); N];
     for b in 0..nb {
         let at = b * bytes;
         // SAFETY: `check` asserted each row's length is nb·bytes, codes ≥ N·cols, scales
-        // and sums ≥ N·nb; b < nb and i < N keep every read inside those.
+        // and sums ≥ N·nb, and the caller that the weight scales are nb·fields·4; b < nb
+        // and i < N keep every read inside those.
         unsafe {
-            let d = f16x4_at(rows, at);
+            // The four rows' scale (and min) of block b, lane r for row r.
+            let at_scales = weight_scales.add(b * fields * INT_ROWS);
+            let d = v128_load(at_scales.cast());
             let o = match format {
                 BlockFormat::Q4_0 => f32x4_mul(f32x4_splat(-8.0), d),
-                BlockFormat::Q4_1 => f16x4_at(rows, at + 2),
+                BlockFormat::Q4_1 => v128_load(at_scales.add(INT_ROWS).cast()),
                 BlockFormat::Q8_0 => f32x4_splat(0.0),
             };
             // Rows in pairs: each pair's four-lane dot products folded into one vector
@@ -176,7 +190,7 @@ fn rows_dot_int_tile<const N: usize>(
             for i in 0..N {
                 let total = fold_pairs(pairs[0][i], pairs[1][i]);
                 let k = i * nb + b;
-                let scale = f32x4_mul(d, f32x4_splat(*scales.add(k)));
+                let scale = f32x4_mul(d, f32x4_splat(*act_scales.add(k)));
                 scaled[i] = f32x4_add(scaled[i], f32x4_mul(f32x4_convert_i32x4(total), scale));
                 if format.has_offset() {
                     offsets[i] = f32x4_add(offsets[i], f32x4_mul(o, f32x4_splat(*sums.add(k))));
@@ -237,29 +251,4 @@ fn fold_pairs(p01: v128, p23: v128) -> v128 {
         i32x4_shuffle::<0, 1, 4, 5>(p01, p23),
         i32x4_shuffle::<2, 3, 6, 7>(p01, p23),
     )
-}
-
-/// The little-endian f16 at byte `at` of each of four rows, as f32x4 (lane r: row r),
-/// exactly as `scalar::f16_to_f32` converts each.
-///
-/// # Safety
-/// Each row has two readable bytes at `at`.
-#[inline(always)]
-pub(super) unsafe fn f16x4_at(rows: [*const u8; INT_ROWS], at: usize) -> v128 {
-    // Each f16 into the low half of an i32 lane (i16 lanes 0, 2, 4, 6).
-    let mut h = i32x4_splat(0);
-    h = v128_load16_lane::<0>(h, rows[0].add(at).cast());
-    h = v128_load16_lane::<2>(h, rows[1].add(at).cast());
-    h = v128_load16_lane::<4>(h, rows[2].add(at).cast());
-    h = v128_load16_lane::<6>(h, rows[3].add(at).cast());
-    const TWO_POW_112: f32 = f32::from_bits((127 + 112) << 23);
-    let sign = i32x4_shl(v128_and(h, i32x4_splat(0x8000)), 16);
-    let magnitude = v128_and(h, i32x4_splat(0x7FFF));
-    let finite = f32x4_mul(i32x4_shl(magnitude, 13), f32x4_splat(TWO_POW_112));
-    let special = v128_or(
-        i32x4_splat(0x7F80_0000),
-        i32x4_shl(v128_and(magnitude, i32x4_splat(0x3FF)), 13),
-    );
-    let is_special = i32x4_ge(magnitude, i32x4_splat(0x7C00));
-    v128_or(sign, v128_bitselect(special, finite, is_special))
 }

@@ -128,34 +128,6 @@ fn simd_and_scalar_agree() {
     }
 }
 
-/// The simd128 kernel converts four rows' f16 scales at once: exactly as the scalar
-/// conversion, for every f16 (subnormals, infinities and NaNs included).
-#[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
-#[test]
-fn f16_vector_conversion_matches_scalar_for_every_value() {
-    use std::arch::wasm32::*;
-    let all: Vec<u8> = (0..=u16::MAX).flat_map(u16::to_le_bytes).collect();
-    for at in (0..all.len()).step_by(8) {
-        let rows = [0, 2, 4, 6].map(|k| all[at + k..].as_ptr());
-        // SAFETY: each row pointer has two readable bytes.
-        let v = unsafe { simd128::f16x4_at(rows, 0) };
-        let got = [
-            f32x4_extract_lane::<0>(v),
-            f32x4_extract_lane::<1>(v),
-            f32x4_extract_lane::<2>(v),
-            f32x4_extract_lane::<3>(v),
-        ];
-        for (k, got) in got.into_iter().enumerate() {
-            let h = u16::from_le_bytes([all[at + 2 * k], all[at + 2 * k + 1]]);
-            assert_eq!(
-                got.to_bits(),
-                scalar::f16_to_f32(h).to_bits(),
-                "f16 {h:#06x}"
-            );
-        }
-    }
-}
-
 #[test]
 fn simd_kernel_is_used_where_available() {
     #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
@@ -345,7 +317,7 @@ fn grouped(w: BlockMatrix) -> BlockMatrix {
 fn int16_layouts(w: BlockMatrix) -> Vec<BlockMatrix> {
     let mut by_rows = w.clone().with_layout(Layout::Rows);
     by_rows.activations = Activations::Int16;
-    let mut layouts = vec![by_rows];
+    let mut layouts = vec![by_rows.with_quad_scales()];
     if w.rows.is_multiple_of(interleaved::GROUP) {
         layouts.push(grouped(w));
     }
@@ -493,6 +465,7 @@ fn interleaved_kernels_agree_bit_for_bit_and_with_the_row_kernel() {
         let rows = w.clone().with_layout(Layout::Rows);
         let (mut rows, g) = (rows, grouped(w));
         rows.activations = Activations::Int16;
+        let rows = rows.with_quad_scales();
         for m in [1, 2, 3, 4, 5, 9] {
             let x = random(m * 576, 32 + m as u64);
             let mut want = vec![f32::NAN; m * 64];

@@ -112,7 +112,7 @@ impl Job<'_> {
                     let w: [&[u8]; INT_ROWS] =
                         std::array::from_fn(|k| if k < r { self.w.row_bytes(j + k) } else { &[] });
                     let mut res = [[0f32; TILE]; INT_ROWS];
-                    self.rows_dot(&w[..r], t0, n, &mut res);
+                    self.rows_dot(&w[..r], j, t0, n, &mut res);
                     for (dj, res) in res[..r].iter().enumerate() {
                         for (k, &v) in res[..n].iter().enumerate() {
                             // SAFETY: (t0 + k) < m and j + dj < rows, so the index is inside
@@ -156,8 +156,16 @@ impl Job<'_> {
         }
     }
 
-    /// `res[r][k]` = weight row `w[r]` times activation row `t0 + k`, for `k < n`.
-    fn rows_dot(&self, w: &[&[u8]], t0: usize, n: usize, res: &mut [[f32; TILE]; INT_ROWS]) {
+    /// `res[r][k]` = weight row `w[r]` (row `j + r` of the matrix) times activation row
+    /// `t0 + k`, for `k < n`.
+    fn rows_dot(
+        &self,
+        w: &[&[u8]],
+        j: usize,
+        t0: usize,
+        n: usize,
+        res: &mut [[f32; TILE]; INT_ROWS],
+    ) {
         let (cols, nb, format) = (self.w.cols, self.w.blocks_per_row(), self.w.format);
         match self.acts {
             Acts::F32(x, sums) => {
@@ -173,7 +181,9 @@ impl Job<'_> {
             }
             Acts::Int16(acts) => {
                 let tile = acts.tile(t0, n, cols);
-                self.kernel.rows_dot_int(format, w, tile, cols, n, res);
+                let scales = self.w.quad_scales_of(j);
+                self.kernel
+                    .rows_dot_int(format, w, scales, tile, cols, n, res);
             }
         }
     }

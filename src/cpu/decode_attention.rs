@@ -125,10 +125,7 @@ fn attend_head(
 /// `s ← exp(s − max s)` in place (`row_ops::exp`, no libm call); returns the sum (the
 /// softmax's denominator).
 fn exp_shifted_in_place(s: &mut [f32]) -> f32 {
-    let max = s
-        .iter()
-        .copied()
-        .fold(f32::NEG_INFINITY, |m, x| if x > m { x } else { m });
+    let max = s.iter().copied().fold(f32::NEG_INFINITY, row_ops::larger);
     let mut total = 0.0;
     for x in s.iter_mut() {
         *x = row_ops::exp(*x - max);

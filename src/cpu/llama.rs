@@ -986,11 +986,7 @@ fn attention(
         Some(m) => scores.broadcast_add(&m.to_dtype(scores.dtype())?)?,
         None => scores,
     };
-    let probs = if on_host_f32(&scores) {
-        scores.contiguous()?.apply_op1_no_bwd(&row_ops::Softmax)?
-    } else {
-        softmax_f32(&scores)?
-    };
+    let probs = softmax_f32(&scores)?;
     let out = probs.matmul(&values)?;
     let out = out
         .reshape((rows, nh, seq, hd))?
@@ -1090,7 +1086,7 @@ fn attend_from_cache(
 }
 
 fn mlp(mlp: &Mlp, x: &Tensor, act: Activation) -> Result<Tensor> {
-    if act == Activation::Silu && x.device().is_cpu() && x.dtype() == DType::F32 {
+    if act == Activation::Silu && row_ops::on_host_f32(x) {
         if let Some(gate_up) = mlp.gate_up.forward_stacked(x)? {
             let h = gate_up.contiguous()?.apply_op1_no_bwd(&fused::SwiGlu)?;
             return mlp.down.forward1(&h);
@@ -1100,7 +1096,7 @@ fn mlp(mlp: &Mlp, x: &Tensor, act: Activation) -> Result<Tensor> {
     let (Some(gate), Some(up)) = (gate_up.next(), gate_up.next()) else {
         return Err(Error::Request("the MLP needs gate and up".into()));
     };
-    let h = if act == Activation::Silu && on_host_f32(&gate) && on_host_f32(&up) {
+    let h = if act == Activation::Silu && row_ops::on_host_f32(&gate) && row_ops::on_host_f32(&up) {
         gate.contiguous()?
             .apply_op2_no_bwd(&up.contiguous()?, &row_ops::SiluTimes)?
     } else {
@@ -1111,17 +1107,12 @@ fn mlp(mlp: &Mlp, x: &Tensor, act: Activation) -> Result<Tensor> {
 
 /// Log-softmax over the last dimension, in f32.
 pub fn log_softmax(logits: &Tensor) -> Result<Tensor> {
-    if on_host_f32(logits) {
+    if row_ops::on_host_f32(logits) {
         return Ok(logits
             .contiguous()?
-            .apply_op1_no_bwd(&row_ops::LogSoftmax)?);
+            .apply_op1_no_bwd(&row_ops::LOG_SOFTMAX)?);
     }
     Ok(candle_nn::ops::log_softmax(logits, D::Minus1)?)
-}
-
-/// Whether `t` is f32 on the CPU, where the host ops of `row_ops` run.
-fn on_host_f32(t: &Tensor) -> bool {
-    t.device().is_cpu() && t.dtype() == DType::F32
 }
 
 /// Log-softmax over the first `vocab` logits of the last dimension: an ARM whose

@@ -9,6 +9,7 @@
 use candle_core::{DType, Device, Tensor};
 
 use super::quant::Activations;
+use super::row_ops;
 use crate::error::Result;
 use crate::model::llama;
 use crate::model::weights::WeightSource;
@@ -63,8 +64,12 @@ pub fn rms_norm_f32(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
     Ok(y.to_dtype(dtype)?)
 }
 
-/// Softmax over the last dimension computed in f32, returned in `x`'s type.
+/// Softmax over the last dimension computed in f32, returned in `x`'s type (an f32
+/// tensor on the CPU by the engine's host op, `row_ops::SOFTMAX`).
 pub fn softmax_f32(x: &Tensor) -> Result<Tensor> {
+    if row_ops::on_host_f32(x) {
+        return Ok(x.contiguous()?.apply_op1_no_bwd(&row_ops::SOFTMAX)?);
+    }
     let dtype = x.dtype();
     let y = candle_nn::ops::softmax_last_dim(&x.to_dtype(DType::F32)?)?;
     Ok(y.to_dtype(dtype)?)

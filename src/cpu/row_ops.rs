@@ -7,7 +7,7 @@
 //! model). This `exp` is plain arithmetic that vectorises, on every target the same
 //! operations, so the browser and the native engine keep agreeing bit for bit.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor};
 
 use super::host_ops::contiguous_f32;
 
@@ -38,9 +38,14 @@ pub fn exp(x: f32) -> f32 {
     f32::from_bits((e * scale).to_bits() & below)
 }
 
+/// Whether the host ops here take `t`: f32 on the CPU (elsewhere candle's ops run).
+pub(super) fn on_host_f32(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == DType::F32
+}
+
 /// The larger of two, NaN skipped (as `f32::max`, without its libm call on WebAssembly).
 #[inline]
-fn larger(a: f32, b: f32) -> f32 {
+pub(super) fn larger(a: f32, b: f32) -> f32 {
     if b > a {
         b
     } else {
@@ -101,42 +106,35 @@ pub fn silu_times(g: f32, u: f32) -> f32 {
     g / (1.0 + exp(-g)) * u
 }
 
-/// One of the row functions over the last dimension of a contiguous f32 tensor.
-fn map_rows(
-    name: &str,
-    s: &CpuStorage,
-    l: &Layout,
+/// A row function (`softmax`, `log_softmax`) as a candle op over the last dimension of a
+/// contiguous f32 tensor.
+pub struct RowOp {
+    name: &'static str,
     f: fn(&mut [f32]),
-) -> candle_core::Result<(CpuStorage, Shape)> {
-    let mut out = contiguous_f32(s, l, name)?.to_vec();
-    let last = l.dims().last().copied().unwrap_or(1).max(1);
-    out.chunks_exact_mut(last).for_each(f);
-    Ok((CpuStorage::F32(out), l.shape().clone()))
 }
 
 /// [`softmax`] over the last dimension.
-pub struct Softmax;
-
-impl CustomOp1 for Softmax {
-    fn name(&self) -> &'static str {
-        "softmax-rows"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        map_rows(self.name(), s, l, softmax)
-    }
-}
+pub const SOFTMAX: RowOp = RowOp {
+    name: "softmax-rows",
+    f: softmax,
+};
 
 /// [`log_softmax`] over the last dimension.
-pub struct LogSoftmax;
+pub const LOG_SOFTMAX: RowOp = RowOp {
+    name: "log-softmax-rows",
+    f: log_softmax,
+};
 
-impl CustomOp1 for LogSoftmax {
+impl CustomOp1 for RowOp {
     fn name(&self) -> &'static str {
-        "log-softmax-rows"
+        self.name
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        map_rows(self.name(), s, l, log_softmax)
+        let mut out = contiguous_f32(s, l, self.name)?.to_vec();
+        let last = l.dims().last().copied().unwrap_or(1).max(1);
+        out.chunks_exact_mut(last).for_each(self.f);
+        Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 }
 
@@ -247,10 +245,10 @@ mod tests {
             let d = (a - b).unwrap().abs().unwrap().flatten_all().unwrap();
             d.max(0).unwrap().to_scalar::<f32>().unwrap()
         };
-        let ours = x.apply_op1_no_bwd(&Softmax).unwrap();
+        let ours = x.apply_op1_no_bwd(&SOFTMAX).unwrap();
         let theirs = candle_nn::ops::softmax_last_dim(&x).unwrap();
         assert!(close(&ours, &theirs) < 1e-6);
-        let ours = x.apply_op1_no_bwd(&LogSoftmax).unwrap();
+        let ours = x.apply_op1_no_bwd(&LOG_SOFTMAX).unwrap();
         let theirs = candle_nn::ops::log_softmax(&x, candle_core::D::Minus1).unwrap();
         assert!(close(&ours, &theirs) < 1e-5);
         let ours = x.apply_op2_no_bwd(&y, &SiluTimes).unwrap();

@@ -15,6 +15,7 @@
 //! numbers exactly; the VNNI kernel sums the same integer products but fuses its
 //! multiply-adds.
 
+use super::super::row_ops::larger;
 use super::{BlockFormat, BLOCK, TILE};
 
 /// The largest code: 32 products of `±MAX_CODE` and a Q8_0 weight (|q| ≤ 128), a block's
@@ -87,12 +88,11 @@ impl QuantizedActs {
 }
 
 /// `(Σx, max |x|)` of a block, summed in eight lanes (a fixed order every build
-/// shares, which the compiler can vectorise). The maximum is a comparison, not
-/// `f32::max`: WebAssembly has no instruction with its NaN rule, so that is a call to
-/// `fmaxf` per element there (3% of a prompt's time). Both skip NaN.
+/// shares, which the compiler can vectorise). The maximum is `row_ops::larger`, a
+/// comparison, not `f32::max`: WebAssembly has no instruction with its NaN rule, so that
+/// is a call to `fmaxf` per element there (3% of a prompt's time). Both skip NaN.
 #[inline]
 fn sum_and_amax(block: &[f32; BLOCK]) -> (f32, f32) {
-    let larger = |a: f32, b: f32| if b > a { b } else { a };
     let (mut sums, mut amax) = ([0f32; 8], [0f32; 8]);
     for chunk in block.chunks_exact(8) {
         for k in 0..8 {

@@ -414,6 +414,16 @@ impl BlockMatrix {
         &self.data[row * len..(row + 1) * len]
     }
 
+    /// The bytes of weight rows `rows`, cut to the matrix (`Layout::Rows`; empty past its
+    /// end).
+    fn rows_bytes(&self, rows: std::ops::Range<usize>) -> &[u8] {
+        debug_assert_eq!(self.layout, Layout::Rows);
+        let len = self.blocks_per_row() * self.format.block_bytes();
+        let end = rows.end.min(self.rows);
+        let start = rows.start.min(end);
+        &self.data[start * len..end * len]
+    }
+
     /// The bytes of the 16-row group `g` (`Layout::Groups`).
     fn group_bytes(&self, g: usize) -> &[u8] {
         debug_assert_eq!(self.layout, Layout::Groups);
@@ -616,13 +626,15 @@ impl Kernel {
 
     /// `res[r][i] = Σ_c W_r[c] · x_i[c]` for the weight rows `w` (up to `INT_ROWS`) and
     /// `i < n`, with the activations as 16-bit integers; `scales`: those rows' f32 block
-    /// scales (`quad_scales`) where the simd128 kernel reads them.
+    /// scales (`quad_scales`) where the simd128 kernel reads them; `ahead`: the weight
+    /// bytes the next call reads, which the simd128 kernel pulls into cache meanwhile.
     #[allow(clippy::too_many_arguments)]
     fn rows_dot_int(
         self,
         format: BlockFormat,
         w: &[&[u8]],
         scales: &[f32],
+        ahead: &[u8],
         acts: int16::IntTile<'_>,
         cols: usize,
         n: usize,
@@ -630,10 +642,11 @@ impl Kernel {
     ) {
         #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
         if self == Kernel::Simd128 {
-            return simd128::rows_dot_int(format, w, scales, acts, cols, n, res);
+            return simd128::rows_dot_int(format, w, scales, ahead, acts, cols, n, res);
         }
-        // The other kernels read the blocks' own f16 scales.
-        let _ = scales;
+        // The other kernels read the blocks' own f16 scales, and run where the hardware
+        // prefetcher (or an x86 prefetch instruction) does the reading ahead.
+        let _ = (scales, ahead);
         // x86 runs f32 activations by default; the portable kernel otherwise.
         for (&row, res) in w.iter().zip(res.iter_mut()) {
             let args = int16::IntRowArgs {

@@ -182,8 +182,9 @@ impl Job<'_> {
             Acts::Int16(acts) => {
                 let tile = acts.tile(t0, n, cols);
                 let scales = self.w.quad_scales_of(j);
+                let ahead = self.w.rows_bytes(j + INT_ROWS..j + 2 * INT_ROWS);
                 self.kernel
-                    .rows_dot_int(format, w, scales, tile, cols, n, res);
+                    .rows_dot_int(format, w, scales, ahead, tile, cols, n, res);
             }
         }
     }

@@ -102,7 +102,7 @@ unsafe fn codes_i16_at(format: BlockFormat, codes: *const u8) -> [v128; 4] {
 /// horizontal sum. `scales`: the four rows' block scales as f32 (`quad_scales`), one
 /// vector load per block. The same float operations in the same order as
 /// `int16::row_dot`, so the same result bit for bit. Fewer than four rows repeat the last
-/// one. `ahead`: the weight bytes the next call reads (`touch_ahead`), or empty.
+/// one. `ahead`: the weight bytes the next call reads (`TouchAhead`), or empty.
 #[allow(clippy::too_many_arguments)]
 pub fn rows_dot_int(
     format: BlockFormat,
@@ -217,13 +217,13 @@ fn rows_dot_int_tile<const N: usize>(
     }
 }
 
-/// Reads the next call's weights into cache while this one works: a decode here waits
-/// on memory, not on arithmetic. Each weight row is its own short stream (360 bytes at
-/// the demo model's width), too short for the hardware prefetcher to follow, and
-/// WebAssembly has no prefetch instruction; so each block step loads a byte of every
-/// 48 of the next quad's bytes, spread evenly over the steps, a plain load whose cache
-/// miss overlaps the work instead of stalling the next call (decode of the demo with
-/// both ARMs, one thread: 28.6 → 36 tokens/s in `./build.sh bench-web`).
+/// Reads the next call's weights into cache while this one works. A decode streams every
+/// weight from memory once per token, and each weight row is a stream of its own (360
+/// bytes at the demo model's width), too short for the hardware prefetcher to follow;
+/// WebAssembly has no prefetch instruction. So each block step loads a byte of every 48
+/// of the next quad's bytes, spread evenly over the steps: plain loads whose cache misses
+/// overlap this call's work instead of stalling the next one (the demo's decode with both
+/// ARMs, one thread: 29.3–29.8 → 35.5–36.4 tokens/s in `./build.sh bench-web`).
 struct TouchAhead<'a> {
     bytes: &'a [u8],
     /// Bytes per block step: `bytes.len() / blocks`, so the touches stay in `bytes`.

@@ -25,22 +25,14 @@
 use super::int16::IntTile;
 use super::pages::WeightBuf;
 use super::scalar::f16_to_f32;
-use super::{BlockFormat, BLOCK, TILE};
+use super::{row_major, BlockFormat, FileBlock, BLOCK, MAX_BLOCK_BYTES, TILE};
 
 /// Weight rows per group: one 512-bit vector of i32 or f32 lanes.
 pub const GROUP: usize = 16;
 
-/// The most bytes in one block (Q8_0).
-const MAX_BLOCK_BYTES: usize = 34;
-
 /// Bytes of scales (and mins) at the start of a superblock.
 pub const fn scale_bytes(format: BlockFormat) -> usize {
     GROUP * format.codes_offset()
-}
-
-/// Code bytes per row and block.
-const fn code_bytes(format: BlockFormat) -> usize {
-    format.block_bytes() - format.codes_offset()
 }
 
 /// Code bytes of one row per chunk (see the module comment).
@@ -62,7 +54,7 @@ pub fn interleave(format: BlockFormat, rows: usize, cols: usize, data: &[u8]) ->
     let (nb, bb) = (cols / BLOCK, format.block_bytes());
     let (off, codes, w) = (
         format.codes_offset(),
-        code_bytes(format),
+        format.code_bytes(),
         chunk_width(format),
     );
     WeightBuf::filled(data.len(), |out| {
@@ -89,17 +81,11 @@ pub fn interleave(format: BlockFormat, rows: usize, cols: usize, data: &[u8]) ->
 }
 
 /// Block `b` of row `row` in the row-major layout (the first `block_bytes` bytes).
-pub fn block_of(
-    format: BlockFormat,
-    data: &[u8],
-    cols: usize,
-    row: usize,
-    b: usize,
-) -> [u8; MAX_BLOCK_BYTES] {
+pub fn block_of(format: BlockFormat, data: &[u8], cols: usize, row: usize, b: usize) -> FileBlock {
     let (g, r) = (row / GROUP, row % GROUP);
-    let (off, codes) = (format.codes_offset(), code_bytes(format));
+    let (off, codes) = (format.codes_offset(), format.code_bytes());
     let sb = &data[(g * (cols / BLOCK) + b) * superblock_bytes(format)..];
-    let mut block = [0u8; MAX_BLOCK_BYTES];
+    let mut block: FileBlock = [0; MAX_BLOCK_BYTES];
     for field in (0..off).step_by(2) {
         let at = field * GROUP + 2 * r;
         block[field..field + 2].copy_from_slice(&sb[at..at + 2]);
@@ -114,15 +100,8 @@ pub fn block_of(
 
 /// The interleaved layout back in row-major order.
 pub fn deinterleave(format: BlockFormat, rows: usize, cols: usize, data: &[u8]) -> WeightBuf {
-    let bb = format.block_bytes();
-    WeightBuf::filled(data.len(), |out| {
-        let mut out = out.chunks_exact_mut(bb);
-        for row in 0..rows {
-            for b in 0..cols / BLOCK {
-                let to = out.next().expect("output sized as the input");
-                to.copy_from_slice(&block_of(format, data, cols, row, b)[..bb]);
-            }
-        }
+    row_major(format, rows, cols, |row, b| {
+        block_of(format, data, cols, row, b)
     })
 }
 

@@ -51,7 +51,7 @@ mod custom_op;
 mod int16;
 mod interleaved;
 mod pages;
-mod quad_scales;
+mod quads;
 mod scalar;
 mod tiling;
 
@@ -67,7 +67,7 @@ mod vnni;
 #[cfg(test)]
 mod tests;
 
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 
 use candle_core::quantized::{GgmlDType, QTensor};
 
@@ -121,6 +121,11 @@ impl BlockFormat {
         }
     }
 
+    /// Code bytes per block.
+    const fn code_bytes(self) -> usize {
+        self.block_bytes() - self.codes_offset()
+    }
+
     /// Whether the dot product has an offset term, i.e. needs `Σx` per block.
     const fn has_offset(self) -> bool {
         !matches!(self, Self::Q8_0)
@@ -159,20 +164,35 @@ enum Layout {
     /// Groups of 16 rows interleaved block by block (`interleaved`), for the integer
     /// kernel with rows across lanes.
     Groups,
+    /// Groups of four rows block by block with f32 scales (`quads`), for the simd128
+    /// integer kernel.
+    Quads,
 }
 
 impl Layout {
     /// The layout the fastest kernel for `activations` reads, for a matrix of `rows` rows:
-    /// `Groups` for integer activations where the VNNI kernel runs and the rows are whole
-    /// groups.
+    /// for integer activations, `Groups` where the VNNI kernel runs and the rows are whole
+    /// groups, `Quads` in the wasm build.
     fn for_kernel(activations: Activations, rows: usize) -> Self {
-        let groups = activations == Activations::Int16
-            && interleaves()
-            && rows.is_multiple_of(interleaved::GROUP);
-        if groups {
+        if activations != Activations::Int16 {
+            return Self::Rows;
+        }
+        if cfg!(all(target_arch = "wasm32", target_feature = "simd128")) {
+            return Self::Quads;
+        }
+        if interleaves() && rows.is_multiple_of(interleaved::GROUP) {
             Self::Groups
         } else {
             Self::Rows
+        }
+    }
+
+    /// Row-major file blocks `data` of a `[rows, cols]` matrix in this layout.
+    fn lay_out(self, format: BlockFormat, rows: usize, cols: usize, data: &[u8]) -> WeightBuf {
+        match self {
+            Self::Rows => WeightBuf::copy_of(data),
+            Self::Groups => interleaved::interleave(format, rows, cols, data),
+            Self::Quads => quads::interleave(format, rows, cols, data),
         }
     }
 }
@@ -186,6 +206,32 @@ fn interleaves() -> bool {
     }
     #[cfg(not(target_arch = "x86_64"))]
     false
+}
+
+/// The most bytes in one block (Q8_0).
+const MAX_BLOCK_BYTES: usize = 34;
+
+/// One block as the file has it, in its first `block_bytes` bytes.
+type FileBlock = [u8; MAX_BLOCK_BYTES];
+
+/// A `[rows, cols]` matrix in row-major file blocks, block `b` of row `row` from
+/// `block_of(row, b)`: an interleaved layout back in the file's order.
+fn row_major(
+    format: BlockFormat,
+    rows: usize,
+    cols: usize,
+    block_of: impl Fn(usize, usize) -> FileBlock,
+) -> WeightBuf {
+    let bb = format.block_bytes();
+    WeightBuf::filled(rows * (cols / BLOCK) * bb, |out| {
+        let mut out = out.chunks_exact_mut(bb);
+        for row in 0..rows {
+            for b in 0..cols / BLOCK {
+                let to = out.next().expect("output sized as the matrix");
+                to.copy_from_slice(&block_of(row, b)[..bb]);
+            }
+        }
+    })
 }
 
 /// Checks a `[rows, cols]` matrix of `format` blocks: `cols % 32 == 0` and `len` bytes.
@@ -233,8 +279,6 @@ pub struct BlockMatrix {
     data: WeightBuf,
     activations: Activations,
     layout: Layout,
-    /// The simd128 kernel's f32 block scales (`quad_scales`); empty where it reads none.
-    quad_scales: Arc<[f32]>,
 }
 
 impl BlockMatrix {
@@ -258,7 +302,7 @@ impl BlockMatrix {
         ))
     }
 
-    /// The matrix of checked parts, with what its kernel reads besides the blocks.
+    /// The matrix of checked parts.
     fn assemble(
         format: BlockFormat,
         rows: usize,
@@ -274,9 +318,7 @@ impl BlockMatrix {
             data,
             activations,
             layout,
-            quad_scales: Arc::from([]),
         }
-        .with_quad_scales()
     }
 
     /// The same weights multiplied with `activations` from now on, in the layout the
@@ -284,44 +326,22 @@ impl BlockMatrix {
     pub fn with_activations(mut self, activations: Activations) -> Self {
         self.activations = activations;
         let layout = Layout::for_kernel(activations, self.rows);
-        self.with_layout(layout).with_quad_scales()
-    }
-
-    /// The simd128 kernel's f32 scales built where it will read them: integer activations
-    /// on row-major blocks in the wasm build.
-    fn with_quad_scales(mut self) -> Self {
-        let reads = cfg!(all(target_arch = "wasm32", target_feature = "simd128"))
-            && self.activations == Activations::Int16
-            && self.layout == Layout::Rows;
-        self.quad_scales = if reads {
-            quad_scales::build(self.format, self.rows, self.cols, &self.data)
-        } else {
-            Arc::from([])
-        };
-        self
-    }
-
-    /// The simd128 kernel's scales of rows `row..row + 4` (`row` a multiple of four;
-    /// empty where it reads none).
-    fn quad_scales_of(&self, row: usize) -> &[f32] {
-        if self.quad_scales.is_empty() {
-            return &[];
-        }
-        quad_scales::quad(&self.quad_scales, self.format, self.cols, row)
+        self.with_layout(layout)
     }
 
     /// The same weights in `layout` (`Groups` needs a multiple of 16 rows).
     fn with_layout(mut self, layout: Layout) -> Self {
+        if layout == self.layout {
+            return self;
+        }
         let (format, rows, cols) = (self.format, self.rows, self.cols);
-        self.data = match (self.layout, layout) {
-            (Layout::Rows, Layout::Groups) => {
-                interleaved::interleave(format, rows, cols, &self.data)
-            }
-            (Layout::Groups, Layout::Rows) => {
-                interleaved::deinterleave(format, rows, cols, &self.data)
-            }
-            _ => return self,
+        let by_rows = match self.layout {
+            Layout::Rows => None,
+            Layout::Groups => Some(interleaved::deinterleave(format, rows, cols, &self.data)),
+            Layout::Quads => Some(quads::deinterleave(format, rows, cols, &self.data)),
         };
+        let by_rows = by_rows.as_deref().unwrap_or(&self.data);
+        self.data = layout.lay_out(format, rows, cols, by_rows);
         self.layout = layout;
         self
     }
@@ -340,10 +360,7 @@ impl BlockMatrix {
         let bytes = q.data().ok()?;
         check_size(format, rows, cols, bytes.len()).ok()?;
         let layout = Layout::for_kernel(activations, rows);
-        let data = match layout {
-            Layout::Groups => interleaved::interleave(format, rows, cols, &bytes),
-            Layout::Rows => WeightBuf::copy_of(&bytes),
-        };
+        let data = layout.lay_out(format, rows, cols, &bytes);
         Some(Self::assemble(
             format,
             rows,
@@ -362,9 +379,15 @@ impl BlockMatrix {
         if !parts.iter().all(same) {
             return None;
         }
-        // Interleaved parts are whole groups, so their bytes concatenate as rows do.
+        // Interleaved parts are whole groups, so their bytes concatenate as rows do; quads
+        // too where no padded quad (a part's last, when its rows are not a multiple of
+        // four) would have rows after it.
         let layout = first.layout;
         if parts.iter().any(|p| p.layout != layout) {
+            return None;
+        }
+        let (_, before_last) = parts.split_last()?;
+        if layout == Layout::Quads && before_last.iter().any(|p| !p.rows.is_multiple_of(INT_ROWS)) {
             return None;
         }
         let len = parts.iter().map(|p| p.data.len()).sum();
@@ -414,14 +437,11 @@ impl BlockMatrix {
         &self.data[row * len..(row + 1) * len]
     }
 
-    /// The bytes of weight rows `rows`, cut to the matrix (`Layout::Rows`; empty past its
-    /// end).
-    fn rows_bytes(&self, rows: std::ops::Range<usize>) -> &[u8] {
-        debug_assert_eq!(self.layout, Layout::Rows);
-        let len = self.blocks_per_row() * self.format.block_bytes();
-        let end = rows.end.min(self.rows);
-        let start = rows.start.min(end);
-        &self.data[start * len..end * len]
+    /// The bytes of the quad of rows `4q..4q + 4` (`Layout::Quads`); empty past the end.
+    fn quad_bytes(&self, q: usize) -> &[u8] {
+        debug_assert_eq!(self.layout, Layout::Quads);
+        let len = quads::quad_bytes(self.format, self.cols);
+        self.data.get(q * len..(q + 1) * len).unwrap_or_default()
     }
 
     /// The bytes of the 16-row group `g` (`Layout::Groups`).
@@ -446,6 +466,10 @@ impl BlockMatrix {
                 }
                 Layout::Groups => {
                     let block = interleaved::block_of(format, &self.data, self.cols, row, b);
+                    scalar::decode(format, &block[..format.block_bytes()], &mut q)
+                }
+                Layout::Quads => {
+                    let block = quads::block_of(format, &self.data, self.cols, row, b);
                     scalar::decode(format, &block[..format.block_bytes()], &mut q)
                 }
             };
@@ -597,16 +621,6 @@ impl Kernel {
 }
 
 impl Kernel {
-    /// How many weight rows `rows_dot_int` should get at once: four for simd128, which
-    /// puts them across a vector's lanes.
-    fn int_rows(self) -> usize {
-        #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
-        if self == Kernel::Simd128 {
-            return INT_ROWS;
-        }
-        1
-    }
-
     /// `res[i][r] = Σ_c W[16g + r, c] · x_i[c]` for the interleaved 16-row group in `args`
     /// (`Layout::Groups`) and `i < n`, with the activations as 16-bit integers.
     fn group_dot(
@@ -624,16 +638,14 @@ impl Kernel {
         interleaved::group_dot(args, n, res)
     }
 
-    /// `res[r][i] = Σ_c W_r[c] · x_i[c]` for the weight rows `w` (up to `INT_ROWS`) and
-    /// `i < n`, with the activations as 16-bit integers; `scales`: those rows' f32 block
-    /// scales (`quad_scales`) where the simd128 kernel reads them; `ahead`: the weight
-    /// bytes the next call reads, which the simd128 kernel pulls into cache meanwhile.
+    /// `res[r][i] = Σ_c W_r[c] · x_i[c]` for the quad of weight rows `quad`
+    /// (`Layout::Quads`) and `i < n`, with the activations as 16-bit integers; `ahead`: the
+    /// next quad's bytes (or empty), which the simd128 kernel reads into cache meanwhile.
     #[allow(clippy::too_many_arguments)]
-    fn rows_dot_int(
+    fn quad_dot(
         self,
         format: BlockFormat,
-        w: &[&[u8]],
-        scales: &[f32],
+        quad: &[u8],
         ahead: &[u8],
         acts: int16::IntTile<'_>,
         cols: usize,
@@ -642,12 +654,25 @@ impl Kernel {
     ) {
         #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
         if self == Kernel::Simd128 {
-            return simd128::rows_dot_int(format, w, scales, ahead, acts, cols, n, res);
+            return simd128::quad_dot(format, quad, ahead, acts, cols, n, res);
         }
-        // The other kernels read the blocks' own f16 scales, and run where the hardware
-        // prefetcher (or an x86 prefetch instruction) does the reading ahead.
-        let _ = (scales, ahead);
-        // x86 runs f32 activations by default; the portable kernel otherwise.
+        let _ = ahead;
+        quads::quad_dot(format, quad, acts, cols, n, res)
+    }
+
+    /// `res[r][i] = Σ_c W_r[c] · x_i[c]` for the row-major weight rows `w` and `i < n`,
+    /// with the activations as 16-bit integers.
+    fn rows_dot_int(
+        self,
+        format: BlockFormat,
+        w: &[&[u8]],
+        acts: int16::IntTile<'_>,
+        cols: usize,
+        n: usize,
+        res: &mut [[f32; TILE]; INT_ROWS],
+    ) {
+        // x86 runs f32 activations by default, or its interleaved VNNI kernel; the
+        // portable kernel otherwise.
         for (&row, res) in w.iter().zip(res.iter_mut()) {
             let args = int16::IntRowArgs {
                 format,

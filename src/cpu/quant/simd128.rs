@@ -5,8 +5,8 @@
 
 use std::arch::wasm32::*;
 
-use super::int16::{IntRowArgs, IntTile};
-use super::{quad_scales, scalar, BlockFormat, RowArgs, BLOCK, INT_ROWS, TILE};
+use super::int16::IntTile;
+use super::{quads, scalar, BlockFormat, RowArgs, BLOCK, INT_ROWS, TILE};
 
 /// Four f32 from `x` as a vector.
 fn load4(x: &[f32]) -> v128 {
@@ -96,45 +96,34 @@ unsafe fn codes_i16_at(format: BlockFormat, codes: *const u8) -> [v128; 4] {
     }
 }
 
-/// `int16::row_dot` for up to `INT_ROWS` (four) weight rows `w` and `n ≤ TILE` activation
-/// rows, the four rows across a vector's lanes: the per-block float work (the rows'
-/// scales, `d·dx`, the offsets) is one vector operation for all four, and no row needs a
-/// horizontal sum. `scales`: the four rows' block scales as f32 (`quad_scales`), one
-/// vector load per block. The same float operations in the same order as
-/// `int16::row_dot`, so the same result bit for bit. Fewer than four rows repeat the last
-/// one. `ahead`: the weight bytes the next call reads (`TouchAhead`), or empty.
-#[allow(clippy::too_many_arguments)]
-pub fn rows_dot_int(
+/// `int16::row_dot` for the four weight rows of `quad` (`quads` layout) and `n ≤ TILE`
+/// activation rows, the four rows across a vector's lanes: the per-block float work (the
+/// rows' scales, `d·dx`, the offsets) is one vector operation for all four, and no row
+/// needs a horizontal sum; a block's four scales (and mins) are one vector load each. The
+/// same float operations in the same order as `int16::row_dot`, so the same result bit
+/// for bit. `ahead`: the next quad's bytes (`TouchAhead`), or empty.
+pub fn quad_dot(
     format: BlockFormat,
-    w: &[&[u8]],
-    scales: &[f32],
+    quad: &[u8],
     ahead: &[u8],
     acts: IntTile<'_>,
     cols: usize,
     n: usize,
     res: &mut [[f32; TILE]; INT_ROWS],
 ) {
-    assert!((1..=INT_ROWS).contains(&w.len()));
-    assert_eq!(
-        scales.len(),
-        quad_scales::quad_len(format, cols),
-        "the rows' f32 scales (BlockMatrix::with_quad_scales)"
-    );
-    let rows: [&[u8]; INT_ROWS] = std::array::from_fn(|r| w[r.min(w.len() - 1)]);
     // A fixed height keeps the accumulators in registers and unrolls the row loops.
     let f = match n {
-        1 => rows_dot_int_tile::<1>,
-        2 => rows_dot_int_tile::<2>,
-        3 => rows_dot_int_tile::<3>,
-        _ => rows_dot_int_tile::<TILE>,
+        1 => quad_dot_tile::<1>,
+        2 => quad_dot_tile::<2>,
+        3 => quad_dot_tile::<3>,
+        _ => quad_dot_tile::<TILE>,
     };
-    f(format, rows, scales, ahead, acts, cols, res);
+    f(format, quad, ahead, acts, cols, res);
 }
 
-fn rows_dot_int_tile<const N: usize>(
+fn quad_dot_tile<const N: usize>(
     format: BlockFormat,
-    w: [&[u8]; INT_ROWS],
-    scales: &[f32],
+    quad: &[u8],
     ahead: &[u8],
     acts: IntTile<'_>,
     cols: usize,
@@ -142,51 +131,42 @@ fn rows_dot_int_tile<const N: usize>(
 ) {
     // Everything below reads inside the sizes checked here: no bounds checks in the loop
     // (they were a third of its instructions).
-    assert!(N <= TILE);
-    for row in w {
-        let args = IntRowArgs {
-            format,
-            row,
-            acts,
-            cols,
-        };
-        args.check(N);
-    }
     let nb = cols / BLOCK;
-    let (bytes, offset) = (format.block_bytes(), format.codes_offset());
-    let rows = w.map(<[u8]>::as_ptr);
+    assert!(N <= TILE && cols.is_multiple_of(BLOCK));
+    assert_eq!(quad.len(), quads::quad_bytes(format, cols), "one quad");
+    assert!(acts.codes.len() >= N * cols);
+    assert!(acts.scales.len() >= N * nb && acts.sums.len() >= N * nb);
+    let (sb_bytes, scale_bytes) = (quads::superblock_bytes(format), quads::scale_bytes(format));
+    let code_bytes = format.code_bytes();
     let (codes, act_scales, sums) = (
         acts.codes.as_ptr(),
         acts.scales.as_ptr(),
         acts.sums.as_ptr(),
     );
-    let fields = quad_scales::fields(format);
-    let weight_scales = scales.as_ptr();
     // Lane r: weight row r. The scaled integer sums and the offsets apart, as in `int16`.
     let mut scaled = [f32x4_splat(0.0); N];
     let mut offsets = [f32x4_splat(0.0); N];
     let ahead = TouchAhead::new(ahead, nb);
     for b in 0..nb {
-        let at = b * bytes;
         ahead.touch(b);
-        // SAFETY: `check` asserted each row's length is nb·bytes, codes ≥ N·cols, scales
-        // and sums ≥ N·nb, and the caller that the weight scales are nb·fields·4; b < nb
-        // and i < N keep every read inside those.
+        // SAFETY: the asserts above: the quad is nb superblocks, codes ≥ N·cols, scales
+        // and sums ≥ N·nb; b < nb and i < N keep every read inside those.
         unsafe {
-            // The four rows' scale (and min) of block b, lane r for row r.
-            let at_scales = weight_scales.add(b * fields * INT_ROWS);
-            let d = v128_load(at_scales.cast());
+            // The four rows' scale (and min) of block b, lane r for row r, then their codes.
+            let sb = quad.as_ptr().add(b * sb_bytes);
+            let d = v128_load(sb.cast());
             let o = match format {
                 BlockFormat::Q4_0 => f32x4_mul(f32x4_splat(-8.0), d),
-                BlockFormat::Q4_1 => v128_load(at_scales.add(INT_ROWS).cast()),
+                BlockFormat::Q4_1 => v128_load(sb.add(4 * INT_ROWS).cast()),
                 BlockFormat::Q8_0 => f32x4_splat(0.0),
             };
+            let row_codes = |r: usize| sb.add(scale_bytes + r * code_bytes);
             // Rows in pairs: each pair's four-lane dot products folded into one vector
             // right away keeps few vectors live.
             let mut pairs = [[i32x4_splat(0); N]; 2];
             for (p, pair) in pairs.iter_mut().enumerate() {
-                let qa = codes_i16_at(format, rows[2 * p].add(at + offset));
-                let qb = codes_i16_at(format, rows[2 * p + 1].add(at + offset));
+                let qa = codes_i16_at(format, row_codes(2 * p));
+                let qb = codes_i16_at(format, row_codes(2 * p + 1));
                 for (i, pair) in pair.iter_mut().enumerate() {
                     let x = block_codes_of(codes.add(i * cols + b * BLOCK));
                     *pair = fold_pair(dot_block(&qa, &x), dot_block(&qb, &x));
@@ -218,12 +198,13 @@ fn rows_dot_int_tile<const N: usize>(
 }
 
 /// Reads the next call's weights into cache while this one works. A decode streams every
-/// weight from memory once per token, and each weight row is a stream of its own (360
-/// bytes at the demo model's width), too short for the hardware prefetcher to follow;
-/// WebAssembly has no prefetch instruction. So each block step loads a byte of every 48
-/// of the next quad's bytes, spread evenly over the steps: plain loads whose cache misses
-/// overlap this call's work instead of stalling the next one (the demo's decode with both
-/// ARMs, one thread: 29.3–29.8 → 35.5–36.4 tokens/s in `./build.sh bench-web`).
+/// weight from memory once per token, in short pieces (a quad is 1,728 bytes at the demo
+/// model's width) that the hardware prefetcher follows poorly, and WebAssembly has no
+/// prefetch instruction. So each block step loads a byte of every 48 of the next quad's
+/// bytes, spread evenly over the steps: plain loads whose cache misses overlap this
+/// call's work instead of stalling the next one (the demo's decode with both ARMs, one
+/// thread: 29.3–29.8 → 35.5–36.4 tokens/s in `./build.sh bench-web`, on row-major
+/// weights before the `quads` layout).
 struct TouchAhead<'a> {
     bytes: &'a [u8],
     /// Bytes per block step: `bytes.len() / blocks`, so the touches stay in `bytes`.

@@ -312,12 +312,17 @@ fn grouped(w: BlockMatrix) -> BlockMatrix {
     w
 }
 
-/// `w` with integer activations in each layout that fits it: row-major, and interleaved
-/// when its rows are whole groups.
+/// `w` with integer activations in each layout that fits it: row-major, in quads, and
+/// interleaved when its rows are whole groups.
 fn int16_layouts(w: BlockMatrix) -> Vec<BlockMatrix> {
-    let mut by_rows = w.clone().with_layout(Layout::Rows);
-    by_rows.activations = Activations::Int16;
-    let mut layouts = vec![by_rows.with_quad_scales()];
+    let mut layouts: Vec<BlockMatrix> = [Layout::Rows, Layout::Quads]
+        .into_iter()
+        .map(|layout| {
+            let mut w = w.clone().with_layout(layout);
+            w.activations = Activations::Int16;
+            w
+        })
+        .collect();
     if w.rows.is_multiple_of(interleaved::GROUP) {
         layouts.push(grouped(w));
     }
@@ -465,7 +470,6 @@ fn interleaved_kernels_agree_bit_for_bit_and_with_the_row_kernel() {
         let rows = w.clone().with_layout(Layout::Rows);
         let (mut rows, g) = (rows, grouped(w));
         rows.activations = Activations::Int16;
-        let rows = rows.with_quad_scales();
         for m in [1, 2, 3, 4, 5, 9] {
             let x = random(m * 576, 32 + m as u64);
             let mut want = vec![f32::NAN; m * 64];
@@ -512,20 +516,73 @@ fn interleaved_parts_concatenate_by_groups() {
 fn integer_activations_pick_the_layout_of_this_cpus_kernel() {
     let (w, _) = quantized(GgmlDType::Q4_0, 32, 64, 61);
     let int = w.clone().with_activations(Activations::Int16);
-    let want = if interleaves() {
-        Layout::Groups
-    } else {
-        Layout::Rows
+    let wasm = cfg!(all(target_arch = "wasm32", target_feature = "simd128"));
+    let want = match (wasm, interleaves()) {
+        (true, _) => Layout::Quads,
+        (false, true) => Layout::Groups,
+        (false, false) => Layout::Rows,
     };
     assert_eq!(int.layout, want);
     // Back to f32: the row-major bytes the f32 kernels read.
     assert_eq!(int.with_activations(Activations::F32).data[..], w.data[..]);
-    // A row count that is not whole groups stays row-major.
+    // A row count that is not whole groups is row-major, or in quads (the last padded).
     let (odd, _) = quantized(GgmlDType::Q4_0, 33, 64, 62);
-    assert_eq!(
-        odd.with_activations(Activations::Int16).layout,
-        Layout::Rows
-    );
+    let want = if wasm { Layout::Quads } else { Layout::Rows };
+    assert_eq!(odd.with_activations(Activations::Int16).layout, want);
+}
+
+#[test]
+fn the_quads_layout_gives_the_row_major_results_bit_for_bit() {
+    // Quads hold the same codes and the f16 scales as exact f32s, and the kernels over
+    // them do `int16::row_dot`'s operations: the results are the row-major ones exactly,
+    // padded last quad included. Each layout on each kernel this CPU has for it.
+    for (format, dtype) in FORMATS {
+        let (w, deq) = quantized(dtype, 71, 576, 81);
+        let [rows, quads, ..] = &int16_layouts(w)[..] else {
+            panic!("two layouts")
+        };
+        assert_eq!(quads.layout, Layout::Quads);
+        let mut row = vec![0f32; 576];
+        for r in [0, 35, 70] {
+            quads.dequantize_row(r, &mut row);
+            assert_eq!(row, deq[r], "{format:?} row {r}");
+        }
+        for m in [1, 3, 5] {
+            let x = random(m * 576, 82 + m as u64);
+            let mut want = vec![f32::NAN; m * 71];
+            rows.matmul_with(Kernel::Scalar, &x, m, &mut want);
+            for kernel in kernels() {
+                let mut got = vec![f32::NAN; m * 71];
+                quads.matmul_with(kernel, &x, m, &mut got);
+                let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&got), bits(&want), "{format:?} {kernel:?} m={m}");
+            }
+        }
+    }
+}
+
+#[test]
+fn quads_concatenate_only_without_a_padded_quad() {
+    let (a, _) = quantized(GgmlDType::Q4_1, 8, 64, 91);
+    let (b, _) = quantized(GgmlDType::Q4_1, 6, 64, 92);
+    let quads = |w: &BlockMatrix| {
+        let mut w = w.clone().with_layout(Layout::Quads);
+        w.activations = Activations::Int16;
+        w
+    };
+    let (qa, qb) = (quads(&a), quads(&b));
+    let ab = BlockMatrix::concat_rows(&[&qa, &qb]).unwrap();
+    assert_eq!(ab.layout, Layout::Quads);
+    let x = random(64, 93);
+    let mut got = vec![0f32; 14];
+    ab.matmul(&x, 1, &mut got);
+    let (mut wa, mut wb) = (vec![0f32; 8], vec![0f32; 6]);
+    qa.matmul(&x, 1, &mut wa);
+    qb.matmul(&x, 1, &mut wb);
+    assert_eq!(&got[..8], &wa[..]);
+    assert_eq!(&got[8..], &wb[..]);
+    // b's last quad is padded: nothing may follow it.
+    assert!(BlockMatrix::concat_rows(&[&qb, &qa]).is_none());
 }
 
 #[test]

@@ -105,14 +105,12 @@ impl Job<'_> {
                     // Several weight rows at a time where the kernel shares work between them.
                     let at_once = match self.acts {
                         Acts::F32(..) if self.kernel.pairs_rows(self.w.format) => 2,
-                        Acts::F32(..) => 1,
-                        Acts::Int16(_) => self.kernel.int_rows(),
+                        Acts::Int16(_) if self.w.layout == Layout::Quads => INT_ROWS,
+                        _ => 1,
                     };
                     let r = at_once.min(rb_end - j);
-                    let w: [&[u8]; INT_ROWS] =
-                        std::array::from_fn(|k| if k < r { self.w.row_bytes(j + k) } else { &[] });
                     let mut res = [[0f32; TILE]; INT_ROWS];
-                    self.rows_dot(&w[..r], j, t0, n, &mut res);
+                    self.rows_dot(j, r, t0, n, &mut res);
                     for (dj, res) in res[..r].iter().enumerate() {
                         for (k, &v) in res[..n].iter().enumerate() {
                             // SAFETY: (t0 + k) < m and j + dj < rows, so the index is inside
@@ -156,17 +154,34 @@ impl Job<'_> {
         }
     }
 
-    /// `res[r][k]` = weight row `w[r]` (row `j + r` of the matrix) times activation row
-    /// `t0 + k`, for `k < n`.
+    /// `res[r][k]` = weight row `j + r` of the matrix times activation row `t0 + k`, for
+    /// `r < rows` and `k < n` (`Layout::Quads`: `j` starts a quad, and `res` gets all four
+    /// of its rows).
     fn rows_dot(
         &self,
-        w: &[&[u8]],
         j: usize,
+        rows: usize,
         t0: usize,
         n: usize,
         res: &mut [[f32; TILE]; INT_ROWS],
     ) {
         let (cols, nb, format) = (self.w.cols, self.w.blocks_per_row(), self.w.format);
+        if let (Layout::Quads, Acts::Int16(acts)) = (self.w.layout, self.acts) {
+            let q = j / INT_ROWS;
+            let (quad, ahead) = (self.w.quad_bytes(q), self.w.quad_bytes(q + 1));
+            let tile = acts.tile(t0, n, cols);
+            return self
+                .kernel
+                .quad_dot(format, quad, ahead, tile, cols, n, res);
+        }
+        let w: [&[u8]; INT_ROWS] = std::array::from_fn(|k| {
+            if k < rows {
+                self.w.row_bytes(j + k)
+            } else {
+                &[]
+            }
+        });
+        let w = &w[..rows];
         match self.acts {
             Acts::F32(x, sums) => {
                 let xs = &x[t0 * cols..(t0 + n) * cols];
@@ -181,10 +196,7 @@ impl Job<'_> {
             }
             Acts::Int16(acts) => {
                 let tile = acts.tile(t0, n, cols);
-                let scales = self.w.quad_scales_of(j);
-                let ahead = self.w.rows_bytes(j + INT_ROWS..j + 2 * INT_ROWS);
-                self.kernel
-                    .rows_dot_int(format, w, scales, ahead, tile, cols, n, res);
+                self.kernel.rows_dot_int(format, w, tile, cols, n, res);
             }
         }
     }

@@ -145,7 +145,8 @@ pub struct IntRowArgs<'a> {
 }
 
 impl IntRowArgs<'_> {
-    /// Checks the slice sizes for `n` activation rows: the bounds the SIMD kernel relies on.
+    /// Checks the slice sizes for `n` activation rows (the simd128 kernel checks its quad
+    /// and tile itself).
     pub fn check(&self, n: usize) {
         let nb = self.cols / BLOCK;
         assert!(n <= TILE && self.cols.is_multiple_of(BLOCK));

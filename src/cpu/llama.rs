@@ -532,6 +532,25 @@ impl Llama {
             },
             Weight::Dense(t) => Embedding::Dense(t),
         };
+        // The head before the layers: its copies while loading (the tensor read from
+        // the file, then laid out for the kernel) are the largest at once, and here they
+        // come on top of the embedding alone instead of the whole model.
+        let head_name = llama::head_tensor(cfg, src);
+        let lm_head = match &embed {
+            // A tied head multiplies by the embedding's own blocks: one copy of the
+            // largest matrix (a sixth of SmolLM2-135M), not two.
+            Embedding::Blocks(blocks) if head_name == llama::EMBED => Projection {
+                kernel: Kernel::Blocks(BlockMatMul(blocks.clone())),
+                bias: None,
+            },
+            _ => Projection::new(
+                src.load_shaped_as(head_name, &[cfg.vocab_size, h], dtype, device)?,
+                None,
+                device,
+                activations,
+            )?,
+        };
+
         let mut blocks = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
             blocks.push(Block {
@@ -548,21 +567,6 @@ impl Llama {
             });
         }
         let norm = src.load_dense(llama::FINAL_NORM, &[h], device)?;
-        let head_name = llama::head_tensor(cfg, src);
-        let lm_head = match &embed {
-            // A tied head multiplies by the embedding's own blocks: one copy of the
-            // largest matrix (a sixth of SmolLM2-135M), not two.
-            Embedding::Blocks(blocks) if head_name == llama::EMBED => Projection {
-                kernel: Kernel::Blocks(BlockMatMul(blocks.clone())),
-                bias: None,
-            },
-            _ => Projection::new(
-                src.load_shaped_as(head_name, &[cfg.vocab_size, h], dtype, device)?,
-                None,
-                device,
-                activations,
-            )?,
-        };
 
         let capacity = capacity.min(cfg.max_position_embeddings).max(1);
         let cache_floats = [

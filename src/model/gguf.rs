@@ -7,8 +7,9 @@ use std::io::Cursor;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use candle_core::quantized::ggml_file::qtensor_from_ggml;
 use candle_core::quantized::gguf_file::{Content, Value};
-use candle_core::quantized::GgmlDType;
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::Device;
 
 use super::config::{Activation, Arch, Llama3RopeScaling, LlamaConfig, RopeLayout, RopeScaling};
@@ -425,16 +426,20 @@ impl WeightSource for GgufFile {
         let gname = gguf_name(name)
             .filter(|n| self.content.tensor_infos.contains_key(n))
             .ok_or_else(|| missing(&self.path, name))?;
-        let qt = self
-            .content
-            .tensor(&mut Cursor::new(&self.bytes[..]), &gname, device)
-            .map_err(|e| Error::format(&self.path, format!("tensor `{gname}`: {e}")))?;
-        if let Some(info) = self.content.tensor_infos.get(&gname) {
-            let start = self.content.tensor_data_offset + info.offset;
-            let len = info.shape.elem_count() / info.ggml_dtype.block_size()
-                * info.ggml_dtype.type_size();
-            self.bytes.release(start as usize..start as usize + len);
-        }
+        let info = &self.content.tensor_infos[&gname];
+        // `check_tensor_table` has checked that these bytes lie inside the file.
+        let start = (self.content.tensor_data_offset + info.offset) as usize;
+        let len =
+            info.shape.elem_count() / info.ggml_dtype.block_size() * info.ggml_dtype.type_size();
+        let range = start..start + len;
+        let qt = qtensor_in_place(
+            info.ggml_dtype,
+            &self.bytes[range.clone()],
+            info.shape.dims(),
+            device,
+        )
+        .map_err(|e| Error::format(&self.path, format!("tensor `{gname}`: {e}")))?;
+        self.bytes.release(range);
         Ok(match qt.dtype() {
             GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {
                 Weight::Dense(qt.dequantize(device)?)
@@ -444,9 +449,68 @@ impl WeightSource for GgufFile {
     }
 }
 
+/// A tensor from its bytes in the file with one copy. (candle's own reader copies them
+/// into a buffer first and then into the tensor: a third copy of the largest matrix at
+/// once while loading, the peak of a loaded model's resident memory.) candle reads the
+/// blocks through a pointer of their type, so bytes at an address no block type may
+/// sit at (a GGUF whose alignment field is odd) are copied to an aligned buffer first.
+fn qtensor_in_place(
+    dtype: GgmlDType,
+    bytes: &[u8],
+    dims: &[usize],
+    device: &Device,
+) -> candle_core::Result<QTensor> {
+    // The strictest alignment of candle's block types (f32 fields).
+    const ALIGN: usize = std::mem::align_of::<f32>();
+    if (bytes.as_ptr() as usize).is_multiple_of(ALIGN) {
+        return qtensor_from_ggml(dtype, bytes, dims.to_vec(), device);
+    }
+    let mut aligned = vec![0f32; bytes.len().div_ceil(ALIGN)];
+    let view: &mut [u8] = bytemuck::cast_slice_mut(&mut aligned);
+    view[..bytes.len()].copy_from_slice(bytes);
+    qtensor_from_ggml(dtype, &view[..bytes.len()], dims.to_vec(), device)
+}
+
 #[cfg(test)]
 mod tests {
-    use super::gguf_name;
+    use super::*;
+
+    #[test]
+    fn tensors_read_in_place_equal_those_from_an_odd_address() {
+        // Two Q8_0 blocks and four f32: read where they lie (aligned), and from one byte
+        // further on, where candle may not read them through a pointer.
+        let mut q8 = Vec::new();
+        for b in 0..2u8 {
+            q8.extend(half::f16::from_f32(0.5 + b as f32).to_le_bytes());
+            q8.extend((0..32).map(|i| (i * 7 + b) as i8 as u8));
+        }
+        let f32s: Vec<u8> = [1.5f32, -2.0, 3.25, 0.0]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        for (dtype, bytes, dims) in [
+            (GgmlDType::Q8_0, &q8, vec![2, 32]),
+            (GgmlDType::F32, &f32s, vec![4]),
+        ] {
+            let mut shifted = vec![0u32; bytes.len() / 4 + 2];
+            let buf: &mut [u8] = bytemuck::cast_slice_mut(&mut shifted);
+            buf[..bytes.len()].copy_from_slice(bytes);
+            let aligned =
+                qtensor_in_place(dtype, &buf[..bytes.len()], &dims, &Device::Cpu).unwrap();
+            buf.copy_within(..bytes.len(), 1);
+            let odd = qtensor_in_place(dtype, &buf[1..=bytes.len()], &dims, &Device::Cpu).unwrap();
+            let values = |q: &QTensor| {
+                q.dequantize(&Device::Cpu)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+            };
+            assert_eq!(values(&aligned), values(&odd), "{dtype:?}");
+            assert_eq!(odd.shape().dims(), &dims[..]);
+        }
+    }
 
     #[test]
     fn maps_hf_names() {

@@ -604,14 +604,29 @@ fn qtensors_load_straight_into_the_kernels_layout() {
 
 #[test]
 fn weight_buffers_hold_their_bytes_at_every_size() {
-    // Below one huge page, exactly one, and past it (aligned and advised differently).
-    for len in [0, 1, 63, 4096, 2 << 20, (2 << 20) + 17] {
+    // From the allocator (below 64 KiB), mapped below one huge page, exactly one, and
+    // past it (mapped, aligned and advised).
+    for len in [
+        0,
+        1,
+        63,
+        4096,
+        (64 << 10) - 1,
+        64 << 10,
+        100_001,
+        2 << 20,
+        (2 << 20) + 17,
+    ] {
         let bytes: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
         let buf = pages::WeightBuf::copy_of(&bytes);
         assert_eq!(buf.len(), len);
         assert_eq!(buf[..], bytes[..], "{len} bytes");
         assert_eq!(buf.clone()[..], bytes[..], "clone of {len} bytes");
         assert!(pages::WeightBuf::zeroed(len).iter().all(|&b| b == 0));
+        if cfg!(target_os = "linux") && len >= 2 << 20 {
+            // Huge pages back only whole aligned ones.
+            assert_eq!(buf.as_ptr() as usize % (2 << 20), 0, "{len} bytes");
+        }
     }
 }
 

@@ -468,6 +468,9 @@ pub struct Llama {
     /// `[capacity, head_dim/2]` tables; row `p` is position `p`.
     cos: Tensor,
     sin: Tensor,
+    /// One per layer, made on the first token fed (`caches_mut`): by then the source
+    /// the weights came from is usually gone, and in the browser, whose memory never
+    /// shrinks, the caches then reuse the model file's bytes instead of adding to them.
     caches: Vec<LayerCache>,
     capacity: usize,
     /// Tokens already in the caches (the position of the next token).
@@ -584,15 +587,6 @@ impl Llama {
             capacity,
         )?;
         let (cos, sin) = llama::rope_tables(cfg, capacity, dtype, device)?;
-        let caches = (0..cfg.num_layers)
-            .map(|_| -> Result<LayerCache> {
-                let shape = (rows.len(), cfg.num_kv_heads, capacity, hd);
-                Ok(LayerCache {
-                    k: Tensor::zeros(shape, dtype, device)?,
-                    v: Tensor::zeros(shape, dtype, device)?,
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
         let adapted = |layer: usize| {
             rows.iter().flatten().any(|a| {
                 Proj::ALL
@@ -611,7 +605,7 @@ impl Llama {
             lm_head,
             cos,
             sin,
-            caches,
+            caches: Vec::new(),
             capacity,
             pos: 0,
             rows: rows.len(),
@@ -642,6 +636,29 @@ impl Llama {
     /// Tokens already processed.
     pub fn position(&self) -> usize {
         self.pos
+    }
+
+    /// The KV caches, made (zeroed) on first use: `[rows, kv_heads, capacity, head_dim]`
+    /// per layer, keys and values.
+    fn caches_mut(&mut self) -> Result<&mut Vec<LayerCache>> {
+        if self.caches.is_empty() {
+            let shape = (
+                self.rows,
+                self.cfg.num_kv_heads,
+                self.capacity,
+                self.cfg.head_dim,
+            );
+            let (dtype, device) = (self.dtype, &self.device);
+            self.caches = (0..self.cfg.num_layers)
+                .map(|_| -> Result<LayerCache> {
+                    Ok(LayerCache {
+                        k: Tensor::zeros(shape, dtype, device)?,
+                        v: Tensor::zeros(shape, dtype, device)?,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+        }
+        Ok(&mut self.caches)
     }
 
     /// Forgets the sequence; the caches are overwritten from position 0.
@@ -727,11 +744,12 @@ impl Llama {
         if len == 0 || self.rows == 1 {
             return Ok(());
         }
-        for cache in &mut self.caches {
+        let rows = self.rows;
+        for cache in self.caches_mut()? {
             for t in [&mut cache.k, &mut cache.v] {
                 let (_, kv, _, hd) = t.dims4()?;
                 let kept = t.narrow(0, row, 1)?.narrow(2, from, len)?;
-                let all = kept.broadcast_as((self.rows, kv, len, hd))?.contiguous()?;
+                let all = kept.broadcast_as((rows, kv, len, hd))?.contiguous()?;
                 t.slice_set(&all, 2, from)?;
             }
         }
@@ -752,11 +770,17 @@ impl Llama {
         }
         let len = other.pos;
         if len > 0 {
-            for (mine, theirs) in self.caches.iter_mut().zip(&other.caches) {
+            if other.caches.len() != self.cfg.num_layers {
+                return Err(Error::Request(
+                    "the model to copy from has no caches".into(),
+                ));
+            }
+            let rows = self.rows;
+            for (mine, theirs) in self.caches_mut()?.iter_mut().zip(&other.caches) {
                 for (dst, src) in [(&mut mine.k, &theirs.k), (&mut mine.v, &theirs.v)] {
                     let (_, kv, _, hd) = dst.dims4()?;
                     let part = src.narrow(0, row, 1)?.narrow(2, 0, len)?;
-                    let all = part.broadcast_as((self.rows, kv, len, hd))?.contiguous()?;
+                    let all = part.broadcast_as((rows, kv, len, hd))?.contiguous()?;
                     dst.slice_set(&all, 2, 0)?;
                 }
             }
@@ -832,6 +856,7 @@ impl Llama {
         };
         let n_rep = self.cfg.num_heads / self.cfg.num_kv_heads;
         let full_mask = llama::causal_mask(seq, self.pos, n_rep, None, &self.device)?;
+        self.caches_mut()?;
         for (layer, (block, cache)) in self
             .blocks
             .iter()

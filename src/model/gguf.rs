@@ -133,12 +133,29 @@ impl GgufFile {
             return Ok(None);
         }
         let t = self
-            .content
-            .tensor(&mut Cursor::new(&self.bytes[..]), NAME, &Device::Cpu)
-            .and_then(|q| q.dequantize(&Device::Cpu))
+            .qtensor(NAME, &Device::Cpu)?
+            .dequantize(&Device::Cpu)
             .and_then(|t| t.flatten_all()?.to_vec1::<f32>())
             .map_err(|e| Error::format(&self.path, format!("tensor `{NAME}`: {e}")))?;
         Ok(Some(t.into_iter().map(f64::from).collect()))
+    }
+
+    /// Where tensor `gname` (in the table) lies in the file; `check_tensor_table` has
+    /// checked at open that it lies inside.
+    fn byte_range(&self, gname: &str) -> std::ops::Range<usize> {
+        let info = &self.content.tensor_infos[gname];
+        let start = (self.content.tensor_data_offset + info.offset) as usize;
+        let len =
+            info.shape.elem_count() / info.ggml_dtype.block_size() * info.ggml_dtype.type_size();
+        start..start + len
+    }
+
+    /// Tensor `gname` (in the table) read from the file's bytes with one copy.
+    fn qtensor(&self, gname: &str, device: &Device) -> Result<QTensor> {
+        let info = &self.content.tensor_infos[gname];
+        let bytes = &self.bytes[self.byte_range(gname)];
+        qtensor_in_place(info.ggml_dtype, bytes, info.shape.dims(), device)
+            .map_err(|e| Error::format(&self.path, format!("tensor `{gname}`: {e}")))
     }
 
     /// Every `{arch}.*` key must be one genarm reads or one that cannot change the
@@ -426,20 +443,9 @@ impl WeightSource for GgufFile {
         let gname = gguf_name(name)
             .filter(|n| self.content.tensor_infos.contains_key(n))
             .ok_or_else(|| missing(&self.path, name))?;
-        let info = &self.content.tensor_infos[&gname];
-        // `check_tensor_table` has checked that these bytes lie inside the file.
-        let start = (self.content.tensor_data_offset + info.offset) as usize;
-        let len =
-            info.shape.elem_count() / info.ggml_dtype.block_size() * info.ggml_dtype.type_size();
-        let range = start..start + len;
-        let qt = qtensor_in_place(
-            info.ggml_dtype,
-            &self.bytes[range.clone()],
-            info.shape.dims(),
-            device,
-        )
-        .map_err(|e| Error::format(&self.path, format!("tensor `{gname}`: {e}")))?;
-        self.bytes.release(range);
+        let qt = self.qtensor(&gname, device)?;
+        // The engine holds its own copy now: the file's pages can go.
+        self.bytes.release(self.byte_range(&gname));
         Ok(match qt.dtype() {
             GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {
                 Weight::Dense(qt.dequantize(device)?)
@@ -465,7 +471,7 @@ fn qtensor_in_place(
     if (bytes.as_ptr() as usize).is_multiple_of(ALIGN) {
         return qtensor_from_ggml(dtype, bytes, dims.to_vec(), device);
     }
-    let mut aligned = vec![0f32; bytes.len().div_ceil(ALIGN)];
+    let mut aligned = vec![0f32; bytes.len().div_ceil(std::mem::size_of::<f32>())];
     let view: &mut [u8] = bytemuck::cast_slice_mut(&mut aligned);
     view[..bytes.len()].copy_from_slice(bytes);
     qtensor_from_ggml(dtype, &view[..bytes.len()], dims.to_vec(), device)

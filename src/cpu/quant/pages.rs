@@ -130,7 +130,7 @@ impl WeightBuf {
         } else {
             base
         };
-        let (head, tail) = (start - base, span - size - (start - base));
+        let (head, tail) = (start - base, slack - (start - base));
         // SAFETY: both ranges are page-aligned parts of the mapping just made, outside
         // `start..start + size`. A failure only leaves them mapped (and untouched).
         unsafe {
